@@ -1,0 +1,128 @@
+"""The ``portproxy`` command line: argument parsing and dispatch, nothing else.
+
+Every failure the user can cause ends in one line on stderr and a non-zero exit:
+2 for a malformed command line or mapping spec (nothing was started), 1 for a
+mapping that could not be started (port in use, missing capability, nft error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .spec import SpecError, parse_specs
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def add_proxy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("userland proxy")
+    g.add_argument("--connect-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+                   help="time to connect to a TCP target (default 5)")
+    g.add_argument("--udp-timeout", type=_positive_float, default=90.0, metavar="SECONDS",
+                   help="idle time before a UDP flow is dropped (default 90, as docker-proxy)")
+    g.add_argument("--max-udp-flows", type=_positive_int, default=4096, metavar="N",
+                   help="UDP flows per port; the least recently active is evicted past it (default 4096)")
+    g.add_argument("--drain-timeout", type=_non_negative_float, default=10.0, metavar="SECONDS",
+                   help="on stop, time live connections get to finish (default 10)")
+    g.add_argument("--no-splice", action="store_true", help="relay TCP by recv/send copies instead of splice")
+    g.add_argument("--pipe-size", type=_positive_int, default=256 * 1024, metavar="BYTES",
+                   help="splice pipe size (default 262144)")
+
+
+def proxy_options_from(args: argparse.Namespace) -> "ProxyOptions":  # noqa: F821
+    from .proxy import ProxyOptions
+
+    return ProxyOptions(
+        connect_timeout=args.connect_timeout,
+        udp_timeout=args.udp_timeout,
+        max_udp_flows=args.max_udp_flows,
+        drain_timeout=args.drain_timeout,
+        splice=not args.no_splice,
+        pipe_size=args.pipe_size,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portproxy",
+        description="Port mapping for Linux containers: zero-copy userland proxy and nftables kernel path.",
+    )
+    parser.add_argument("--version", action="version", version=f"portproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_map = sub.add_parser(
+        "map",
+        help="run mappings in the foreground",
+        description="Run mappings in the foreground until SIGINT/SIGTERM. "
+        "SPEC: [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp]",
+    )
+    p_map.add_argument("specs", nargs="+", metavar="SPEC")
+    add_proxy_options(p_map)
+    add_runtime_options(p_map)
+
+    p_demo = sub.add_parser("demo", help="build the seeds' topology in namespaces and show a mapping at work")
+    add_runtime_options(p_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .runtime import raise_fd_limit, run, setup_logging
+
+    setup_logging(args.log_level)
+    if args.command == "map":
+        try:
+            mappings = parse_specs(args.specs)
+        except SpecError as exc:
+            print(f"portproxy: {exc}", file=sys.stderr)
+            return 2
+        from .foreground import run_userland
+
+        raise_fd_limit()
+        return run(lambda: run_userland(mappings, proxy_options_from(args)), args.loop)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(loop=args.loop)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Plain-copy forwarding (``--no-splice``): recv_into one shared buffer, then send.
+
+Kept for comparison and for sockets splice cannot serve. The buffer is shared by
+every pump of the loop: callbacks run one at a time, and whatever the receiver did
+not take is copied out into a per-pump remainder before the callback returns.
+"""
+
+from __future__ import annotations
+
+from .pump import BURST, DONE, READ, WRITE, Pump
+
+BUFFER_SIZE = 256 * 1024
+_buffer = bytearray(BUFFER_SIZE)
+_view = memoryview(_buffer)
+
+
+class CopyPump(Pump):
+    __slots__ = ("_pending",)
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self._pending: memoryview | None = None
+
+    def _forward(self) -> int:
+        src = self.src
+        dst = self.dst
+        for _ in range(BURST):
+            try:
+                n = src.recv_into(_buffer)
+            except BlockingIOError:
+                return READ
+            if n == 0:
+                return DONE
+            self._totals[self._index] += n
+            try:
+                sent = dst.send(_view[:n])
+            except BlockingIOError:
+                sent = 0
+            if sent < n:
+                self._pending = memoryview(bytes(_view[sent:n]))
+                return WRITE
+        return READ
+
+    def _flush(self) -> bool:
+        pending = self._pending
+        assert pending is not None
+        try:
+            sent = self.dst.send(pending)
+        except BlockingIOError:
+            return False
+        if sent < len(pending):
+            self._pending = pending[sent:]
+            return False
+        self._pending = None
+        return True

@@ -1,0 +1,124 @@
+"""One direction of a TCP relay, driven by the event loop's readiness callbacks.
+
+A pump moves bytes from ``src`` to ``dst``. It reads only while nothing is waiting
+to be written, so a slow receiver stops the reads (back-pressure) instead of
+filling memory. It watches exactly one event at a time: "src readable" while it
+can forward, "dst writable" while it is blocked on a full send buffer.
+
+Subclasses decide where the bytes wait in between: a pipe (:mod:`.splice`) or a
+byte string (:mod:`.copy`). The connection (:mod:`.tcp`) is told when the pump
+has seen EOF and forwarded everything (to half-close ``dst``), or when a socket
+error happened (to reset both sides).
+
+Callbacks rather than coroutines: a pump is a few slots, not a task with a frame,
+which keeps idle connections cheap and connection setup fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Protocol
+
+READ = 0
+"""Waiting for src to be readable."""
+WRITE = 1
+"""Bytes are pending; waiting for dst to be writable."""
+DONE = 2
+"""src reached EOF and every byte was forwarded."""
+
+BURST = 8
+"""Read/forward rounds per readiness callback, to amortise the loop's overhead
+without starving the other connections."""
+
+
+class PumpOwner(Protocol):
+    def pump_done(self, pump: "Pump") -> None: ...
+    def pump_failed(self, pump: "Pump", exc: OSError) -> None: ...
+
+
+class Pump:
+    __slots__ = ("_loop", "src", "dst", "_src_fd", "_dst_fd", "_owner", "_state", "_totals", "_index")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        src: socket.socket,
+        dst: socket.socket,
+        owner: PumpOwner,
+        totals: list[int],
+        index: int,
+    ) -> None:
+        """``totals[index]`` is the byte counter this pump adds to (a plain list slot:
+        the cheapest shared integer there is on the hot path)."""
+        self._loop = loop
+        self.src = src
+        self.dst = dst
+        self._src_fd = src.fileno()
+        self._dst_fd = dst.fileno()
+        self._owner = owner
+        self._state = -1
+        self._totals = totals
+        self._index = index
+
+    # --- subclass interface -------------------------------------------------
+    def _forward(self) -> int:
+        """Read from src and write to dst until one blocks; return READ, WRITE or DONE."""
+        raise NotImplementedError
+
+    def _flush(self) -> bool:
+        """Write pending bytes to dst; True when none are left."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Give back buffers (called once the pump is stopped for good)."""
+
+    # --- state machine ------------------------------------------------------
+    def start(self) -> None:
+        self._enter(READ)
+
+    def stop(self) -> None:
+        """Stop watching both sockets; safe to call more than once."""
+        if self._state == READ:
+            self._loop.remove_reader(self._src_fd)
+        elif self._state == WRITE:
+            self._loop.remove_writer(self._dst_fd)
+        self._state = DONE
+
+    @property
+    def done(self) -> bool:
+        return self._state == DONE
+
+    def _enter(self, state: int) -> None:
+        old = self._state
+        if old == state:
+            return
+        if old == READ:
+            self._loop.remove_reader(self._src_fd)
+        elif old == WRITE:
+            self._loop.remove_writer(self._dst_fd)
+        self._state = state
+        if state == READ:
+            self._loop.add_reader(self._src_fd, self._on_readable)
+        elif state == WRITE:
+            self._loop.add_writer(self._dst_fd, self._on_writable)
+        else:
+            self._owner.pump_done(self)
+
+    def _on_readable(self) -> None:
+        try:
+            state = self._forward()
+        except OSError as exc:
+            self._owner.pump_failed(self, exc)
+            return
+        if state != READ:
+            self._enter(state)
+
+    def _on_writable(self) -> None:
+        try:
+            flushed = self._flush()
+        except OSError as exc:
+            self._owner.pump_failed(self, exc)
+            return
+        if flushed:
+            self._enter(READ)

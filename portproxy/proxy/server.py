@@ -1,0 +1,148 @@
+"""Runs a set of mappings on one event loop: binds, starts, drains and stops their listeners.
+
+Adding a mapping binds every port of its range before any of them starts, so a
+port in use fails the whole mapping with one clear error and nothing half-started;
+the mappings already running are not touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import Union
+
+from ..spec import Mapping, format_endpoint
+from .options import ProxyOptions
+from .splice import PipePool
+from .tcp import TcpListener
+from .udp import UdpListener
+
+log = logging.getLogger("portproxy.proxy")
+
+Listener = Union[TcpListener, UdpListener]
+
+
+class ProxyError(Exception):
+    """A mapping could not be started; the message is one readable line."""
+
+
+def bind_socket(mapping: Mapping, port: int, backlog: int) -> socket.socket:
+    """Create and bind (and for TCP, listen on) the host side of one port of a mapping."""
+    ip = mapping.listen_ip()
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    kind = socket.SOCK_STREAM if mapping.proto == "tcp" else socket.SOCK_DGRAM
+    where = f"{format_endpoint(ip, port)}/{mapping.proto}"
+    try:
+        sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    except OSError as exc:
+        raise ProxyError(f"cannot listen on {where}: {exc.strerror}") from None
+    try:
+        if mapping.proto == "tcp":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if mapping.dual_stack else 1)
+        if mapping.host_ip is not None and not mapping.host_ip.is_unspecified:
+            # Like docker-proxy, allow binding an address that is not (yet) configured.
+            sock.setsockopt(socket.SOL_IP, getattr(socket, "IP_FREEBIND", 15), 1)
+        sock.bind((str(ip), port))
+        if mapping.proto == "tcp":
+            sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ProxyError(f"cannot listen on {where}: port is already in use") from None
+        if exc.errno == errno.EACCES:
+            raise ProxyError(f"cannot listen on {where}: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)") from None
+        raise ProxyError(f"cannot listen on {where}: {exc.strerror}") from None
+    return sock
+
+
+def listener_name(mapping: Mapping, host_port: int, target_port: int) -> str:
+    return (
+        f"{mapping.proto} {format_endpoint(mapping.listen_ip(), host_port)} -> "
+        f"{format_endpoint(mapping.target_ip, target_port)}"
+    )
+
+
+class ProxyServer:
+    """All userland mappings of one process."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, options: ProxyOptions) -> None:
+        self.loop = loop
+        self.options = options
+        self.pipe_pool = PipePool(options.pipe_size, options.pipe_pool_max) if options.splice else None
+        self.listeners: dict[Mapping, list[Listener]] = {}
+
+    def add(self, mapping: Mapping, sockets: dict[int, socket.socket] | None = None) -> list[Listener]:
+        """Bind and start every port of ``mapping``; raise ProxyError with nothing started.
+
+        ``sockets`` may supply already bound sockets by host port (socket activation,
+        docker-proxy's -use-listen-fd); the other ports are bound here.
+        """
+        if mapping in self.listeners:
+            raise ProxyError(f"mapping {mapping} is already running")
+        given = dict(sockets or {})
+        bound: list[socket.socket] = []
+        try:
+            for host_port, _ in mapping.port_pairs():
+                sock = given.pop(host_port, None)
+                if sock is None:
+                    sock = bind_socket(mapping, host_port, self.options.listen_backlog)
+                sock.setblocking(False)
+                bound.append(sock)
+        except ProxyError:
+            for sock in bound:
+                sock.close()
+            raise
+        listeners: list[Listener] = []
+        for sock, (host_port, target_port) in zip(bound, mapping.port_pairs()):
+            target = (str(mapping.target_ip), target_port)
+            name = listener_name(mapping, host_port, target_port)
+            listener: Listener
+            if mapping.proto == "tcp":
+                listener = TcpListener(self.loop, sock, target, name, self.options, self.pipe_pool)
+            else:
+                listener = UdpListener(self.loop, sock, target, name, self.options)
+            listener.start()
+            listeners.append(listener)
+        self.listeners[mapping] = listeners
+        return listeners
+
+    async def remove(self, mapping: Mapping, drain_timeout: float | None = None) -> None:
+        """Stop one mapping: stop accepting, let its connections finish, then close them."""
+        listeners = self.listeners.pop(mapping)
+        await self._drain(listeners, self.options.drain_timeout if drain_timeout is None else drain_timeout)
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop every mapping (graceful: live connections get up to drain_timeout)."""
+        listeners = [listener for group in self.listeners.values() for listener in group]
+        self.listeners.clear()
+        await self._drain(listeners, self.options.drain_timeout if drain_timeout is None else drain_timeout)
+        if self.pipe_pool is not None:
+            self.pipe_pool.close()
+
+    async def _drain(self, listeners: list[Listener], timeout: float) -> None:
+        tcp = [listener for listener in listeners if isinstance(listener, TcpListener)]
+        for listener in listeners:
+            if isinstance(listener, TcpListener):
+                listener.close_listener()
+            else:
+                listener.close()
+        deadline = self.loop.time() + timeout
+        while any(listener.connections for listener in tcp) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = sum(len(listener.connections) for listener in tcp)
+        if left:
+            log.info("drain timeout: closing %d connection(s) still open", left)
+        for listener in tcp:
+            listener.abort_connections()
+
+    def connection_count(self) -> int:
+        return sum(
+            len(listener.connections)
+            for group in self.listeners.values()
+            for listener in group
+            if isinstance(listener, TcpListener)
+        )

@@ -1,0 +1,64 @@
+"""Per-mapping counters kept as plain integers on the data plane.
+
+The relay adds to these attributes directly: no locks, no metric objects, nothing
+but an integer add per chunk. The metrics layer reads them at scrape time.
+"""
+
+from __future__ import annotations
+
+import collections
+
+
+TO_TARGET = 0
+TO_CLIENT = 1
+
+
+class TcpStats:
+    """Counters of one TCP listener (one host port of a mapping)."""
+
+    __slots__ = (
+        "accepted",
+        "active",
+        "bytes",
+        "connect_failures",
+        "accept_errors",
+        "connect_seconds_sum",
+        "connect_count",
+    )
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.active = 0
+        self.bytes = [0, 0]
+        """Bytes relayed: [TO_TARGET] client → target, [TO_CLIENT] target → client."""
+        self.connect_failures: collections.Counter[str] = collections.Counter()
+        self.accept_errors: collections.Counter[str] = collections.Counter()
+        self.connect_seconds_sum = 0.0
+        self.connect_count = 0
+
+
+class UdpStats:
+    """Counters of one UDP listener."""
+
+    __slots__ = (
+        "flows_active",
+        "flows_created",
+        "flows_expired",
+        "flows_evicted",
+        "datagrams_to_target",
+        "datagrams_to_client",
+        "bytes_to_target",
+        "bytes_to_client",
+        "send_errors",
+    )
+
+    def __init__(self) -> None:
+        self.flows_active = 0
+        self.flows_created = 0
+        self.flows_expired = 0
+        self.flows_evicted = 0
+        self.datagrams_to_target = 0
+        self.datagrams_to_client = 0
+        self.bytes_to_target = 0
+        self.bytes_to_client = 0
+        self.send_errors: collections.Counter[str] = collections.Counter()

@@ -1,0 +1,272 @@
+"""TCP: accept on a raw listening socket, connect to the target, relay both ways.
+
+Life of a connection (:class:`TcpRelay`):
+
+1. accepted by :class:`TcpListener` (a batch of ``accept()`` per readiness event);
+2. a non-blocking connect to the target, bounded by ``connect_timeout``; on failure
+   the client is reset at once and one line is logged;
+3. two pumps relay the directions. EOF on one side becomes ``shutdown(SHUT_WR)`` on
+   the other while the opposite direction goes on (docker-proxy's CloseRead /
+   CloseWrite); an error on either side resets both.
+
+Sockets stay raw (no transports) because splice needs their fds and an fd owned by
+a transport must not be given to ``add_reader`` (uvloop crashes on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from .copy import CopyPump
+from .pump import Pump
+from .splice import PipePool, SplicePump
+from .stats import TO_CLIENT, TO_TARGET, TcpStats
+
+if TYPE_CHECKING:
+    from .options import ProxyOptions
+
+log = logging.getLogger("portproxy.tcp")
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ACCEPT_BATCH = 64
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 1.0
+
+
+def reset_and_close(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0 so the peer gets a RST, not a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+class TcpRelay:
+    """One client connection and its upstream connection to the target."""
+
+    __slots__ = ("_listener", "_loop", "client", "upstream", "_pumps", "_timer", "_t0", "_closed", "_connecting")
+
+    def __init__(self, listener: "TcpListener", client: socket.socket) -> None:
+        self._listener = listener
+        self._loop = listener.loop
+        self.client = client
+        self.upstream: socket.socket | None = None
+        self._pumps: tuple[Pump, Pump] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._t0 = 0.0
+        self._closed = False
+        self._connecting = False
+
+    # --- connecting ---------------------------------------------------------
+    def connect(self) -> None:
+        listener = self._listener
+        up = socket.socket(listener.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self.upstream = up
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._t0 = time.monotonic()
+        err = up.connect_ex(listener.target)
+        if err == 0:
+            self._established()
+        elif err == errno.EINPROGRESS:
+            self._loop.add_writer(up.fileno(), self._on_connect_done)
+            self._connecting = True
+            self._timer = self._loop.call_later(listener.options.connect_timeout, self._on_connect_timeout)
+        else:
+            self._connect_failed(os.strerror(err), errno.errorcode.get(err, str(err)))
+
+    def _on_connect_done(self) -> None:
+        up = self.upstream
+        assert up is not None
+        self._loop.remove_writer(up.fileno())
+        self._connecting = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_failed(os.strerror(err), errno.errorcode.get(err, str(err)))
+        else:
+            self._established()
+
+    def _on_connect_timeout(self) -> None:
+        self._timer = None
+        up = self.upstream
+        assert up is not None
+        self._loop.remove_writer(up.fileno())
+        self._connecting = False
+        self._connect_failed(f"no answer within {self._listener.options.connect_timeout:g}s", "timeout")
+
+    def _connect_failed(self, why: str, reason: str) -> None:
+        listener = self._listener
+        listener.stats.connect_failures[reason] += 1
+        log.warning("%s: connect to %s failed: %s", listener.name, listener.target_text, why)
+        self.close(reset=True)
+
+    def _established(self) -> None:
+        listener = self._listener
+        stats = listener.stats
+        stats.connect_seconds_sum += time.monotonic() - self._t0
+        stats.connect_count += 1
+        up = self.upstream
+        assert up is not None
+        self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        totals = stats.bytes
+        loop = self._loop
+        pool = listener.pipe_pool
+        if pool is not None:
+            to_target: Pump = SplicePump(loop, self.client, up, self, totals, TO_TARGET, pool=pool)
+            to_client: Pump = SplicePump(loop, up, self.client, self, totals, TO_CLIENT, pool=pool)
+        else:
+            to_target = CopyPump(loop, self.client, up, self, totals, TO_TARGET)
+            to_client = CopyPump(loop, up, self.client, self, totals, TO_CLIENT)
+        self._pumps = (to_target, to_client)
+        to_target.start()
+        to_client.start()
+
+    # --- pump owner ---------------------------------------------------------
+    def pump_done(self, pump: Pump) -> None:
+        """src of ``pump`` sent EOF and all its bytes were forwarded: half-close dst."""
+        try:
+            pump.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already; its own pump will notice
+        pumps = self._pumps
+        assert pumps is not None
+        if pumps[0].done and pumps[1].done:
+            self.close()
+
+    def pump_failed(self, pump: Pump, exc: OSError) -> None:
+        log.debug("%s: connection reset: %s", self._listener.name, exc)
+        self.close(reset=True)
+
+    # --- teardown -----------------------------------------------------------
+    def close(self, reset: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pumps = self._pumps
+        if pumps is not None:
+            for pump in pumps:
+                pump.stop()
+                pump.release()
+        elif self._connecting:
+            assert self.upstream is not None
+            self._loop.remove_writer(self.upstream.fileno())
+            self._connecting = False
+        for sock in (self.client, self.upstream):
+            if sock is not None:
+                if reset:
+                    reset_and_close(sock)
+                else:
+                    sock.close()
+        self._listener.connection_closed(self)
+
+
+class TcpListener:
+    """Accepts on one host port and relays each connection to one target address."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        target: tuple,
+        name: str,
+        options: "ProxyOptions",
+        pipe_pool: PipePool | None,
+        stats: TcpStats | None = None,
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.target = target
+        self.target_family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        self.target_text = f"[{target[0]}]:{target[1]}" if ":" in target[0] else f"{target[0]}:{target[1]}"
+        self.name = name
+        self.options = options
+        self.pipe_pool = pipe_pool
+        self.stats = stats if stats is not None else TcpStats()
+        self.connections: set[TcpRelay] = set()
+        self._accepting = False
+        self._backoff = 0.0
+        self._backoff_timer: asyncio.TimerHandle | None = None
+        self._resource_warned = False
+
+    def start(self) -> None:
+        self._accepting = True
+        self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
+
+    def stop_accepting(self) -> None:
+        """Stop taking new connections; the ones already accepted go on."""
+        if self._backoff_timer is not None:
+            self._backoff_timer.cancel()
+            self._backoff_timer = None
+        if self._accepting:
+            self._accepting = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def close_listener(self) -> None:
+        self.stop_accepting()
+        self.sock.close()
+
+    def abort_connections(self) -> None:
+        for relay in list(self.connections):
+            relay.close(reset=True)
+
+    def connection_closed(self, relay: TcpRelay) -> None:
+        self.connections.discard(relay)
+        self.stats.active -= 1
+
+    def _on_acceptable(self) -> None:
+        sock = self.sock
+        stats = self.stats
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                client, _addr = sock.accept()
+            except BlockingIOError:
+                break
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._pause_for_resources(exc)
+                    return
+                stats.accept_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+                log.warning("%s: accept failed: %s", self.name, exc)
+                break
+            client.setblocking(False)
+            stats.accepted += 1
+            stats.active += 1
+            relay = TcpRelay(self, client)
+            self.connections.add(relay)
+            relay.connect()
+        if self._backoff:
+            self._backoff = 0.0
+            if self._resource_warned:
+                log.warning("%s: accepting again", self.name)
+                self._resource_warned = False
+
+    def _pause_for_resources(self, exc: OSError) -> None:
+        """Out of fds or memory: stop polling the listener for a while instead of spinning."""
+        self.stats.accept_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+        if not self._resource_warned:
+            log.warning("%s: accept failed (%s); backing off until resources free up", self.name, exc.strerror)
+            self._resource_warned = True
+        self._backoff = min(_BACKOFF_MAX, self._backoff * 2 or _BACKOFF_FIRST)
+        self.loop.remove_reader(self.sock.fileno())
+        self._backoff_timer = self.loop.call_later(self._backoff, self._resume)
+
+    def _resume(self) -> None:
+        self._backoff_timer = None
+        if self._accepting:
+            self.loop.add_reader(self.sock.fileno(), self._on_acceptable)

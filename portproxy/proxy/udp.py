@@ -1,0 +1,245 @@
+"""UDP: a bounded flow table keyed by client address, one connected backend socket per flow.
+
+Each client address gets its own socket connected to the target, so the target
+sees one stable source port per client (as with docker-proxy) and its replies
+come back on a socket that already knows whom they belong to. Replies leave the
+listening socket *from the address the client sent to*: on a wildcard listener
+that address is taken from IP_PKTINFO / IPV6_PKTINFO, otherwise a multi-homed
+host would answer from whatever address its routing table picks.
+
+Flows are kept in least-recently-active order, which gives both idle expiry
+(``udp_timeout``) and eviction of the oldest idle flow when the table is full
+(``max_udp_flows``) in O(1) per datagram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+from .stats import UdpStats
+
+if TYPE_CHECKING:
+    from .options import ProxyOptions
+
+log = logging.getLogger("portproxy.udp")
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+MAX_DATAGRAM = 65535
+_BATCH = 32
+_CMSG_SPACE = socket.CMSG_SPACE(64)
+_buffer = bytearray(MAX_DATAGRAM)
+_view = memoryview(_buffer)
+
+
+class UdpFlow:
+    __slots__ = ("listener", "client", "sock", "fd", "reply_cmsg", "last")
+
+    def __init__(self, listener: "UdpListener", client: tuple, sock: socket.socket, reply_cmsg: list) -> None:
+        self.listener = listener
+        self.client = client
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reply_cmsg = reply_cmsg
+        self.last = 0.0
+
+    def on_readable(self) -> None:
+        """Datagrams from the target: send each back to the client."""
+        listener = self.listener
+        sock = self.sock
+        got = False
+        for _ in range(_BATCH):
+            try:
+                n = sock.recv_into(_buffer)
+            except BlockingIOError:
+                break
+            except ConnectionRefusedError:
+                continue  # ICMP port unreachable from the target: not fatal, the error is now cleared
+            except OSError as exc:
+                listener.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+                continue
+            got = True
+            listener.reply(self, _view[:n])
+        if got:
+            self.last = listener.loop.time()
+            listener.touch(self)
+
+    def close(self) -> None:
+        self.listener.loop.remove_reader(self.fd)
+        self.sock.close()
+
+
+def _reply_cmsg(family: int, ancdata: list) -> list:
+    """Turn received PKTINFO into the cmsg that makes the reply leave from that address."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            _ifindex, _spec_dst, header_dst = struct.unpack_from("=i4s4s", data)
+            return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, header_dst, b"\0" * 4))]
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            addr, ifindex = struct.unpack_from("=16sI", data)
+            # Keep the interface only where the address needs it (link-local).
+            keep = ifindex if addr[:2] == b"\xfe\x80" else 0
+            return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, struct.pack("=16sI", addr, keep))]
+    return []
+
+
+class UdpListener:
+    """Relays datagrams on one host port to one target address."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        target: tuple,
+        name: str,
+        options: "ProxyOptions",
+        stats: UdpStats | None = None,
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.target = target
+        self.target_family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        self.name = name
+        self.options = options
+        self.stats = stats if stats is not None else UdpStats()
+        self.flows: collections.OrderedDict[tuple, UdpFlow] = collections.OrderedDict()
+        self._pktinfo = _is_wildcard(sock)
+        if self._pktinfo:
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._reading = False
+
+    # --- life cycle ---------------------------------------------------------
+    def start(self) -> None:
+        self._reading = True
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._schedule_sweep()
+
+    def close(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.loop.remove_reader(self.sock.fileno())
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for flow in self.flows.values():
+            flow.close()
+        self.stats.flows_active -= len(self.flows)
+        self.flows.clear()
+        self.sock.close()
+
+    # --- client → target ----------------------------------------------------
+    def _on_readable(self) -> None:
+        sock = self.sock
+        stats = self.stats
+        flows = self.flows
+        now = self.loop.time()
+        for _ in range(_BATCH):
+            try:
+                if self._pktinfo:
+                    n, ancdata, _flags, client = sock.recvmsg_into([_buffer], _CMSG_SPACE)
+                else:
+                    n, client = sock.recvfrom_into(_buffer)
+                    ancdata = []
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+                continue
+            flow = flows.get(client)
+            if flow is None:
+                flow = self._open_flow(client, ancdata)
+                if flow is None:
+                    continue
+            else:
+                flows.move_to_end(client)
+            flow.last = now
+            stats.datagrams_to_target += 1
+            stats.bytes_to_target += n
+            data = _view[:n]
+            try:
+                flow.sock.send(data)
+            except ConnectionRefusedError:
+                # An earlier datagram drew ICMP port unreachable; reporting it cleared it.
+                try:
+                    flow.sock.send(data)
+                except OSError as exc:
+                    stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+            except OSError as exc:
+                stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+
+    def _open_flow(self, client: tuple, ancdata: list) -> UdpFlow | None:
+        stats = self.stats
+        if len(self.flows) >= self.options.max_udp_flows:
+            _, oldest = self.flows.popitem(last=False)
+            oldest.close()
+            stats.flows_evicted += 1
+            stats.flows_active -= 1
+        try:
+            up = socket.socket(self.target_family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+            log.warning("%s: cannot open a flow for %s: %s", self.name, client[0], exc.strerror)
+            return None
+        try:
+            up.connect(self.target)
+        except OSError as exc:
+            up.close()
+            stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+            log.warning("%s: cannot reach target %s: %s", self.name, self.target[0], exc.strerror)
+            return None
+        flow = UdpFlow(self, client, up, _reply_cmsg(self.sock.family, ancdata))
+        self.flows[client] = flow
+        self.loop.add_reader(flow.fd, flow.on_readable)
+        stats.flows_created += 1
+        stats.flows_active += 1
+        return flow
+
+    # --- target → client ----------------------------------------------------
+    def reply(self, flow: UdpFlow, data: memoryview) -> None:
+        stats = self.stats
+        try:
+            if flow.reply_cmsg:
+                self.sock.sendmsg([data], flow.reply_cmsg, 0, flow.client)
+            else:
+                self.sock.sendto(data, flow.client)
+        except OSError as exc:
+            stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+            return
+        stats.datagrams_to_client += 1
+        stats.bytes_to_client += len(data)
+
+    def touch(self, flow: UdpFlow) -> None:
+        if flow.client in self.flows:
+            self.flows.move_to_end(flow.client)
+
+    # --- expiry -------------------------------------------------------------
+    def _schedule_sweep(self) -> None:
+        interval = min(1.0, self.options.udp_timeout / 4)
+        self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        deadline = self.loop.time() - self.options.udp_timeout
+        flows = self.flows
+        while flows:
+            client, flow = next(iter(flows.items()))
+            if flow.last > deadline:
+                break
+            del flows[client]
+            flow.close()
+            self.stats.flows_expired += 1
+            self.stats.flows_active -= 1
+        self._schedule_sweep()
+
+
+def _is_wildcard(sock: socket.socket) -> bool:
+    host = sock.getsockname()[0]
+    return host in ("0.0.0.0", "::")
