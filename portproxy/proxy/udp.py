@@ -53,18 +53,26 @@ class UdpFlow:
         listener = self.listener
         sock = self.sock
         got = False
+        failed = False
         for _ in range(_BATCH):
             try:
                 n = sock.recv_into(_buffer)
             except BlockingIOError:
                 break
-            except ConnectionRefusedError:
-                continue  # ICMP port unreachable from the target: not fatal, the error is now cleared
             except OSError as exc:
-                listener.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+                # Typically ICMP port unreachable from the target (ECONNREFUSED): reading
+                # it cleared it and the flow lives on.
+                failed = True
+                if not isinstance(exc, ConnectionRefusedError):
+                    listener.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
                 continue
             got = True
             listener.reply(self, _view[:n])
+        if failed:
+            # libuv (uvloop) stops polling an fd once it reports POLLERR; watch it afresh.
+            loop = listener.loop
+            loop.remove_reader(self.fd)
+            loop.add_reader(self.fd, self.on_readable)
         if got:
             self.last = listener.loop.time()
             listener.touch(self)
@@ -74,7 +82,7 @@ class UdpFlow:
         self.sock.close()
 
 
-def _reply_cmsg(family: int, ancdata: list) -> list:
+def _reply_cmsg(ancdata: list) -> list:
     """Turn received PKTINFO into the cmsg that makes the reply leave from that address."""
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
@@ -196,7 +204,7 @@ class UdpListener:
             stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
             log.warning("%s: cannot reach target %s: %s", self.name, self.target[0], exc.strerror)
             return None
-        flow = UdpFlow(self, client, up, _reply_cmsg(self.sock.family, ancdata))
+        flow = UdpFlow(self, client, up, _reply_cmsg(ancdata))
         self.flows[client] = flow
         self.loop.add_reader(flow.fd, flow.on_readable)
         stats.flows_created += 1

@@ -1,0 +1,211 @@
+"""Shared fixtures: a fresh seeds topology per test, portproxy processes inside it, servers and clients.
+
+Every namespace gets a unique name and is removed when the test ends, pass or
+fail. The proxy under test runs as a real ``portproxy`` process in the host
+namespace; servers and clients run on the test's own event loop with sockets
+created inside the container and client namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from portproxy.netns import Namespace, SeedTopology, seed_topology
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+
+@pytest.fixture
+def topo() -> Iterator[SeedTopology]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    with seed_topology("pt") as t:
+        yield t
+
+
+class PortproxyProcess:
+    """A ``portproxy`` command running inside a namespace, with its output collected."""
+
+    def __init__(self, ns: Namespace, args: list[str], ready_lines: int | None) -> None:
+        self.args = args
+        self.proc = ns.popen(
+            [sys.executable, "-m", "portproxy", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.ready: list[str] = []
+        self.stderr_lines: list[str] = []
+        self._stderr_thread = threading.Thread(target=self._collect_stderr, daemon=True)
+        self._stderr_thread.start()
+        if ready_lines:
+            assert self.proc.stdout is not None
+            while len(self.ready) < ready_lines:
+                line = self.proc.stdout.readline()
+                if not line:
+                    self.proc.wait(timeout=10)
+                    self._stderr_thread.join(timeout=5)
+                    raise AssertionError(
+                        f"portproxy {' '.join(args)} exited {self.proc.returncode}: {''.join(self.stderr_lines)}"
+                    )
+                if line.startswith("ready"):
+                    self.ready.append(line.strip())
+
+    def _collect_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._stderr_thread.join(timeout=5)
+        return code
+
+
+@pytest.fixture
+def portproxy(topo: SeedTopology) -> Iterator[Callable[..., PortproxyProcess]]:
+    """Start ``portproxy ARGS`` in the host namespace; stopped at teardown."""
+    started: list[PortproxyProcess] = []
+
+    def start(*args: str, ns: Namespace | None = None, ready: int | None = 1) -> PortproxyProcess:
+        proc = PortproxyProcess(ns or topo.host, list(args), ready)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+# --- sockets inside namespaces -------------------------------------------------
+
+def family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+async def open_connection(ns: Namespace, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio streams over a TCP connection made from inside ``ns``."""
+    sock = ns.socket(family_of(host), socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), 10)
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, limit=1 << 20)
+
+
+async def start_server(ns: Namespace, port: int, handler: Callable, host: str = "0.0.0.0") -> asyncio.Server:
+    """An asyncio stream server listening inside ``ns``."""
+    sock = ns.socket(family_of(host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if ":" in host:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return await asyncio.start_server(handler, sock=sock, limit=1 << 20)
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo until EOF, then half-close back."""
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def tcp_echo(topo: SeedTopology) -> AsyncIterator[asyncio.Server]:
+    """A TCP echo server in the container on 8080 (IPv4) and [fd00:172:16::1]:8080."""
+    v4 = await start_server(topo.container, 8080, echo_handler)
+    v6 = await start_server(topo.container, 8080, echo_handler, host="::")
+    yield v4
+    for server in (v4, v6):
+        server.close()
+
+
+class UdpEndpoint(asyncio.DatagramProtocol):
+    """A datagram socket inside a namespace with a queue of what it receives."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, tuple]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.queue.put_nowait((data, addr))
+
+    def error_received(self, exc: Exception) -> None:
+        pass
+
+    async def recv(self, timeout: float = 5.0) -> tuple[bytes, tuple]:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+
+async def udp_endpoint(ns: Namespace, host: str = "0.0.0.0", port: int = 0) -> UdpEndpoint:
+    sock = ns.socket(family_of(host), socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    _, proto = await asyncio.get_running_loop().create_datagram_endpoint(UdpEndpoint, sock=sock)
+    return proto
+
+
+class UdpEchoServer(asyncio.DatagramProtocol):
+    """Echoes each datagram; a datagram b"whoami" gets the sender's "ip port" instead."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if data == b"whoami":
+            self.transport.sendto(f"{addr[0]} {addr[1]}".encode(), addr)
+        else:
+            self.transport.sendto(data, addr)
+
+
+async def start_udp_echo(ns: Namespace, port: int, host: str = "0.0.0.0") -> asyncio.DatagramTransport:
+    sock = ns.socket(family_of(host), socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    if ":" in host:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(UdpEchoServer, sock=sock)
+    return transport
+
+
+@pytest.fixture
+async def udp_echo(topo: SeedTopology) -> AsyncIterator[None]:
+    """UDP echo servers in the container on 5353 (IPv4 and IPv6)."""
+    transports = [await start_udp_echo(topo.container, 5353), await start_udp_echo(topo.container, 5353, "::")]
+    yield None
+    for t in transports:
+        t.close()

@@ -1,0 +1,87 @@
+"""The command line's error contract: one readable line, the right exit status, nothing half-started."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import open_connection
+
+
+def run_portproxy(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "portproxy", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "spec, names",
+    [
+        ("9090:172.16.1.1", "parts"),
+        ("70000:172.16.1.1:8080", "host port '70000'"),
+        ("9090:172.16.1.1:8080/sctp", "unknown protocol 'sctp'"),
+        ("9090-9091:172.16.1.1:8080", "differ in length"),
+        ("9090:not-an-ip:8080", "target address 'not-an-ip'"),
+    ],
+)
+def test_malformed_spec_exit_2_one_line(spec: str, names: str) -> None:
+    result = run_portproxy("map", "127.0.0.1:19090:127.0.0.1:8080", spec)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0] and lines[0].startswith("portproxy: ")
+    assert "ready" not in result.stdout
+
+
+def test_bad_option_exit_2() -> None:
+    result = run_portproxy("map", "9090:172.16.1.1:8080", "--connect-timeout", "-1")
+    assert result.returncode == 2
+    assert "--connect-timeout" in result.stderr
+
+
+def test_overlapping_mappings_rejected() -> None:
+    result = run_portproxy("map", "9090:10.0.0.1:80", "9090:10.0.0.2:80")
+    assert result.returncode == 2
+    assert "overlap" in result.stderr
+
+
+async def test_port_in_use_fails_whole_command_cleanly(topo, portproxy) -> None:
+    """A port in use: one line naming it, exit 1, and the command's other mappings never listen."""
+    holder = topo.host.socket()
+    holder.bind(("0.0.0.0", 9191))
+    holder.listen()
+    proc = portproxy("map", f"9190:{topo.container_ip}:8080", f"9191:{topo.container_ip}:8080", ready=None)
+    code = proc.proc.wait(timeout=20)
+    proc.stop()
+    assert code == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["portproxy: cannot listen on 0.0.0.0:9191/tcp: port is already in use"]
+    with pytest.raises(ConnectionRefusedError):
+        await open_connection(topo.client, topo.host_ip, 9190)
+    holder.close()
+
+
+async def test_port_in_use_leaves_running_proxy_untouched(topo, tcp_echo, portproxy) -> None:
+    first = portproxy("map", f"9090:{topo.container_ip}:8080")
+    second = portproxy("map", f"9090:{topo.container_ip}:8080", ready=None)
+    assert second.proc.wait(timeout=20) == 1
+    assert "9090/tcp: port is already in use" in second.stderr
+    reader, writer = await open_connection(topo.client, topo.host_ip, 9090)
+    writer.write(b"ok")
+    assert await reader.readexactly(2) == b"ok"
+    writer.close()
+    assert first.proc.poll() is None
+
+
+def test_demo_runs_and_cleans_up() -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    result = run_portproxy("demo", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ready tcp 0.0.0.0:9090 -> 172.16.1.1:8080" in result.stdout
+    assert "client GET http://198.51.100.1:9090/ -> HTTP/1.0 200 OK" in result.stdout
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert after <= before

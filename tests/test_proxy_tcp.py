@@ -1,0 +1,179 @@
+"""TCP through the userland proxy: a real portproxy process in the host namespace, real traffic.
+
+Every relay test runs on the splice path, the copy path (--no-splice) and the
+stock asyncio loop, so all three stay correct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import time
+
+import pytest
+
+from conftest import echo_handler, open_connection, start_server
+
+PATHS = {
+    "splice-uvloop": [],
+    "copy-uvloop": ["--no-splice"],
+    "splice-asyncio": ["--loop", "asyncio"],
+}
+
+
+@pytest.fixture(params=list(PATHS))
+def path_args(request: pytest.FixtureRequest) -> list[str]:
+    return PATHS[request.param]
+
+
+async def _echo_roundtrip(topo, port: int, payload: bytes, host: str | None = None) -> bytes:
+    reader, writer = await open_connection(topo.client, host or topo.host_ip, port)
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for i in range(0, len(view), 1 << 16):
+            writer.write(view[i : i + (1 << 16)])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = await asyncio.wait_for(reader.read(-1), 60)
+    await sender
+    writer.close()
+    return received
+
+
+async def test_8mib_echo_byte_for_byte(topo, tcp_echo, portproxy, path_args) -> None:
+    proxy = portproxy("map", f"9090:{topo.container_ip}:8080", *path_args)
+    assert proxy.ready == [f"ready tcp 0.0.0.0:9090 -> {topo.container_ip}:8080"]
+    payload = os.urandom(8 << 20)
+    received = await _echo_roundtrip(topo, 9090, payload)
+    assert len(received) == len(payload)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_half_close_reply_after_eof(topo, portproxy, path_args) -> None:
+    """The client shuts down writing; the server answers after EOF; the client gets the answer."""
+
+    async def answer_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(-1)
+        await asyncio.sleep(0.2)  # the proxy must keep the other direction open meanwhile
+        writer.write(b"got %d bytes, sha256 %s" % (len(data), hashlib.sha256(data).hexdigest().encode()))
+        await writer.drain()
+        writer.close()
+
+    server = await start_server(topo.container, 8081, answer_after_eof)
+    portproxy("map", f"9091:{topo.container_ip}:8081", *path_args)
+    payload = os.urandom(300_000)
+    reader, writer = await open_connection(topo.client, topo.host_ip, 9091)
+    writer.write(payload)
+    await writer.drain()
+    writer.write_eof()
+    reply = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    server.close()
+    assert reply == b"got %d bytes, sha256 %s" % (len(payload), hashlib.sha256(payload).hexdigest().encode())
+
+
+async def test_200_concurrent_connections(topo, tcp_echo, portproxy, path_args) -> None:
+    portproxy("map", f"9090:{topo.container_ip}:8080", *path_args)
+    payloads = [os.urandom(20_000 + i * 97) for i in range(200)]
+    results = await asyncio.gather(*(_echo_roundtrip(topo, 9090, p) for p in payloads))
+    assert results == payloads
+
+
+async def test_dead_target_closes_client_and_keeps_serving(topo, tcp_echo, portproxy) -> None:
+    proxy = portproxy(
+        "map", f"9090:{topo.container_ip}:8080", f"9092:{topo.container_ip}:8099", "9093:172.16.1.99:8080",
+        "--connect-timeout", "1", ready=3,
+    )
+    # Refused at the target: the client is reset at once.
+    t0 = time.monotonic()
+    reader, writer = await open_connection(topo.client, topo.host_ip, 9092)
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        data = await asyncio.wait_for(reader.read(1), 5)
+        if data == b"":
+            raise asyncio.IncompleteReadError(b"", 1)
+    assert time.monotonic() - t0 < 1.0
+    writer.close()
+    # No answer at all: the client is closed after the connect timeout.
+    t0 = time.monotonic()
+    reader, writer = await open_connection(topo.client, topo.host_ip, 9093)
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        data = await asyncio.wait_for(reader.read(1), 10)
+        if data == b"":
+            raise asyncio.IncompleteReadError(b"", 1)
+    assert 0.9 < time.monotonic() - t0 < 3.0
+    writer.close()
+    # The healthy mapping is unaffected.
+    assert await _echo_roundtrip(topo, 9090, b"still here") == b"still here"
+    assert proxy.proc.poll() is None
+    proxy.stop()
+    assert "connect to 172.16.1.1:8099 failed: Connection refused" in proxy.stderr
+    assert "connect to 172.16.1.99:8080 failed: no answer within 1s" in proxy.stderr
+
+
+async def test_port_range_maps_port_to_port(topo, portproxy) -> None:
+    servers = []
+    for port in range(8100, 8104):
+        async def tag(reader, writer, port=port):
+            writer.write(str(port).encode())
+            await writer.drain()
+            writer.close()
+        servers.append(await start_server(topo.container, port, tag))
+    proxy = portproxy("map", f"9100-9103:{topo.container_ip}:8100-8103", ready=4)
+    assert proxy.ready[-1] == f"ready tcp 0.0.0.0:9103 -> {topo.container_ip}:8103"
+    for offset in range(4):
+        reader, writer = await open_connection(topo.client, topo.host_ip, 9100 + offset)
+        assert await asyncio.wait_for(reader.read(-1), 5) == str(8100 + offset).encode()
+        writer.close()
+    for server in servers:
+        server.close()
+
+
+async def test_ipv6_target_and_dual_stack_listener(topo, tcp_echo, portproxy, path_args) -> None:
+    proxy = portproxy("map", f"[::]:9096:[{topo.container_ip6}]:8080", *path_args)
+    assert proxy.ready == [f"ready tcp [::]:9096 -> [{topo.container_ip6}]:8080"]
+    payload = os.urandom(1 << 20)
+    assert await _echo_roundtrip(topo, 9096, payload, host=topo.host_ip6) == payload
+    # An IPv4 client reaches the IPv6 target through the dual-stack listener.
+    assert await _echo_roundtrip(topo, 9096, payload, host=topo.host_ip) == payload
+
+
+async def test_reset_propagates(topo, portproxy) -> None:
+    """A target that resets its side makes the proxy reset the client."""
+
+    async def reset_after_hello(reader, writer):
+        await reader.readexactly(5)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()
+
+    server = await start_server(topo.container, 8082, reset_after_hello)
+    portproxy("map", f"9094:{topo.container_ip}:8082")
+    reader, writer = await open_connection(topo.client, topo.host_ip, 9094)
+    writer.write(b"hello")
+    await writer.drain()
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(100), 5)
+    server.close()
+
+
+async def test_graceful_stop_lets_live_connections_finish(topo, tcp_echo, portproxy) -> None:
+    proxy = portproxy("map", f"9090:{topo.container_ip}:8080", "--drain-timeout", "5")
+    reader, writer = await open_connection(topo.client, topo.host_ip, 9090)
+    writer.write(b"before")
+    assert await reader.readexactly(6) == b"before"
+    proxy.proc.terminate()
+    await asyncio.sleep(0.5)
+    # New connections are refused, the live one still works.
+    with pytest.raises(ConnectionRefusedError):
+        await open_connection(topo.client, topo.host_ip, 9090)
+    writer.write(b"during")
+    assert await reader.readexactly(6) == b"during"
+    writer.write_eof()
+    assert await reader.read(-1) == b""
+    writer.close()
+    assert await asyncio.to_thread(proxy.proc.wait, 10) == 0
