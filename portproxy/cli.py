@@ -64,6 +64,37 @@ def add_proxy_options(p: argparse.ArgumentParser) -> None:
                    help="splice pipe size (default 262144)")
 
 
+def _masquerade(text: str) -> tuple[str, str]:
+    import ipaddress
+
+    subnet, sep, bridge = text.partition(",")
+    if not sep or not bridge:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SUBNET,BRIDGE (e.g. 172.17.0.0/16,docker0)")
+    try:
+        ipaddress.ip_network(subnet, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{subnet!r} is not a subnet") from None
+    if len(bridge) > 15 or "/" in bridge or bridge in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{bridge!r} is not an interface name")
+    return subnet, bridge
+
+
+def add_kernel_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("kernel path")
+    g.add_argument("--route-localnet", action="store_true",
+                   help="also publish on 127.0.0.0/8 (needs net.ipv4.conf.all.route_localnet=1)")
+    g.add_argument("--masquerade", type=_masquerade, action="append", default=[], metavar="SUBNET,BRIDGE",
+                   help="masquerade SUBNET's traffic that does not leave through BRIDGE (repeatable)")
+    g.add_argument("--set-sysctls", action="store_true",
+                   help="set the sysctls the kernel path needs (ip_forward, route_localnet) instead of refusing")
+
+
+def kernel_options_from(args: argparse.Namespace) -> "KernelOptions":  # noqa: F821
+    from .kernel import KernelOptions
+
+    return KernelOptions(route_localnet=args.route_localnet, masquerade=tuple(args.masquerade))
+
+
 def proxy_options_from(args: argparse.Namespace) -> "ProxyOptions":  # noqa: F821
     from .proxy import ProxyOptions
 
@@ -92,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         "SPEC: [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp]",
     )
     p_map.add_argument("specs", nargs="+", metavar="SPEC")
+    p_map.add_argument("--mode", choices=("userland", "kernel"), default="userland",
+                       help="userland proxy (default) or nftables DNAT")
     add_proxy_options(p_map)
+    add_kernel_options(p_map)
     add_runtime_options(p_map)
 
     p_demo = sub.add_parser("demo", help="build the seeds' topology in namespaces and show a mapping at work")
@@ -112,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         except SpecError as exc:
             print(f"portproxy: {exc}", file=sys.stderr)
             return 2
-        from .foreground import run_userland
+        from .foreground import run_kernel, run_userland
 
+        if args.mode == "kernel":
+            return run(lambda: run_kernel(mappings, kernel_options_from(args), args.set_sysctls), args.loop)
         raise_fd_limit()
         return run(lambda: run_userland(mappings, proxy_options_from(args)), args.loop)
     if args.command == "demo":

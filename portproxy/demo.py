@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
 
 from .netns import Namespace, SeedTopology, seed_topology
 
@@ -89,37 +88,72 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _steps(topo: SeedTopology, loop: str) -> Iterator[None]:
-    _say("== portproxy demo: the seeds' topology, in namespaces of its own ==")
-    _say(f"client   {topo.client.name:<22} {topo.client_ip}")
-    _say(f"host     {topo.host.name:<22} {topo.bridge} {topo.bridge_ip}/16, outside {topo.host_ip}")
-    _say(f"container {topo.container.name:<21} {topo.container_ip} serving HTTP on 8080")
-    server = start_http_server(topo.container, 8080)
+def _fetch_all(topo: SeedTopology, who: list[tuple[str, Namespace, str]]) -> None:
+    for name, ns, addr in who:
+        t0 = time.monotonic()
+        status, body = http_get(ns, addr, 9090)
+        ms = (time.monotonic() - t0) * 1000
+        _say(f"{name:>9} GET http://{addr}:9090/ -> {status} ({len(body)} bytes, {ms:.1f} ms)")
+        _say("          " + body.decode().strip().splitlines()[-1])
+
+
+def _kernel_counters(topo: SeedTopology) -> list[str]:
+    def read() -> list[str]:
+        import nftables
+
+        ctx = nftables.Nftables()
+        ctx.set_json_output(True)
+        _, out, _ = ctx.cmd("list counters table inet portproxy")
+        import json
+
+        return [f"{c['counter']['name']}: {c['counter']['packets']} packets, {c['counter']['bytes']} bytes"
+                for c in json.loads(out)["nftables"] if "counter" in c]
+
+    return topo.host.run(read)
+
+
+def _userland(topo: SeedTopology, loop: str) -> None:
+    _say(f"\n-- userland path: portproxy map {DEMO_SPEC} (splice, {loop}) --")
+    proc, ready = start_portproxy(topo.host, ["map", DEMO_SPEC, "--loop", loop, "--drain-timeout", "1", "--log-level", "warning"])
     try:
-        yield
-        _say(f"\n-- userland path: portproxy map {DEMO_SPEC} (splice, {loop}) --")
-        proc, ready = start_portproxy(topo.host, ["map", DEMO_SPEC, "--loop", loop, "--drain-timeout", "1"])
-        try:
-            for line in ready:
-                _say(line)
-            for who, ns, addr in (("client", topo.client, topo.host_ip), ("host", topo.host, "127.0.0.1")):
-                t0 = time.monotonic()
-                status, body = http_get(ns, addr, 9090)
-                ms = (time.monotonic() - t0) * 1000
-                _say(f"{who:>6} GET http://{addr}:9090/ -> {status} ({len(body)} bytes, {ms:.1f} ms)")
-                _say("       " + body.decode().strip().splitlines()[-1])
-        finally:
-            code = stop_portproxy(proc)
-            _say(f"portproxy stopped on SIGTERM (exit {code})")
-        yield
+        for line in ready:
+            _say(line)
+        _fetch_all(topo, [("client", topo.client, topo.host_ip), ("host", topo.host, "127.0.0.1")])
+        _say("          (a proxy: the container sees the host's bridge address, not the client's)")
     finally:
-        server.shutdown()
-        server.server_close()
+        _say(f"portproxy stopped on SIGTERM (exit {stop_portproxy(proc)})")
+
+
+def _kernel(topo: SeedTopology) -> None:
+    _say(f"\n-- kernel path: portproxy map --mode kernel {DEMO_SPEC} (nftables DNAT) --")
+    proc, ready = start_portproxy(topo.host, ["map", "--mode", "kernel", DEMO_SPEC, "--log-level", "warning"])
+    try:
+        for line in ready:
+            _say(line)
+        _fetch_all(topo, [
+            ("client", topo.client, topo.host_ip),
+            ("host", topo.host, topo.host_ip),
+            ("container", topo.container, topo.host_ip),
+        ])
+        _say("          (DNAT keeps the client's address; the host and the hairpinned container are masqueraded)")
+        for line in _kernel_counters(topo):
+            _say(f"counter {line}")
+    finally:
+        _say(f"portproxy stopped on SIGTERM (exit {stop_portproxy(proc)}); its nftables table is gone")
 
 
 def run_demo(loop: str = "uvloop") -> int:
     with seed_topology("ppdemo") as topo:
-        for _ in _steps(topo, loop):
-            pass
+        _say("== portproxy demo: the seeds' topology, in namespaces of its own ==")
+        _say(f"client    {topo.client.name:<22} {topo.client_ip}")
+        _say(f"host      {topo.host.name:<22} {topo.bridge} {topo.bridge_ip}/16, outside {topo.host_ip}")
+        _say(f"container {topo.container.name:<22} {topo.container_ip} serving HTTP on 8080")
+        server = start_http_server(topo.container, 8080)
+        try:
+            _userland(topo, loop)
+            _kernel(topo)
+        finally:
+            server.shutdown()
+            server.server_close()
     _say("\nnamespaces removed; the root namespace was not changed.")
     return 0

@@ -6,19 +6,22 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .proxy import ProxyOptions, ProxyServer
 from .proxy.server import ProxyError, listener_name
 from .spec import Mapping
 
+if TYPE_CHECKING:
+    from .kernel import KernelOptions, KernelPath
+
 log = logging.getLogger("portproxy")
 
 
-def print_ready(mapping: Mapping, out: TextIO) -> None:
+def print_ready(mapping: Mapping, out: TextIO, suffix: str = "") -> None:
     """One ``ready`` line per host port: scripts wait for these before sending traffic."""
     for host_port, target_port in mapping.port_pairs():
-        print(f"ready {listener_name(mapping, host_port, target_port)}", file=out, flush=True)
+        print(f"ready {listener_name(mapping, host_port, target_port)}{suffix}", file=out, flush=True)
 
 
 async def wait_for_stop_signal() -> int:
@@ -50,4 +53,50 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
     log.info("%s: draining %d connection(s) for up to %gs", signal.Signals(signum).name,
              server.connection_count(), options.drain_timeout)
     await server.stop()
+    return 0
+
+
+def _install_kernel(path: "KernelPath", mappings: list[Mapping], set_sysctls: bool) -> None:
+    """Everything the kernel path needs, in an order that leaves nothing behind on failure."""
+    from .kernel import sysctls
+
+    sysctls.ensure(sysctls.required(mappings, path.opts.route_localnet), set_sysctls)
+    path.install(mappings)
+    try:
+        path.enable_hairpin(mappings)
+        path.forget_udp_flows(mappings)
+    except BaseException:
+        path.teardown()
+        raise
+
+
+def _remove_kernel(path: "KernelPath", mappings: list[Mapping]) -> None:
+    path.teardown()
+    path.forget_udp_flows(mappings)
+
+
+async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls: bool,
+                     out: TextIO = sys.stdout) -> int:
+    """Install the mappings as nftables rules, hold them until a stop signal, then remove them."""
+    from .kernel import KernelMappingError, KernelPath, NftError
+    from .kernel.hairpin import HairpinError
+    from .kernel.sysctls import SysctlError
+
+    try:
+        path = await asyncio.to_thread(KernelPath, opts)
+        await asyncio.to_thread(_install_kernel, path, mappings, set_sysctls)
+    except KernelMappingError as exc:
+        print(f"portproxy: {exc}", file=sys.stderr)
+        return 2
+    except (NftError, SysctlError, HairpinError) as exc:
+        print(f"portproxy: {exc}", file=sys.stderr)
+        return 1
+    for mapping in mappings:
+        print_ready(mapping, out, " (kernel)")
+    await wait_for_stop_signal()
+    try:
+        await asyncio.to_thread(_remove_kernel, path, mappings)
+    except NftError as exc:
+        print(f"portproxy: removing the rules failed: {exc}", file=sys.stderr)
+        return 1
     return 0

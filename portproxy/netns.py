@@ -13,12 +13,16 @@ Two tricks keep callers simple and fast:
   clients and servers thus run in-process with no ``ip netns exec``.
 * :meth:`Namespace.popen` starts a program inside a namespace (setns after fork).
 
-pyroute2 is only ever used from plain threads, never on a uvloop loop (pyroute2#1335).
+pyroute2's synchronous API cannot run on a thread whose event loop is running (and
+never on uvloop, pyroute2#1335), so every netlink call here goes through
+:func:`off_loop`, which moves it to a short-lived plain thread when needed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import dataclasses
 import ipaddress
 import os
@@ -33,6 +37,40 @@ from pyroute2 import NetNS, netns
 T = TypeVar("T")
 
 
+def _call_in_thread(fn: Callable[..., T], *args: Any, enter: Callable[[], None] | None = None) -> T:
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            if enter is not None:
+                enter()
+            result.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name="portproxy-netlink")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def off_loop(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fn`` on a plain thread if the calling thread has a running event loop."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        return _call_in_thread(functools.partial(fn, *args, **kwargs))
+
+    return wrapper
+
+
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -44,16 +82,22 @@ class Namespace:
         self.name = name
 
     @classmethod
+    @off_loop
     def create(cls, prefix: str = "pp") -> "Namespace":
         name = unique_name(prefix)
         netns.create(name)
         ns = cls(name)
-        ns.sysctl("net/ipv6/conf/all/accept_dad", "0")
-        ns.sysctl("net/ipv6/conf/default/accept_dad", "0")
-        with ns.netlink() as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        try:
+            ns.sysctl("net/ipv6/conf/all/accept_dad", "0")
+            ns.sysctl("net/ipv6/conf/default/accept_dad", "0")
+            with ns.netlink() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        except BaseException:
+            ns.remove()
+            raise
         return ns
 
+    @off_loop
     def remove(self) -> None:
         with contextlib.suppress(OSError, FileNotFoundError):
             netns.remove(self.name)
@@ -65,22 +109,7 @@ class Namespace:
     # --- running code inside -----------------------------------------------
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Call ``fn(*args)`` on a thread that has entered this namespace."""
-        result: list[T] = []
-        error: list[BaseException] = []
-
-        def inside() -> None:
-            try:
-                netns.setns(self.name)
-                result.append(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                error.append(exc)
-
-        thread = threading.Thread(target=inside, name=f"netns-{self.name}")
-        thread.start()
-        thread.join()
-        if error:
-            raise error[0]
-        return result[0]
+        return _call_in_thread(fn, *args, enter=lambda: netns.setns(self.name))
 
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """A new socket that lives in this namespace."""
@@ -166,6 +195,7 @@ class SeedTopology:
     def namespaces(self) -> list[Namespace]:
         return [self.client, self.container, *self.extra, self.host]
 
+    @off_loop
     def add_container(self, name_prefix: str, ip: str, ip6: str, port: str) -> Namespace:
         """Plug one more container into the bridge (for hairpin and multi-target cases)."""
         ns = Namespace.create(name_prefix)
@@ -186,6 +216,7 @@ def _plug_container(topo: SeedTopology, ns: Namespace, ip: str, ip6: str, port: 
         ipr.route("add", dst="::/0", gateway=topo.bridge_ip6, family=socket.AF_INET6)
 
 
+@off_loop
 def build_seed_topology(prefix: str = "pp") -> SeedTopology:
     """Create the three namespaces and their links; on any failure remove what was made."""
     made: list[Namespace] = []

@@ -1,0 +1,112 @@
+"""The kernel path: owns portproxy's nft table in this network namespace.
+
+Bookkeeping (which mappings are installed, under which id) changes only after
+libnftables accepted the batch, so a refused change leaves both the kernel and
+this object exactly as they were. Every method blocks on netlink: call it from a
+worker thread, never from the data-plane loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ..spec import Mapping
+from . import builders, conntrack, hairpin
+from .builders import KernelOptions, MAX_MAPPING_ID, check_mapping
+from .executor import Nft, NftError
+
+log = logging.getLogger("portproxy.kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCounters:
+    connections: int
+    """Flows DNAT'd (the nat chain's counter sees one packet per flow)."""
+    packets: int
+    bytes: int
+    """Every packet of those flows, both directions, IP headers included."""
+
+
+class KernelPath:
+    def __init__(self, opts: KernelOptions | None = None, nft: Nft | None = None) -> None:
+        self.opts = opts or KernelOptions()
+        self._nft = nft or Nft()
+        self.ids: dict[Mapping, int] = {}
+
+    # --- ids -------------------------------------------------------------------
+    def _allocate_ids(self, mappings: list[Mapping], taken: set[int]) -> dict[Mapping, int]:
+        ids: dict[Mapping, int] = {}
+        next_id = 1
+        for m in mappings:
+            while next_id in taken:
+                next_id += 1
+            if next_id > MAX_MAPPING_ID:
+                raise NftError(f"too many kernel mappings (at most {MAX_MAPPING_ID})")
+            ids[m] = next_id
+            taken.add(next_id)
+        return ids
+
+    # --- changes ------------------------------------------------------------------
+    def install(self, mappings: list[Mapping]) -> None:
+        """Replace the whole table with exactly ``mappings`` in one atomic batch."""
+        for m in mappings:
+            check_mapping(m)
+        ids = self._allocate_ids(list(dict.fromkeys(mappings)), set())
+        self._nft.apply(builders.full_table(ids.items(), self.opts))
+        self.ids = ids
+
+    def add(self, mapping: Mapping) -> None:
+        if mapping in self.ids:
+            return
+        if not self.ids and not self._table_present():
+            self.install([mapping])
+            return
+        check_mapping(mapping)
+        ids = self._allocate_ids([mapping], set(self.ids.values()))
+        self._nft.apply(builders.add_mapping(mapping, ids[mapping], self.opts))
+        self.ids.update(ids)
+
+    def remove(self, mapping: Mapping) -> None:
+        mapping_id = self.ids.get(mapping)
+        if mapping_id is None:
+            return
+        self._nft.apply(builders.remove_mapping(mapping, mapping_id, self.opts))
+        del self.ids[mapping]
+
+    def teardown(self) -> None:
+        """Delete the table (and everything in it)."""
+        self._nft.apply(builders.delete_table(self.opts))
+        self.ids = {}
+
+    def _table_present(self) -> bool:
+        return self._nft.table_exists(builders.FAMILY, self.opts.table)
+
+    # --- side effects the rules need -------------------------------------------------
+    @staticmethod
+    def forget_udp_flows(mappings: list[Mapping]) -> int:
+        """Delete stale UDP conntrack entries for these mappings' host ports."""
+        ports = [(m.host_port, m.host_port_end) for m in mappings if m.proto == "udp"]
+        return conntrack.delete_udp_flows(ports) if ports else 0
+
+    @staticmethod
+    def enable_hairpin(mappings: list[Mapping]) -> list[str]:
+        return hairpin.enable_for(mappings)
+
+    # --- reading ------------------------------------------------------------------------
+    def counters(self) -> dict[Mapping, KernelCounters]:
+        """Current counters of every installed mapping (one libnftables call)."""
+        if not self.ids:
+            return {}
+        out = self._nft.query(builders.list_counters(self.opts))
+        by_name: dict[str, tuple[int, int]] = {}
+        for item in out.get("nftables", []):
+            counter = item.get("counter")
+            if counter:
+                by_name[counter["name"]] = (counter.get("packets", 0), counter.get("bytes", 0))
+        result = {}
+        for m in self.ids:
+            conns = by_name.get(builders.connections_counter(m), (0, 0))[0]
+            packets, nbytes = by_name.get(builders.traffic_counter(m), (0, 0))
+            result[m] = KernelCounters(conns, packets, nbytes)
+        return result

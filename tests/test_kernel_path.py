@@ -1,0 +1,278 @@
+"""The kernel path with real nftables rules in the test's own host namespace, and real traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import echo_handler, open_connection, start_server, start_udp_echo, udp_endpoint
+from portproxy.kernel import KernelOptions, KernelPath, NftError
+from portproxy.kernel import builders
+from portproxy.spec import parse_spec
+
+
+def nft_json(ns, *command: str) -> dict:
+    import nftables
+
+    def run() -> dict:
+        ctx = nftables.Nftables()
+        ctx.set_json_output(True)
+        rc, out, err = ctx.cmd(" ".join(command))
+        assert rc == 0, err
+        return json.loads(out) if out else {}
+
+    return ns.run(run)
+
+
+def tables(ns) -> list[tuple[str, str]]:
+    return [(i["table"]["family"], i["table"]["name"]) for i in nft_json(ns, "list tables")["nftables"] if "table" in i]
+
+
+def counters(ns) -> dict[str, tuple[int, int]]:
+    out = nft_json(ns, "list counters table inet portproxy")
+    return {c["counter"]["name"]: (c["counter"]["packets"], c["counter"]["bytes"]) for c in out["nftables"] if "counter" in c}
+
+
+async def _roundtrip(ns, host: str, port: int, payload: bytes) -> bytes:
+    reader, writer = await open_connection(ns, host, port)
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    data = await asyncio.wait_for(reader.read(-1), 60)
+    await sender
+    writer.close()
+    return data
+
+
+async def test_client_through_dnat_tcp_and_udp(topo, tcp_echo, udp_echo, portproxy) -> None:
+    proxy = portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080",
+                      f"5353:{topo.container_ip}:5353/udp", ready=2)
+    assert proxy.ready == [f"ready tcp 0.0.0.0:9090 -> {topo.container_ip}:8080 (kernel)",
+                           f"ready udp 0.0.0.0:5353 -> {topo.container_ip}:5353 (kernel)"]
+    payload = os.urandom(8 << 20)
+    received = await _roundtrip(topo.client, topo.host_ip, 9090, payload)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    client = await udp_endpoint(topo.client)
+    for i in range(5):
+        client.transport.sendto(b"dgram %d" % i, (topo.host_ip, 5353))
+        data, source = await client.recv()
+        assert data == b"dgram %d" % i and source == (topo.host_ip, 5353)
+    # DNAT keeps the client's address (unlike a proxy): the target sees 198.51.100.2.
+    client.transport.sendto(b"whoami", (topo.host_ip, 5353))
+    data, _ = await client.recv()
+    assert data.decode().split()[0] == topo.client_ip
+
+
+async def test_ipv6_and_port_range(topo, tcp_echo, portproxy) -> None:
+    servers = []
+    for port in (8100, 8101):
+        async def tag(reader, writer, port=port):
+            writer.write(str(port).encode())
+            await writer.drain()
+            writer.close()
+        servers.append(await start_server(topo.container, port, tag))
+    portproxy("map", "--mode", "kernel", f"9090:[{topo.container_ip6}]:8080", f"9100-9101:{topo.container_ip}:8100-8101",
+              ready=3)
+    assert await _roundtrip(topo.client, topo.host_ip6, 9090, b"v6 bytes") == b"v6 bytes"
+    for offset in (0, 1):
+        reader, writer = await open_connection(topo.client, topo.host_ip, 9100 + offset)
+        assert await asyncio.wait_for(reader.read(-1), 5) == str(8100 + offset).encode()
+        writer.close()
+    for server in servers:
+        server.close()
+
+
+async def test_hairpin_container_reaches_its_own_published_port(topo, tcp_echo, portproxy) -> None:
+    proxy = portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080")
+    assert await _roundtrip(topo.container, topo.host_ip, 9090, b"hairpin") == b"hairpin"
+    proxy.stop()
+    assert "hairpin mode enabled on br0 port(s) vc0" in proxy.stderr
+
+
+async def test_host_itself_reaches_published_port(topo, tcp_echo, portproxy) -> None:
+    portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080")
+    for address in (topo.host_ip, topo.bridge_ip):
+        assert await _roundtrip(topo.host, address, 9090, b"from the host") == b"from the host"
+    # Loopback is not published without route_localnet.
+    with pytest.raises(ConnectionRefusedError):
+        await open_connection(topo.host, "127.0.0.1", 9090)
+
+
+async def test_route_localnet_publishes_loopback(topo, tcp_echo, portproxy) -> None:
+    proc = portproxy("map", "--mode", "kernel", "--route-localnet", f"9090:{topo.container_ip}:8080", ready=None)
+    assert proc.proc.wait(timeout=20) == 1
+    assert "net.ipv4.conf.all.route_localnet=1" in proc.stderr
+    portproxy("map", "--mode", "kernel", "--route-localnet", "--set-sysctls", f"9090:{topo.container_ip}:8080")
+    assert await _roundtrip(topo.host, "127.0.0.1", 9090, b"via loopback") == b"via loopback"
+
+
+async def test_container_egress_is_masqueraded(topo, portproxy) -> None:
+    seen: list[str] = []
+
+    async def record_peer(reader, writer):
+        seen.append(writer.get_extra_info("peername")[0])
+        writer.close()
+
+    outside = await start_server(topo.client, 7000, record_peer)
+    portproxy("map", "--mode", "kernel", "--masquerade", "172.16.0.0/16,br0", f"9090:{topo.container_ip}:8080")
+    reader, writer = await open_connection(topo.container, topo.client_ip, 7000)
+    await reader.read()
+    writer.close()
+    outside.close()
+    assert seen == [topo.host_ip]
+
+
+async def test_counters_grow_with_traffic(topo, tcp_echo, portproxy) -> None:
+    portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080")
+    before = counters(topo.host)
+    assert before["tcp-9090-traffic"] == (0, 0)
+    payload = os.urandom(1_000_000)
+    for _ in range(3):
+        assert await _roundtrip(topo.client, topo.host_ip, 9090, payload) == payload
+    after = counters(topo.host)
+    assert after["tcp-9090-conns"][0] == 3
+    # Both directions, payload plus headers.
+    assert after["tcp-9090-traffic"][1] >= 2 * 3 * len(payload)
+
+
+async def test_table_removed_on_exit_and_other_tables_untouched(topo, tcp_echo, portproxy) -> None:
+    def make_other_table() -> None:
+        import nftables
+
+        ctx = nftables.Nftables()
+        rc, _, err = ctx.cmd("add table ip bystander; add chain ip bystander c { type filter hook forward priority 0; }")
+        assert rc == 0, err
+
+    topo.host.run(make_other_table)
+    other_before = nft_json(topo.host, "list table ip bystander")
+    proxy = portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080")
+    assert ("inet", "portproxy") in tables(topo.host)
+    assert proxy.stop() == 0
+    assert tables(topo.host) == [("ip", "bystander")]
+    assert nft_json(topo.host, "list table ip bystander") == other_before
+
+
+def test_reapplying_gives_no_duplicates(topo) -> None:
+    mappings = [parse_spec(f"{9000 + i}:{topo.container_ip}:8080") for i in range(5)]
+
+    def install_twice() -> tuple[str, str]:
+        import nftables
+
+        path = KernelPath(KernelOptions())
+        path.install(mappings)
+        once = nftables.Nftables().cmd("list ruleset")[1]
+        path.install(mappings)
+        twice = nftables.Nftables().cmd("list ruleset")[1]
+        path.teardown()
+        return once, twice
+
+    once, twice = topo.host.run(install_twice)
+    assert once == twice
+    assert once.count("dnat ip to") == 5
+
+
+def test_failed_batch_changes_nothing(topo) -> None:
+    """libnftables batches are atomic: a batch that fails half-way leaves the old table intact."""
+
+    def attempt() -> tuple[str, str, str]:
+        import nftables
+
+        path = KernelPath(KernelOptions())
+        path.install([parse_spec(f"9090:{topo.container_ip}:8080")])
+        before = nftables.Nftables().cmd("list ruleset")[1]
+        bad = builders.add_mapping(parse_spec(f"9091:{topo.container_ip}:8080"), 2, path.opts)
+        bad.append({"add": {"rule": {"family": "inet", "table": "portproxy", "chain": "no-such-chain",
+                                     "expr": [{"accept": None}]}}})
+        try:
+            path._nft.apply(bad)
+            message = ""
+        except NftError as exc:
+            message = str(exc)
+        after = nftables.Nftables().cmd("list ruleset")[1]
+        path.teardown()
+        return before, after, message
+
+    before, after, message = topo.host.run(attempt)
+    assert message.startswith("nftables refused the change:") and "\n" not in message
+    assert before == after
+
+
+async def test_stale_udp_flow_moves_when_mapping_changes(topo, portproxy) -> None:
+    """A UDP flow that already has a conntrack entry follows the mapping when it is added and changed."""
+    second = topo.add_container("pt-ctr2", "172.16.1.2", "fd00:172:16::2", "vc1")
+    first_echo = await start_udp_echo(topo.container, 5353)
+
+    class Tagger(asyncio.DatagramProtocol):
+        """The second target answers with a tag, so the test can tell where a datagram went."""
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(b"second:" + data, addr)
+
+    sock = second.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 5353))
+    sock.setblocking(False)
+    second_echo, _ = await asyncio.get_running_loop().create_datagram_endpoint(Tagger, sock=sock)
+    client = await udp_endpoint(topo.client)
+    # 1. No mapping yet: the datagrams create a conntrack entry without NAT.
+    for _ in range(3):
+        client.transport.sendto(b"early", (topo.host_ip, 5353))
+        await asyncio.sleep(0.05)
+    # 2. Map to the first container: the stale entry is deleted, the same flow is translated.
+    first = portproxy("map", "--mode", "kernel", f"5353:{topo.container_ip}:5353/udp")
+    client.transport.sendto(b"one", (topo.host_ip, 5353))
+    assert (await client.recv())[0] == b"one"
+    first.stop()
+    # 3. Re-map to the second container: the same client flow now reaches it.
+    portproxy("map", "--mode", "kernel", "5353:172.16.1.2:5353/udp")
+    client.transport.sendto(b"two", (topo.host_ip, 5353))
+    assert (await client.recv())[0] == b"second:two"
+    for t in (first_echo, second_echo):
+        t.close()
+
+
+def _run_cli(ns, *args: str, preexec_argv: list[str] | None = None) -> subprocess.CompletedProcess:
+    argv = (preexec_argv or []) + [sys.executable, "-m", "portproxy", *args]
+    proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=30)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def test_without_cap_net_admin_one_line_and_nothing_installed(topo) -> None:
+    drop = ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin", "--"]
+    result = _run_cli(topo.host, "map", "--mode", "kernel", f"9090:{topo.container_ip}:8080", preexec_argv=drop)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CAP_NET_ADMIN" in lines[0], result.stderr
+    assert tables(topo.host) == []
+
+
+def test_missing_ip_forward_is_named_not_changed(topo) -> None:
+    topo.host.sysctl("net/ipv4/ip_forward", "0")
+    result = _run_cli(topo.host, "map", "--mode", "kernel", f"9090:{topo.container_ip}:8080")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "portproxy: the kernel path needs net.ipv4.ip_forward=1; set it, or pass --set-sysctls to let portproxy set it"
+    )
+    assert topo.host.read_sysctl("net/ipv4/ip_forward") == "0"
+    assert tables(topo.host) == []
+
+
+def test_mapping_the_kernel_cannot_do_exit_2(topo) -> None:
+    result = _run_cli(topo.host, "map", "--mode", "kernel", f"[::]:9090:{topo.container_ip}:8080")
+    assert result.returncode == 2
+    assert "needs the userland path" in result.stderr
+    assert tables(topo.host) == []
