@@ -60,8 +60,8 @@ def add_proxy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout", type=_non_negative_float, default=10.0, metavar="SECONDS",
                    help="on stop, time live connections get to finish (default 10)")
     g.add_argument("--no-splice", action="store_true", help="relay TCP by recv/send copies instead of splice")
-    g.add_argument("--pipe-size", type=_positive_int, default=256 * 1024, metavar="BYTES",
-                   help="splice pipe size (default 262144)")
+    g.add_argument("--pipe-size", type=_positive_int, default=1024 * 1024, metavar="BYTES",
+                   help="splice pipe size (default 1048576; pipes are pooled and held only while bytes are in flight)")
 
 
 def _masquerade(text: str) -> tuple[str, str]:

@@ -97,19 +97,13 @@ def _fetch_all(topo: SeedTopology, who: list[tuple[str, Namespace, str]]) -> Non
         _say("          " + body.decode().strip().splitlines()[-1])
 
 
-def _kernel_counters(topo: SeedTopology) -> list[str]:
-    def read() -> list[str]:
-        import nftables
+def _kernel_counters(topo: SeedTopology) -> str:
+    from .kernel import KernelOptions
+    from .kernel.executor import Nft
+    from .kernel.path import read_counters
 
-        ctx = nftables.Nftables()
-        ctx.set_json_output(True)
-        _, out, _ = ctx.cmd("list counters table inet portproxy")
-        import json
-
-        return [f"{c['counter']['name']}: {c['counter']['packets']} packets, {c['counter']['bytes']} bytes"
-                for c in json.loads(out)["nftables"] if "counter" in c]
-
-    return topo.host.run(read)
+    c = topo.host.run(lambda: read_counters(Nft(), KernelOptions()))[1]
+    return f"{c.connections} connections, {c.packets} packets, {c.bytes} bytes (both directions)"
 
 
 def _userland(topo: SeedTopology, loop: str) -> None:
@@ -136,8 +130,7 @@ def _kernel(topo: SeedTopology) -> None:
             ("container", topo.container, topo.host_ip),
         ])
         _say("          (DNAT keeps the client's address; the host and the hairpinned container are masqueraded)")
-        for line in _kernel_counters(topo):
-            _say(f"counter {line}")
+        _say(f"kernel counters of {DEMO_SPEC}: {_kernel_counters(topo)}")
     finally:
         _say(f"portproxy stopped on SIGTERM (exit {stop_portproxy(proc)}); its nftables table is gone")
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from portproxy.kernel.builders import (
     CT_MARK_MASK,
-    HAIRPIN_MARK,
+    KINDS,
     KernelMappingError,
     KernelOptions,
     add_mapping,
@@ -16,62 +14,67 @@ from portproxy.kernel.builders import (
     check_mapping,
     delete_table,
     full_table,
-    mapping_name,
+    parse_counters,
     remove_mapping,
 )
 from portproxy.spec import parse_spec
 
 OPTS = KernelOptions()
+T = {"family": "inet", "table": "portproxy"}
+
+
+def _elements(cmds: list[dict], verb: str = "add") -> dict[str, list]:
+    return {c[verb]["element"]["name"]: c[verb]["element"]["elem"] for c in cmds if "element" in c.get(verb, {})}
 
 
 def _rules(cmds: list[dict], chain: str) -> list[list[dict]]:
     return [c["add"]["rule"]["expr"] for c in cmds if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == chain]
 
 
-def test_mapping_chain_has_counter_hairpin_mark_and_dnat() -> None:
-    m = parse_spec("9090:172.16.1.1:8080")
-    cmds = add_mapping(m, 7, OPTS)
-    chain = _rules(cmds, "map-tcp-9090")
-    assert chain[0] == [{"counter": "tcp-9090-conns"}]
-    assert chain[1] == [
-        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "172.16.1.1"}},
-        {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": {"key": "mark"}}, HAIRPIN_MARK]}}},
-    ]
-    ct_mark, l4, dnat = chain[2]
-    assert ct_mark["mangle"]["value"]["|"][1] == 7 << 16
-    assert ct_mark["mangle"]["value"]["|"][0]["&"][1] == (~CT_MARK_MASK) & 0xFFFFFFFF
-    assert l4 == {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
-    assert dnat == {"dnat": {"family": "ip", "addr": "172.16.1.1", "port": 8080}}
-    elements = [c["add"]["element"] for c in cmds if "element" in c.get("add", {})]
-    assert elements[0]["name"] == "dnat_any"
-    assert elements[0]["elem"] == [[{"concat": ["ipv4", "tcp", 9090]}, {"jump": {"target": "map-tcp-9090"}}]]
-    assert elements[1]["name"] == "count"
-    assert elements[1]["elem"] == [[7 << 16, {"jump": {"target": "count-tcp-9090"}}]]
+def test_mapping_is_elements_only() -> None:
+    cmds = add_mapping(parse_spec("9090:172.16.1.1:8080"), 7, OPTS)
+    assert all(set(c) == {"add"} and set(c["add"]) == {"element"} for c in cmds)
+    key = {"concat": ["tcp", 9090]}
+    assert _elements(cmds) == {
+        "id4_any": [[key, 7 << 16]],
+        "addr4_any": [[key, "172.16.1.1"]],
+        "port4_any": [[key, 8080]],
+        "traffic": [7 << 16],
+        "targets4": ["172.16.1.1"],
+    }
 
 
-def test_host_address_uses_the_address_map() -> None:
-    m = parse_spec("[fd00::fe]:9092:[fd00::1]:80/udp")
-    cmds = add_mapping(m, 1, OPTS)
-    element = next(c["add"]["element"] for c in cmds if "element" in c.get("add", {}))
-    assert element["name"] == "dnat_ip6"
-    assert element["elem"][0][0] == {"concat": ["fd00::fe", "udp", 9092]}
-    dnat = _rules(cmds, f"map-{mapping_name(m)}")[2][-1]
-    assert dnat == {"dnat": {"family": "ip6", "addr": "fd00::1", "port": 80}}
+def test_host_address_uses_the_address_maps() -> None:
+    cmds = add_mapping(parse_spec("[fd00::fe]:9092:[fd00::1]:80/udp"), 1, OPTS)
+    key = {"concat": ["fd00::fe", "udp", 9092]}
+    elements = _elements(cmds)
+    assert elements["id6_addr"] == [[key, 1 << 16]]
+    assert elements["addr6_addr"] == [[key, "fd00::1"]]
+    assert elements["port6_addr"] == [[key, 80]]
+    assert elements["targets6"] == ["fd00::1"]
 
 
 def test_range_maps_port_to_port() -> None:
-    shifted = add_mapping(parse_spec("8000-8002:10.0.0.1:9000-9002/udp"), 1, OPTS)
-    dnat = _rules(shifted, "map-udp-8000-8002")[2][-1]["dnat"]
-    assert dnat["port"] == {"map": {"key": {"payload": {"protocol": "th", "field": "dport"}},
-                                    "data": {"set": [[8000, 9000], [8001, 9001], [8002, 9002]]}}}
-    same = add_mapping(parse_spec("7000-7002:10.0.0.1:7000-7002"), 2, OPTS)
-    assert _rules(same, "map-tcp-7000-7002")[2][-1] == {"dnat": {"family": "ip", "addr": "10.0.0.1"}}
-    element = next(c["add"]["element"] for c in same if "element" in c.get("add", {}))
-    assert element["elem"][0][0] == {"concat": ["ipv4", "tcp", {"range": [7000, 7002]}]}
+    elements = _elements(add_mapping(parse_spec("8000-8002:10.0.0.1:9000-9002/udp"), 1, OPTS))
+    assert elements["port4_any"] == [[{"concat": ["udp", 8000 + i]}, 9000 + i] for i in range(3)]
+    assert elements["traffic"] == [1 << 16]
+
+
+def test_dispatch_rules_take_address_and_port_from_maps() -> None:
+    rules = _rules(full_table([], OPTS), "dispatch")
+    assert len(rules) == len(KINDS) == 4
+    nfproto, set_mark, dnat = rules[0]
+    key = {"concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}
+    assert nfproto == {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}}
+    assert set_mark == {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"map": {"key": key, "data": "@id4_any"}}}}
+    assert dnat == {"dnat": {"family": "ip", "addr": {"map": {"key": key, "data": "@addr4_any"}},
+                             "port": {"map": {"key": key, "data": "@port4_any"}}}}
+    with_address = rules[1][1]["mangle"]["value"]["map"]["key"]["concat"][0]
+    assert with_address == {"payload": {"protocol": "ip", "field": "daddr"}}
 
 
 def test_full_table_is_replace_in_one_batch() -> None:
-    cmds = full_table([(parse_spec("9090:172.16.1.1:8080"), 1)], OPTS)
+    cmds = full_table([(parse_spec("9090:172.16.1.1:8080"), 1), (parse_spec("9091:172.16.1.1:8080"), 2)], OPTS)
     table = {"family": "inet", "name": "portproxy"}
     assert cmds[:3] == [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
     hooks = {c["add"]["chain"]["name"]: (c["add"]["chain"]["type"], c["add"]["chain"]["hook"], c["add"]["chain"]["prio"])
@@ -84,6 +87,9 @@ def test_full_table_is_replace_in_one_batch() -> None:
         "input": ("filter", "input", -1),
         "output_count": ("filter", "output", -1),
     }
+    # One command per map however many mappings; a shared target appears once.
+    elements = _elements(cmds)
+    assert len(elements["id4_any"]) == 2 and elements["targets4"] == ["172.16.1.1"]
     # Only our own table is ever named.
     for c in cmds:
         (verb, body), = c.items()
@@ -92,12 +98,21 @@ def test_full_table_is_replace_in_one_batch() -> None:
         assert (obj["name"] if kind == "table" else obj["table"]) == "portproxy"
 
 
-def test_loopback_excluded_unless_route_localnet() -> None:
-    def output_rules(opts: KernelOptions) -> str:
-        return json.dumps(_rules(full_table([], opts), "output"))
+def test_counting_rules() -> None:
+    cmds = full_table([], OPTS)
+    count = {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, CT_MARK_MASK]}, "right": "@traffic"}}
+    for chain in ("forward", "input", "output_count"):
+        assert count in _rules(cmds, chain)[0]
+    assert _rules(cmds, "forward")[-1][-1] == {"accept": None}
+    counted = [c["add"]["set"] for c in cmds if "set" in c.get("add", {}) and c["add"]["set"]["name"] == "traffic"]
+    assert counted[0]["stmt"] == [{"counter": None}]
 
-    assert '"addr": "127.0.0.0", "len": 8' in output_rules(KernelOptions())
-    assert '"addr": "127.0.0.0", "len": 8' not in output_rules(KernelOptions(route_localnet=True))
+
+def test_loopback_excluded_unless_route_localnet() -> None:
+    loopback = {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                          "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}}
+    assert [loopback, {"return": None}] in _rules(full_table([], KernelOptions()), "output")
+    assert [loopback, {"return": None}] not in _rules(full_table([], KernelOptions(route_localnet=True)), "output")
 
 
 def test_masquerade_option() -> None:
@@ -117,13 +132,14 @@ def test_user_input_is_data_never_syntax() -> None:
     assert {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": evil}} in rules[-1]
 
 
-def test_remove_deletes_elements_before_chains() -> None:
+def test_remove_deletes_the_same_elements_by_key() -> None:
     m = parse_spec("9090:172.16.1.1:8080")
-    cmds = remove_mapping(m, 3, OPTS)
-    kinds = [(verb, next(iter(body))) for c in cmds for verb, body in c.items()]
-    assert kinds[:2] == [("delete", "element"), ("delete", "element")]
-    assert ("delete", "chain") in kinds and ("delete", "counter") in kinds
-    assert cmds[1]["delete"]["element"]["elem"] == [3 << 16]
+    key = {"concat": ["tcp", 9090]}
+    removed = _elements(remove_mapping(m, 3, OPTS), "delete")
+    assert removed == {"id4_any": [key], "addr4_any": [key], "port4_any": [key], "traffic": [3 << 16],
+                       "targets4": ["172.16.1.1"]}
+    shared = _elements(remove_mapping(m, 3, OPTS, target_still_used=True), "delete")
+    assert "targets4" not in shared
 
 
 def test_delete_table_is_idempotent_pair() -> None:
@@ -132,15 +148,19 @@ def test_delete_table_is_idempotent_pair() -> None:
     assert batch([])["nftables"][0] == {"metainfo": {"json_schema_version": 1}}
 
 
+def test_parse_counters_sums_range_ports() -> None:
+    listing = [
+        {"nftables": [{"map": {"name": "id4_any", "elem": [
+            [{"elem": {"val": {"concat": ["tcp", 8000]}, "counter": {"packets": 2, "bytes": 120}}}, 1 << 16],
+            [{"elem": {"val": {"concat": ["tcp", 8001]}, "counter": {"packets": 3, "bytes": 180}}}, 1 << 16],
+        ]}}]},
+        {"nftables": [{"set": {"name": "traffic", "elem": [
+            {"elem": {"val": 1 << 16, "counter": {"packets": 40, "bytes": 5000}}}]}}]},
+    ]
+    assert parse_counters(listing) == ({1 << 16: 5}, {1 << 16: (40, 5000)})
+
+
 @pytest.mark.parametrize("spec", ["127.0.0.1:9090:[fd00::1]:80", "[::]:9090:172.16.1.1:80", "[::1]:9090:10.0.0.1:80"])
 def test_cross_family_refused(spec: str) -> None:
     with pytest.raises(KernelMappingError, match="userland"):
         check_mapping(parse_spec(spec))
-
-
-def test_names_are_unique_per_listen_key() -> None:
-    names = {mapping_name(parse_spec(s)) for s in [
-        "9090:10.0.0.1:80", "9090:10.0.0.1:80/udp", "127.0.0.1:9090:10.0.0.1:80", "9090:[fd00::1]:80",
-        "[fd00::fe]:9090:[fd00::1]:80", "9090-9091:10.0.0.1:80-81",
-    ]}
-    assert len(names) == 6

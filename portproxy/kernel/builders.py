@@ -1,46 +1,52 @@
 """Pure builders: mappings in, libnftables JSON commands out. No I/O, no root needed.
 
-Everything lives in one ``inet portproxy`` table (IPv4 and IPv6 together)::
+Everything lives in one ``inet portproxy`` table (IPv4 and IPv6 together), and a
+mapping is nothing but *elements* of a few maps — no chain or rule per mapping::
 
-    nat prerouting  (-100)  fib daddr type local → dispatch
-    nat output      (-100)  fib daddr type local, not 127/8 unless route_localnet → dispatch
-        dispatch: three verdict maps, O(1) for any number of mappings
-            @dnat_any  nfproto . l4proto . dport          → jump <mapping chain>   (no host address)
-            @dnat_ip4  ip daddr . l4proto . dport         → jump <mapping chain>   (IPv4 host address)
-            @dnat_ip6  ip6 daddr . l4proto . dport        → jump <mapping chain>   (IPv6 host address)
-        <mapping chain>: connection counter, hairpin mark, dnat (a port map for ranges)
-    nat postrouting (100)   masquerade: hairpin-marked flows, host-originated DNAT'd flows,
+    nat prerouting (-100)   fib daddr type local → jump dispatch
+    nat output     (-100)   not 127/8 (unless route_localnet) nor ::1; fib daddr type local → jump dispatch
+    dispatch                one rule per (family, host-address kind), e.g. for IPv4 without host address:
+        meta nfproto ipv4  ct mark set K map @id4_any
+                           dnat ip to K map @addr4_any : K map @port4_any
+        with K = meta l4proto . th dport (``ip daddr . meta l4proto . th dport`` where the
+        mapping names a host address). A key absent from the maps ends the rule: the
+        packet is not ours. Hash maps, so one lookup whatever the number of mappings.
+    nat postrouting (100)   masquerade DNAT'd flows that must come back through this host:
+                            from a target (@targets4/6: hairpin, a container reaching a
+                            published port), from the host itself (fib saddr type local),
                             and optionally a container subnet's egress (-s SUBNET ! -o BRIDGE)
-    filter forward/input/output (-1): per-mapping packet and byte counters, found by the
-                            mapping id the mapping chain stored in the flow's conntrack mark
-                            (so both directions count), and ``ct status dnat accept`` in forward
+    filter forward/input/output (-1)
+                            ct status dnat  ct mark & 0xffff0000 @traffic   (+ accept in forward)
 
-nat chains see only a flow's first packet, so the counter in a mapping chain counts
-connections; bytes are counted in the filter chains, which see every packet. The
-flow is recognised there by its conntrack mark (bits 16-31 hold the mapping's id,
-set with the dnat): nft 1.0.6 cannot put ``ct original proto-dst`` in a concatenated
-map key, and the mark also tells apart mappings that share a target.
+Counting uses per-element counters: the @id maps count the packets that looked the
+element up — a nat chain sees only a flow's first packet, so that is the number of
+connections — and @traffic, looked up by every packet of a translated flow in both
+directions (found by the mapping id the dispatch rule stored in its conntrack mark),
+counts packets and bytes.
+
+Why maps instead of a verdict map jumping to a chain per mapping: in libnftables'
+JSON API every rule, chain and named counter is a separate command costing tens to
+hundreds of microseconds, so 10,000 mappings took seconds to apply; elements go in
+one command per map. The dnat takes address and port from two single-value maps,
+which nft 1.0.6 JSON can express (it cannot express concatenated map *values*).
 
 The JSON API (not nft text) carries user input, so nothing here is ever parsed as
-nft syntax. nft 1.0.6 JSON cannot express concatenated map *values*, hence the
-verdict-map → per-mapping-chain design instead of one ``dnat ... map``.
+nft syntax.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from ..spec import Mapping
 
 TABLE = "portproxy"
 FAMILY = "inet"
-HAIRPIN_MARK = 0x00200000
-"""Packet-mark bit set in a mapping chain when a target connects to its own published port."""
 CT_MARK_SHIFT = 16
 CT_MARK_MASK = 0xFFFF0000
-"""Bits of the conntrack mark that carry the mapping id; the low 16 bits are left alone."""
+"""A translated flow's conntrack mark holds its mapping id in these bits."""
 MAX_MAPPING_ID = 0xFFFF
 
 Json = dict[str, Any]
@@ -55,80 +61,6 @@ class KernelOptions:
     table: str = TABLE
 
 
-# --- small expression helpers ------------------------------------------------
-
-def _match(left: Any, right: Any, op: str = "==") -> Json:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _meta(key: str) -> Json:
-    return {"meta": {"key": key}}
-
-
-def _ct(key: str, family: str | None = None, direction: str | None = None) -> Json:
-    ct: Json = {"key": key}
-    if family:
-        ct["family"] = family
-    if direction:
-        ct["dir"] = direction
-    return {"ct": ct}
-
-
-def _payload(protocol: str, field: str) -> Json:
-    return {"payload": {"protocol": protocol, "field": field}}
-
-
-def _concat(*parts: Any) -> Json:
-    return {"concat": list(parts)}
-
-
-def _ports(start: int, end: int) -> Any:
-    return start if start == end else {"range": [start, end]}
-
-
-def _prefix(cidr: str) -> Json:
-    net = ipaddress.ip_network(cidr, strict=False)
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
-
-
-# --- names ---------------------------------------------------------------------
-
-def mapping_name(m: Mapping) -> str:
-    """A readable, unique, nft-safe name for a mapping's chain and counters.
-
-    ``tcp-9090``, ``udp-8000-8010``, ``tcp-9090-127.0.0.1``, ``tcp-9090-fd00..1`` (':'
-    becomes '.'). The host address is part of the name because two mappings may share
-    a port on different addresses.
-    """
-    ports = str(m.host_port) if m.host_port == m.host_port_end else f"{m.host_port}-{m.host_port_end}"
-    name = f"{m.proto}-{ports}"
-    if m.host_ip is not None and not m.host_ip.is_unspecified:
-        name += "-" + str(m.host_ip).replace(":", ".")
-    elif m.host_ip is None and m.family == 6:
-        name += "-v6"
-    return name
-
-
-def connections_counter(m: Mapping) -> str:
-    return f"{mapping_name(m)}-conns"
-
-
-def traffic_counter(m: Mapping) -> str:
-    return f"{mapping_name(m)}-traffic"
-
-
-def _chain_name(m: Mapping) -> str:
-    return f"map-{mapping_name(m)}"
-
-
-def _count_chain_name(m: Mapping) -> str:
-    return f"count-{mapping_name(m)}"
-
-
-def _nfproto(m: Mapping) -> str:
-    return "ipv4" if m.family == 4 else "ipv6"
-
-
 class KernelMappingError(ValueError):
     """A mapping the kernel path cannot express (the message says why)."""
 
@@ -141,27 +73,99 @@ def check_mapping(m: Mapping) -> None:
             "(use the userland path)"
         )
     if m.dual_stack and m.family == 4:
-        raise KernelMappingError(
-            f"mapping {m}: a dual-stack [::] listener with an IPv4 target needs the userland path"
-        )
+        raise KernelMappingError(f"mapping {m}: a dual-stack [::] listener with an IPv4 target needs the userland path")
 
 
-# --- dispatch keys -----------------------------------------------------------------
+# --- expression helpers --------------------------------------------------------------
 
-def _dispatch_map(m: Mapping) -> str:
-    if m.host_ip is None or m.host_ip.is_unspecified:
-        return "dnat_any"
-    return "dnat_ip4" if m.host_ip.version == 4 else "dnat_ip6"
+def _match(left: Any, right: Any, op: str = "==") -> Json:
+    return {"match": {"op": op, "left": left, "right": right}}
 
 
-def _dispatch_key(m: Mapping) -> Json:
-    ports = _ports(m.host_port, m.host_port_end)
-    if m.host_ip is None or m.host_ip.is_unspecified:
-        return _concat(_nfproto(m), m.proto, ports)
-    return _concat(str(m.host_ip), m.proto, ports)
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
 
 
-# --- the table skeleton -----------------------------------------------------------
+def _ct(key: str) -> Json:
+    return {"ct": {"key": key}}
+
+
+def _payload(protocol: str, field: str) -> Json:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _prefix(cidr: str) -> Json:
+    net = ipaddress.ip_network(cidr, strict=False)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _lookup(key: Json, name: str) -> Json:
+    return {"map": {"key": key, "data": f"@{name}"}}
+
+
+# --- the maps ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """One dispatch rule: a family and whether the mapping names a host address."""
+
+    family: int
+    with_address: bool
+
+    @property
+    def suffix(self) -> str:
+        return f"{self.family}_{'addr' if self.with_address else 'any'}"
+
+    @property
+    def l3(self) -> str:
+        return "ip" if self.family == 4 else "ip6"
+
+    @property
+    def key(self) -> Json:
+        parts = [_meta("l4proto"), _payload("th", "dport")]
+        if self.with_address:
+            parts.insert(0, _payload(self.l3, "daddr"))
+        return {"concat": parts}
+
+    @property
+    def key_type(self) -> list[str]:
+        types = ["inet_proto", "inet_service"]
+        if self.with_address:
+            types.insert(0, "ipv4_addr" if self.family == 4 else "ipv6_addr")
+        return types
+
+
+KINDS = [_Kind(4, False), _Kind(4, True), _Kind(6, False), _Kind(6, True)]
+
+
+def _kind_of(m: Mapping) -> _Kind:
+    return _Kind(m.family, m.host_ip is not None and not m.host_ip.is_unspecified)
+
+
+def id_map(kind: _Kind) -> str:
+    return f"id{kind.suffix}"
+
+
+def _addr_map(kind: _Kind) -> str:
+    return f"addr{kind.suffix}"
+
+
+def _port_map(kind: _Kind) -> str:
+    return f"port{kind.suffix}"
+
+
+def _targets_set(m: Mapping) -> str:
+    return "targets4" if m.family == 4 else "targets6"
+
+
+def mark_of(mapping_id: int) -> int:
+    """The conntrack mark (and @traffic element) of a mapping id."""
+    if not 1 <= mapping_id <= MAX_MAPPING_ID:
+        raise ValueError(f"mapping id {mapping_id} out of range")
+    return mapping_id << CT_MARK_SHIFT
+
+
+# --- the table skeleton ---------------------------------------------------------------
 
 def _t(opts: KernelOptions) -> Json:
     return {"family": FAMILY, "table": opts.table}
@@ -175,20 +179,11 @@ def _rule(opts: KernelOptions, chain: str, *expr: Json) -> Json:
     return {"add": {"rule": {**_t(opts), "chain": chain, "expr": list(expr)}}}
 
 
-_MAP_TYPES = {
-    "dnat_any": ["nf_proto", "inet_proto", "inet_service"],
-    "dnat_ip4": ["ipv4_addr", "inet_proto", "inet_service"],
-    "dnat_ip6": ["ipv6_addr", "inet_proto", "inet_service"],
-}
-_DISPATCH_KEYS = {
-    "dnat_any": _concat(_meta("nfproto"), _meta("l4proto"), _payload("th", "dport")),
-    "dnat_ip4": _concat(_payload("ip", "daddr"), _meta("l4proto"), _payload("th", "dport")),
-    "dnat_ip6": _concat(_payload("ip6", "daddr"), _meta("l4proto"), _payload("th", "dport")),
-}
+_COUNTED = [{"counter": None}]
 
 
 def table_skeleton(opts: KernelOptions) -> list[Json]:
-    """Chains, maps and the fixed rules; everything but the mappings themselves."""
+    """Chains, maps, sets and rules: everything but the mappings, which are elements."""
     t = _t(opts)
     cmds: list[Json] = [
         _base_chain(opts, "prerouting", "nat", "prerouting", -100),
@@ -198,11 +193,17 @@ def table_skeleton(opts: KernelOptions) -> list[Json]:
         _base_chain(opts, "input", "filter", "input", -1),
         _base_chain(opts, "output_count", "filter", "output", -1),
         {"add": {"chain": {**t, "name": "dispatch"}}},
-        {"add": {"chain": {**t, "name": "count"}}},
+        {"add": {"set": {**t, "name": "traffic", "type": "mark", "stmt": _COUNTED}}},
+        {"add": {"set": {**t, "name": "targets4", "type": "ipv4_addr"}}},
+        {"add": {"set": {**t, "name": "targets6", "type": "ipv6_addr"}}},
     ]
-    for name, types in _MAP_TYPES.items():
-        cmds.append({"add": {"map": {**t, "name": name, "type": types, "map": "verdict", "flags": ["interval"]}}})
-    cmds.append({"add": {"map": {**t, "name": "count", "type": "mark", "map": "verdict"}}})
+    for kind in KINDS:
+        cmds += [
+            {"add": {"map": {**t, "name": id_map(kind), "type": kind.key_type, "map": "mark", "stmt": _COUNTED}}},
+            {"add": {"map": {**t, "name": _addr_map(kind), "type": kind.key_type,
+                             "map": "ipv4_addr" if kind.family == 4 else "ipv6_addr"}}},
+            {"add": {"map": {**t, "name": _port_map(kind), "type": kind.key_type, "map": "inet_service"}}},
+        ]
     local = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
     cmds.append(_rule(opts, "prerouting", local, {"jump": {"target": "dispatch"}}))
     # Loopback cannot be DNAT'd to another host unless route_localnet allows it.
@@ -210,12 +211,18 @@ def table_skeleton(opts: KernelOptions) -> list[Json]:
         cmds.append(_rule(opts, "output", _match(_payload("ip", "daddr"), _prefix("127.0.0.0/8")), {"return": None}))
     cmds.append(_rule(opts, "output", _match(_payload("ip6", "daddr"), "::1"), {"return": None}))
     cmds.append(_rule(opts, "output", local, {"jump": {"target": "dispatch"}}))
-    for name, key in _DISPATCH_KEYS.items():
-        cmds.append(_rule(opts, "dispatch", {"vmap": {"key": key, "data": f"@{name}"}}))
+    for kind in KINDS:
+        cmds.append(_rule(
+            opts, "dispatch",
+            _match(_meta("nfproto"), "ipv4" if kind.family == 4 else "ipv6"),
+            {"mangle": {"key": _ct("mark"), "value": _lookup(kind.key, id_map(kind))}},
+            {"dnat": {"family": kind.l3, "addr": _lookup(kind.key, _addr_map(kind)),
+                      "port": _lookup(kind.key, _port_map(kind))}},
+        ))
     # postrouting: masquerade what must come back through this host.
     dnat = _match(_ct("status"), "dnat", "in")
-    hairpin = _match({"&": [_meta("mark"), HAIRPIN_MARK]}, HAIRPIN_MARK)
-    cmds.append(_rule(opts, "postrouting", hairpin, dnat, {"masquerade": None}))
+    cmds.append(_rule(opts, "postrouting", dnat, _match(_payload("ip", "saddr"), "@targets4"), {"masquerade": None}))
+    cmds.append(_rule(opts, "postrouting", dnat, _match(_payload("ip6", "saddr"), "@targets6"), {"masquerade": None}))
     cmds.append(_rule(opts, "postrouting", dnat, _match({"fib": {"result": "type", "flags": ["saddr"]}}, "local"),
                       {"masquerade": None}))
     for subnet, bridge in opts.masquerade:
@@ -224,73 +231,69 @@ def table_skeleton(opts: KernelOptions) -> list[Json]:
                           _match(_payload(proto, "saddr"), _prefix(subnet)),
                           _match(_meta("oifname"), bridge, "!="),
                           {"masquerade": None}))
-    # Byte counters: every packet of a DNAT'd flow, both directions.
+    # Every packet of a translated flow, both directions, counted by mapping id.
+    count = _match({"&": [_ct("mark"), CT_MARK_MASK]}, "@traffic")
     for chain in ("forward", "input", "output_count"):
-        cmds.append(_rule(opts, chain, dnat, {"jump": {"target": "count"}}))
-    cmds.append(_rule(opts, "count", {"vmap": {"key": {"&": [_ct("mark"), CT_MARK_MASK]}, "data": "@count"}}))
+        cmds.append(_rule(opts, chain, dnat, count))
     # Published flows are accepted here; see the README for other tables' drop policies.
     cmds.append(_rule(opts, "forward", dnat, {"accept": None}))
     return cmds
 
 
-# --- one mapping -----------------------------------------------------------------
+# --- mappings as elements ------------------------------------------------------------------
 
-def _dnat(m: Mapping) -> Json:
-    family = "ip" if m.family == 4 else "ip6"
-    dnat: Json = {"family": family, "addr": str(m.target_ip)}
-    offset = m.target_port - m.host_port
-    if m.host_port == m.host_port_end:
-        dnat["port"] = m.target_port
-    elif offset:
-        dnat["port"] = {"map": {"key": _payload("th", "dport"),
-                                "data": {"set": [[h, t] for h, t in m.port_pairs()]}}}
-    return {"dnat": dnat}
+def _keys(m: Mapping) -> Iterator[tuple[Any, int]]:
+    """(map key, target port) for every host port; ranges are expanded port by port."""
+    kind = _kind_of(m)
+    for host_port, target_port in m.port_pairs():
+        parts: list[Any] = [m.proto, host_port]
+        if kind.with_address:
+            parts.insert(0, str(m.host_ip))
+        yield {"concat": parts}, target_port
 
 
-def _mark_value(mapping_id: int) -> int:
-    if not 1 <= mapping_id <= MAX_MAPPING_ID:
-        raise ValueError(f"mapping id {mapping_id} out of range")
-    return mapping_id << CT_MARK_SHIFT
+def mapping_elements(m: Mapping, mapping_id: int) -> list[tuple[str, Any]]:
+    """(map or set name, element) pairs that make up one mapping."""
+    check_mapping(m)
+    kind = _kind_of(m)
+    mark = mark_of(mapping_id)
+    target = str(m.target_ip)
+    elements: list[tuple[str, Any]] = []
+    for key, target_port in _keys(m):
+        elements += [(id_map(kind), [key, mark]), (_addr_map(kind), [key, target]), (_port_map(kind), [key, target_port])]
+    elements += [("traffic", mark), (_targets_set(m), target)]
+    return elements
+
+
+def _element_commands(verb: str, opts: KernelOptions, elements: Iterable[tuple[str, Any]]) -> list[Json]:
+    """One command per map or set, whatever the number of elements."""
+    by_name: dict[str, list[Any]] = {}
+    seen_targets: set[str] = set()
+    for name, element in elements:
+        if name.startswith("targets"):
+            if element in seen_targets:
+                continue  # several mappings may share a target
+            seen_targets.add(element)
+        by_name.setdefault(name, []).append(element)
+    return [{verb: {"element": {**_t(opts), "name": name, "elem": elems}}} for name, elems in by_name.items()]
 
 
 def add_mapping(m: Mapping, mapping_id: int, opts: KernelOptions) -> list[Json]:
     """Commands that add one mapping, identified by ``mapping_id`` (1-65535), to the table."""
-    check_mapping(m)
-    mark = _mark_value(mapping_id)
-    t = _t(opts)
-    chain = _chain_name(m)
-    count_chain = _count_chain_name(m)
-    family = "ip" if m.family == 4 else "ip6"
-    return [
-        {"add": {"counter": {**t, "name": connections_counter(m)}}},
-        {"add": {"counter": {**t, "name": traffic_counter(m)}}},
-        {"add": {"chain": {**t, "name": chain}}},
-        {"add": {"chain": {**t, "name": count_chain}}},
-        _rule(opts, chain, {"counter": connections_counter(m)}),
-        _rule(opts, chain, _match(_payload(family, "saddr"), str(m.target_ip)),
-              {"mangle": {"key": _meta("mark"), "value": {"|": [_meta("mark"), HAIRPIN_MARK]}}}),
-        _rule(opts, chain,
-              {"mangle": {"key": _ct("mark"), "value": {"|": [{"&": [_ct("mark"), ~CT_MARK_MASK & 0xFFFFFFFF]}, mark]}}},
-              _match(_meta("l4proto"), m.proto), _dnat(m)),
-        _rule(opts, count_chain, {"counter": traffic_counter(m)}),
-        {"add": {"element": {**t, "name": _dispatch_map(m), "elem": [[_dispatch_key(m), {"jump": {"target": chain}}]]}}},
-        {"add": {"element": {**t, "name": "count", "elem": [[mark, {"jump": {"target": count_chain}}]]}}},
-    ]
+    return _element_commands("add", opts, mapping_elements(m, mapping_id))
 
 
-def remove_mapping(m: Mapping, mapping_id: int, opts: KernelOptions) -> list[Json]:
-    """Commands that remove one mapping (map elements first: they reference the chains)."""
-    t = _t(opts)
-    return [
-        {"delete": {"element": {**t, "name": _dispatch_map(m), "elem": [_dispatch_key(m)]}}},
-        {"delete": {"element": {**t, "name": "count", "elem": [_mark_value(mapping_id)]}}},
-        {"flush": {"chain": {**t, "name": _chain_name(m)}}},
-        {"delete": {"chain": {**t, "name": _chain_name(m)}}},
-        {"flush": {"chain": {**t, "name": _count_chain_name(m)}}},
-        {"delete": {"chain": {**t, "name": _count_chain_name(m)}}},
-        {"delete": {"counter": {**t, "name": connections_counter(m)}}},
-        {"delete": {"counter": {**t, "name": traffic_counter(m)}}},
-    ]
+def remove_mapping(m: Mapping, mapping_id: int, opts: KernelOptions, target_still_used: bool = False) -> list[Json]:
+    """Commands that remove one mapping.
+
+    ``target_still_used``: another mapping has the same target, so it stays in @targets.
+    """
+    keys_only = []
+    for name, element in mapping_elements(m, mapping_id):
+        if name.startswith("targets") and target_still_used:
+            continue
+        keys_only.append((name, element[0] if isinstance(element, list) else element))
+    return _element_commands("delete", opts, keys_only)
 
 
 # --- whole tables ----------------------------------------------------------------------
@@ -304,9 +307,10 @@ def full_table(mappings: Iterable[tuple[Mapping, int]], opts: KernelOptions) -> 
     t = {"family": FAMILY, "name": opts.table}
     cmds: list[Json] = [{"add": {"table": t}}, {"delete": {"table": t}}, {"add": {"table": t}}]
     cmds += table_skeleton(opts)
+    elements: list[tuple[str, Any]] = []
     for m, mapping_id in mappings:
-        cmds += add_mapping(m, mapping_id, opts)
-    return cmds
+        elements += mapping_elements(m, mapping_id)
+    return cmds + _element_commands("add", opts, elements)
 
 
 def delete_table(opts: KernelOptions) -> list[Json]:
@@ -319,5 +323,30 @@ def batch(commands: list[Json]) -> Json:
     return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *commands]}
 
 
-def list_counters(opts: KernelOptions) -> Json:
-    return batch([{"list": {"counters": {"family": FAMILY, "table": opts.table}}}])
+def list_counters(opts: KernelOptions) -> list[Json]:
+    """Read commands for every counted map and set (their elements carry the counters)."""
+    t = _t(opts)
+    names = [id_map(kind) for kind in KINDS]
+    return [batch([{"list": {"map": {"family": FAMILY, "table": t["table"], "name": name}}}]) for name in names] + [
+        batch([{"list": {"set": {"family": FAMILY, "table": t["table"], "name": "traffic"}}}])
+    ]
+
+
+def parse_counters(outputs: list[dict]) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+    """From :func:`list_counters` output: connections by mark, and (packets, bytes) by mark."""
+    connections: dict[int, int] = {}
+    traffic: dict[int, tuple[int, int]] = {}
+    for out in outputs:
+        for item in out.get("nftables", []):
+            container = item.get("map") or item.get("set")
+            if not container:
+                continue
+            for elem in container.get("elem", []):
+                if isinstance(elem, list):  # map: [{"elem": {val, counter}}, mark]
+                    wrapped, mark = elem
+                    counter = wrapped.get("elem", {}).get("counter", {}) if isinstance(wrapped, dict) else {}
+                    connections[mark] = connections.get(mark, 0) + counter.get("packets", 0)
+                elif isinstance(elem, dict) and "elem" in elem:  # set: {"elem": {val, counter}}
+                    counter = elem["elem"].get("counter", {})
+                    traffic[elem["elem"]["val"]] = (counter.get("packets", 0), counter.get("bytes", 0))
+    return connections, traffic

@@ -71,7 +71,8 @@ class KernelPath:
         mapping_id = self.ids.get(mapping)
         if mapping_id is None:
             return
-        self._nft.apply(builders.remove_mapping(mapping, mapping_id, self.opts))
+        shared = any(other.target_ip == mapping.target_ip for other in self.ids if other != mapping)
+        self._nft.apply(builders.remove_mapping(mapping, mapping_id, self.opts, target_still_used=shared))
         del self.ids[mapping]
 
     def teardown(self) -> None:
@@ -95,18 +96,23 @@ class KernelPath:
 
     # --- reading ------------------------------------------------------------------------
     def counters(self) -> dict[Mapping, KernelCounters]:
-        """Current counters of every installed mapping (one libnftables call)."""
+        """Current counters of every installed mapping (a few libnftables reads)."""
         if not self.ids:
             return {}
-        out = self._nft.query(builders.list_counters(self.opts))
-        by_name: dict[str, tuple[int, int]] = {}
-        for item in out.get("nftables", []):
-            counter = item.get("counter")
-            if counter:
-                by_name[counter["name"]] = (counter.get("packets", 0), counter.get("bytes", 0))
-        result = {}
-        for m in self.ids:
-            conns = by_name.get(builders.connections_counter(m), (0, 0))[0]
-            packets, nbytes = by_name.get(builders.traffic_counter(m), (0, 0))
-            result[m] = KernelCounters(conns, packets, nbytes)
-        return result
+        by_id = read_counters(self._nft, self.opts)
+        zero = KernelCounters(0, 0, 0)
+        return {m: by_id.get(mapping_id, zero) for m, mapping_id in self.ids.items()}
+
+
+def read_counters(nft: Nft, opts: KernelOptions) -> dict[int, KernelCounters]:
+    """Counters of every mapping in the table, by mapping id (whoever installed them)."""
+    outputs = [nft.query(command) for command in builders.list_counters(opts)]
+    connections, traffic = builders.parse_counters(outputs)
+    ids = {mark >> builders.CT_MARK_SHIFT for mark in (*connections, *traffic)}
+    return {
+        mapping_id: KernelCounters(
+            connections.get(mapping_id << builders.CT_MARK_SHIFT, 0),
+            *traffic.get(mapping_id << builders.CT_MARK_SHIFT, (0, 0)),
+        )
+        for mapping_id in ids
+    }

@@ -17,7 +17,7 @@ class ProxyOptions:
     """Seconds a graceful stop waits for live connections before closing them."""
     splice: bool = True
     """Relay TCP with os.splice through pooled pipes; False uses a recv/send copy."""
-    pipe_size: int = 256 * 1024
+    pipe_size: int = 1024 * 1024
     """Bytes per splice pipe (F_SETPIPE_SZ); one read never moves more than this."""
     pipe_pool_max: int = 256
     """Idle pipes kept for reuse; pipes beyond this are closed when returned."""
