@@ -8,10 +8,14 @@ mapping that could not be started (port in use, missing capability, nft error).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from . import __version__
 from .spec import SpecError, parse_specs
+
+MODES = ("userland", "kernel", "hybrid")
 
 
 def _positive_float(text: str) -> float:
@@ -131,12 +135,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_demo = sub.add_parser("demo", help="build the seeds' topology in namespaces and show a mapping at work")
     add_runtime_options(p_demo)
+
+    from .controller.daemon import DEFAULT_CONFIG, DEFAULT_SOCKET, DEFAULT_STATE_DIR
+
+    p_serve = sub.add_parser("serve", help="run the controller daemon", description=(
+        "Run every mapping of the config file and of the saved state in one process, with a control "
+        "socket for ls/add/rm/switch. SIGHUP reloads the config; SIGTERM/SIGINT drain and stop."))
+    p_serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"TOML config (default {DEFAULT_CONFIG})")
+    p_serve.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                         help=f"where state is persisted (default {DEFAULT_STATE_DIR})")
+    p_serve.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help=f"control socket (default {DEFAULT_SOCKET})")
+    add_runtime_options(p_serve)
+
+    socket_default = os.environ.get("PORTPROXY_SOCKET", str(DEFAULT_SOCKET))
+
+    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--socket", default=socket_default, help="control socket (default $PORTPROXY_SOCKET or "
+                       f"{DEFAULT_SOCKET})")
+        p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+        return p
+
+    client("ls", "list the daemon's mappings")
+    p_add = client("add", "add a mapping to the daemon")
+    p_add.add_argument("spec", metavar="SPEC")
+    p_add.add_argument("--mode", choices=MODES, default="userland")
+    p_rm = client("rm", "remove a mapping (by spec or HOST_PORT[/PROTO])")
+    p_rm.add_argument("name", metavar="SPEC")
+    p_switch = client("switch", "switch a mapping between userland, kernel and hybrid, live")
+    p_switch.add_argument("name", metavar="SPEC")
+    p_switch.add_argument("--mode", choices=MODES, required=True)
+    client("reload", "make the daemon re-read its config file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("ls", "add", "rm", "switch", "reload"):
+        from .client import run_client
+
+        return run_client(args)
     from .runtime import raise_fd_limit, run, setup_logging
 
     setup_logging(args.log_level)
@@ -152,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             return run(lambda: run_kernel(mappings, kernel_options_from(args), args.set_sysctls), args.loop)
         raise_fd_limit()
         return run(lambda: run_userland(mappings, proxy_options_from(args)), args.loop)
+    if args.command == "serve":
+        from .controller.daemon import run_serve
+
+        raise_fd_limit()
+        return run(lambda: run_serve(args.config, args.state_dir, args.socket), args.loop)
     if args.command == "demo":
         from .demo import run_demo
 

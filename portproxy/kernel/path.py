@@ -59,7 +59,7 @@ class KernelPath:
     def add(self, mapping: Mapping) -> None:
         if mapping in self.ids:
             return
-        if not self.ids and not self._table_present():
+        if not self.ids and not self.table_present():
             self.install([mapping])
             return
         check_mapping(mapping)
@@ -80,7 +80,7 @@ class KernelPath:
         self._nft.apply(builders.delete_table(self.opts))
         self.ids = {}
 
-    def _table_present(self) -> bool:
+    def table_present(self) -> bool:
         return self._nft.table_exists(builders.FAMILY, self.opts.table)
 
     # --- side effects the rules need -------------------------------------------------

@@ -28,7 +28,7 @@ class ProxyError(Exception):
     """A mapping could not be started; the message is one readable line."""
 
 
-def bind_socket(mapping: Mapping, port: int, backlog: int) -> socket.socket:
+def bind_socket(mapping: Mapping, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
     """Create and bind (and for TCP, listen on) the host side of one port of a mapping."""
     ip = mapping.listen_ip()
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
@@ -41,6 +41,10 @@ def bind_socket(mapping: Mapping, port: int, backlog: int) -> socket.socket:
     try:
         if mapping.proto == "tcp":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # Lets the controller open a loopback listener beside a wildcard one (or the
+            # reverse) before closing the old one, so a switch never refuses a client.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if mapping.dual_stack else 1)
         if mapping.host_ip is not None and not mapping.host_ip.is_unspecified:
@@ -74,6 +78,9 @@ class ProxyServer:
         self.options = options
         self.pipe_pool = PipePool(options.pipe_size, options.pipe_pool_max) if options.splice else None
         self.listeners: dict[Mapping, list[Listener]] = {}
+        self.retired: list[TcpListener] = []
+        """Closed TCP listeners whose connections are still running (after a switch)."""
+        self.reuse_port = False
 
     def add(self, mapping: Mapping, sockets: dict[int, socket.socket] | None = None) -> list[Listener]:
         """Bind and start every port of ``mapping``; raise ProxyError with nothing started.
@@ -89,7 +96,7 @@ class ProxyServer:
             for host_port, _ in mapping.port_pairs():
                 sock = given.pop(host_port, None)
                 if sock is None:
-                    sock = bind_socket(mapping, host_port, self.options.listen_backlog)
+                    sock = bind_socket(mapping, host_port, self.options.listen_backlog, self.reuse_port)
                 sock.setblocking(False)
                 bound.append(sock)
         except ProxyError:
@@ -115,10 +122,29 @@ class ProxyServer:
         listeners = self.listeners.pop(mapping)
         await self._drain(listeners, self.options.drain_timeout if drain_timeout is None else drain_timeout)
 
+    def retire(self, mapping: Mapping) -> None:
+        """Close a mapping's listeners at once but let its live connections run to their end.
+
+        Used when traffic for the port has moved elsewhere (to the kernel path): the
+        accept queue is emptied first, so a handshake that completed before the move
+        is relayed rather than reset.
+        """
+        for listener in self.listeners.pop(mapping):
+            if isinstance(listener, TcpListener):
+                listener.accept_pending()
+                listener.close_listener()
+                if listener.connections:
+                    self.retired.append(listener)
+            else:
+                listener.close()
+        self.retired = [listener for listener in self.retired if listener.connections]
+
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop every mapping (graceful: live connections get up to drain_timeout)."""
-        listeners = [listener for group in self.listeners.values() for listener in group]
+        listeners: list[Listener] = [listener for group in self.listeners.values() for listener in group]
+        listeners += self.retired
         self.listeners.clear()
+        self.retired = []
         await self._drain(listeners, self.options.drain_timeout if drain_timeout is None else drain_timeout)
         if self.pipe_pool is not None:
             self.pipe_pool.close()
@@ -127,7 +153,7 @@ class ProxyServer:
         tcp = [listener for listener in listeners if isinstance(listener, TcpListener)]
         for listener in listeners:
             if isinstance(listener, TcpListener):
-                listener.close_listener()
+                listener.close_listener()  # idempotent: retired listeners are closed already
             else:
                 listener.close()
         deadline = self.loop.time() + timeout
@@ -140,9 +166,5 @@ class ProxyServer:
             listener.abort_connections()
 
     def connection_count(self) -> int:
-        return sum(
-            len(listener.connections)
-            for group in self.listeners.values()
-            for listener in group
-            if isinstance(listener, TcpListener)
-        )
+        live = [listener for group in self.listeners.values() for listener in group]
+        return sum(len(listener.connections) for listener in live + self.retired if isinstance(listener, TcpListener))

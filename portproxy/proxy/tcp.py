@@ -219,6 +219,11 @@ class TcpListener:
         self.stop_accepting()
         self.sock.close()
 
+    def accept_pending(self) -> None:
+        """Accept and relay every connection already waiting in the accept queue."""
+        if self._accepting:
+            self._on_acceptable(batch=1 << 30)
+
     def abort_connections(self) -> None:
         for relay in list(self.connections):
             relay.close(reset=True)
@@ -227,10 +232,10 @@ class TcpListener:
         self.connections.discard(relay)
         self.stats.active -= 1
 
-    def _on_acceptable(self) -> None:
+    def _on_acceptable(self, batch: int = _ACCEPT_BATCH) -> None:
         sock = self.sock
         stats = self.stats
-        for _ in range(_ACCEPT_BATCH):
+        for _ in range(batch):
             try:
                 client, _addr = sock.accept()
             except BlockingIOError:

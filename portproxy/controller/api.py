@@ -1,0 +1,155 @@
+"""The control API: HTTP/JSON over a unix socket (aiohttp), as Docker's is, so curl works:
+
+    curl --unix-socket /run/portproxy/portproxy.sock http://portproxy/v1/mappings
+
+=======  ===========================  =========================================
+GET      /v1/mappings                 list, with mode, counters, live connections
+POST     /v1/mappings                 {"spec": "...", "mode": "userland"} → 201
+DELETE   /v1/mappings?name=NAME       NAME: full spec or HOST_PORT[/PROTO]
+POST     /v1/mappings/switch          {"name": "...", "mode": "kernel"}
+POST     /v1/reload                   re-read the config file, apply the difference
+=======  ===========================  =========================================
+
+Errors come back as ``{"error": "one line"}`` with 400 (bad input), 403 (peer not
+allowed), 404 (unknown mapping), 409 (conflict: port in use, overlap, ambiguous
+name), 500/503 (nft or system failure). The socket is created mode 0660, owned by
+root and an optional group; each peer's credentials (SO_PEERCRED) are checked.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import struct
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from .core import ControlError, Controller
+
+log = logging.getLogger("portproxy.api")
+
+ReloadFn = Callable[[], Awaitable[dict]]
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", data)
+
+
+class PeerPolicy:
+    """Root, the daemon's own user, and members of the socket's group may talk to it."""
+
+    def __init__(self, group: str | None) -> None:
+        self.gid: int | None = None
+        self.members: set[str] = set()
+        if group is not None:
+            entry = grp.getgrnam(group)
+            self.gid = entry.gr_gid
+            self.members = set(entry.gr_mem)
+
+    def allows(self, uid: int, gid: int) -> bool:
+        if uid in (0, os.geteuid()):
+            return True
+        if self.gid is None:
+            return False
+        if gid == self.gid:
+            return True
+        try:
+            return pwd.getpwuid(uid).pw_name in self.members
+        except KeyError:
+            return False
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ControlError(400, "the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ControlError(400, "the request body must be a JSON object")
+    return body
+
+
+def _field(body: dict, key: str, default: str | None = None) -> str:
+    value = body.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ControlError(400, f"field {key!r} is missing or not a string")
+    return value
+
+
+def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> web.Application:
+    @web.middleware
+    async def guard(request: web.Request, handler: Callable) -> web.StreamResponse:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None and sock.family == socket.AF_UNIX:
+            _pid, uid, gid = peer_credentials(sock)
+            if not policy.allows(uid, gid):
+                log.warning("refused a control request from uid %d", uid)
+                return _error(403, f"uid {uid} may not use this socket")
+        try:
+            return await handler(request)
+        except ControlError as exc:
+            return _error(exc.status, str(exc))
+
+    async def list_mappings(request: web.Request) -> web.Response:
+        return web.json_response({"mappings": await controller.describe()})
+
+    async def add_mapping(request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        mapping = await controller.add(_field(body, "spec"), _field(body, "mode", "userland"))
+        return web.json_response({"spec": str(mapping), "mode": controller.entries[mapping].mode}, status=201)
+
+    async def remove_mapping(request: web.Request) -> web.Response:
+        name = request.query.get("name")
+        if not name:
+            raise ControlError(400, "query parameter 'name' is missing")
+        mapping = await controller.remove(name)
+        return web.json_response({"removed": str(mapping)})
+
+    async def switch_mapping(request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        mapping = await controller.switch(_field(body, "name"), _field(body, "mode"))
+        return web.json_response({"spec": str(mapping), "mode": controller.entries[mapping].mode})
+
+    async def reload_config(request: web.Request) -> web.Response:
+        return web.json_response(await reload())
+
+    app = web.Application(middlewares=[guard])
+    app.router.add_get("/v1/mappings", list_mappings)
+    app.router.add_post("/v1/mappings", add_mapping)
+    app.router.add_delete("/v1/mappings", remove_mapping)
+    app.router.add_post("/v1/mappings/switch", switch_mapping)
+    app.router.add_post("/v1/reload", reload_config)
+    return app
+
+
+async def serve_api(app: web.Application, path: Path, group: str | None) -> web.AppRunner:
+    """Listen on the unix socket ``path`` (mode 0660, root:group)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.UnixSite(runner, str(path))
+    old_umask = os.umask(0o117)
+    try:
+        await site.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)
+    if group is not None:
+        os.chown(path, 0, grp.getgrnam(group).gr_gid)
+    return runner
