@@ -24,21 +24,22 @@ def print_ready(mapping: Mapping, out: TextIO, suffix: str = "") -> None:
         print(f"ready {listener_name(mapping, host_port, target_port)}{suffix}", file=out, flush=True)
 
 
-async def wait_for_stop_signal() -> int:
-    """Wait for SIGINT or SIGTERM; return the signal number."""
+def stop_signal() -> "asyncio.Future[int]":
+    """A future that SIGINT or SIGTERM completes with the signal number.
+
+    Installed before the ``ready`` lines are printed, so a supervisor that signals
+    as soon as it reads them always gets a graceful stop.
+    """
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[int] = loop.create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, lambda s=signum: stop.done() or stop.set_result(s))
-    try:
-        return await stop
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+    return stop
 
 
 async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: TextIO = sys.stdout) -> int:
     """Start every mapping (all or nothing), print ready lines, serve until a stop signal."""
+    stop = stop_signal()
     server = ProxyServer(asyncio.get_running_loop(), options)
     try:
         for mapping in mappings:
@@ -49,7 +50,7 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
         return 1
     for mapping in mappings:
         print_ready(mapping, out)
-    signum = await wait_for_stop_signal()
+    signum = await stop
     log.info("%s: draining %d connection(s) for up to %gs", signal.Signals(signum).name,
              server.connection_count(), options.drain_timeout)
     await server.stop()
@@ -82,6 +83,7 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     from .kernel.hairpin import HairpinError
     from .kernel.sysctls import SysctlError
 
+    stop = stop_signal()
     try:
         path = await asyncio.to_thread(KernelPath, opts)
         await asyncio.to_thread(_install_kernel, path, mappings, set_sysctls)
@@ -93,7 +95,7 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
         return 1
     for mapping in mappings:
         print_ready(mapping, out, " (kernel)")
-    await wait_for_stop_signal()
+    await stop
     try:
         await asyncio.to_thread(_remove_kernel, path, mappings)
     except NftError as exc:

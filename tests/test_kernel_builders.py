@@ -61,7 +61,8 @@ def test_range_maps_port_to_port() -> None:
 
 
 def test_dispatch_rules_take_address_and_port_from_maps() -> None:
-    rules = _rules(full_table([], OPTS), "dispatch")
+    guard, *rules = _rules(full_table([], OPTS), "dispatch")
+    assert guard[-1] == {"return": None}  # only a SYN starts a translated TCP flow
     assert len(rules) == len(KINDS) == 4
     nfproto, set_mark, dnat = rules[0]
     key = {"concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}

@@ -14,8 +14,8 @@ only then are the old ones taken away. NAT is decided on a flow's first packet, 
 connections the proxy already relays keep reaching it after the DNAT goes in, and
 DNAT'd connections keep their translation in conntrack after it goes out; a retired
 listener first accepts whatever is in its queue and keeps relaying until its
-connections end. UDP conntrack entries for the port are deleted after each kernel
-change, so UDP flows move too. If adding a component fails, the ones added so far
+connections end. UDP conntrack entries for the port are deleted once a move that
+involved the kernel is complete, so UDP flows move too. If adding a component fails, the ones added so far
 are taken away again and the mapping stays exactly as it was.
 
 Netlink and libnftables block, and pyroute2 cannot run on a uvloop loop: all of
@@ -129,7 +129,6 @@ class Controller:
             except HairpinError:
                 kernel.remove(m)
                 raise
-            kernel.forget_udp_flows([m])
 
         try:
             await self._in_worker(install)
@@ -146,12 +145,8 @@ class Controller:
             return
         kernel = await self._kernel_path()
 
-        def uninstall() -> None:
-            kernel.remove(m)
-            kernel.forget_udp_flows([m])
-
         try:
-            await self._in_worker(uninstall)
+            await self._in_worker(kernel.remove, m)
         except NftError as exc:
             raise ControlError(500, str(exc)) from None
 
@@ -170,11 +165,25 @@ class Controller:
                     await self._remove_component(component)
                 except ControlError as exc:
                     log.error("rollback of %s %s failed: %s", component[0], component[1], exc)
+            await self._forget_udp_flows([m for kind, m in added if kind == "kernel"])
             raise
         if any(kind == "kernel" for kind, _ in added) and any(kind == "listener" for kind, _ in to_remove):
             await asyncio.sleep(SWITCH_GRACE)
         for component in to_remove:
             await self._remove_component(component)
+        await self._forget_udp_flows([m for kind, m in to_add + to_remove if kind == "kernel"])
+
+    async def _forget_udp_flows(self, mappings: list[Mapping]) -> None:
+        """Delete the port's UDP conntrack entries once the move is complete, so every UDP
+        flow takes the new path. Not earlier: a reply the old listener sends while it is
+        still open would create a fresh untranslated entry, and the client's flow would
+        keep arriving at a closed port."""
+        udp = [m for m in mappings if m.proto == "udp"]
+        if udp:
+            try:
+                await self._in_worker(KernelPath.forget_udp_flows, udp)
+            except Exception as exc:  # noqa: BLE001 - flows then move when their entries time out
+                log.warning("deleting UDP conntrack entries failed: %s", exc)
 
     # --- persistence ----------------------------------------------------------------------
     def _persist(self) -> None:
@@ -314,16 +323,16 @@ class Controller:
             raise ControlError(409, f"saved and configured mappings conflict: {exc}") from None
         errors: list[str] = []
         kernel_mappings = [m for m, e in desired.items() if e.mode != "userland"]
-        if kernel_mappings or saved is not None:
-            try:
-                kernel = await self._kernel_path()
-                for m in kernel_mappings:
-                    check_mapping(m)
-                await self._in_worker(self._install_all, kernel, kernel_mappings)
-            except (ControlError, NftError, SysctlError, HairpinError, KernelMappingError) as exc:
-                for m in kernel_mappings:
-                    errors.append(f"{m}: {exc}")
-                    desired.pop(m)
+        try:
+            kernel = await self._kernel_path()
+            for m in kernel_mappings:
+                check_mapping(m)
+            await self._in_worker(self._install_all, kernel, kernel_mappings)
+        except (ControlError, NftError, SysctlError, HairpinError, KernelMappingError) as exc:
+            # Without kernel mappings this is fine (no CAP_NET_ADMIN, say): nothing to install.
+            for m in kernel_mappings:
+                errors.append(f"{m}: {exc}")
+                desired.pop(m)
         for mapping, entry in list(desired.items()):
             for kind, m in components(mapping, entry.mode):
                 if kind == "listener":

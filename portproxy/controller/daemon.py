@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..foreground import stop_signal
 from .api import PeerPolicy, build_app, serve_api
 from .config import ConfigError, load_config
 from .core import Controller
@@ -31,6 +32,8 @@ async def run_serve(config_path: Path, state_dir: Path, socket_path: Path) -> in
     except KeyError:
         print(f"portproxy: socket group {config.options.socket_group!r} does not exist", file=sys.stderr)
         return 2
+    stop = stop_signal()
+    reloads: list[asyncio.Task] = []
     controller = Controller(loop, config.options, StateStore(state_dir))
     try:
         errors = await controller.start(config)
@@ -50,6 +53,7 @@ async def run_serve(config_path: Path, state_dir: Path, socket_path: Path) -> in
         log.info("reloaded %s: %s", config_path, {k: len(v) for k, v in report.items()})
         return report
 
+    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.append(loop.create_task(reload())))
     try:
         runner = await serve_api(build_app(controller, reload, policy), socket_path, config.options.socket_group)
     except OSError as exc:
@@ -63,11 +67,6 @@ async def run_serve(config_path: Path, state_dir: Path, socket_path: Path) -> in
     if errors:
         log.error("%d mapping(s) could not start", len(errors))
 
-    stop = loop.create_future()
-    reloads: list[asyncio.Task] = []
-    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.append(loop.create_task(reload())))
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, lambda s=signum: stop.done() or stop.set_result(s))
     signum = await stop
     log.info("%s: stopping; draining %d connection(s)", signal.Signals(signum).name, controller.proxy.connection_count())
     await runner.cleanup()

@@ -5,7 +5,8 @@ mapping is nothing but *elements* of a few maps — no chain or rule per mapping
 
     nat prerouting (-100)   fib daddr type local → jump dispatch
     nat output     (-100)   not 127/8 (unless route_localnet) nor ::1; fib daddr type local → jump dispatch
-    dispatch                one rule per (family, host-address kind), e.g. for IPv4 without host address:
+    dispatch                TCP segments other than a SYN return (never translate mid-stream), then
+                            one rule per (family, host-address kind), e.g. for IPv4 without host address:
         meta nfproto ipv4  ct mark set K map @id4_any
                            dnat ip to K map @addr4_any : K map @port4_any
         with K = meta l4proto . th dport (``ip daddr . meta l4proto . th dport`` where the
@@ -211,6 +212,12 @@ def table_skeleton(opts: KernelOptions) -> list[Json]:
         cmds.append(_rule(opts, "output", _match(_payload("ip", "daddr"), _prefix("127.0.0.0/8")), {"return": None}))
     cmds.append(_rule(opts, "output", _match(_payload("ip6", "daddr"), "::1"), {"return": None}))
     cmds.append(_rule(opts, "output", local, {"jump": {"target": "dispatch"}}))
+    # Only a SYN may start a translated TCP flow. Where conntrack was not running before
+    # this table existed (a fresh namespace), the next segment of a connection the
+    # userland proxy already relays is picked up mid-stream as a *new* flow; translating
+    # it would send it to the target, which answers with a reset.
+    cmds.append(_rule(opts, "dispatch", _match(_meta("l4proto"), "tcp"),
+                      _match({"&": [_payload("tcp", "flags"), ["syn", "ack"]]}, "syn", "!="), {"return": None}))
     for kind in KINDS:
         cmds.append(_rule(
             opts, "dispatch",
