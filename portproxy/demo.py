@@ -9,12 +9,15 @@ the host itself, then removes everything.
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import socket
+import tempfile
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from .netns import Namespace, SeedTopology, seed_topology
 
@@ -22,8 +25,26 @@ DEMO_SPEC = "9090:172.16.1.1:8080"
 PAGE = b"<html><body><h1>hello from the container at 172.16.1.1:8080</h1></body></html>\n"
 
 
+STREAM_CHUNKS = 400
+STREAM_CHUNK = 64 * 1024
+
+
+def stream_chunk(i: int) -> bytes:
+    """Deterministic content of chunk ``i`` of /stream, so the client can verify every byte."""
+    return hashlib.sha256(b"%d" % i).digest() * (STREAM_CHUNK // 32)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path == "/stream":
+            # A slow 25 MiB download (about 8 s), long enough to switch paths under it.
+            self.send_response(200)
+            self.send_header("Content-Length", str(STREAM_CHUNKS * STREAM_CHUNK))
+            self.end_headers()
+            for i in range(STREAM_CHUNKS):
+                self.wfile.write(stream_chunk(i))
+                time.sleep(0.02)
+            return
         body = PAGE + f"your address as the container sees it: {self.client_address[0]}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
@@ -47,14 +68,14 @@ def start_http_server(ns: Namespace, port: int) -> http.server.ThreadingHTTPServ
     return server
 
 
-def http_get(ns: Namespace, host: str, port: int, timeout: float = 5.0) -> tuple[str, bytes]:
-    """GET / from inside ``ns``; return (status line, body)."""
+def http_get(ns: Namespace, host: str, port: int, timeout: float = 5.0, path: str = "/") -> tuple[str, bytes]:
+    """GET ``path`` from inside ``ns``; return (status line, body)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = ns.socket(family, socket.SOCK_STREAM)
     with sock:
         sock.settimeout(timeout)
         sock.connect((host, port))
-        sock.sendall(f"GET / HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
@@ -135,6 +156,47 @@ def _kernel(topo: SeedTopology) -> None:
         _say(f"portproxy stopped on SIGTERM (exit {stop_portproxy(proc)}); its nftables table is gone")
 
 
+def _switching(topo: SeedTopology, loop: str) -> None:
+    _say(f"\n-- live switching: portproxy serve, {DEMO_SPEC} switched while a download runs --")
+    with tempfile.TemporaryDirectory(prefix="portproxy-demo-") as tmp:
+        config = Path(tmp) / "portproxy.toml"
+        config.write_text(f'[[mapping]]\nspec = "{DEMO_SPEC}"\nmode = "userland"\n')
+        sock = str(Path(tmp) / "portproxy.sock")
+        proc, ready = start_portproxy(topo.host, ["serve", "--config", str(config), "--state-dir", tmp,
+                                                  "--socket", sock, "--loop", loop, "--log-level", "warning"])
+        try:
+            _say(ready[0])
+            result: dict[str, object] = {}
+
+            def download() -> None:
+                t0 = time.monotonic()
+                status, body = http_get(topo.client, topo.host_ip, 9090, timeout=30, path="/stream")
+                result.update(status=status, body=body, seconds=time.monotonic() - t0)
+
+            downloader = threading.Thread(target=download)
+            downloader.start()
+            during = 0
+            for mode in ("kernel", "hybrid", "userland", "kernel", "userland"):
+                time.sleep(0.5)
+                switch = subprocess.run([sys.executable, "-m", "portproxy", "switch", "9090", "--mode", mode,
+                                         "--socket", sock], capture_output=True, text=True, timeout=30)
+                _say(f"  switch -> {mode:<8} {(switch.stdout or switch.stderr).strip()}")
+                status, _ = http_get(topo.client, topo.host_ip, 9090)
+                _say(f"  a new connection now: {status}")
+                during += downloader.is_alive()
+            downloader.join()
+            body = result.get("body", b"")
+            expected = b"".join(stream_chunk(i) for i in range(STREAM_CHUNKS))
+            verdict = "every byte intact" if body == expected else "CORRUPTED OR INCOMPLETE"
+            _say(f"download started on userland and ran through {during} switches: "
+                 f"{len(body)} bytes in {result.get('seconds', 0):.1f} s, {verdict}")  # type: ignore[arg-type]
+            listing = subprocess.run([sys.executable, "-m", "portproxy", "ls", "--socket", sock],
+                                     capture_output=True, text=True, timeout=30)
+            _say(listing.stdout.rstrip())
+        finally:
+            _say(f"portproxy serve stopped on SIGTERM (exit {stop_portproxy(proc)})")
+
+
 def run_demo(loop: str = "uvloop") -> int:
     with seed_topology("ppdemo") as topo:
         _say("== portproxy demo: the seeds' topology, in namespaces of its own ==")
@@ -145,6 +207,7 @@ def run_demo(loop: str = "uvloop") -> int:
         try:
             _userland(topo, loop)
             _kernel(topo)
+            _switching(topo, loop)
         finally:
             server.shutdown()
             server.server_close()
