@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 if command -v apt-get >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
-        python3 python3-venv python3-pip iproute2 nftables libnftables1 conntrack iperf3 \
+        python3 python3-venv python3-pip iproute2 nftables libnftables1 conntrack iperf3 prometheus curl \
         >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -141,6 +141,18 @@ def gbits(result: dict) -> float:
     return summary["bits_per_second"] / 1e9
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def received_bytes(result: dict) -> float:
+    end = result["end"]
+    summary = end.get("sum_received") or end.get("sum")
+    return summary["bytes"]
+
+
 def machine() -> dict:
     cpu = "unknown"
     with contextlib.suppress(OSError):

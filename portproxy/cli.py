@@ -68,6 +68,20 @@ def add_proxy_options(p: argparse.ArgumentParser) -> None:
                    help="splice pipe size (default 1048576; pipes are pooled and held only while bytes are in flight)")
 
 
+def _metrics_addr(text: str) -> str | None:
+    if text == "off":
+        return None
+    if text == "config":
+        return text  # serve: take the config file's metrics_addr
+    from .metrics.server import parse_metrics_addr
+
+    try:
+        parse_metrics_addr(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _masquerade(text: str) -> tuple[str, str]:
     import ipaddress
 
@@ -131,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="userland proxy (default) or nftables DNAT")
     add_proxy_options(p_map)
     add_kernel_options(p_map)
+    p_map.add_argument("--metrics-addr", type=_metrics_addr, nargs="?", const="127.0.0.1:9779", default=None,
+                       metavar="HOST:PORT", help="serve Prometheus metrics (off by default; without a value "
+                       "127.0.0.1:9779)")
     add_runtime_options(p_map)
 
     p_demo = sub.add_parser("demo", help="build the seeds' topology in namespaces and show a mapping at work")
@@ -145,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                          help=f"where state is persisted (default {DEFAULT_STATE_DIR})")
     p_serve.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help=f"control socket (default {DEFAULT_SOCKET})")
+    p_serve.add_argument("--metrics-addr", type=_metrics_addr, default="config", metavar="HOST:PORT|off",
+                         help="Prometheus metrics address (default: the config's metrics_addr, else 127.0.0.1:9779)")
     add_runtime_options(p_serve)
 
     socket_default = os.environ.get("PORTPROXY_SOCKET", str(DEFAULT_SOCKET))
@@ -188,14 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         from .foreground import run_kernel, run_userland
 
         if args.mode == "kernel":
-            return run(lambda: run_kernel(mappings, kernel_options_from(args), args.set_sysctls), args.loop)
+            return run(lambda: run_kernel(mappings, kernel_options_from(args), args.set_sysctls,
+                                          metrics_addr=args.metrics_addr), args.loop)
         raise_fd_limit()
-        return run(lambda: run_userland(mappings, proxy_options_from(args)), args.loop)
+        return run(lambda: run_userland(mappings, proxy_options_from(args), metrics_addr=args.metrics_addr),
+                   args.loop)
     if args.command == "serve":
         from .controller.daemon import run_serve
 
         raise_fd_limit()
-        return run(lambda: run_serve(args.config, args.state_dir, args.socket), args.loop)
+        return run(lambda: run_serve(args.config, args.state_dir, args.socket, args.metrics_addr), args.loop)
     if args.command == "demo":
         from .demo import run_demo
 

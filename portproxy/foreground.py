@@ -37,13 +37,35 @@ def stop_signal() -> "asyncio.Future[int]":
     return stop
 
 
-async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: TextIO = sys.stdout) -> int:
+def _start_metrics(addr: str | None, snapshot) -> object | None:  # noqa: ANN001
+    """Start the exposition thread, or say in one line why it cannot listen."""
+    if addr is None:
+        return None
+    from .metrics import MappingCollector, start_metrics_server
+
+    try:
+        server, _thread = start_metrics_server(addr, MappingCollector(snapshot))
+    except OSError as exc:
+        raise ProxyError(f"cannot serve metrics on {addr}: {exc.strerror}") from None
+    return server
+
+
+async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: TextIO = sys.stdout,
+                       metrics_addr: str | None = None) -> int:
     """Start every mapping (all or nothing), print ready lines, serve until a stop signal."""
+    from .metrics import MappingSnapshot
+
     stop = stop_signal()
     server = ProxyServer(asyncio.get_running_loop(), options)
+
+    def snapshot() -> list[MappingSnapshot]:
+        stats = dict(server.stats)  # one atomic copy: the loop thread may add to it
+        return [MappingSnapshot(m, "userland", stats.get(m, []), None) for m in mappings]
+
     try:
         for mapping in mappings:
             server.add(mapping)
+        metrics = _start_metrics(metrics_addr, snapshot)
     except ProxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         await server.stop(drain_timeout=0)
@@ -54,6 +76,8 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
     log.info("%s: draining %d connection(s) for up to %gs", signal.Signals(signum).name,
              server.connection_count(), options.drain_timeout)
     await server.stop()
+    if metrics is not None:
+        metrics.shutdown()  # type: ignore[attr-defined]
     return 0
 
 
@@ -77,9 +101,11 @@ def _remove_kernel(path: "KernelPath", mappings: list[Mapping]) -> None:
 
 
 async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls: bool,
-                     out: TextIO = sys.stdout) -> int:
+                     out: TextIO = sys.stdout, metrics_addr: str | None = None) -> int:
     """Install the mappings as nftables rules, hold them until a stop signal, then remove them."""
     from .kernel import KernelMappingError, KernelPath, NftError
+    from .metrics import MappingSnapshot
+    from .metrics.snapshot import KernelCounterReader
     from .kernel.hairpin import HairpinError
     from .kernel.sysctls import SysctlError
 
@@ -93,9 +119,23 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     except (NftError, SysctlError, HairpinError) as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         return 1
+    reader = KernelCounterReader(opts)
+
+    def snapshot() -> list[MappingSnapshot]:
+        counters = reader.read(dict(path.ids))
+        return [MappingSnapshot(m, "kernel", [], counters.get(m)) for m in mappings]
+
+    try:
+        metrics = _start_metrics(metrics_addr, snapshot)
+    except ProxyError as exc:
+        print(f"portproxy: {exc}", file=sys.stderr)
+        await asyncio.to_thread(_remove_kernel, path, mappings)
+        return 1
     for mapping in mappings:
         print_ready(mapping, out, " (kernel)")
     await stop
+    if metrics is not None:
+        metrics.shutdown()  # type: ignore[attr-defined]
     try:
         await asyncio.to_thread(_remove_kernel, path, mappings)
     except NftError as exc:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -209,3 +212,33 @@ async def udp_echo(topo: SeedTopology) -> AsyncIterator[None]:
     yield None
     for t in transports:
         t.close()
+
+
+@pytest.fixture
+def daemon(topo, tmp_path):
+    """``portproxy serve`` in the host namespace: returns (start(config_text), cli(*args))."""
+    started: list[PortproxyProcess] = []
+    # Outside pytest's 0700 tmp tree, so an unprivileged peer can reach the socket file.
+    sock_dir = Path(tempfile.mkdtemp(prefix="portproxy-test-"))
+    sock_dir.chmod(0o755)
+    sock = sock_dir / "pp.sock"
+    config = tmp_path / "portproxy.toml"
+
+    def start(config_text: str = "", *extra: str) -> PortproxyProcess:
+        config.write_text(config_text)
+        proc = PortproxyProcess(topo.host, ["serve", "--config", str(config), "--state-dir", str(tmp_path / "state"),
+                                            "--socket", str(sock), *extra], ready_lines=1)
+        started.append(proc)
+        return proc
+
+    def cli(*args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([*(prefix or []), sys.executable, "-m", "portproxy", *args, "--socket", str(sock)],
+                              capture_output=True, text=True, timeout=60)
+
+    start.config = config  # type: ignore[attr-defined]
+    start.socket = sock  # type: ignore[attr-defined]
+    start.state = tmp_path / "state" / "state.json"  # type: ignore[attr-defined]
+    yield start, cli
+    for proc in started:
+        proc.stop()
+    shutil.rmtree(sock_dir, ignore_errors=True)

@@ -19,36 +19,6 @@ from conftest import PortproxyProcess, echo_handler, open_connection, start_serv
 from test_kernel_path import tables
 
 
-@pytest.fixture
-def daemon(topo, tmp_path, request):
-    """Start ``portproxy serve`` with a config text; returns (start, cli)."""
-    started: list[PortproxyProcess] = []
-    # Outside pytest's 0700 tmp tree, so an unprivileged peer can reach the socket file.
-    sock_dir = Path(tempfile.mkdtemp(prefix="portproxy-test-"))
-    sock_dir.chmod(0o755)
-    sock = sock_dir / "pp.sock"
-    config = tmp_path / "portproxy.toml"
-
-    def start(config_text: str = "", *extra: str) -> PortproxyProcess:
-        config.write_text(config_text)
-        proc = PortproxyProcess(topo.host, ["serve", "--config", str(config), "--state-dir", str(tmp_path / "state"),
-                                            "--socket", str(sock), *extra], ready_lines=1)
-        started.append(proc)
-        return proc
-
-    def cli(*args: str, env: dict | None = None, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([*(prefix or []), sys.executable, "-m", "portproxy", *args, "--socket", str(sock)],
-                              capture_output=True, text=True, timeout=60, env=env)
-
-    start.config = config  # type: ignore[attr-defined]
-    start.socket = sock  # type: ignore[attr-defined]
-    start.state = tmp_path / "state" / "state.json"  # type: ignore[attr-defined]
-    yield start, cli
-    for proc in started:
-        proc.stop()
-    shutil.rmtree(sock_dir, ignore_errors=True)
-
-
 def ls(cli) -> dict[str, dict]:
     result = cli("ls", "--json")
     assert result.returncode == 0, result.stderr
@@ -301,7 +271,7 @@ def _table_elements(topo) -> dict[str, list[str]]:
                 key = elem[0] if isinstance(elem, list) else elem
                 if isinstance(key, dict) and "elem" in key:
                     key = key["elem"]["val"]
-                keys.append(json.dumps(key) if container["name"] != "traffic" else "mark")
+                keys.append(json.dumps(key) if not container["name"].startswith("to_") else "mark")
             result[container["name"]] = sorted(keys)
     return result
 

@@ -39,7 +39,8 @@ def test_mapping_is_elements_only() -> None:
         "id4_any": [[key, 7 << 16]],
         "addr4_any": [[key, "172.16.1.1"]],
         "port4_any": [[key, 8080]],
-        "traffic": [7 << 16],
+        "to_target": [7 << 16],
+        "to_client": [7 << 16],
         "targets4": ["172.16.1.1"],
     }
 
@@ -57,7 +58,7 @@ def test_host_address_uses_the_address_maps() -> None:
 def test_range_maps_port_to_port() -> None:
     elements = _elements(add_mapping(parse_spec("8000-8002:10.0.0.1:9000-9002/udp"), 1, OPTS))
     assert elements["port4_any"] == [[{"concat": ["udp", 8000 + i]}, 9000 + i] for i in range(3)]
-    assert elements["traffic"] == [1 << 16]
+    assert elements["to_target"] == elements["to_client"] == [1 << 16]
 
 
 def test_dispatch_rules_take_address_and_port_from_maps() -> None:
@@ -101,11 +102,14 @@ def test_full_table_is_replace_in_one_batch() -> None:
 
 def test_counting_rules() -> None:
     cmds = full_table([], OPTS)
-    count = {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, CT_MARK_MASK]}, "right": "@traffic"}}
     for chain in ("forward", "input", "output_count"):
-        assert count in _rules(cmds, chain)[0]
+        rules = _rules(cmds, chain)
+        for rule, (direction, name) in zip(rules, (("original", "to_target"), ("reply", "to_client"))):
+            assert {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": direction}} in rule
+            assert {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, CT_MARK_MASK]},
+                              "right": f"@{name}"}} in rule
     assert _rules(cmds, "forward")[-1][-1] == {"accept": None}
-    counted = [c["add"]["set"] for c in cmds if "set" in c.get("add", {}) and c["add"]["set"]["name"] == "traffic"]
+    counted = [c["add"]["set"] for c in cmds if "set" in c.get("add", {}) and c["add"]["set"]["name"] == "to_target"]
     assert counted[0]["stmt"] == [{"counter": None}]
 
 
@@ -137,8 +141,8 @@ def test_remove_deletes_the_same_elements_by_key() -> None:
     m = parse_spec("9090:172.16.1.1:8080")
     key = {"concat": ["tcp", 9090]}
     removed = _elements(remove_mapping(m, 3, OPTS), "delete")
-    assert removed == {"id4_any": [key], "addr4_any": [key], "port4_any": [key], "traffic": [3 << 16],
-                       "targets4": ["172.16.1.1"]}
+    assert removed == {"id4_any": [key], "addr4_any": [key], "port4_any": [key], "to_target": [3 << 16],
+                       "to_client": [3 << 16], "targets4": ["172.16.1.1"]}
     shared = _elements(remove_mapping(m, 3, OPTS, target_still_used=True), "delete")
     assert "targets4" not in shared
 
@@ -155,10 +159,13 @@ def test_parse_counters_sums_range_ports() -> None:
             [{"elem": {"val": {"concat": ["tcp", 8000]}, "counter": {"packets": 2, "bytes": 120}}}, 1 << 16],
             [{"elem": {"val": {"concat": ["tcp", 8001]}, "counter": {"packets": 3, "bytes": 180}}}, 1 << 16],
         ]}}]},
-        {"nftables": [{"set": {"name": "traffic", "elem": [
+        {"nftables": [{"set": {"name": "to_target", "elem": [
             {"elem": {"val": 1 << 16, "counter": {"packets": 40, "bytes": 5000}}}]}}]},
+        {"nftables": [{"set": {"name": "to_client", "elem": [
+            {"elem": {"val": 1 << 16, "counter": {"packets": 30, "bytes": 90000}}}]}}]},
     ]
-    assert parse_counters(listing) == ({1 << 16: 5}, {1 << 16: (40, 5000)})
+    assert parse_counters(listing) == ({1 << 16: 5}, {"to_target": {1 << 16: (40, 5000)},
+                                                      "to_client": {1 << 16: (30, 90000)}})
 
 
 @pytest.mark.parametrize("spec", ["127.0.0.1:9090:[fd00::1]:80", "[::]:9090:172.16.1.1:80", "[::1]:9090:10.0.0.1:80"])

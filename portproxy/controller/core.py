@@ -29,7 +29,7 @@ import concurrent.futures
 import dataclasses
 import ipaddress
 import logging
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..kernel import KernelMappingError, KernelPath, NftError
 from ..kernel.builders import check_mapping
@@ -41,6 +41,9 @@ from ..proxy.tcp import TcpListener
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 from .config import Config, DaemonOptions, Mode, parse_mode
 from .state import StateStore
+
+if TYPE_CHECKING:
+    from ..metrics.snapshot import MappingSnapshot
 
 log = logging.getLogger("portproxy.controller")
 T = TypeVar("T")
@@ -97,6 +100,7 @@ class Controller:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="portproxy-netlink")
         self._kernel: KernelPath | None = None
         self._lock = asyncio.Lock()
+        self._metrics_reader: Any = None
 
     # --- the worker thread ----------------------------------------------------------
     async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
@@ -253,6 +257,9 @@ class Controller:
             entry = self.entries[mapping]
             await self._move(components(mapping, entry.mode), set())
             await self._commit(lambda: self.entries.pop(mapping), lambda: self._move(set(), components(mapping, entry.mode)))
+            for m in (mapping, loopback_variant(mapping)):
+                if m is not None:
+                    self.proxy.forget_stats(m)  # its series disappear
             log.info("removed %s", mapping)
             return mapping
 
@@ -377,6 +384,26 @@ class Controller:
         self._worker.shutdown(wait=True)
 
     # --- reading ------------------------------------------------------------------------------------
+    def metrics_snapshot(self) -> list["MappingSnapshot"]:
+        """Called on the metrics thread: copies first (the loop thread may be changing things)."""
+        from ..metrics.snapshot import KernelCounterReader, MappingSnapshot
+
+        entries = [(m, e.mode) for m, e in list(self.entries.items())]
+        stats = dict(self.proxy.stats)
+        kernel_counters = {}
+        if self._kernel is not None:
+            if self._metrics_reader is None:
+                self._metrics_reader = KernelCounterReader(self.options.kernel)
+            kernel_counters = self._metrics_reader.read(dict(self._kernel.ids))
+        snapshots = []
+        for mapping, mode in entries:
+            userland = [*stats.get(mapping, [])]
+            loopback = loopback_variant(mapping)
+            if loopback is not None:
+                userland += stats.get(loopback, [])
+            snapshots.append(MappingSnapshot(mapping, mode, userland, kernel_counters.get(mapping)))
+        return snapshots
+
     async def describe(self) -> list[dict[str, Any]]:
         counters = {}
         if self._kernel is not None and self._kernel.ids:
@@ -402,7 +429,7 @@ class Controller:
             }
             kernel = counters.get(mapping)
             if kernel is not None:
-                item["kernel"] = dataclasses.asdict(kernel)
+                item["kernel"] = {**dataclasses.asdict(kernel), "packets": kernel.packets, "bytes": kernel.bytes}
             result.append(item)
         return result
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..foreground import stop_signal
+from ..metrics import DEFAULT_METRICS_ADDR, MappingCollector, start_metrics_server
 from .api import PeerPolicy, build_app, serve_api
 from .config import ConfigError, load_config
 from .core import Controller
@@ -21,7 +22,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/portproxy")
 DEFAULT_SOCKET = Path("/run/portproxy/portproxy.sock")
 
 
-async def run_serve(config_path: Path, state_dir: Path, socket_path: Path) -> int:
+async def run_serve(config_path: Path, state_dir: Path, socket_path: Path, metrics_arg: str | None = "config") -> int:
     loop = asyncio.get_running_loop()
     try:
         config = load_config(config_path, missing_ok=config_path == DEFAULT_CONFIG)
@@ -54,10 +55,14 @@ async def run_serve(config_path: Path, state_dir: Path, socket_path: Path) -> in
         return report
 
     loop.add_signal_handler(signal.SIGHUP, lambda: reloads.append(loop.create_task(reload())))
+    metrics_addr = (config.options.metrics_addr or DEFAULT_METRICS_ADDR) if metrics_arg == "config" else metrics_arg
     try:
         runner = await serve_api(build_app(controller, reload, policy), socket_path, config.options.socket_group)
+        metrics = start_metrics_server(metrics_addr, MappingCollector(controller.metrics_snapshot)) \
+            if metrics_addr else None
     except OSError as exc:
-        print(f"portproxy: cannot listen on {socket_path}: {exc.strerror}", file=sys.stderr)
+        where = socket_path if "runner" not in locals() else metrics_addr
+        print(f"portproxy: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
         await controller.stop(keep_kernel_rules=True)
         return 1
     modes = [e.mode for e in controller.entries.values()]
@@ -70,6 +75,8 @@ async def run_serve(config_path: Path, state_dir: Path, socket_path: Path) -> in
     signum = await stop
     log.info("%s: stopping; draining %d connection(s)", signal.Signals(signum).name, controller.proxy.connection_count())
     await runner.cleanup()
+    if metrics is not None:
+        metrics[0].shutdown()
     await controller.stop()
     try:
         socket_path.unlink()

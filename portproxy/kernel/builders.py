@@ -17,13 +17,15 @@ mapping is nothing but *elements* of a few maps — no chain or rule per mapping
                             published port), from the host itself (fib saddr type local),
                             and optionally a container subnet's egress (-s SUBNET ! -o BRIDGE)
     filter forward/input/output (-1)
-                            ct status dnat  ct mark & 0xffff0000 @traffic   (+ accept in forward)
+                            ct status dnat  ct direction original  ct mark & 0xffff0000 @to_target
+                            ct status dnat  ct direction reply     ct mark & 0xffff0000 @to_client
+                            (+ accept in forward)
 
 Counting uses per-element counters: the @id maps count the packets that looked the
 element up — a nat chain sees only a flow's first packet, so that is the number of
-connections — and @traffic, looked up by every packet of a translated flow in both
-directions (found by the mapping id the dispatch rule stored in its conntrack mark),
-counts packets and bytes.
+connections — and @to_target / @to_client, looked up by every packet of a translated
+flow (found by the mapping id the dispatch rule stored in its conntrack mark), count
+packets and bytes per direction.
 
 Why maps instead of a verdict map jumping to a chain per mapping: in libnftables'
 JSON API every rule, chain and named counter is a separate command costing tens to
@@ -51,6 +53,7 @@ CT_MARK_MASK = 0xFFFF0000
 MAX_MAPPING_ID = 0xFFFF
 
 Json = dict[str, Any]
+TRAFFIC_SETS = ("to_target", "to_client")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +163,7 @@ def _targets_set(m: Mapping) -> str:
 
 
 def mark_of(mapping_id: int) -> int:
-    """The conntrack mark (and @traffic element) of a mapping id."""
+    """The conntrack mark (and @to_target / @to_client element) of a mapping id."""
     if not 1 <= mapping_id <= MAX_MAPPING_ID:
         raise ValueError(f"mapping id {mapping_id} out of range")
     return mapping_id << CT_MARK_SHIFT
@@ -194,7 +197,7 @@ def table_skeleton(opts: KernelOptions) -> list[Json]:
         _base_chain(opts, "input", "filter", "input", -1),
         _base_chain(opts, "output_count", "filter", "output", -1),
         {"add": {"chain": {**t, "name": "dispatch"}}},
-        {"add": {"set": {**t, "name": "traffic", "type": "mark", "stmt": _COUNTED}}},
+        *({"add": {"set": {**t, "name": name, "type": "mark", "stmt": _COUNTED}}} for name in TRAFFIC_SETS),
         {"add": {"set": {**t, "name": "targets4", "type": "ipv4_addr"}}},
         {"add": {"set": {**t, "name": "targets6", "type": "ipv6_addr"}}},
     ]
@@ -238,10 +241,11 @@ def table_skeleton(opts: KernelOptions) -> list[Json]:
                           _match(_payload(proto, "saddr"), _prefix(subnet)),
                           _match(_meta("oifname"), bridge, "!="),
                           {"masquerade": None}))
-    # Every packet of a translated flow, both directions, counted by mapping id.
-    count = _match({"&": [_ct("mark"), CT_MARK_MASK]}, "@traffic")
+    # Every packet of a translated flow, counted by mapping id and direction.
     for chain in ("forward", "input", "output_count"):
-        cmds.append(_rule(opts, chain, dnat, count))
+        for direction, name in (("original", "to_target"), ("reply", "to_client")):
+            cmds.append(_rule(opts, chain, dnat, _match(_ct("direction"), direction),
+                              _match({"&": [_ct("mark"), CT_MARK_MASK]}, f"@{name}")))
     # Published flows are accepted here; see the README for other tables' drop policies.
     cmds.append(_rule(opts, "forward", dnat, {"accept": None}))
     return cmds
@@ -268,7 +272,7 @@ def mapping_elements(m: Mapping, mapping_id: int) -> list[tuple[str, Any]]:
     elements: list[tuple[str, Any]] = []
     for key, target_port in _keys(m):
         elements += [(id_map(kind), [key, mark]), (_addr_map(kind), [key, target]), (_port_map(kind), [key, target_port])]
-    elements += [("traffic", mark), (_targets_set(m), target)]
+    elements += [("to_target", mark), ("to_client", mark), (_targets_set(m), target)]
     return elements
 
 
@@ -335,14 +339,15 @@ def list_counters(opts: KernelOptions) -> list[Json]:
     t = _t(opts)
     names = [id_map(kind) for kind in KINDS]
     return [batch([{"list": {"map": {"family": FAMILY, "table": t["table"], "name": name}}}]) for name in names] + [
-        batch([{"list": {"set": {"family": FAMILY, "table": t["table"], "name": "traffic"}}}])
+        batch([{"list": {"set": {"family": FAMILY, "table": t["table"], "name": name}}}]) for name in TRAFFIC_SETS
     ]
 
 
-def parse_counters(outputs: list[dict]) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
-    """From :func:`list_counters` output: connections by mark, and (packets, bytes) by mark."""
+def parse_counters(outputs: list[dict]) -> tuple[dict[int, int], dict[str, dict[int, tuple[int, int]]]]:
+    """From :func:`list_counters` output: connections by mark, and per direction set
+    ("to_target", "to_client") the (packets, bytes) by mark."""
     connections: dict[int, int] = {}
-    traffic: dict[int, tuple[int, int]] = {}
+    traffic: dict[str, dict[int, tuple[int, int]]] = {name: {} for name in TRAFFIC_SETS}
     for out in outputs:
         for item in out.get("nftables", []):
             container = item.get("map") or item.get("set")
@@ -353,7 +358,8 @@ def parse_counters(outputs: list[dict]) -> tuple[dict[int, int], dict[int, tuple
                     wrapped, mark = elem
                     counter = wrapped.get("elem", {}).get("counter", {}) if isinstance(wrapped, dict) else {}
                     connections[mark] = connections.get(mark, 0) + counter.get("packets", 0)
-                elif isinstance(elem, dict) and "elem" in elem:  # set: {"elem": {val, counter}}
+                elif isinstance(elem, dict) and "elem" in elem and container.get("name") in traffic:
                     counter = elem["elem"].get("counter", {})
-                    traffic[elem["elem"]["val"]] = (counter.get("packets", 0), counter.get("bytes", 0))
+                    traffic[container["name"]][elem["elem"]["val"]] = (counter.get("packets", 0),
+                                                                       counter.get("bytes", 0))
     return connections, traffic

@@ -22,10 +22,20 @@ log = logging.getLogger("portproxy.kernel")
 @dataclasses.dataclass(frozen=True)
 class KernelCounters:
     connections: int
-    """Flows DNAT'd (the nat chain's counter sees one packet per flow)."""
-    packets: int
-    bytes: int
-    """Every packet of those flows, both directions, IP headers included."""
+    """Flows DNAT'd (the dispatch lookup sees one packet per flow)."""
+    packets_to_target: int
+    bytes_to_target: int
+    packets_to_client: int
+    bytes_to_client: int
+    """Every packet of those flows by direction, IP headers included."""
+
+    @property
+    def packets(self) -> int:
+        return self.packets_to_target + self.packets_to_client
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_to_target + self.bytes_to_client
 
 
 class KernelPath:
@@ -100,7 +110,7 @@ class KernelPath:
         if not self.ids:
             return {}
         by_id = read_counters(self._nft, self.opts)
-        zero = KernelCounters(0, 0, 0)
+        zero = KernelCounters(0, 0, 0, 0, 0)
         return {m: by_id.get(mapping_id, zero) for m, mapping_id in self.ids.items()}
 
 
@@ -108,11 +118,10 @@ def read_counters(nft: Nft, opts: KernelOptions) -> dict[int, KernelCounters]:
     """Counters of every mapping in the table, by mapping id (whoever installed them)."""
     outputs = [nft.query(command) for command in builders.list_counters(opts)]
     connections, traffic = builders.parse_counters(outputs)
-    ids = {mark >> builders.CT_MARK_SHIFT for mark in (*connections, *traffic)}
+    to_target, to_client = traffic["to_target"], traffic["to_client"]
+    marks = {*connections, *to_target, *to_client}
     return {
-        mapping_id: KernelCounters(
-            connections.get(mapping_id << builders.CT_MARK_SHIFT, 0),
-            *traffic.get(mapping_id << builders.CT_MARK_SHIFT, (0, 0)),
-        )
-        for mapping_id in ids
+        mark >> builders.CT_MARK_SHIFT: KernelCounters(
+            connections.get(mark, 0), *to_target.get(mark, (0, 0)), *to_client.get(mark, (0, 0)))
+        for mark in marks
     }

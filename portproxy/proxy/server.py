@@ -16,6 +16,7 @@ from typing import Union
 from ..spec import Mapping, format_endpoint
 from .options import ProxyOptions
 from .splice import PipePool
+from .stats import TcpStats, UdpStats
 from .tcp import TcpListener
 from .udp import UdpListener
 
@@ -78,6 +79,9 @@ class ProxyServer:
         self.options = options
         self.pipe_pool = PipePool(options.pipe_size, options.pipe_pool_max) if options.splice else None
         self.listeners: dict[Mapping, list[Listener]] = {}
+        self.stats: dict[Mapping, list[TcpStats | UdpStats]] = {}
+        """Counters per mapping and port, kept across listener changes (a switch away and
+        back reuses them) so exported counters never go backwards; see forget_stats."""
         self.retired: list[TcpListener] = []
         """Closed TCP listeners whose connections are still running (after a switch)."""
         self.reuse_port = False
@@ -104,14 +108,18 @@ class ProxyServer:
                 sock.close()
             raise
         listeners: list[Listener] = []
-        for sock, (host_port, target_port) in zip(bound, mapping.port_pairs()):
+        stats = self.stats.setdefault(
+            mapping, [TcpStats() if mapping.proto == "tcp" else UdpStats() for _ in range(mapping.port_count)])
+        for sock, (host_port, target_port), port_stats in zip(bound, mapping.port_pairs(), stats):
             target = (str(mapping.target_ip), target_port)
             name = listener_name(mapping, host_port, target_port)
             listener: Listener
             if mapping.proto == "tcp":
-                listener = TcpListener(self.loop, sock, target, name, self.options, self.pipe_pool)
+                assert isinstance(port_stats, TcpStats)
+                listener = TcpListener(self.loop, sock, target, name, self.options, self.pipe_pool, port_stats)
             else:
-                listener = UdpListener(self.loop, sock, target, name, self.options)
+                assert isinstance(port_stats, UdpStats)
+                listener = UdpListener(self.loop, sock, target, name, self.options, port_stats)
             listener.start()
             listeners.append(listener)
         self.listeners[mapping] = listeners
@@ -121,6 +129,10 @@ class ProxyServer:
         """Stop one mapping: stop accepting, let its connections finish, then close them."""
         listeners = self.listeners.pop(mapping)
         await self._drain(listeners, self.options.drain_timeout if drain_timeout is None else drain_timeout)
+
+    def forget_stats(self, mapping: Mapping) -> None:
+        """Drop a mapping's counters (it is gone for good: its series should disappear)."""
+        self.stats.pop(mapping, None)
 
     def retire(self, mapping: Mapping) -> None:
         """Close a mapping's listeners at once but let its live connections run to their end.

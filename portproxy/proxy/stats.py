@@ -6,7 +6,11 @@ but an integer add per chunk. The metrics layer reads them at scrape time.
 
 from __future__ import annotations
 
+import bisect
 import collections
+
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Upper bounds (seconds) of the connect-latency histogram; the last bucket is +Inf."""
 
 
 TO_TARGET = 0
@@ -24,6 +28,7 @@ class TcpStats:
         "accept_errors",
         "connect_seconds_sum",
         "connect_count",
+        "connect_buckets",
     )
 
     def __init__(self) -> None:
@@ -35,6 +40,14 @@ class TcpStats:
         self.accept_errors: collections.Counter[str] = collections.Counter()
         self.connect_seconds_sum = 0.0
         self.connect_count = 0
+        self.connect_buckets = [0] * (len(CONNECT_BUCKETS) + 1)
+        """Non-cumulative counts per bucket of CONNECT_BUCKETS, then +Inf."""
+
+    def record_connect(self, seconds: float) -> None:
+        """Once per connection (not per chunk): a bisect and three integer adds."""
+        self.connect_seconds_sum += seconds
+        self.connect_count += 1
+        self.connect_buckets[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
 
 
 class UdpStats:

@@ -114,8 +114,7 @@ class TcpRelay:
     def _established(self) -> None:
         listener = self._listener
         stats = listener.stats
-        stats.connect_seconds_sum += time.monotonic() - self._t0
-        stats.connect_count += 1
+        stats.record_connect(time.monotonic() - self._t0)
         up = self.upstream
         assert up is not None
         self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

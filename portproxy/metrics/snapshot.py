@@ -1,0 +1,50 @@
+"""What one scrape sees of one mapping: its labels, its mode and its counter objects."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..kernel.path import KernelCounters
+from ..proxy.stats import TcpStats, UdpStats
+from ..spec import Mapping, format_endpoint
+
+
+def _ports(start: int, end: int) -> str:
+    return str(start) if start == end else f"{start}-{end}"
+
+
+def mapping_labels(m: Mapping) -> tuple[str, str, str]:
+    """(proto, listen, target): the labels of every series of a mapping. Never a client address."""
+    listen = f"{format_endpoint(m.listen_ip(), m.host_port).rsplit(':', 1)[0]}:{_ports(m.host_port, m.host_port_end)}"
+    target = f"{format_endpoint(m.target_ip, m.target_port).rsplit(':', 1)[0]}:{_ports(m.target_port, m.target_port_end)}"
+    return m.proto, listen, target
+
+
+@dataclasses.dataclass
+class MappingSnapshot:
+    mapping: Mapping
+    mode: str
+    userland: list[TcpStats | UdpStats]
+    """The counter objects of the mapping's listeners (per port; a hybrid's loopback ones too)."""
+    kernel: KernelCounters | None
+
+
+class KernelCounterReader:
+    """Reads kernel counters for the metrics thread with a libnftables context of its own,
+    so a scrape never waits for (or blocks) the controller's worker."""
+
+    def __init__(self, opts) -> None:  # noqa: ANN001 - KernelOptions
+        self._opts = opts
+        self._nft = None
+
+    def read(self, ids: dict[Mapping, int]) -> dict[Mapping, KernelCounters]:
+        if not ids:
+            return {}
+        from ..kernel.executor import Nft
+        from ..kernel.path import read_counters
+
+        if self._nft is None:
+            self._nft = Nft()
+        by_id = read_counters(self._nft, self._opts)
+        zero = KernelCounters(0, 0, 0, 0, 0)
+        return {m: by_id.get(mapping_id, zero) for m, mapping_id in ids.items()}
