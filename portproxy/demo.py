@@ -127,24 +127,47 @@ def _kernel_counters(topo: SeedTopology) -> str:
     return f"{c.connections} connections, {c.packets} packets, {c.bytes} bytes (both directions)"
 
 
+def _series(topo: SeedTopology) -> list[str]:
+    """The mapping's connection and byte series, scraped from portproxy's metrics endpoint."""
+    def scrape() -> str:
+        import urllib.request
+
+        with urllib.request.urlopen("http://127.0.0.1:9779/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    wanted = ("portproxy_connections_total{", "portproxy_bytes_total{")
+    return [line for line in topo.host.run(scrape).splitlines() if line.startswith(wanted)]
+
+
+def _show_series(topo: SeedTopology, when: str) -> None:
+    _say(f"  metrics {when}:")
+    for line in _series(topo):
+        _say(f"    {line}")
+
+
 def _userland(topo: SeedTopology, loop: str) -> None:
-    _say(f"\n-- userland path: portproxy map {DEMO_SPEC} (splice, {loop}) --")
-    proc, ready = start_portproxy(topo.host, ["map", DEMO_SPEC, "--loop", loop, "--drain-timeout", "1", "--log-level", "warning"])
+    _say(f"\n-- userland path: portproxy map {DEMO_SPEC} --metrics-addr (splice, {loop}) --")
+    proc, ready = start_portproxy(topo.host, ["map", DEMO_SPEC, "--loop", loop, "--drain-timeout", "1",
+                                              "--log-level", "warning", "--metrics-addr"])
     try:
         for line in ready:
             _say(line)
+        _show_series(topo, "before traffic")
         _fetch_all(topo, [("client", topo.client, topo.host_ip), ("host", topo.host, "127.0.0.1")])
         _say("          (a proxy: the container sees the host's bridge address, not the client's)")
+        _show_series(topo, "after two fetches")
     finally:
         _say(f"portproxy stopped on SIGTERM (exit {stop_portproxy(proc)})")
 
 
 def _kernel(topo: SeedTopology) -> None:
-    _say(f"\n-- kernel path: portproxy map --mode kernel {DEMO_SPEC} (nftables DNAT) --")
-    proc, ready = start_portproxy(topo.host, ["map", "--mode", "kernel", DEMO_SPEC, "--log-level", "warning"])
+    _say(f"\n-- kernel path: portproxy map --mode kernel {DEMO_SPEC} --metrics-addr (nftables DNAT) --")
+    proc, ready = start_portproxy(topo.host, ["map", "--mode", "kernel", DEMO_SPEC, "--log-level", "warning",
+                                              "--metrics-addr"])
     try:
         for line in ready:
             _say(line)
+        _show_series(topo, "before traffic")
         _fetch_all(topo, [
             ("client", topo.client, topo.host_ip),
             ("host", topo.host, topo.host_ip),
@@ -152,6 +175,7 @@ def _kernel(topo: SeedTopology) -> None:
         ])
         _say("          (DNAT keeps the client's address; the host and the hairpinned container are masqueraded)")
         _say(f"kernel counters of {DEMO_SPEC}: {_kernel_counters(topo)}")
+        _show_series(topo, "after three fetches")
     finally:
         _say(f"portproxy stopped on SIGTERM (exit {stop_portproxy(proc)}); its nftables table is gone")
 
@@ -163,7 +187,8 @@ def _switching(topo: SeedTopology, loop: str) -> None:
         config.write_text(f'[[mapping]]\nspec = "{DEMO_SPEC}"\nmode = "userland"\n')
         sock = str(Path(tmp) / "portproxy.sock")
         proc, ready = start_portproxy(topo.host, ["serve", "--config", str(config), "--state-dir", tmp,
-                                                  "--socket", sock, "--loop", loop, "--log-level", "warning"])
+                                                  "--socket", sock, "--loop", loop, "--log-level", "warning",
+                                                  "--metrics-addr", "off"])
         try:
             _say(ready[0])
             result: dict[str, object] = {}
