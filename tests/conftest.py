@@ -37,10 +37,10 @@ def topo() -> Iterator[SeedTopology]:
 class PortproxyProcess:
     """A ``portproxy`` command running inside a namespace, with its output collected."""
 
-    def __init__(self, ns: Namespace, args: list[str], ready_lines: int | None) -> None:
+    def __init__(self, ns: Namespace, args: list[str], ready_lines: int | None, prefix: list[str] | None = None) -> None:
         self.args = args
         self.proc = ns.popen(
-            [sys.executable, "-m", "portproxy", *args],
+            [*(prefix or []), sys.executable, "-m", "portproxy", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -88,8 +88,9 @@ def portproxy(topo: SeedTopology) -> Iterator[Callable[..., PortproxyProcess]]:
     """Start ``portproxy ARGS`` in the host namespace; stopped at teardown."""
     started: list[PortproxyProcess] = []
 
-    def start(*args: str, ns: Namespace | None = None, ready: int | None = 1) -> PortproxyProcess:
-        proc = PortproxyProcess(ns or topo.host, list(args), ready)
+    def start(*args: str, ns: Namespace | None = None, ready: int | None = 1,
+              prefix: list[str] | None = None) -> PortproxyProcess:
+        proc = PortproxyProcess(ns or topo.host, list(args), ready, prefix)
         started.append(proc)
         return proc
 

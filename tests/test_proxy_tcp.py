@@ -177,3 +177,32 @@ async def test_graceful_stop_lets_live_connections_finish(topo, tcp_echo, portpr
     assert await reader.read(-1) == b""
     writer.close()
     assert await asyncio.to_thread(proxy.proc.wait, 10) == 0
+
+
+async def test_out_of_fds_backs_off_and_recovers(topo, tcp_echo, portproxy) -> None:
+    """EMFILE on accept: no spinning, one log line, and service resumes once fds free up."""
+    proxy = portproxy("map", f"9090:{topo.container_ip}:8080", prefix=["prlimit", "--nofile=48:48", "--"])
+    held = []
+    for _ in range(30):  # each costs the proxy two fds; the limit runs out on the way
+        held.append(await open_connection(topo.client, topo.host_ip, 9090))
+    await asyncio.sleep(1.0)
+    cpu_before = _cpu_seconds(proxy.proc.pid)
+    await asyncio.sleep(1.0)
+    assert _cpu_seconds(proxy.proc.pid) - cpu_before < 0.2  # backing off, not spinning
+    for reader, writer in held:
+        writer.close()
+    await asyncio.sleep(1.5)
+    # Recovered: new connections are served again.
+    reader, writer = await open_connection(topo.client, topo.host_ip, 9090)
+    writer.write(b"back")
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"back"
+    writer.close()
+    proxy.stop()
+    warnings = [line for line in proxy.stderr.splitlines() if "backing off" in line]
+    assert len(warnings) == 1 and "Too many open files" in warnings[0]
+    assert "accepting again" in proxy.stderr
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
