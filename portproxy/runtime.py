@@ -41,8 +41,33 @@ def run(main: Callable[[], Awaitable[T]], loop: LoopName = "uvloop") -> T:
         return runner.run(main())  # type: ignore[arg-type]
 
 
+class JournalFormatter(logging.Formatter):
+    """``<N>message``: the syslog priority prefix journald understands (sd-daemon(3)); no
+    timestamp, the journal adds its own."""
+
+    PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return f"<{priority}>{record.name}: {super().format(record)}"
+
+
+def _stderr_is_journal() -> bool:
+    """JOURNAL_STREAM names the journal's stream as device:inode; compare with fd 2."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 def setup_logging(level: str = "info") -> None:
-    """Log to stderr; plain lines under journald (it stamps time and priority itself)."""
-    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(message)s" if under_journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr, force=True)
+    """Log to stderr; under journald, priority-prefixed lines without timestamps."""
+    handler = logging.StreamHandler(sys.stderr)
+    if _stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)

@@ -101,6 +101,8 @@ class Controller:
         self._kernel: KernelPath | None = None
         self._lock = asyncio.Lock()
         self._metrics_reader: Any = None
+        self.on_change: Callable[[], None] | None = None
+        """Called after every committed change (the daemon updates systemd's STATUS=)."""
 
     # --- the worker thread ----------------------------------------------------------
     async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
@@ -202,6 +204,8 @@ class Controller:
         except OSError as exc:
             await undo()
             raise ControlError(500, f"cannot save state: {exc.strerror}") from None
+        if self.on_change is not None:
+            self.on_change()
 
     # --- operations -------------------------------------------------------------------------
     def resolve(self, name: str) -> Mapping:

@@ -85,6 +85,18 @@ class ProxyServer:
         self.retired: list[TcpListener] = []
         """Closed TCP listeners whose connections are still running (after a switch)."""
         self.reuse_port = False
+        self.adopted: dict[tuple[str, str, int], socket.socket] = {}
+        """Sockets handed over by a supervisor (systemd socket activation), by (proto, ip,
+        port). They are used instead of binding and never closed here: the supervisor
+        holds a copy, and a mapping that comes back to userland reuses the same one."""
+
+    def adopt(self, sock: socket.socket) -> tuple[str, str, int]:
+        """Remember a passed socket for the mapping that listens where it is bound."""
+        proto = "tcp" if sock.type == socket.SOCK_STREAM else "udp"
+        ip, port = sock.getsockname()[:2]
+        key = (proto, str(ip), int(port))
+        self.adopted[key] = sock
+        return key
 
     def add(self, mapping: Mapping, sockets: dict[int, socket.socket] | None = None) -> list[Listener]:
         """Bind and start every port of ``mapping``; raise ProxyError with nothing started.
@@ -98,14 +110,15 @@ class ProxyServer:
         bound: list[socket.socket] = []
         try:
             for host_port, _ in mapping.port_pairs():
-                sock = given.pop(host_port, None)
+                sock = given.pop(host_port, None) or self.adopted.get((mapping.proto, str(mapping.listen_ip()), host_port))
                 if sock is None:
                     sock = bind_socket(mapping, host_port, self.options.listen_backlog, self.reuse_port)
                 sock.setblocking(False)
                 bound.append(sock)
         except ProxyError:
             for sock in bound:
-                sock.close()
+                if sock not in self.adopted.values():
+                    sock.close()
             raise
         listeners: list[Listener] = []
         stats = self.stats.setdefault(
@@ -120,6 +133,7 @@ class ProxyServer:
             else:
                 assert isinstance(port_stats, UdpStats)
                 listener = UdpListener(self.loop, sock, target, name, self.options, port_stats)
+            listener.owned = sock not in self.adopted.values()
             listener.start()
             listeners.append(listener)
         self.listeners[mapping] = listeners

@@ -200,6 +200,8 @@ class TcpListener:
         self._backoff = 0.0
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._resource_warned = False
+        self.owned = True
+        """False for an adopted socket, which stays open (its owner holds a copy)."""
 
     def start(self) -> None:
         self._accepting = True
@@ -216,7 +218,8 @@ class TcpListener:
 
     def close_listener(self) -> None:
         self.stop_accepting()
-        self.sock.close()
+        if self.owned:
+            self.sock.close()
 
     def accept_pending(self) -> None:
         """Accept and relay every connection already waiting in the accept queue."""

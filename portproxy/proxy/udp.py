@@ -124,6 +124,8 @@ class UdpListener:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         self._sweeper: asyncio.TimerHandle | None = None
         self._reading = False
+        self.owned = True
+        """False for an adopted socket, which stays open (its owner holds a copy)."""
 
     # --- life cycle ---------------------------------------------------------
     def start(self) -> None:
@@ -142,7 +144,8 @@ class UdpListener:
             flow.close()
         self.stats.flows_active -= len(self.flows)
         self.flows.clear()
-        self.sock.close()
+        if self.owned:
+            self.sock.close()
 
     # --- client → target ----------------------------------------------------
     def _on_readable(self) -> None:
