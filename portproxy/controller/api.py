@@ -151,5 +151,6 @@ async def serve_api(app: web.Application, path: Path, group: str | None) -> web.
         os.umask(old_umask)
     os.chmod(path, 0o660)
     if group is not None:
-        os.chown(path, 0, grp.getgrnam(group).gr_gid)
+        # Group only: needs no CAP_CHOWN when the daemon is a member (SupplementaryGroups=).
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
     return runner
