@@ -131,15 +131,27 @@ class Namespace:
 
         return self.run(read)
 
-    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
-        """Start a program inside this namespace."""
+    def popen(self, argv: list[str], fds: dict[int, int] | None = None, **kwargs: Any) -> subprocess.Popen:
+        """Start a program inside this namespace.
+
+        ``fds`` maps a child fd number to one of ours (e.g. ``{3: status_pipe, 4: sock}``,
+        the way dockerd starts docker-proxy).
+        """
         path = f"/run/netns/{self.name}"
+        fds = fds or {}
 
         def enter() -> None:
             fd = os.open(path, os.O_RDONLY)
             netns.setns(fd)
             os.close(fd)
+            for target, source in fds.items():
+                os.dup2(source, target)  # dup2 clears close-on-exec on the copy
+            for source in set(fds.values()) - set(fds):
+                os.close(source)  # only the numbered copies stay: fd 3 closed means closed
 
+        if fds:
+            kwargs.setdefault("close_fds", True)
+            kwargs["pass_fds"] = tuple(kwargs.get("pass_fds", ())) + tuple(fds)
         return subprocess.Popen(argv, preexec_fn=enter, **kwargs)
 
     def __repr__(self) -> str:
