@@ -167,6 +167,15 @@ def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+def print_ratio_table(title: str, summary: dict[str, dict], baseline: str) -> None:
+    """A Markdown table of Gbit/s medians, min–max and the ratio to ``baseline``."""
+    base = summary[baseline]["median"]
+    print(f"\n| {title} | Gbit/s median | min–max | × {baseline} |")
+    print("|---|---:|---:|---:|")
+    for label, s in summary.items():
+        print(f"| {label} | {s['median']:.2f} | {s['min']:.2f}–{s['max']:.2f} | {s['median'] / base:.2f} |")
+
+
 def write_result(name: str, data: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -63,13 +63,9 @@ def main() -> int:
     summary = {label: harness.summarize(values) for label, values in gbit.items()}
     harness.write_result("kernel_scale", {"mappings": len(mappings), "apply_seconds": harness.summarize(apply_seconds),
                                           "gbit_per_s": summary})
-    one = summary["1 mapping"]["median"]
     print(f"\napply {len(mappings)} mappings in one batch: median {harness.statistics.median(apply_seconds):.3f} s "
-          f"(min {min(apply_seconds):.3f}, max {max(apply_seconds):.3f})\n")
-    print("| installed | Gbit/s median | min–max | × 1 mapping |")
-    print("|---|---:|---:|---:|")
-    for label, s in summary.items():
-        print(f"| {label} | {s['median']:.2f} | {s['min']:.2f}–{s['max']:.2f} | {s['median'] / one:.2f} |")
+          f"(min {min(apply_seconds):.3f}, max {max(apply_seconds):.3f})")
+    harness.print_ratio_table("installed", summary, "1 mapping")
     return 0
 
 

@@ -62,11 +62,7 @@ def main() -> int:
             harness.stop(procs)
     summary = {label: harness.summarize(values) for label, values in results.items()}
     harness.write_result("metrics_cost", {"seconds": args.seconds, "scrapes": scrapes[0], "gbit_per_s": summary})
-    off = summary["metrics off"]["median"]
-    print("\n| userland splice, 1 stream | Gbit/s median | min–max | × metrics off |")
-    print("|---|---:|---:|---:|")
-    for label, s in summary.items():
-        print(f"| {label} | {s['median']:.2f} | {s['min']:.2f}–{s['max']:.2f} | {s['median'] / off:.2f} |")
+    harness.print_ratio_table("userland splice, 1 stream", summary, "metrics off")
     return 0
 
 

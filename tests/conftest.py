@@ -117,6 +117,34 @@ async def open_connection(ns: Namespace, host: str, port: int) -> tuple[asyncio.
     return await asyncio.open_connection(sock=sock, limit=1 << 20)
 
 
+async def echo_roundtrip(ns: Namespace, host: str, port: int, payload: bytes, timeout: float = 60) -> bytes:
+    """Send ``payload`` (then EOF) over a new connection from ``ns``; return all that comes back."""
+    reader, writer = await open_connection(ns, host, port)
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for i in range(0, len(view), 1 << 16):
+            writer.write(view[i : i + (1 << 16)])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    try:
+        return await asyncio.wait_for(reader.read(-1), timeout)
+    finally:
+        await sender
+        writer.close()
+
+
+async def expect_closed_by_peer(reader: asyncio.StreamReader, timeout: float) -> None:
+    """Wait until the peer resets or closes the connection without sending anything."""
+    try:
+        data = await asyncio.wait_for(reader.read(1), timeout)
+    except ConnectionResetError:
+        return
+    assert data == b"", "the peer sent data instead of closing"
+
+
 async def start_server(ns: Namespace, port: int, handler: Callable, host: str = "0.0.0.0") -> asyncio.Server:
     """An asyncio stream server listening inside ``ns``."""
     sock = ns.socket(family_of(host), socket.SOCK_STREAM)

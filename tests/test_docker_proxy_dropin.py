@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import open_connection, start_server, start_udp_echo, udp_endpoint
+from conftest import echo_roundtrip, open_connection, start_server, start_udp_echo, udp_endpoint
 
 DROPIN = str(Path(sys.executable).parent / "portproxy-docker-proxy")
 
@@ -62,11 +62,7 @@ def flags(proto: str, host_ip: str, host_port: int, container_ip: str, container
 
 
 async def _tcp_echo_check(topo, host: str, port: int, payload: bytes = b"hello docker-proxy") -> None:
-    reader, writer = await open_connection(topo.client, host, port)
-    writer.write(payload)
-    writer.write_eof()
-    assert await asyncio.wait_for(reader.read(-1), 10) == payload
-    writer.close()
+    assert await echo_roundtrip(topo.client, host, port, payload, timeout=10) == payload
 
 
 def _bound(ns, family: int, kind: int, host: str, port: int) -> socket.socket:

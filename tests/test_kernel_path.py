@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import echo_handler, open_connection, start_server, start_udp_echo, udp_endpoint
+from conftest import echo_roundtrip, open_connection, start_server, start_udp_echo, udp_endpoint
 from portproxy.kernel import KernelOptions, KernelPath, NftError
 from portproxy.kernel import builders
 from portproxy.spec import parse_spec
@@ -43,28 +43,13 @@ def counters(ns) -> dict:
     return ns.run(lambda: read_counters(Nft(), KernelOptions()))
 
 
-async def _roundtrip(ns, host: str, port: int, payload: bytes) -> bytes:
-    reader, writer = await open_connection(ns, host, port)
-
-    async def send() -> None:
-        writer.write(payload)
-        await writer.drain()
-        writer.write_eof()
-
-    sender = asyncio.create_task(send())
-    data = await asyncio.wait_for(reader.read(-1), 60)
-    await sender
-    writer.close()
-    return data
-
-
 async def test_client_through_dnat_tcp_and_udp(topo, tcp_echo, udp_echo, portproxy) -> None:
     proxy = portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080",
                       f"5353:{topo.container_ip}:5353/udp", ready=2)
     assert proxy.ready == [f"ready tcp 0.0.0.0:9090 -> {topo.container_ip}:8080 (kernel)",
                            f"ready udp 0.0.0.0:5353 -> {topo.container_ip}:5353 (kernel)"]
     payload = os.urandom(8 << 20)
-    received = await _roundtrip(topo.client, topo.host_ip, 9090, payload)
+    received = await echo_roundtrip(topo.client, topo.host_ip, 9090, payload)
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
     client = await udp_endpoint(topo.client)
     for i in range(5):
@@ -87,7 +72,7 @@ async def test_ipv6_and_port_range(topo, tcp_echo, portproxy) -> None:
         servers.append(await start_server(topo.container, port, tag))
     portproxy("map", "--mode", "kernel", f"9090:[{topo.container_ip6}]:8080", f"9100-9101:{topo.container_ip}:8100-8101",
               ready=3)
-    assert await _roundtrip(topo.client, topo.host_ip6, 9090, b"v6 bytes") == b"v6 bytes"
+    assert await echo_roundtrip(topo.client, topo.host_ip6, 9090, b"v6 bytes") == b"v6 bytes"
     for offset in (0, 1):
         reader, writer = await open_connection(topo.client, topo.host_ip, 9100 + offset)
         assert await asyncio.wait_for(reader.read(-1), 5) == str(8100 + offset).encode()
@@ -98,7 +83,7 @@ async def test_ipv6_and_port_range(topo, tcp_echo, portproxy) -> None:
 
 async def test_hairpin_container_reaches_its_own_published_port(topo, tcp_echo, portproxy) -> None:
     proxy = portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080")
-    assert await _roundtrip(topo.container, topo.host_ip, 9090, b"hairpin") == b"hairpin"
+    assert await echo_roundtrip(topo.container, topo.host_ip, 9090, b"hairpin") == b"hairpin"
     proxy.stop()
     assert "hairpin mode enabled on br0 port(s) vc0" in proxy.stderr
 
@@ -106,7 +91,7 @@ async def test_hairpin_container_reaches_its_own_published_port(topo, tcp_echo, 
 async def test_host_itself_reaches_published_port(topo, tcp_echo, portproxy) -> None:
     portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080")
     for address in (topo.host_ip, topo.bridge_ip):
-        assert await _roundtrip(topo.host, address, 9090, b"from the host") == b"from the host"
+        assert await echo_roundtrip(topo.host, address, 9090, b"from the host") == b"from the host"
     # Loopback is not published without route_localnet.
     with pytest.raises(ConnectionRefusedError):
         await open_connection(topo.host, "127.0.0.1", 9090)
@@ -117,7 +102,7 @@ async def test_route_localnet_publishes_loopback(topo, tcp_echo, portproxy) -> N
     assert proc.proc.wait(timeout=20) == 1
     assert "net.ipv4.conf.all.route_localnet=1" in proc.stderr
     portproxy("map", "--mode", "kernel", "--route-localnet", "--set-sysctls", f"9090:{topo.container_ip}:8080")
-    assert await _roundtrip(topo.host, "127.0.0.1", 9090, b"via loopback") == b"via loopback"
+    assert await echo_roundtrip(topo.host, "127.0.0.1", 9090, b"via loopback") == b"via loopback"
 
 
 async def test_container_egress_is_masqueraded(topo, portproxy) -> None:
@@ -142,7 +127,7 @@ async def test_counters_grow_with_traffic(topo, tcp_echo, portproxy) -> None:
     assert (before.connections, before.packets, before.bytes) == (0, 0, 0)
     payload = os.urandom(1_000_000)
     for _ in range(3):
-        assert await _roundtrip(topo.client, topo.host_ip, 9090, payload) == payload
+        assert await echo_roundtrip(topo.client, topo.host_ip, 9090, payload) == payload
     after = counters(topo.host)[1]
     assert after.connections == 3
     # Each direction carried the payload, plus headers.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import open_connection, udp_endpoint
+from conftest import echo_roundtrip, open_connection, udp_endpoint
 
 METRICS_PORT = 9779
 needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -51,11 +51,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 
 async def _echo(topo, port: int, payload: bytes) -> None:
-    reader, writer = await open_connection(topo.client, topo.host_ip, port)
-    writer.write(payload)
-    writer.write_eof()
-    assert await asyncio.wait_for(reader.read(-1), 30) == payload
-    writer.close()
+    assert await echo_roundtrip(topo.client, topo.host_ip, port, payload, timeout=30) == payload
 
 
 async def test_userland_counters_are_exact(topo, tcp_echo, udp_echo, portproxy) -> None:
