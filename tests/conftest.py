@@ -271,3 +271,18 @@ def daemon(topo, tmp_path):
     for proc in started:
         proc.stop()
     shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+async def check_udp_backend_appears_later(topo, host_port: int, target_port: int) -> None:
+    """Datagrams sent while nothing listens at the target draw ICMP errors; once a server
+    appears, the same client's next datagram gets through (the flow survived)."""
+    client = await udp_endpoint(topo.client)
+    for _ in range(3):
+        client.transport.sendto(b"anyone?", (topo.host_ip, host_port))
+        await asyncio.sleep(0.1)
+    server = await start_udp_echo(topo.container, target_port)
+    try:
+        client.transport.sendto(b"now", (topo.host_ip, host_port))
+        assert (await client.recv())[0] == b"now"
+    finally:
+        server.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import echo_roundtrip, open_connection, start_server, start_udp_echo, udp_endpoint
+from conftest import check_udp_backend_appears_later, echo_roundtrip, open_connection, start_server, udp_endpoint
 
 DROPIN = str(Path(sys.executable).parent / "portproxy-docker-proxy")
 
@@ -130,15 +130,8 @@ async def test_udp(topo, udp_echo, dockerproxy, family: str, passed: bool) -> No
 
 async def test_udp_no_backend_at_first(topo, dockerproxy) -> None:
     proxy = dockerproxy(*flags("udp", "0.0.0.0", 5301, topo.container_ip, 5355))
-    client = await udp_endpoint(topo.client)
-    for _ in range(3):
-        client.transport.sendto(b"anyone?", (topo.host_ip, 5301))
-        await asyncio.sleep(0.1)
-    echo = await start_udp_echo(topo.container, 5355)
-    client.transport.sendto(b"now", (topo.host_ip, 5301))
-    assert (await client.recv())[0] == b"now"
+    await check_udp_backend_appears_later(topo, 5301, 5355)
     assert proxy.proc.poll() is None
-    echo.close()
 
 
 async def test_udp_one_sided_flow_keeps_source_port(topo, dockerproxy) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from conftest import start_udp_echo, udp_endpoint
+from conftest import check_udp_backend_appears_later, udp_endpoint
 
 
 async def _whoami(client, host: str, port: int) -> str:
@@ -96,13 +96,5 @@ async def test_table_is_bounded_oldest_evicted(topo, udp_echo, portproxy) -> Non
 async def test_no_backend_at_first_then_it_appears(topo, portproxy) -> None:
     """ICMP port unreachable from the target does not kill the flow or the proxy."""
     proxy = portproxy("map", f"5355:{topo.container_ip}:5355/udp")
-    client = await udp_endpoint(topo.client)
-    for _ in range(3):
-        client.transport.sendto(b"anyone?", (topo.host_ip, 5355))
-        await asyncio.sleep(0.1)
-    server = await start_udp_echo(topo.container, 5355)
-    client.transport.sendto(b"now", (topo.host_ip, 5355))
-    data, _ = await client.recv()
-    assert data == b"now"
+    await check_udp_backend_appears_later(topo, 5355, 5355)
     assert proxy.proc.poll() is None
-    server.close()
