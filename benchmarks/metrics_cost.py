@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 

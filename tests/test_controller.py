@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import PortproxyProcess, echo_handler, open_connection, start_server, udp_endpoint
+from conftest import open_connection, udp_endpoint
 from test_kernel_path import tables
 
 

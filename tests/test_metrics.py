@@ -8,9 +8,7 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import urllib.parse
-from pathlib import Path
 
 import pytest
 
