@@ -96,9 +96,9 @@ def format_spec(m: Mapping) -> str:
     )
 
 
-def format_endpoint(ip: IPAddress, port: int) -> str:
-    """``1.2.3.4:80`` or ``[::1]:80``."""
-    return f"{_format_ip(ip)}:{port}"
+def format_endpoint(ip: IPAddress, port: int, port_end: int | None = None) -> str:
+    """``1.2.3.4:80``, ``[::1]:80``, or with a range ``1.2.3.4:80-90``."""
+    return f"{_format_ip(ip)}:{_format_ports(port, port if port_end is None else port_end)}"
 
 
 def _split_fields(text: str, spec: str) -> list[str]:

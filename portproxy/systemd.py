@@ -32,10 +32,6 @@ class Notifier:
         self._sock: socket.socket | None = None
         self.watchdog_seconds = self._watchdog_interval(env)
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     @staticmethod
     def _watchdog_interval(env: dict[str, str]) -> float | None:
         """Half of WatchdogSec, as systemd recommends; None when no watchdog is asked for."""

@@ -23,8 +23,6 @@ import pytest
 
 from portproxy.netns import Namespace, SeedTopology, seed_topology
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
-
 
 @pytest.fixture
 def topo() -> Iterator[SeedTopology]:

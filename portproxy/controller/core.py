@@ -36,8 +36,7 @@ from ..kernel.builders import check_mapping
 from ..kernel.hairpin import HairpinError
 from ..kernel.sysctls import SysctlError, ensure, required
 from ..proxy.server import ProxyError, ProxyServer
-from ..proxy.stats import TO_CLIENT, TO_TARGET
-from ..proxy.tcp import TcpListener
+from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 from .config import Config, DaemonOptions, Mode, parse_mode
 from .state import StateStore
@@ -388,6 +387,17 @@ class Controller:
         self._worker.shutdown(wait=True)
 
     # --- reading ------------------------------------------------------------------------------------
+    def _userland_stats(self, mapping: Mapping, stats: dict[Mapping, list]) -> list[TcpStats | UdpStats]:
+        """Counter objects of a mapping's listeners, a hybrid's loopback listener included.
+
+        They are kept per mapping by the proxy, so they also cover connections a retired
+        listener still relays, and never go backwards across switches."""
+        userland = [*stats.get(mapping, [])]
+        loopback = loopback_variant(mapping)
+        if loopback is not None:
+            userland += stats.get(loopback, [])
+        return userland
+
     def metrics_snapshot(self) -> list["MappingSnapshot"]:
         """Called on the metrics thread: copies first (the loop thread may be changing things)."""
         from ..metrics.snapshot import KernelCounterReader, MappingSnapshot
@@ -399,14 +409,7 @@ class Controller:
             if self._metrics_reader is None:
                 self._metrics_reader = KernelCounterReader(self.options.kernel)
             kernel_counters = self._metrics_reader.read(dict(self._kernel.ids))
-        snapshots = []
-        for mapping, mode in entries:
-            userland = [*stats.get(mapping, [])]
-            loopback = loopback_variant(mapping)
-            if loopback is not None:
-                userland += stats.get(loopback, [])
-            snapshots.append(MappingSnapshot(mapping, mode, userland, kernel_counters.get(mapping)))
-        return snapshots
+        return [MappingSnapshot(m, mode, self._userland_stats(m, stats), kernel_counters.get(m)) for m, mode in entries]
 
     async def describe(self) -> list[dict[str, Any]]:
         counters = {}
@@ -418,18 +421,15 @@ class Controller:
         result = []
         for mapping, entry in sorted(self.entries.items()):
             item: dict[str, Any] = {"spec": str(mapping), "mode": entry.mode, "source": entry.source}
-            listeners = [listener for m in (mapping, loopback_variant(mapping)) if m is not None
-                         for listener in self.proxy.listeners.get(m, [])]
-            tcp = [listener for listener in listeners if isinstance(listener, TcpListener)]
-            udp = [listener for listener in listeners if not isinstance(listener, TcpListener)]
+            userland = self._userland_stats(mapping, self.proxy.stats)
+            tcp = [s for s in userland if isinstance(s, TcpStats)]
+            udp = [s for s in userland if isinstance(s, UdpStats)]
             item["userland"] = {
-                "connections": sum(len(listener.connections) for listener in tcp),
-                "accepted": sum(listener.stats.accepted for listener in tcp),
-                "bytes_to_target": sum(listener.stats.bytes[TO_TARGET] for listener in tcp)
-                + sum(listener.stats.bytes_to_target for listener in udp),
-                "bytes_to_client": sum(listener.stats.bytes[TO_CLIENT] for listener in tcp)
-                + sum(listener.stats.bytes_to_client for listener in udp),
-                "udp_flows": sum(len(listener.flows) for listener in udp),
+                "connections": sum(s.active for s in tcp),
+                "accepted": sum(s.accepted for s in tcp),
+                "bytes_to_target": sum(s.bytes[TO_TARGET] for s in tcp) + sum(s.bytes_to_target for s in udp),
+                "bytes_to_client": sum(s.bytes[TO_CLIENT] for s in tcp) + sum(s.bytes_to_client for s in udp),
+                "udp_flows": sum(s.flows_active for s in udp),
             }
             kernel = counters.get(mapping)
             if kernel is not None:

@@ -110,21 +110,15 @@ async def run_serve(config_path: Path, state_dir: Path, socket_path: Path, metri
     return 0
 
 
-def _start_watchdog(loop: asyncio.AbstractEventLoop, notifier: Notifier) -> asyncio.TimerHandle | None:
+def _start_watchdog(loop: asyncio.AbstractEventLoop, notifier: Notifier) -> asyncio.Task | None:
     """WATCHDOG=1 every half WatchdogSec, from the event loop itself: a stuck loop stops the pings."""
     interval = notifier.watchdog_seconds
     if interval is None:
         return None
-    handle: list[asyncio.TimerHandle] = []
 
-    def ping() -> None:
-        notifier.watchdog()
-        handle[0] = loop.call_later(interval, ping)
+    async def ping() -> None:
+        while True:
+            notifier.watchdog()
+            await asyncio.sleep(interval)
 
-    handle.append(loop.call_later(0, ping))
-
-    class _Cancel:
-        def cancel(self) -> None:
-            handle[0].cancel()
-
-    return _Cancel()  # type: ignore[return-value]
+    return loop.create_task(ping())

@@ -41,10 +41,3 @@ def delete_udp_flows(ports: list[tuple[int, int]]) -> int:
         log.info("deleted %d stale UDP conntrack entr%s", deleted, "y" if deleted == 1 else "ies")
     return deleted
 
-
-def flush_all() -> None:
-    """Empty the conntrack table of the current namespace (benchmarks between runs)."""
-    from pyroute2 import Conntrack
-
-    with Conntrack() as ct:
-        ct.flush()

@@ -9,15 +9,10 @@ from ..proxy.stats import TcpStats, UdpStats
 from ..spec import Mapping, format_endpoint
 
 
-def _ports(start: int, end: int) -> str:
-    return str(start) if start == end else f"{start}-{end}"
-
-
 def mapping_labels(m: Mapping) -> tuple[str, str, str]:
     """(proto, listen, target): the labels of every series of a mapping. Never a client address."""
-    listen = f"{format_endpoint(m.listen_ip(), m.host_port).rsplit(':', 1)[0]}:{_ports(m.host_port, m.host_port_end)}"
-    target = f"{format_endpoint(m.target_ip, m.target_port).rsplit(':', 1)[0]}:{_ports(m.target_port, m.target_port_end)}"
-    return m.proto, listen, target
+    return (m.proto, format_endpoint(m.listen_ip(), m.host_port, m.host_port_end),
+            format_endpoint(m.target_ip, m.target_port, m.target_port_end))
 
 
 @dataclasses.dataclass

@@ -139,11 +139,6 @@ class ProxyServer:
         self.listeners[mapping] = listeners
         return listeners
 
-    async def remove(self, mapping: Mapping, drain_timeout: float | None = None) -> None:
-        """Stop one mapping: stop accepting, let its connections finish, then close them."""
-        listeners = self.listeners.pop(mapping)
-        await self._drain(listeners, self.options.drain_timeout if drain_timeout is None else drain_timeout)
-
     def forget_stats(self, mapping: Mapping) -> None:
         """Drop a mapping's counters (it is gone for good: its series should disappear)."""
         self.stats.pop(mapping, None)
