@@ -89,7 +89,7 @@ def _install_kernel(path: "KernelPath", mappings: list[Mapping], set_sysctls: bo
     path.install(mappings)
     try:
         path.enable_hairpin(mappings)
-        path.forget_udp_flows(mappings)
+        path.forget_udp_flows(mappings, translated=True)
     except BaseException:
         path.teardown()
         raise
@@ -97,7 +97,7 @@ def _install_kernel(path: "KernelPath", mappings: list[Mapping], set_sysctls: bo
 
 def _remove_kernel(path: "KernelPath", mappings: list[Mapping]) -> None:
     path.teardown()
-    path.forget_udp_flows(mappings)
+    path.forget_udp_flows(mappings, translated=False)
 
 
 async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls: bool,

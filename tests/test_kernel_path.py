@@ -234,6 +234,58 @@ async def test_stale_udp_flow_moves_when_mapping_changes(topo, portproxy) -> Non
         t.close()
 
 
+async def test_udp_flow_begun_by_the_host_side_moves_to_the_dnat(topo, udp_echo, portproxy) -> None:
+    """An entry that runs from the host port to the client (the host's side spoke first, as
+    when conntrack starts tracking a proxied flow mid-way) matches the client's datagrams as
+    replies, which are never translated: it must be deleted for the flow to reach the DNAT."""
+    from portproxy.kernel import conntrack
+
+    portproxy("map", "--mode", "kernel", f"5354:{topo.container_ip}:5353/udp")
+    client = await udp_endpoint(topo.client)
+    client_port = client.transport.get_extra_info("sockname")[1]
+    host_side = await udp_endpoint(topo.host, topo.host_ip, 5354)  # as a proxy listener would
+    host_side.transport.sendto(b"hello from the host", (topo.client_ip, client_port))
+    assert (await client.recv())[0] == b"hello from the host"
+    client.transport.sendto(b"ping", (topo.host_ip, 5354))
+    assert await host_side.recv() == (b"ping", (topo.client_ip, client_port))  # not translated
+    assert await asyncio.to_thread(topo.host.run, conntrack.delete_udp_flows, [(5354, 5354)], True,
+                                   [topo.container_ip]) >= 1
+    client.transport.sendto(b"ping", (topo.host_ip, 5354))
+    assert (await client.recv())[0] == b"ping"  # the container's echo, through the DNAT
+    assert host_side.queue.empty()
+
+
+async def test_udp_entries_still_on_the_old_path_are_deleted_until_none_is_left(topo, portproxy) -> None:
+    """After the first pass, a re-created entry that bypasses the DNAT is deleted again;
+    the proxy's own untranslated flows to the target are left alone."""
+    from portproxy.kernel import conntrack
+
+    portproxy("map", "--mode", "kernel", f"9999:{topo.container_ip}:9999/udp")  # turns conntrack on
+
+    async def keep_sending(ns, destination: str, stop: asyncio.Event) -> None:
+        sender = await udp_endpoint(ns)
+        while not stop.is_set():
+            sender.transport.sendto(b"x", (destination, 5353))
+            await asyncio.sleep(0.005)
+        sender.transport.close()
+
+    async def deleted_while_sending(ns, destination: str) -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(keep_sending(ns, destination, stop))
+        await asyncio.sleep(0.1)
+        try:
+            return await asyncio.to_thread(topo.host.run, conntrack.delete_udp_flows, [(5353, 5353)], True,
+                                           [topo.container_ip])
+        finally:
+            stop.set()
+            await task
+
+    # A client's flow that no DNAT translates (as if one was missed): deleted pass after pass.
+    assert await deleted_while_sending(topo.client, topo.host_ip) > 1
+    # The host's own flow to the target (what the proxy's upstream looks like): deleted once.
+    assert await deleted_while_sending(topo.host, topo.container_ip) == 1
+
+
 def _run_cli(ns, *args: str, preexec_argv: list[str] | None = None) -> subprocess.CompletedProcess:
     argv = (preexec_argv or []) + [sys.executable, "-m", "portproxy", *args]
     proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

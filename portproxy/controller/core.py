@@ -170,23 +170,24 @@ class Controller:
                     await self._remove_component(component)
                 except ControlError as exc:
                     log.error("rollback of %s %s failed: %s", component[0], component[1], exc)
-            await self._forget_udp_flows([m for kind, m in added if kind == "kernel"])
+            await self._forget_udp_flows([m for kind, m in added if kind == "kernel"], old)
             raise
         if any(kind == "kernel" for kind, _ in added) and any(kind == "listener" for kind, _ in to_remove):
             await asyncio.sleep(SWITCH_GRACE)
         for component in to_remove:
             await self._remove_component(component)
-        await self._forget_udp_flows([m for kind, m in to_add + to_remove if kind == "kernel"])
+        await self._forget_udp_flows([m for kind, m in to_add + to_remove if kind == "kernel"], new)
 
-    async def _forget_udp_flows(self, mappings: list[Mapping]) -> None:
+    async def _forget_udp_flows(self, mappings: list[Mapping], now: set[Component]) -> None:
         """Delete the port's UDP conntrack entries once the move is complete, so every UDP
-        flow takes the new path. Not earlier: a reply the old listener sends while it is
-        still open would create a fresh untranslated entry, and the client's flow would
+        flow takes the new path (``now``'s). Not earlier: a reply the old listener sends while
+        it is still open would create a fresh untranslated entry, and the client's flow would
         keep arriving at a closed port."""
         udp = [m for m in mappings if m.proto == "udp"]
         if udp:
+            translated = any(kind == "kernel" for kind, _ in now)  # else no DNAT may remain
             try:
-                await self._in_worker(KernelPath.forget_udp_flows, udp)
+                await self._in_worker(KernelPath.forget_udp_flows, udp, translated)
             except Exception as exc:  # noqa: BLE001 - flows then move when their entries time out
                 log.warning("deleting UDP conntrack entries failed: %s", exc)
 
@@ -364,7 +365,7 @@ class Controller:
             ensure(required(mappings, self.options.kernel.route_localnet), self.options.set_sysctls)
             kernel.install(mappings)
             kernel.enable_hairpin(mappings)
-            kernel.forget_udp_flows(mappings)
+            kernel.forget_udp_flows(mappings, translated=True)
         elif kernel.table_present():
             kernel.teardown()  # left over from a previous run
 
@@ -378,7 +379,7 @@ class Controller:
 
             def teardown() -> None:
                 kernel.teardown()
-                kernel.forget_udp_flows(mappings)
+                kernel.forget_udp_flows(mappings, translated=False)
 
             try:
                 await self._in_worker(teardown)

@@ -95,10 +95,16 @@ class KernelPath:
 
     # --- side effects the rules need -------------------------------------------------
     @staticmethod
-    def forget_udp_flows(mappings: list[Mapping]) -> int:
-        """Delete stale UDP conntrack entries for these mappings' host ports."""
-        ports = [(m.host_port, m.host_port_end) for m in mappings if m.proto == "udp"]
-        return conntrack.delete_udp_flows(ports) if ports else 0
+    def forget_udp_flows(mappings: list[Mapping], translated: bool | None = None) -> int:
+        """Delete stale UDP conntrack entries for these mappings' host ports.
+
+        ``translated``: whether the kernel path now DNATs these ports (True), the proxy
+        serves them (False), or neither / no check wanted (None)."""
+        udp = [m for m in mappings if m.proto == "udp"]
+        if not udp:
+            return 0
+        ports = [(m.host_port, m.host_port_end) for m in udp]
+        return conntrack.delete_udp_flows(ports, translated, targets={str(m.target_ip) for m in udp})
 
     @staticmethod
     def enable_hairpin(mappings: list[Mapping]) -> list[str]:
