@@ -9,6 +9,7 @@ Writes benchmarks/results/kernel_scale.json and a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,6 @@ def main() -> int:
     args = parser.parse_args()
 
     with harness.topology() as topo:
-        harness.tune(topo)
         mappings = many(args.mappings, topo.container_ip)
         path = topo.host.run(KernelPath, KernelOptions())
         apply_seconds = []
@@ -52,18 +52,18 @@ def main() -> int:
             apply_seconds.append(time.perf_counter() - t0)
             print(f"applied {len(mappings)} mappings in one batch: {apply_seconds[-1]:.3f} s", file=sys.stderr)
         gbit: dict[str, list[float]] = {"1 mapping": [], f"{len(mappings)} mappings": []}
-        with harness.iperf_server(topo):
+        with harness.container_servers(topo):
             for rnd in range(args.rounds):
                 for label, installed in (("1 mapping", mappings[:1]), (f"{len(mappings)} mappings", mappings)):
                     topo.host.run(path.install, installed)
-                    value = harness.gbits(harness.iperf(topo, topo.host_ip, 9001, args.seconds))
+                    value = harness.gbits(harness.iperf(topo.client, topo.host_ip, 9001, args.seconds))
                     gbit[label].append(value)
                     print(f"round {rnd + 1}/{args.rounds} {label:<16} {value:6.2f} Gbit/s", file=sys.stderr)
         topo.host.run(path.teardown)
     summary = {label: harness.summarize(values) for label, values in gbit.items()}
     harness.write_result("kernel_scale", {"mappings": len(mappings), "apply_seconds": harness.summarize(apply_seconds),
                                           "gbit_per_s": summary})
-    print(f"\napply {len(mappings)} mappings in one batch: median {harness.statistics.median(apply_seconds):.3f} s "
+    print(f"\napply {len(mappings)} mappings in one batch: median {statistics.median(apply_seconds):.3f} s "
           f"(min {min(apply_seconds):.3f}, max {max(apply_seconds):.3f})")
     harness.print_ratio_table("installed", summary, "1 mapping")
     return 0

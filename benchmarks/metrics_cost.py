@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
+from portproxy.bench.paths import portproxy_starter  # noqa: E402
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -27,11 +29,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with harness.topology() as topo:
-        harness.tune(topo)
-        ctr = topo.container_ip
-        procs = [harness.start_portproxy(topo.host, ["map", f"9002:{ctr}:{harness.IPERF_PORT}"]),
-                 harness.start_portproxy(topo.host, ["map", f"9003:{ctr}:{harness.IPERF_PORT}",
-                                                     "--metrics-addr", "127.0.0.1:9779"])]
+        running = [portproxy_starter()(topo, [(9002, harness.IPERF_PORT, "tcp")]),
+                   portproxy_starter("--metrics-addr", "127.0.0.1:9779")(topo, [(9003, harness.IPERF_PORT, "tcp")])]
         stop = threading.Event()
         scrapes = [0]
 
@@ -49,16 +48,17 @@ def main() -> int:
         thread.start()
         results: dict[str, list[float]] = {"metrics off": [], "metrics on, scraped every 1 s": []}
         try:
-            with harness.iperf_server(topo):
+            with harness.container_servers(topo):
                 for rnd in range(args.rounds):
                     for label, port in zip(results, (9002, 9003)):
-                        value = harness.gbits(harness.iperf(topo, topo.host_ip, port, args.seconds))
+                        value = harness.gbits(harness.iperf(topo.client, topo.host_ip, port, args.seconds))
                         results[label].append(value)
                         print(f"round {rnd + 1}/{args.rounds} {label:<30} {value:6.2f} Gbit/s", file=sys.stderr)
         finally:
             stop.set()
             thread.join(timeout=10)
-            harness.stop(procs)
+            for r in running:
+                r.stop()
     summary = {label: harness.summarize(values) for label, values in results.items()}
     harness.write_result("metrics_cost", {"seconds": args.seconds, "scrapes": scrapes[0], "gbit_per_s": summary})
     harness.print_ratio_table("userland splice, 1 stream", summary, "metrics off")

@@ -153,7 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="build the seeds' topology in namespaces and show a mapping at work")
     add_runtime_options(p_demo)
 
-    from .controller.daemon import DEFAULT_CONFIG, DEFAULT_SOCKET, DEFAULT_STATE_DIR
+    p_bench = sub.add_parser("bench", help="benchmark both paths against direct routing and peer proxies",
+                             description=(
+        "Build a client → host → container topology in namespaces of its own, publish iperf3, sockperf "
+        "and nginx through every path (direct routing, the kernel path, portproxy's userland variants, "
+        "docker-proxy, HAProxy, socat where present), run every workload round by round, measure memory, "
+        "and write bench.json, bench.md and bench.png."))
+    from .bench.options import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p_bench)
+    p_bench.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
+
+    from .defaults import DEFAULT_CONFIG, DEFAULT_SOCKET, DEFAULT_STATE_DIR
 
     p_serve = sub.add_parser("serve", help="run the controller daemon", description=(
         "Run every mapping of the config file and of the saved state in one process, with a control "
@@ -217,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
 
         raise_fd_limit()
         return run(lambda: run_serve(args.config, args.state_dir, args.socket, args.metrics_addr), args.loop)
+    if args.command == "bench":
+        from .bench.run import main as run_bench
+
+        return run_bench(args)
     if args.command == "demo":
         from .demo import run_demo
 

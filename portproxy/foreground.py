@@ -14,6 +14,7 @@ from .spec import Mapping
 
 if TYPE_CHECKING:
     from .kernel import KernelOptions, KernelPath
+    from .metrics import MappingSnapshot
 
 log = logging.getLogger("portproxy")
 
@@ -53,12 +54,14 @@ def _start_metrics(addr: str | None, snapshot) -> object | None:  # noqa: ANN001
 async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: TextIO = sys.stdout,
                        metrics_addr: str | None = None) -> int:
     """Start every mapping (all or nothing), print ready lines, serve until a stop signal."""
-    from .metrics import MappingSnapshot
-
     stop = stop_signal()
     server = ProxyServer(asyncio.get_running_loop(), options)
 
-    def snapshot() -> list[MappingSnapshot]:
+    def snapshot() -> list["MappingSnapshot"]:
+        # Imported here, when the first scrape comes: without --metrics-addr the process
+        # never loads prometheus-client (a few MiB of resident memory).
+        from .metrics import MappingSnapshot
+
         stats = dict(server.stats)  # one atomic copy: the loop thread may add to it
         return [MappingSnapshot(m, "userland", stats.get(m, []), None) for m in mappings]
 

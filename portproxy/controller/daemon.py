@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..defaults import DEFAULT_CONFIG
 from ..foreground import stop_signal
 from ..metrics import DEFAULT_METRICS_ADDR, MappingCollector, start_metrics_server
 from ..systemd import Notifier, listen_fds
@@ -18,9 +19,6 @@ from .state import StateError, StateStore
 
 log = logging.getLogger("portproxy")
 
-DEFAULT_CONFIG = Path("/etc/portproxy/portproxy.toml")
-DEFAULT_STATE_DIR = Path("/var/lib/portproxy")
-DEFAULT_SOCKET = Path("/run/portproxy/portproxy.sock")
 
 
 def summary(controller: Controller) -> str:

@@ -1,0 +1,238 @@
+"""The ways from the client to the container's servers, each started in the host namespace.
+
+A *path* publishes a list of forwards (host port → container port, protocol) and
+reports which processes do the relaying, so their CPU time and memory can be read.
+Peers are started the way their users start them: docker-proxy as dockerd does (a
+process per port and protocol, readiness on fd 3), HAProxy in TCP mode with
+splicing, socat with a child per connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..netns import Namespace, SeedTopology
+
+Forward = tuple[int, int, str]
+"""(host port, container port, "tcp" | "udp")"""
+
+
+class PathError(RuntimeError):
+    """A path could not be started."""
+
+
+@dataclasses.dataclass
+class Running:
+    """A started path: its processes, and which of them relay bytes."""
+
+    procs: list[subprocess.Popen] = dataclasses.field(default_factory=list)
+    relay_pids: list[int] = dataclasses.field(default_factory=list)
+    cleanup: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for step in self.cleanup:
+            step()
+
+
+Starter = Callable[[SeedTopology, list[Forward]], Running]
+
+
+@dataclasses.dataclass(frozen=True)
+class PathDef:
+    key: str
+    label: str
+    protocols: frozenset[str]
+    start: Starter | None  # None: direct routing, nothing to start
+    in_kernel: bool = False  # the relaying is done by the kernel (no process to charge)
+
+
+# --- readiness -----------------------------------------------------------------------------------
+def wait_listening(ns: Namespace, address: str, forwards: list[Forward], procs: list[subprocess.Popen],
+                   timeout: float = 10.0) -> None:
+    """Wait until every TCP forward accepts a connection (UDP ones get a short grace)."""
+
+    def accepts(port: int) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex((address, port)) == 0
+
+    deadline = time.monotonic() + timeout
+    for host_port, _, proto in forwards:
+        if proto != "tcp":
+            continue
+        while not ns.run(accepts, host_port):
+            dead = [p for p in procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise PathError(f"{procs[0].args[0] if procs else 'path'} is not listening on {host_port}/tcp")
+            time.sleep(0.05)
+    if any(proto == "udp" for _, _, proto in forwards):
+        time.sleep(0.2)
+
+
+# --- portproxy ------------------------------------------------------------------------------------
+def portproxy_starter(*extra: str, kernel: bool = False) -> Starter:
+    def start(topo: SeedTopology, forwards: list[Forward]) -> Running:
+        specs = [f"{hp}:{topo.container_ip}:{tp}/{proto}" for hp, tp, proto in forwards]
+        argv = [sys.executable, "-m", "portproxy", "map", *specs, *extra, "--log-level", "warning"]
+        if kernel:
+            argv += ["--mode", "kernel"]
+        proc = topo.host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        for _ in specs:
+            if not proc.stdout.readline().startswith("ready"):
+                proc.kill()
+                raise PathError(f"portproxy did not start: {proc.communicate()[1].strip()[-300:]}")
+        return Running([proc], [] if kernel else [proc.pid])
+
+    return start
+
+
+# --- docker-proxy ---------------------------------------------------------------------------------
+def find_docker_proxy() -> str | None:
+    """docker-proxy from Debian's docker.io, extracted with dpkg -x (never installed)."""
+    for candidate in (os.environ.get("DOCKER_PROXY"), shutil.which("docker-proxy"), "/usr/sbin/docker-proxy",
+                      "/usr/libexec/docker/docker-proxy"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    cache = Path(tempfile.gettempdir()) / "portproxy-bench-docker-proxy"
+    binary = cache / "x" / "usr" / "sbin" / "docker-proxy"
+    if binary.exists():
+        return str(binary)
+    cache.mkdir(exist_ok=True)
+    try:
+        subprocess.run(["apt-get", "download", "docker.io"], cwd=cache, check=True, capture_output=True, timeout=600)
+        deb = next(cache.glob("docker.io_*.deb"))
+        subprocess.run(["dpkg", "-x", str(deb), str(cache / "x")], check=True, capture_output=True, timeout=600)
+    except (OSError, subprocess.SubprocessError, StopIteration) as exc:
+        print(f"docker-proxy unavailable ({exc}); leaving it out", file=sys.stderr)
+        return None
+    return str(binary) if binary.exists() else None
+
+
+def docker_proxy_starter(binary: str) -> Starter:
+    def start(topo: SeedTopology, forwards: list[Forward]) -> Running:
+        running = Running()
+        for hp, tp, proto in forwards:
+            # dockerd gives docker-proxy a pipe as fd 3 and waits for "0\n" (or "1\n<error>").
+            r, w = os.pipe()
+            argv = [binary, "-proto", proto, "-host-ip", "0.0.0.0", "-host-port", str(hp),
+                    "-container-ip", topo.container_ip, "-container-port", str(tp)]
+            running.procs.append(topo.host.popen(argv, fds={3: w}, stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL))
+            os.close(w)
+            with os.fdopen(r) as status:
+                answer = status.read(2)
+            if answer.startswith("1"):
+                running.stop()
+                raise PathError(f"docker-proxy refused {hp}/{proto}")
+        running.relay_pids = [p.pid for p in running.procs]
+        try:
+            wait_listening(topo.host, topo.host_ip, forwards, running.procs)
+        except PathError:
+            running.stop()
+            raise
+        return running
+
+    return start
+
+
+# --- HAProxy --------------------------------------------------------------------------------------
+HAPROXY_GLOBAL = """\
+global
+    # 8,000 proxied connections under this machine's 20,000 fd hard limit: HAProxy
+    # reserves fds for maxconn/4 splice pipes unless told otherwise.
+    maxconn 9000
+    maxpipes 500
+    ulimit-n 20000
+    nbthread 1
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+"""
+
+
+def start_haproxy(topo: SeedTopology, forwards: list[Forward]) -> Running:
+    tmp = tempfile.mkdtemp(prefix="portproxy-bench-haproxy-")
+    config = [HAPROXY_GLOBAL]
+    for hp, tp, _proto in forwards:
+        config.append(f"listen p{hp}\n    bind 0.0.0.0:{hp}\n    server s {topo.container_ip}:{tp}\n")
+    path = Path(tmp) / "haproxy.cfg"
+    path.write_text("\n".join(config))
+    proc = topo.host.popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    running = Running([proc], [proc.pid], [lambda: shutil.rmtree(tmp, ignore_errors=True)])
+    try:
+        wait_listening(topo.host, topo.host_ip, forwards, running.procs)
+    except PathError:
+        running.stop()
+        raise
+    return running
+
+
+# --- socat ----------------------------------------------------------------------------------------
+def start_socat(topo: SeedTopology, forwards: list[Forward]) -> Running:
+    running = Running()
+    for hp, tp, proto in forwards:
+        if proto == "tcp":
+            argv = ["socat", f"TCP-LISTEN:{hp},fork,reuseaddr,backlog=4096", f"TCP:{topo.container_ip}:{tp}"]
+        else:
+            argv = ["socat", f"UDP-LISTEN:{hp},fork,reuseaddr", f"UDP:{topo.container_ip}:{tp}"]
+        running.procs.append(topo.host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    running.relay_pids = [p.pid for p in running.procs]  # children's CPU is charged to them once reaped
+    try:
+        wait_listening(topo.host, topo.host_ip, forwards, running.procs)
+    except PathError:
+        running.stop()
+        raise
+    return running
+
+
+# --- the list ---------------------------------------------------------------------------------------
+BOTH = frozenset({"tcp", "udp"})
+
+DIRECT = "direct"
+KERNEL = "kernel"
+SPLICE = "userland-splice"
+DOCKER_PROXY = "docker-proxy"
+
+
+def available_paths(only: list[str] | None = None) -> list[PathDef]:
+    """Every path this machine can run (peers only where their program is present)."""
+    paths = [
+        PathDef(DIRECT, "direct routing (no NAT)", BOTH, None, in_kernel=True),
+        PathDef(KERNEL, "portproxy kernel (nftables DNAT)", BOTH, portproxy_starter(kernel=True), in_kernel=True),
+        PathDef(SPLICE, "portproxy userland, splice (uvloop)", BOTH, portproxy_starter()),
+        PathDef("userland-copy", "portproxy userland, copy (uvloop)", BOTH, portproxy_starter("--no-splice")),
+        PathDef("userland-asyncio", "portproxy userland, splice (asyncio loop)", BOTH,
+                portproxy_starter("--loop", "asyncio")),
+    ]
+    wanted = set(only) if only else None
+    if wanted is None or DOCKER_PROXY in wanted:
+        binary = find_docker_proxy()
+        if binary:
+            paths.append(PathDef(DOCKER_PROXY, "docker-proxy (Debian docker.io)", BOTH, docker_proxy_starter(binary)))
+    if shutil.which("haproxy"):
+        paths.append(PathDef("haproxy", "HAProxy (TCP mode, splice)", frozenset({"tcp"}), start_haproxy))
+    if shutil.which("socat"):
+        paths.append(PathDef("socat", "socat (fork per connection)", BOTH, start_socat))
+    return [p for p in paths if wanted is None or p.key in wanted]

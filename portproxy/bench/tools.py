@@ -1,0 +1,109 @@
+"""The field's load generators, run inside the client namespace, and what their output means.
+
+Each function runs one tool once and returns plain numbers; parsing lives next to
+the command line that produced the text, so a tool's quirks stay in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..netns import Namespace
+
+
+class ToolError(RuntimeError):
+    """A load generator failed or printed something we cannot read."""
+
+
+def _run(ns: Namespace, argv: list[str], timeout: float) -> str:
+    proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise ToolError(f"{argv[0]} did not finish within {timeout:.0f} s") from None
+    if proc.returncode != 0 and not out:
+        raise ToolError(f"{argv[0]} failed: {(err or '').strip().splitlines()[-1:] or proc.returncode}")
+    return out
+
+
+# --- iperf3 ------------------------------------------------------------------------------------
+def iperf(ns: Namespace, host: str, port: int, seconds: float, parallel: int = 1,
+          udp_rate: str | None = None, length: int | None = None) -> dict:
+    """One iperf3 client run (JSON report)."""
+    argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(max(1, round(seconds))), "-J", "-P", str(parallel)]
+    if udp_rate:
+        argv += ["-u", "-b", udp_rate]
+    if length:
+        argv += ["-l", str(length)]
+    out = _run(ns, argv, seconds + 60)
+    try:
+        result = json.loads(out)
+    except json.JSONDecodeError:
+        raise ToolError(f"iperf3 printed no JSON: {out[:200]!r}") from None
+    if "error" in result:
+        raise ToolError(f"iperf3 to {host}:{port}: {result['error']}")
+    return result
+
+
+def tcp_stream(result: dict) -> tuple[float, float]:
+    """(Gbit/s received, bytes received) of a TCP run."""
+    received = result["end"]["sum_received"]
+    return received["bits_per_second"] / 1e9, received["bytes"]
+
+
+def udp_stream(result: dict) -> dict[str, float]:
+    """What the server got of a UDP run: datagrams/s delivered, loss, Gbit/s."""
+    s = result["end"]["sum"]
+    seconds = s.get("seconds") or 1.0
+    sent = s.get("packets", 0)
+    lost = s.get("lost_packets", 0)
+    return {
+        "delivered_datagrams_per_s": (sent - lost) / seconds,
+        "loss_percent": 100.0 * lost / sent if sent else 100.0,
+        "gbit_per_s": s.get("bits_per_second", 0.0) / 1e9,
+    }
+
+
+# --- sockperf ----------------------------------------------------------------------------------
+_PERCENTILE = re.compile(r"percentile\s+(\d+\.\d+)\s*=\s*([\d.]+)")
+
+
+def sockperf_ping_pong(ns: Namespace, host: str, port: int, seconds: float, tcp: bool) -> dict[str, float]:
+    """Request/response round trips of 64-byte messages: p50 and p99 in microseconds (full RTT)."""
+    argv = ["sockperf", "ping-pong", "-i", host, "-p", str(port), "-t", str(max(1, round(seconds))),
+            "-m", "64", "--full-rtt"]
+    if tcp:
+        argv.append("--tcp")
+    out = _run(ns, argv, seconds + 30)
+    percentiles = {float(p): float(v) for p, v in _PERCENTILE.findall(out)}
+    if 50.0 not in percentiles or 99.0 not in percentiles:
+        raise ToolError(f"sockperf printed no percentiles (is the path passing {'TCP' if tcp else 'UDP'}?)")
+    return {"p50_us": percentiles[50.0], "p99_us": percentiles[99.0]}
+
+
+# --- wrk ---------------------------------------------------------------------------------------
+_REQUESTS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+def wrk_short_connections(ns: Namespace, host: str, port: int, seconds: float, connections: int) -> dict[str, float]:
+    """Connection rate: every request on a fresh TCP connection (``Connection: close``)."""
+    argv = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--timeout", "5s",
+            "-H", "Connection: close", f"http://{host}:{port}/"]
+    out = _run(ns, argv, seconds + 30)
+    match = _REQUESTS.search(out)
+    if not match:
+        raise ToolError(f"wrk printed no rate: {out[-200:]!r}")
+    socket_errors = _SOCKET_ERRORS.search(out)
+    errors = sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    non_2xx = _NON_2XX.search(out)
+    errors += int(non_2xx.group(1)) if non_2xx else 0
+    return {"connections_per_s": float(match.group(1)), "errors": float(errors)}

@@ -1,0 +1,50 @@
+"""`portproxy bench --quick`: the harness end to end, so it keeps working (no thresholds here:
+timing belongs in the committed results, not in tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from portproxy.bench.workloads import WORKLOADS
+
+OUR_PATHS = ("direct", "kernel", "userland-splice", "userland-copy", "userland-asyncio")
+
+
+def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "portproxy", "bench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_quick_run_measures_every_path_and_writes_the_report(tmp_path: Path) -> None:
+    result = bench("--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[1/" in result.stderr  # progress while it runs
+    record = json.loads((tmp_path / "bench.json").read_text())
+    for workload in WORKLOADS:
+        runs = record["workloads"][workload.key]["runs"]
+        errors = record["workloads"][workload.key]["errors"]
+        for path in OUR_PATHS:
+            assert path in runs and not errors.get(path), (workload.key, path, errors.get(path))
+            assert workload.metrics[0].key in runs[path][0]
+    # Every path the machine has was tried; each either ran or says why not.
+    for path in record["paths"]:
+        tried = [w for w in record["workloads"].values() if path in w["runs"] or path in w["errors"]]
+        assert tried, path
+    memory = record["memory"]
+    assert memory["mappings"]["results"]["userland-splice"]["rss_mib"] > 0
+    assert memory["idle"]["results"]["userland-splice"]["kib_per_connection"] > 0
+    assert {t["target"] for t in record["targets"]} and all(t["value"] is not None for t in record["targets"]
+                                                              if "docker-proxy" not in t["target"])
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "## Targets" in markdown and "× docker-proxy" in markdown and "![chart](bench.png)" in markdown
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_path_is_one_clear_line() -> None:
+    result = bench("--paths", "warp-drive", "--no-memory")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["portproxy: bench: unknown or unavailable path(s): warp-drive"]
