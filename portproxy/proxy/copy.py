@@ -7,7 +7,7 @@ not take is copied out into a per-pump remainder before the callback returns.
 
 from __future__ import annotations
 
-from .pump import BURST, DONE, READ, WRITE, Pump
+from .pump import BURST, DONE, READ, SMALL_READ, WRITE, Pump
 
 BUFFER_SIZE = 256 * 1024
 _buffer = bytearray(BUFFER_SIZE)
@@ -39,6 +39,8 @@ class CopyPump(Pump):
             if sent < n:
                 self._pending = memoryview(bytes(_view[sent:n]))
                 return WRITE
+            if n < SMALL_READ:
+                break
         return READ
 
     def _flush(self) -> bool:

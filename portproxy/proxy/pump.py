@@ -16,9 +16,8 @@ which keeps idle connections cheap and connection setup fast.
 
 from __future__ import annotations
 
-import asyncio
 import socket
-from typing import Protocol
+from typing import Callable, Protocol
 
 READ = 0
 """Waiting for src to be readable."""
@@ -31,6 +30,21 @@ BURST = 8
 """Read/forward rounds per readiness callback, to amortise the loop's overhead
 without starving the other connections."""
 
+SMALL_READ = 16384
+"""A read this short ends the burst: request/response traffic rarely has more waiting,
+and readiness is level-triggered, so stopping costs nothing when it has; reading on
+would cost an EAGAIN per message."""
+
+
+class Readiness(Protocol):
+    """Who tells a pump its sockets are ready: the proxy's :class:`~.poller.Poller`
+    (or an event loop, which has the same four methods)."""
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+    def remove_reader(self, fd: int) -> None: ...
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None: ...
+    def remove_writer(self, fd: int) -> None: ...
+
 
 class PumpOwner(Protocol):
     def pump_done(self, pump: "Pump") -> None: ...
@@ -38,11 +52,11 @@ class PumpOwner(Protocol):
 
 
 class Pump:
-    __slots__ = ("_loop", "src", "dst", "_src_fd", "_dst_fd", "_owner", "_state", "_totals", "_index")
+    __slots__ = ("_io", "src", "dst", "_src_fd", "_dst_fd", "_owner", "_state", "_totals", "_index")
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        io: Readiness,
         src: socket.socket,
         dst: socket.socket,
         owner: PumpOwner,
@@ -51,7 +65,7 @@ class Pump:
     ) -> None:
         """``totals[index]`` is the byte counter this pump adds to (a plain list slot:
         the cheapest shared integer there is on the hot path)."""
-        self._loop = loop
+        self._io = io
         self.src = src
         self.dst = dst
         self._src_fd = src.fileno()
@@ -80,9 +94,9 @@ class Pump:
     def stop(self) -> None:
         """Stop watching both sockets; safe to call more than once."""
         if self._state == READ:
-            self._loop.remove_reader(self._src_fd)
+            self._io.remove_reader(self._src_fd)
         elif self._state == WRITE:
-            self._loop.remove_writer(self._dst_fd)
+            self._io.remove_writer(self._dst_fd)
         self._state = DONE
 
     @property
@@ -93,17 +107,25 @@ class Pump:
         old = self._state
         if old == state:
             return
+        if state == DONE:
+            # The owner first: when this was the last direction it closes the connection,
+            # and the fds leave the poller with the close instead of one syscall each.
+            self._state = DONE
+            self._owner.pump_done(self)
+            if old == READ:
+                self._io.remove_reader(self._src_fd)
+            elif old == WRITE:
+                self._io.remove_writer(self._dst_fd)
+            return
         if old == READ:
-            self._loop.remove_reader(self._src_fd)
+            self._io.remove_reader(self._src_fd)
         elif old == WRITE:
-            self._loop.remove_writer(self._dst_fd)
+            self._io.remove_writer(self._dst_fd)
         self._state = state
         if state == READ:
-            self._loop.add_reader(self._src_fd, self._on_readable)
-        elif state == WRITE:
-            self._loop.add_writer(self._dst_fd, self._on_writable)
+            self._io.add_reader(self._src_fd, self._on_readable)
         else:
-            self._owner.pump_done(self)
+            self._io.add_writer(self._dst_fd, self._on_writable)
 
     def _on_readable(self) -> None:
         try:

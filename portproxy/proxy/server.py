@@ -15,6 +15,7 @@ from typing import Union
 
 from ..spec import Mapping, format_endpoint
 from .options import ProxyOptions
+from .poller import Poller
 from .splice import PipePool
 from .stats import TcpStats, UdpStats
 from .tcp import TcpListener
@@ -78,6 +79,7 @@ class ProxyServer:
         self.loop = loop
         self.options = options
         self.pipe_pool = PipePool(options.pipe_size, options.pipe_pool_max) if options.splice else None
+        self.poller = Poller(loop)
         self.listeners: dict[Mapping, list[Listener]] = {}
         self.stats: dict[Mapping, list[TcpStats | UdpStats]] = {}
         """Counters per mapping and port, kept across listener changes (a switch away and
@@ -129,7 +131,8 @@ class ProxyServer:
             listener: Listener
             if mapping.proto == "tcp":
                 assert isinstance(port_stats, TcpStats)
-                listener = TcpListener(self.loop, sock, target, name, self.options, self.pipe_pool, port_stats)
+                listener = TcpListener(self.loop, sock, target, name, self.options, self.pipe_pool, port_stats,
+                                       poller=self.poller)
             else:
                 assert isinstance(port_stats, UdpStats)
                 listener = UdpListener(self.loop, sock, target, name, self.options, port_stats)
@@ -169,6 +172,7 @@ class ProxyServer:
         await self._drain(listeners, self.options.drain_timeout if drain_timeout is None else drain_timeout)
         if self.pipe_pool is not None:
             self.pipe_pool.close()
+        self.poller.close()
 
     async def _drain(self, listeners: list[Listener], timeout: float) -> None:
         tcp = [listener for listener in listeners if isinstance(listener, TcpListener)]

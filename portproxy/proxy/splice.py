@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from .pump import DONE, READ, WRITE, BURST, Pump
+from .pump import BURST, DONE, READ, SMALL_READ, WRITE, Pump
 
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
@@ -94,6 +94,8 @@ class SplicePump(Pump):
             self._pending = n
             if not self._drain():
                 return WRITE
+            if n < SMALL_READ:
+                break
         self._give_back()
         return READ
 

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .copy import CopyPump
+from .poller import Poller
 from .pump import Pump
 from .splice import PipePool, SplicePump
 from .stats import TO_CLIENT, TO_TARGET, TcpStats
@@ -50,14 +51,29 @@ def reset_and_close(sock: socket.socket) -> None:
     sock.close()
 
 
+def _connected(sock: socket.socket) -> bool:
+    """Did a non-blocking connect that said EINPROGRESS complete already?
+
+    To a target on a local bridge it usually has: the SYN, the SYN-ACK and the ACK are
+    processed within the connect() call itself. Asking costs one getpeername(); waiting
+    for writability would cost a poll handle's set-up and teardown and a loop turn."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 class TcpRelay:
     """One client connection and its upstream connection to the target."""
 
-    __slots__ = ("_listener", "_loop", "client", "upstream", "_pumps", "_timer", "_t0", "_closed", "_connecting")
+    __slots__ = ("_listener", "_loop", "_poller", "client", "upstream", "_pumps", "_timer", "_t0", "_closed",
+                 "_connecting")
 
     def __init__(self, listener: "TcpListener", client: socket.socket) -> None:
         self._listener = listener
         self._loop = listener.loop
+        self._poller = listener.poller
         self.client = client
         self.upstream: socket.socket | None = None
         self._pumps: tuple[Pump, Pump] | None = None
@@ -74,10 +90,12 @@ class TcpRelay:
         up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._t0 = time.monotonic()
         err = up.connect_ex(listener.target)
+        if err == errno.EINPROGRESS and _connected(up):
+            err = 0
         if err == 0:
             self._established()
         elif err == errno.EINPROGRESS:
-            self._loop.add_writer(up.fileno(), self._on_connect_done)
+            self._poller.add_writer(up.fileno(), self._on_connect_done)
             self._connecting = True
             self._timer = self._loop.call_later(listener.options.connect_timeout, self._on_connect_timeout)
         else:
@@ -86,12 +104,14 @@ class TcpRelay:
     def _on_connect_done(self) -> None:
         up = self.upstream
         assert up is not None
-        self._loop.remove_writer(up.fileno())
+        err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err and not _connected(up):
+            return  # a stale wake-up (the fd number was reused within one batch): wait on
         self._connecting = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._poller.remove_writer(up.fileno())
         if err:
             self._connect_failed(os.strerror(err), errno.errorcode.get(err, str(err)))
         else:
@@ -101,7 +121,7 @@ class TcpRelay:
         self._timer = None
         up = self.upstream
         assert up is not None
-        self._loop.remove_writer(up.fileno())
+        self._poller.remove_writer(up.fileno())
         self._connecting = False
         self._connect_failed(f"no answer within {self._listener.options.connect_timeout:g}s", "timeout")
 
@@ -119,29 +139,31 @@ class TcpRelay:
         assert up is not None
         self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         totals = stats.bytes
-        loop = self._loop
+        poller = self._poller
         pool = listener.pipe_pool
         if pool is not None:
-            to_target: Pump = SplicePump(loop, self.client, up, self, totals, TO_TARGET, pool=pool)
-            to_client: Pump = SplicePump(loop, up, self.client, self, totals, TO_CLIENT, pool=pool)
+            to_target: Pump = SplicePump(poller, self.client, up, self, totals, TO_TARGET, pool=pool)
+            to_client: Pump = SplicePump(poller, up, self.client, self, totals, TO_CLIENT, pool=pool)
         else:
-            to_target = CopyPump(loop, self.client, up, self, totals, TO_TARGET)
-            to_client = CopyPump(loop, up, self.client, self, totals, TO_CLIENT)
+            to_target = CopyPump(poller, self.client, up, self, totals, TO_TARGET)
+            to_client = CopyPump(poller, up, self.client, self, totals, TO_CLIENT)
         self._pumps = (to_target, to_client)
         to_target.start()
         to_client.start()
 
     # --- pump owner ---------------------------------------------------------
     def pump_done(self, pump: Pump) -> None:
-        """src of ``pump`` sent EOF and all its bytes were forwarded: half-close dst."""
-        try:
-            pump.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is gone already; its own pump will notice
+        """src of ``pump`` sent EOF and all its bytes were forwarded: half-close dst,
+        or, when the other direction is finished too, close both (which sends the FIN)."""
         pumps = self._pumps
         assert pumps is not None
         if pumps[0].done and pumps[1].done:
             self.close()
+            return
+        try:
+            pump.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already; its own pump will notice
 
     def pump_failed(self, pump: Pump, exc: OSError) -> None:
         log.debug("%s: connection reset: %s", self._listener.name, exc)
@@ -155,15 +177,16 @@ class TcpRelay:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        poller = self._poller
+        for sock in (self.client, self.upstream):
+            if sock is not None:
+                poller.forget(sock.fileno())  # closing takes the fds out of the epoll set
+        self._connecting = False
         pumps = self._pumps
         if pumps is not None:
             for pump in pumps:
                 pump.stop()
                 pump.release()
-        elif self._connecting:
-            assert self.upstream is not None
-            self._loop.remove_writer(self.upstream.fileno())
-            self._connecting = False
         for sock in (self.client, self.upstream):
             if sock is not None:
                 if reset:
@@ -185,8 +208,11 @@ class TcpListener:
         options: "ProxyOptions",
         pipe_pool: PipePool | None,
         stats: TcpStats | None = None,
+        poller: Poller | None = None,
     ) -> None:
         self.loop = loop
+        self.poller = poller if poller is not None else Poller(loop)
+        """Readiness of the relayed sockets (the listening socket stays with the loop)."""
         self.sock = sock
         self.target = target
         self.target_family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
