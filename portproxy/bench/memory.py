@@ -6,6 +6,7 @@ socket buffers live in the kernel and are not in it, for any path alike.
 
 from __future__ import annotations
 
+import resource
 import socket
 import threading
 import time
@@ -18,6 +19,20 @@ from .servers import SINK
 MAPPING_BASE_PORT = 2000  # published ports stay below the ephemeral range (topology.EPHEMERAL_LOW)
 PROCESS_PER_FORWARD = {"docker-proxy", "socat"}
 SAMPLED_PROCESSES = 20  # for paths that need a process per mapping, start this many and scale
+
+
+def idle_connections_for(path_key: str, wanted: int) -> int:
+    """How many idle connections a path can hold here, at most ``wanted``.
+
+    socat forks a process per connection: a few hundred tell its cost. docker-proxy
+    holds 6 fds per connection (its Go splice keeps a pipe per direction for the life
+    of the connection), so under the fd hard limit it tops out near a sixth of it."""
+    if path_key == "socat":
+        return min(wanted, 200)
+    if path_key == "docker-proxy":
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        return min(wanted, (hard - 500) // 6 // 100 * 100)
+    return wanted
 
 
 def rss_with_mappings(topo: SeedTopology, path: PathDef, count: int) -> dict[str, float]:

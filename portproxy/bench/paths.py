@@ -65,24 +65,27 @@ class PathDef:
 
 
 # --- readiness -----------------------------------------------------------------------------------
-def wait_listening(ns: Namespace, address: str, forwards: list[Forward], procs: list[subprocess.Popen],
-                   timeout: float = 10.0) -> None:
+def wait_listening(ns: Namespace, address: str, forwards: list[Forward], procs: list[subprocess.Popen]) -> None:
     """Wait until every TCP forward accepts a connection (UDP ones get a short grace)."""
+    waiting = [host_port for host_port, _, proto in forwards if proto == "tcp"]
 
-    def accepts(port: int) -> bool:
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            return s.connect_ex((address, port)) == 0
+    def not_accepting(ports: list[int]) -> list[int]:
+        left = []
+        for port in ports:
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex((address, port)) != 0:
+                    left.append(port)
+        return left
 
-    deadline = time.monotonic() + timeout
-    for host_port, _, proto in forwards:
-        if proto != "tcp":
-            continue
-        while not ns.run(accepts, host_port):
-            dead = [p for p in procs if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                raise PathError(f"{procs[0].args[0] if procs else 'path'} is not listening on {host_port}/tcp")
-            time.sleep(0.05)
+    deadline = time.monotonic() + 10.0 + 0.01 * len(waiting)
+    while waiting:
+        waiting = ns.run(not_accepting, waiting)
+        if not waiting:
+            break
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            raise PathError(f"{procs[0].args[0] if procs else 'path'} is not listening on {waiting[0]}/tcp")
+        time.sleep(0.05)
     if any(proto == "udp" for _, _, proto in forwards):
         time.sleep(0.2)
 
@@ -155,13 +158,15 @@ def docker_proxy_starter(binary: str) -> Starter:
 
 
 # --- HAProxy --------------------------------------------------------------------------------------
+HAPROXY_FDS = 20_000
+"""This machine's hard fd limit. HAProxy refuses to start unless 2 fds per connection,
+its splice pipes and its listeners fit under it."""
+
 HAPROXY_GLOBAL = """\
 global
-    # 8,000 proxied connections under this machine's 20,000 fd hard limit: HAProxy
-    # reserves fds for maxconn/4 splice pipes unless told otherwise.
-    maxconn 9000
+    maxconn {maxconn}
     maxpipes 500
-    ulimit-n 20000
+    ulimit-n {fds}
     nbthread 1
 defaults
     mode tcp
@@ -174,7 +179,8 @@ defaults
 
 def start_haproxy(topo: SeedTopology, forwards: list[Forward]) -> Running:
     tmp = tempfile.mkdtemp(prefix="portproxy-bench-haproxy-")
-    config = [HAPROXY_GLOBAL]
+    maxconn = min(9000, (HAPROXY_FDS - 1100 - len(forwards)) // 2)  # 8,000 idle connections fit
+    config = [HAPROXY_GLOBAL.format(maxconn=maxconn, fds=HAPROXY_FDS)]
     for hp, tp, _proto in forwards:
         config.append(f"listen p{hp}\n    bind 0.0.0.0:{hp}\n    server s {topo.container_ip}:{tp}\n")
     path = Path(tmp) / "haproxy.cfg"

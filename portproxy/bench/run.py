@@ -16,7 +16,7 @@ from typing import TextIO
 from ..runtime import raise_fd_limit
 from . import report
 from .options import Options, options_from
-from .memory import IdleSink, rss_per_idle_connection, rss_with_mappings
+from .memory import IdleSink, idle_connections_for, rss_per_idle_connection, rss_with_mappings
 from .paths import PathDef, PathError, Running, available_paths
 from .servers import SERVICES, container_servers
 from .tools import ToolError
@@ -149,6 +149,7 @@ def _memory(topo, paths: list[PathDef], opts: Options, results: report.Results, 
         for path in paths:
             if path.start is None:
                 continue
+            reset_conntrack(topo)  # 8,000 connections per path would fill the table otherwise
             try:
                 mappings[path.key] = rss_with_mappings(topo, path, opts.mappings)
                 progress.step(f"memory {path.key:<17} {opts.mappings} mappings: {mappings[path.key]['rss_mib']:.1f} MiB")
@@ -158,8 +159,7 @@ def _memory(topo, paths: list[PathDef], opts: Options, results: report.Results, 
             if path.in_kernel:  # nothing per connection in a process
                 progress.step(f"memory {path.key:<17} idle connections: in the kernel, skipped")
                 continue
-            # socat forks a process per connection: a few hundred tell its cost.
-            count = min(opts.idle_connections, 200) if path.key == "socat" else opts.idle_connections
+            count = idle_connections_for(path.key, opts.idle_connections)
             try:
                 idle[path.key] = rss_per_idle_connection(topo, sink, path, count)
                 progress.step(f"memory {path.key:<17} {count} idle connections: "
