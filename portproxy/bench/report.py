@@ -202,13 +202,13 @@ def chart(results: Results, path: Path) -> bool:
         return False
     summary = summaries(results)
     labels: dict[str, str] = results["paths"]
-    panels: list[tuple[str, str, dict[str, float]]] = []
+    panels: list[tuple[str, str, dict[str, float], bool]] = []  # title, unit, values, log scale
     for workload in WORKLOADS:
         head = workload.metrics[0]
         values = {p: v for p in labels if (v := headline(summary, workload.key, p)) is not None}
         if values:
             arrow = "↑" if head.higher_is_better else "↓"
-            panels.append((workload.label, f"{head.unit} {arrow}", values))
+            panels.append((workload.label, f"{head.unit} {arrow}", values, False))
     memory = results.get("memory", {})
     for part, key, unit in (("mappings", "rss_mib", "MiB ↓"), ("idle", "kib_per_connection", "KiB ↓")):
         rows = memory.get(part, {}).get("results", {})
@@ -216,16 +216,20 @@ def chart(results: Results, path: Path) -> bool:
         if values:
             title = (f"RSS with {memory[part]['count']} mappings" if part == "mappings"
                      else f"memory per idle connection ({memory[part]['count']})")
-            panels.append((title, unit, values))
+            panels.append((title, unit + " (log scale)", values, True))  # MiB next to GB
     if not panels:
         return False
     columns = 2
     rows_n = (len(panels) + columns - 1) // columns
     fig, axes = plt.subplots(rows_n, columns, figsize=(14, 3.2 * rows_n), squeeze=False)
     colours = {key: f"C{i}" for i, key in enumerate(labels)}
-    for ax, (title, unit, values) in zip(axes.flat, panels):
+    for ax, (title, unit, values, log) in zip(axes.flat, panels):
         keys = list(values)
-        ax.barh([labels[k] for k in keys], [values[k] for k in keys], color=[colours[k] for k in keys])
+        bars = ax.barh([labels[k] for k in keys], [values[k] for k in keys], color=[colours[k] for k in keys])
+        ax.bar_label(bars, labels=[_num(values[k]) for k in keys], fontsize=7, padding=2)
+        if log:
+            ax.set_xscale("log")
+        ax.margins(x=0.15)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(unit, fontsize=9)
