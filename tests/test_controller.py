@@ -149,7 +149,7 @@ async def test_switch_under_load_loses_nothing(topo, tcp_echo, udp_echo, daemon)
     await load.finish()
     print("switch log", switch_log)
     print("failures", *load.failures, sep="\n")
-    print("DAEMON", "".join(l for l in proc.stderr_lines if "pyroute2" not in l))
+    print("DAEMON", "".join(line for line in proc.stderr_lines if "pyroute2" not in line))
     assert load.failures == []
     assert load.long_bytes > 110 * 8192 and load.short_ok > 50 and load.udp_ok > 50
 

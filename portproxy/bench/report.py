@@ -149,7 +149,7 @@ def markdown(results: Results, chart_name: str | None) -> str:
         better = "higher" if head.higher_is_better else "lower"
         lines += ["", f"## {workload.label}", "",
                   "| path | " + " | ".join(f"{mt.label} ({mt.unit})" for mt in workload.metrics)
-                  + f" | × docker-proxy | × kernel |",
+                  + " | × docker-proxy | × kernel |",
                   "|---|" + "---:|" * (len(workload.metrics) + 2)]
         base_dp = headline(summary, workload.key, DOCKER_PROXY)
         base_k = headline(summary, workload.key, KERNEL)

@@ -20,7 +20,6 @@ from .state import StateError, StateStore
 log = logging.getLogger("portproxy")
 
 
-
 def summary(controller: Controller) -> str:
     """One line for STATUS= and the ready line: how many mappings on which path."""
     modes = [e.mode for e in controller.entries.values()]

@@ -47,8 +47,8 @@ def delete_udp_flows(ports: Ports, translated: bool | None = None, targets: Iter
     then make sure none that takes the old path is left.
 
     ``translated`` says what the port's flows must look like from now on: True when the
-    kernel path DNATs them, False when they reach the proxy untranslated, None when
-    there is no new path to check (a mapping removed). ``targets`` are the mappings'
+    kernel path DNATs them, False when no DNAT may remain (the proxy serves the port, or
+    the mapping is gone), None for a single pass without the check. ``targets`` are the mappings'
     target addresses: the proxy's own upstream flows to them are never stale.
     Returns how many entries were deleted. Blocking; call off the loop.
     """

@@ -98,8 +98,8 @@ class KernelPath:
     def forget_udp_flows(mappings: list[Mapping], translated: bool | None = None) -> int:
         """Delete stale UDP conntrack entries for these mappings' host ports.
 
-        ``translated``: whether the kernel path now DNATs these ports (True), the proxy
-        serves them (False), or neither / no check wanted (None)."""
+        ``translated``: whether the kernel path now DNATs these ports (True), no DNAT may
+        remain (False), or no check wanted (None); see conntrack.delete_udp_flows."""
         udp = [m for m in mappings if m.proto == "udp"]
         if not udp:
             return 0

@@ -131,8 +131,8 @@ class ProxyServer:
             listener: Listener
             if mapping.proto == "tcp":
                 assert isinstance(port_stats, TcpStats)
-                listener = TcpListener(self.loop, sock, target, name, self.options, self.pipe_pool, port_stats,
-                                       poller=self.poller)
+                listener = TcpListener(self.loop, sock, target, name, self.options, self.pipe_pool, self.poller,
+                                       port_stats)
             else:
                 assert isinstance(port_stats, UdpStats)
                 listener = UdpListener(self.loop, sock, target, name, self.options, port_stats)

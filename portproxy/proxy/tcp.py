@@ -207,11 +207,11 @@ class TcpListener:
         name: str,
         options: "ProxyOptions",
         pipe_pool: PipePool | None,
+        poller: Poller,
         stats: TcpStats | None = None,
-        poller: Poller | None = None,
     ) -> None:
         self.loop = loop
-        self.poller = poller if poller is not None else Poller(loop)
+        self.poller = poller
         """Readiness of the relayed sockets (the listening socket stays with the loop)."""
         self.sock = sock
         self.target = target
