@@ -90,6 +90,16 @@ def wait_listening(ns: Namespace, address: str, forwards: list[Forward], procs: 
         time.sleep(0.2)
 
 
+def listening(topo: SeedTopology, forwards: list[Forward], running: Running) -> Running:
+    """Hand ``running`` over once it listens on every forward; stop it if it never does."""
+    try:
+        wait_listening(topo.host, topo.host_ip, forwards, running.procs)
+    except PathError:
+        running.stop()
+        raise
+    return running
+
+
 # --- portproxy ------------------------------------------------------------------------------------
 def portproxy_starter(*extra: str, kernel: bool = False) -> Starter:
     def start(topo: SeedTopology, forwards: list[Forward]) -> Running:
@@ -147,12 +157,7 @@ def docker_proxy_starter(binary: str) -> Starter:
                 running.stop()
                 raise PathError(f"docker-proxy refused {hp}/{proto}")
         running.relay_pids = [p.pid for p in running.procs]
-        try:
-            wait_listening(topo.host, topo.host_ip, forwards, running.procs)
-        except PathError:
-            running.stop()
-            raise
-        return running
+        return listening(topo, forwards, running)
 
     return start
 
@@ -187,12 +192,7 @@ def start_haproxy(topo: SeedTopology, forwards: list[Forward]) -> Running:
     path.write_text("\n".join(config))
     proc = topo.host.popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     running = Running([proc], [proc.pid], [lambda: shutil.rmtree(tmp, ignore_errors=True)])
-    try:
-        wait_listening(topo.host, topo.host_ip, forwards, running.procs)
-    except PathError:
-        running.stop()
-        raise
-    return running
+    return listening(topo, forwards, running)
 
 
 # --- socat ----------------------------------------------------------------------------------------
@@ -205,12 +205,7 @@ def start_socat(topo: SeedTopology, forwards: list[Forward]) -> Running:
             argv = ["socat", f"UDP-LISTEN:{hp},fork,reuseaddr", f"UDP:{topo.container_ip}:{tp}"]
         running.procs.append(topo.host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     running.relay_pids = [p.pid for p in running.procs]  # children's CPU is charged to them once reaped
-    try:
-        wait_listening(topo.host, topo.host_ip, forwards, running.procs)
-    except PathError:
-        running.stop()
-        raise
-    return running
+    return listening(topo, forwards, running)
 
 
 # --- the list ---------------------------------------------------------------------------------------
