@@ -11,6 +11,20 @@ from pathlib import Path
 from portproxy.bench.workloads import WORKLOADS
 
 OUR_PATHS = ("direct", "kernel", "userland-splice", "userland-copy", "userland-asyncio")
+TOOLS = {"socat", "haproxy", "docker-proxy", "iperf3", "sockperf", "nginx", "wrk"}
+
+
+def tool_processes() -> set[int]:
+    """Live (not zombie) processes of the programs the bench starts."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() in TOOLS \
+                    and " Z " not in (proc / "stat").read_text().rsplit(")", 1)[1][:3]:
+                found.add(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -19,8 +33,10 @@ def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def test_quick_run_measures_every_path_and_writes_the_report(tmp_path: Path) -> None:
+    before = tool_processes()
     result = bench("--quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
+    assert tool_processes() - before == set()  # socat's per-peer children included
     assert "[1/" in result.stderr  # progress while it runs
     record = json.loads((tmp_path / "bench.json").read_text())
     for workload in WORKLOADS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,17 +40,29 @@ class Running:
     cleanup: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     def stop(self) -> None:
+        """Stop every process *group*: socat's per-peer children outlive their parent."""
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
         for proc in self.procs:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait()
+            _signal_group(proc, signal.SIGKILL)  # whatever of the group is left
         for step in self.cleanup:
             step()
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)  # every path process leads its own group (GROUP)
+    except ProcessLookupError:
+        pass
+
+
+GROUP = {"start_new_session": True}
+"""Popen arguments for a path's processes, so that stop() reaches their children too."""
 
 
 Starter = Callable[[SeedTopology, list[Forward]], Running]
@@ -107,7 +120,7 @@ def portproxy_starter(*extra: str, kernel: bool = False) -> Starter:
         argv = [sys.executable, "-m", "portproxy", "map", *specs, *extra, "--log-level", "warning"]
         if kernel:
             argv += ["--mode", "kernel"]
-        proc = topo.host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = topo.host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **GROUP)
         assert proc.stdout is not None
         for _ in specs:
             if not proc.stdout.readline().startswith("ready"):
@@ -149,7 +162,7 @@ def docker_proxy_starter(binary: str) -> Starter:
             argv = [binary, "-proto", proto, "-host-ip", "0.0.0.0", "-host-port", str(hp),
                     "-container-ip", topo.container_ip, "-container-port", str(tp)]
             running.procs.append(topo.host.popen(argv, fds={3: w}, stdout=subprocess.DEVNULL,
-                                                 stderr=subprocess.DEVNULL))
+                                                 stderr=subprocess.DEVNULL, **GROUP))
             os.close(w)
             with os.fdopen(r) as status:
                 answer = status.read(2)
@@ -190,7 +203,8 @@ def start_haproxy(topo: SeedTopology, forwards: list[Forward]) -> Running:
         config.append(f"listen p{hp}\n    bind 0.0.0.0:{hp}\n    server s {topo.container_ip}:{tp}\n")
     path = Path(tmp) / "haproxy.cfg"
     path.write_text("\n".join(config))
-    proc = topo.host.popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = topo.host.popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           **GROUP)
     running = Running([proc], [proc.pid], [lambda: shutil.rmtree(tmp, ignore_errors=True)])
     return listening(topo, forwards, running)
 
@@ -203,7 +217,7 @@ def start_socat(topo: SeedTopology, forwards: list[Forward]) -> Running:
             argv = ["socat", f"TCP-LISTEN:{hp},fork,reuseaddr,backlog=4096", f"TCP:{topo.container_ip}:{tp}"]
         else:
             argv = ["socat", f"UDP-LISTEN:{hp},fork,reuseaddr", f"UDP:{topo.container_ip}:{tp}"]
-        running.procs.append(topo.host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        running.procs.append(topo.host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **GROUP))
     running.relay_pids = [p.pid for p in running.procs]  # children's CPU is charged to them once reaped
     return listening(topo, forwards, running)
 
