@@ -17,28 +17,25 @@ from .paths import Forward, PathDef, PathError
 from .servers import SINK
 
 MAPPING_BASE_PORT = 2000  # published ports stay below the ephemeral range (topology.EPHEMERAL_LOW)
-PROCESS_PER_FORWARD = {"docker-proxy", "socat"}
 SAMPLED_PROCESSES = 20  # for paths that need a process per mapping, start this many and scale
 
 
-def idle_connections_for(path_key: str, wanted: int) -> int:
+def idle_connections_for(path: PathDef, wanted: int) -> int:
     """How many idle connections a path can hold here, at most ``wanted``.
 
-    socat forks a process per connection: a few hundred tell its cost. docker-proxy
-    holds 6 fds per connection (its Go splice keeps a pipe per direction for the life
-    of the connection), so under the fd hard limit it tops out near a sixth of it."""
-    if path_key == "socat":
+    A process per connection (socat): a few hundred tell its cost. Otherwise as many as
+    the fd hard limit allows at the path's fds per connection (docker-proxy: 6, so it
+    tops out near a sixth of the limit)."""
+    if path.process_per_connection:
         return min(wanted, 200)
-    if path_key == "docker-proxy":
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        return min(wanted, (hard - 500) // 6 // 100 * 100)
-    return wanted
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return min(wanted, (hard - 500) // path.fds_per_connection // 100 * 100)
 
 
 def rss_with_mappings(topo: SeedTopology, path: PathDef, count: int) -> dict[str, float]:
     """RSS of everything the path runs to publish ``count`` TCP ports."""
     assert path.start is not None
-    sampled = min(count, SAMPLED_PROCESSES) if path.key in PROCESS_PER_FORWARD else count
+    sampled = min(count, SAMPLED_PROCESSES) if path.process_per_port else count
     forwards: list[Forward] = [(MAPPING_BASE_PORT + i, SINK.port, "tcp") for i in range(sampled)]
     running = path.start(topo, forwards)
     try:

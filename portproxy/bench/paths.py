@@ -75,6 +75,9 @@ class PathDef:
     protocols: frozenset[str]
     start: Starter | None  # None: direct routing, nothing to start
     in_kernel: bool = False  # the relaying is done by the kernel (no process to charge)
+    process_per_port: bool = False  # docker-proxy, socat: the RSS of N ports is N processes
+    process_per_connection: bool = False  # socat forks for each connection
+    fds_per_connection: int = 2  # what one idle relayed connection holds open
 
 
 # --- readiness -----------------------------------------------------------------------------------
@@ -245,9 +248,12 @@ def available_paths(only: list[str] | None = None) -> list[PathDef]:
     if wanted is None or DOCKER_PROXY in wanted:
         binary = find_docker_proxy()
         if binary:
-            paths.append(PathDef(DOCKER_PROXY, "docker-proxy (Debian docker.io)", BOTH, docker_proxy_starter(binary)))
+            # Go's splice keeps a pipe per direction for the life of a connection: 6 fds.
+            paths.append(PathDef(DOCKER_PROXY, "docker-proxy (Debian docker.io)", BOTH, docker_proxy_starter(binary),
+                                 process_per_port=True, fds_per_connection=6))
     if shutil.which("haproxy"):
         paths.append(PathDef("haproxy", "HAProxy (TCP mode, splice)", frozenset({"tcp"}), start_haproxy))
     if shutil.which("socat"):
-        paths.append(PathDef("socat", "socat (fork per connection)", BOTH, start_socat))
+        paths.append(PathDef("socat", "socat (fork per connection)", BOTH, start_socat, process_per_port=True,
+                             process_per_connection=True))
     return [p for p in paths if wanted is None or p.key in wanted]

@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .paths import DOCKER_PROXY, KERNEL, SPLICE
 from .workloads import WORKLOADS
@@ -167,27 +167,38 @@ def markdown(results: Results, chart_name: str | None) -> str:
     memory = results.get("memory", {})
     if memory.get("mappings"):
         count = memory["mappings"]["count"]
-        lines += ["", f"## Memory: {count} published TCP ports", "",
-                  "| path | RSS (MiB) | processes |", "|---|---:|---:|"]
-        for path, r in memory["mappings"]["results"].items():
-            if "error" in r:
-                lines.append(f"| {labels[path]} — failed: {r['error']} | – | – |")
-                continue
+
+        def mapping_row(r: dict) -> list[str]:
             scaled = f" (measured on {r['sampled']:.0f}, scaled)" if r["sampled"] < count else ""
-            lines.append(f"| {labels[path]} | {r['rss_mib']:.1f}{scaled} | {r['processes']:.0f} |")
+            return ["", f"{r['rss_mib']:.1f}{scaled}", f"{r['processes']:.0f}"]
+
+        lines += _memory_table(f"Memory: {count} published TCP ports", ["RSS (MiB)", "processes"],
+                               memory["mappings"]["results"], labels, mapping_row)
     if memory.get("idle"):
         count = memory["idle"]["count"]
-        lines += ["", f"## Memory per idle connection ({count} connections open at once)", "",
-                  "| path | KiB per connection | RSS before → after (MiB) |", "|---|---:|---:|"]
-        for path, r in memory["idle"]["results"].items():
-            if "error" in r:
-                lines.append(f"| {labels[path]} — failed: {r['error']} | – | – |")
-                continue
+
+        def idle_row(r: dict) -> list[str]:
             fewer = f" (at {r['connections']:.0f} connections)" if r["connections"] != count else ""
-            lines.append(f"| {labels[path]}{fewer} | {r['kib_per_connection']:.2f} | "
-                         f"{r['rss_before_mib']:.1f} → {r['rss_after_mib']:.1f} |")
+            return [fewer, f"{r['kib_per_connection']:.2f}", f"{r['rss_before_mib']:.1f} → {r['rss_after_mib']:.1f}"]
+
+        lines += _memory_table(f"Memory per idle connection ({count} connections open at once)",
+                               ["KiB per connection", "RSS before → after (MiB)"], memory["idle"]["results"],
+                               labels, idle_row)
         lines.append("\nThe kernel path keeps no process state per connection (a conntrack entry, in the kernel).")
     return "\n".join(lines) + "\n"
+
+
+def _memory_table(title: str, columns: list[str], rows: dict[str, dict], labels: dict[str, str],
+                  render: Callable[[dict], list[str]]) -> list[str]:
+    """A memory table; ``render`` gives a row's label suffix and its cells."""
+    lines = ["", f"## {title}", "", "| path | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for path, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {labels[path]} — failed: {r['error']} | " + " | ".join("–" for _ in columns) + " |")
+            continue
+        suffix, *cells = render(r)
+        lines.append(f"| {labels[path]}{suffix} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # --- chart --------------------------------------------------------------------------------------

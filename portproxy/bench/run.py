@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ..runtime import raise_fd_limit
 from . import report
@@ -22,6 +22,9 @@ from .servers import SERVICES, container_servers
 from .tools import ToolError
 from .topology import bench_topology, reset_conntrack
 from .workloads import WORKLOADS, Published, Settings, Workload
+
+if TYPE_CHECKING:
+    from ..netns import SeedTopology
 
 PORT_BASE = 20000
 
@@ -92,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_paths(topo, paths: list[PathDef]) -> tuple[dict[str, Published], list[Running], dict[str, str]]:  # type: ignore[no-untyped-def]
+def _start_paths(topo: SeedTopology, paths: list[PathDef]) -> tuple[dict[str, Published], list[Running], dict[str, str]]:
     """Start every path once, each on its own block of host ports, all services published."""
     published: dict[str, Published] = {}
     running: list[Running] = []
@@ -100,7 +103,7 @@ def _start_paths(topo, paths: list[PathDef]) -> tuple[dict[str, Published], list
     for index, path in enumerate(paths):
         if path.start is None:  # direct routing: dial the container itself
             ports = {(s.name, proto): s.port for s in SERVICES for proto in s.protocols}
-            published[path.key] = Published(path.key, path.label, topo.container_ip, ports, [], True)
+            published[path.key] = Published(path.key, path.label, topo.container_ip, ports, [])
             continue
         ports = {}
         forwards = []
@@ -117,11 +120,11 @@ def _start_paths(topo, paths: list[PathDef]) -> tuple[dict[str, Published], list
             print(f"path {path.key} not started: {exc}", file=sys.stderr)
             continue
         running.append(started)
-        published[path.key] = Published(path.key, path.label, topo.host_ip, ports, started.relay_pids, path.in_kernel)
+        published[path.key] = Published(path.key, path.label, topo.host_ip, ports, started.relay_pids)
     return published, running, failed
 
 
-def _one_run(topo, workload: Workload, path: Published, opts: Options, rnd: int,  # type: ignore[no-untyped-def]
+def _one_run(topo: SeedTopology, workload: Workload, path: Published, opts: Options, rnd: int,
              results: report.Results, progress: Progress) -> None:
     record = results["workloads"][workload.key]
     reset_conntrack(topo)
@@ -138,7 +141,7 @@ def _one_run(topo, workload: Workload, path: Published, opts: Options, rnd: int,
                   f"{head.unit}  {extra}")
 
 
-def _memory(topo, paths: list[PathDef], opts: Options, results: report.Results,  # type: ignore[no-untyped-def]
+def _memory(topo: SeedTopology, paths: list[PathDef], opts: Options, results: report.Results,
             progress: Progress) -> None:
     mappings: dict[str, dict] = {}
     idle: dict[str, dict] = {}
@@ -159,7 +162,7 @@ def _memory(topo, paths: list[PathDef], opts: Options, results: report.Results, 
             if path.in_kernel:  # nothing per connection in a process
                 progress.step(f"memory {path.key:<17} idle connections: in the kernel, skipped")
                 continue
-            count = idle_connections_for(path.key, opts.idle_connections)
+            count = idle_connections_for(path, opts.idle_connections)
             try:
                 idle[path.key] = rss_per_idle_connection(topo, sink, path, count)
                 progress.step(f"memory {path.key:<17} {count} idle connections: "

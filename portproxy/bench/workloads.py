@@ -25,13 +25,9 @@ class Published:
     host: str
     ports: dict[tuple[str, str], int]  # (service name, protocol) → port to dial
     relay_pids: list[int]
-    in_kernel: bool
 
     def port(self, service: Service, proto: str) -> int:
         return self.ports[(service.name, proto)]
-
-    def carries(self, service: Service, proto: str) -> bool:
-        return (service.name, proto) in self.ports
 
 
 @dataclasses.dataclass(frozen=True)
