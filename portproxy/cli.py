@@ -48,6 +48,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _congestion_control(text: str) -> str:
+    from .proxy.options import congestion_control_error
+
+    error = congestion_control_error(text)
+    if error:
+        raise argparse.ArgumentTypeError(error)
+    return text
+
+
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -66,6 +75,9 @@ def add_proxy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-splice", action="store_true", help="relay TCP by recv/send copies instead of splice")
     g.add_argument("--pipe-size", type=_positive_int, default=1024 * 1024, metavar="BYTES",
                    help="splice pipe size (default 1048576; pipes are pooled and held only while bytes are in flight)")
+    g.add_argument("--target-cc", type=_congestion_control, default=None, metavar="ALGORITHM",
+                   help="TCP congestion control toward the targets (default: the system's); e.g. cubic on a "
+                        "bbr host, whose pacing only slows a local bridge")
 
 
 def _metrics_addr(text: str) -> str | None:
@@ -123,6 +135,7 @@ def proxy_options_from(args: argparse.Namespace) -> "ProxyOptions":  # noqa: F82
         drain_timeout=args.drain_timeout,
         splice=not args.no_splice,
         pipe_size=args.pipe_size,
+        target_cc=args.target_cc,
     )
 
 

@@ -38,6 +38,13 @@ def test_bad_option_exit_2() -> None:
     assert "--connect-timeout" in result.stderr
 
 
+def test_unknown_congestion_control_exit_2() -> None:
+    result = run_portproxy("map", "127.0.0.1:19090:127.0.0.1:8080", "--target-cc", "no-such-cc")
+    assert result.returncode == 2
+    assert "TCP congestion control 'no-such-cc': not available" in result.stderr
+    assert "ready" not in result.stdout
+
+
 def test_overlapping_mappings_rejected() -> None:
     result = run_portproxy("map", "9090:10.0.0.1:80", "9090:10.0.0.2:80")
     assert result.returncode == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
 import socket
 import time
 
@@ -187,3 +188,23 @@ async def test_out_of_fds_backs_off_and_recovers(topo, tcp_echo, portproxy) -> N
 def _cpu_seconds(pid: int) -> float:
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _congestion_controls(ns, ss_filter: str) -> list[str]:
+    """The congestion control of each established socket matching an ``ss`` filter."""
+    proc = ns.popen(["ss", "-tinH", "state", "established", *ss_filter.split()], stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=10)
+    known = ("reno", "cubic", "bbr")
+    return [word for word in out.split() if word in known]
+
+
+async def test_target_cc_applies_to_the_target_leg_only(topo, tcp_echo, portproxy) -> None:
+    default = topo.host.run(lambda: open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip())
+    chosen = "cubic" if default != "cubic" else "reno"
+    portproxy("map", f"9090:{topo.container_ip}:8080", "--target-cc", chosen)
+    reader, writer = await open_connection(topo.client, topo.host_ip, 9090)
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    assert _congestion_controls(topo.host, f"dst {topo.container_ip}:8080") == [chosen]
+    assert _congestion_controls(topo.host, "sport = :9090") == [default]
+    writer.close()

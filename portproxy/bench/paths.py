@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..netns import Namespace, SeedTopology
+from ..proxy.options import congestion_control_error
 
 Forward = tuple[int, int, str]
 """(host port, container port, "tcp" | "udp")"""
@@ -78,6 +79,7 @@ class PathDef:
     process_per_port: bool = False  # docker-proxy, socat: the RSS of N ports is N processes
     process_per_connection: bool = False  # socat forks for each connection
     fds_per_connection: int = 2  # what one idle relayed connection holds open
+    memory: bool = True  # False: a tuning variant whose memory is another path's
 
 
 # --- readiness -----------------------------------------------------------------------------------
@@ -231,7 +233,16 @@ BOTH = frozenset({"tcp", "udp"})
 DIRECT = "direct"
 KERNEL = "kernel"
 SPLICE = "userland-splice"
+SPLICE_CUBIC = "userland-target-cubic"
 DOCKER_PROXY = "docker-proxy"
+
+
+def _default_congestion_control() -> str:
+    """The default the benchmark namespaces inherit (new namespaces copy the root's)."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "cubic"
 
 
 def available_paths(only: list[str] | None = None) -> list[PathDef]:
@@ -244,6 +255,11 @@ def available_paths(only: list[str] | None = None) -> list[PathDef]:
         PathDef("userland-asyncio", "portproxy userland, splice (asyncio loop)", BOTH,
                 portproxy_starter("--loop", "asyncio")),
     ]
+    if _default_congestion_control() != "cubic" and congestion_control_error("cubic") is None:
+        # The one documented tuning: on a host whose default is bbr (this kind of VM image),
+        # the target leg without bbr's pacing. TCP only: UDP does not use it.
+        paths.insert(3, PathDef(SPLICE_CUBIC, "portproxy userland, splice, --target-cc cubic", frozenset({"tcp"}),
+                                portproxy_starter("--target-cc", "cubic"), memory=False))
     wanted = set(only) if only else None
     if wanted is None or DOCKER_PROXY in wanted:
         binary = find_docker_proxy()

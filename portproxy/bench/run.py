@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
         "memory": {},
     }
     runs = opts.rounds * sum(1 for w in workloads for p in paths if w.proto in p.protocols)
-    memory_steps = 2 * sum(1 for p in paths if p.start is not None) if opts.memory else 0
+    memory_steps = 2 * sum(1 for p in paths if p.start is not None and p.memory) if opts.memory else 0
     progress = Progress(runs + memory_steps)
     with bench_topology() as topo:
         progress.say(f"topology up: client {topo.client.name} → host {topo.host.name} → container {topo.container.name}")
@@ -150,7 +150,7 @@ def _memory(topo: SeedTopology, paths: list[PathDef], opts: Options, results: re
     sink = IdleSink(topo)
     try:
         for path in paths:
-            if path.start is None:
+            if path.start is None or not path.memory:
                 continue
             reset_conntrack(topo)  # 8,000 connections per path would fill the table otherwise
             try:

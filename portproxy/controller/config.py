@@ -6,6 +6,7 @@ Example (``/etc/portproxy/portproxy.toml``)::
     connect_timeout = 5
     udp_timeout = 90
     drain_timeout = 10
+    target_cc = "cubic"      # congestion control toward the targets (default: the system's)
     masquerade = ["172.16.0.0/16,br0"]
     socket_group = "portproxy"
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..kernel.builders import KernelOptions
-from ..proxy.options import ProxyOptions
+from ..proxy.options import ProxyOptions, congestion_control_error
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 
 Mode = Literal["userland", "kernel", "hybrid"]
@@ -55,7 +56,8 @@ class Config:
 
 _PROXY_KEYS = {"connect_timeout": float, "udp_timeout": float, "max_udp_flows": int, "drain_timeout": float,
                "splice": bool, "pipe_size": int}
-_OTHER_KEYS = {"route_localnet", "masquerade", "set_sysctls", "keep_kernel_rules", "socket_group", "metrics_addr"}
+_OTHER_KEYS = {"target_cc", "route_localnet", "masquerade", "set_sysctls", "keep_kernel_rules", "socket_group",
+               "metrics_addr"}
 
 
 def parse_mode(value: Any, where: str) -> Mode:
@@ -79,6 +81,14 @@ def _options(raw: dict[str, Any], where: str) -> DaemonOptions:
             if kind is not bool and value < 0:
                 raise ConfigError(f"{where}: option {key!r} must not be negative")
             proxy_kwargs[key] = value
+    target_cc = raw.get("target_cc")
+    if target_cc is not None:
+        if not isinstance(target_cc, str):
+            raise ConfigError(f"{where}: option 'target_cc' must be a string")
+        error = congestion_control_error(target_cc)
+        if error:
+            raise ConfigError(f"{where}: {error}")
+        proxy_kwargs["target_cc"] = target_cc
     masquerade = []
     for item in raw.get("masquerade", []):
         subnet, _, bridge = str(item).partition(",")

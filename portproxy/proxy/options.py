@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+import socket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,4 +25,25 @@ class ProxyOptions:
     pipe_pool_max: int = 256
     """Idle pipes kept for reuse; pipes beyond this are closed when returned."""
     listen_backlog: int = 4096
+    target_cc: str | None = None
+    """TCP congestion control for the connections to the target (TCP_CONGESTION);
+    None keeps the system default. A target on a local bridge has no bottleneck to
+    probe: on a host whose default is bbr, "cubic" spares that leg bbr's pacing."""
 
+
+
+def congestion_control_error(name: str) -> str | None:
+    """Why ``name`` cannot be used as a socket's congestion control, or None if it can.
+
+    Asked once at start, on a throw-away socket, so a typo is one clear line and not a
+    failure per connection."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+    except OSError as exc:
+        why = "not available (see /proc/sys/net/ipv4/tcp_available_congestion_control)" \
+            if exc.errno == errno.ENOENT else os.strerror(exc.errno or 0)
+        return f"TCP congestion control {name!r}: {why}"
+    finally:
+        probe.close()
+    return None

@@ -88,6 +88,8 @@ class TcpRelay:
         up = socket.socket(listener.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.upstream = up
         up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if listener.target_cc is not None:
+            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, listener.target_cc)
         self._t0 = time.monotonic()
         err = up.connect_ex(listener.target)
         if err == errno.EINPROGRESS and _connected(up):
@@ -219,6 +221,7 @@ class TcpListener:
         self.target_text = f"[{target[0]}]:{target[1]}" if ":" in target[0] else f"{target[0]}:{target[1]}"
         self.name = name
         self.options = options
+        self.target_cc = options.target_cc.encode() if options.target_cc else None
         self.pipe_pool = pipe_pool
         self.stats = stats if stats is not None else TcpStats()
         self.connections: set[TcpRelay] = set()
