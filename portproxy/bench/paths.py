@@ -23,6 +23,7 @@ from typing import Callable
 
 from ..netns import Namespace, SeedTopology
 from ..proxy.options import congestion_control_error
+from .procfs import default_congestion_control
 
 Forward = tuple[int, int, str]
 """(host port, container port, "tcp" | "udp")"""
@@ -237,14 +238,6 @@ SPLICE_CUBIC = "userland-target-cubic"
 DOCKER_PROXY = "docker-proxy"
 
 
-def _default_congestion_control() -> str:
-    """The default the benchmark namespaces inherit (new namespaces copy the root's)."""
-    try:
-        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    except OSError:
-        return "cubic"
-
-
 def available_paths(only: list[str] | None = None) -> list[PathDef]:
     """Every path this machine can run (peers only where their program is present)."""
     paths = [
@@ -255,7 +248,7 @@ def available_paths(only: list[str] | None = None) -> list[PathDef]:
         PathDef("userland-asyncio", "portproxy userland, splice (asyncio loop)", BOTH,
                 portproxy_starter("--loop", "asyncio")),
     ]
-    if _default_congestion_control() != "cubic" and congestion_control_error("cubic") is None:
+    if default_congestion_control() not in ("cubic", "unknown") and congestion_control_error("cubic") is None:
         # The one documented tuning: on a host whose default is bbr (this kind of VM image),
         # the target leg without bbr's pacing. TCP only: UDP does not use it.
         paths.insert(3, PathDef(SPLICE_CUBIC, "portproxy userland, splice, --target-cc cubic", frozenset({"tcp"}),

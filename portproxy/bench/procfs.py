@@ -1,4 +1,4 @@
-"""CPU time and resident memory of the relaying processes, read from /proc."""
+"""CPU time and resident memory of the relaying processes, and the TCP default, read from /proc."""
 
 from __future__ import annotations
 
@@ -49,3 +49,11 @@ def descendants(pid: int) -> list[int]:
 def rss_tree_kib(pids: list[int]) -> int:
     """RSS of these processes and all their descendants (socat forks per connection)."""
     return sum(rss_kib(p) for pid in pids for p in (pid, *descendants(pid)))
+
+
+def default_congestion_control() -> str:
+    """The machine's TCP congestion control; new namespaces (the benchmark's) take it over."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "unknown"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .paths import DOCKER_PROXY, KERNEL, SPLICE, SPLICE_CUBIC
+from .procfs import default_congestion_control
 from .workloads import WORKLOADS
 
 Results = dict[str, Any]
@@ -31,7 +32,8 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError, IndexError):
         mem_gib = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem_gib, 1),
-            "python": platform.python_version(), "os": _os_name()}
+            "python": platform.python_version(), "os": _os_name(),
+            "tcp_cc": default_congestion_control()}
 
 
 def _os_name() -> str:
@@ -134,7 +136,7 @@ def markdown(results: Results, chart_name: str | None) -> str:
         f"# portproxy bench — {results['time']}",
         "",
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, {m['os']}, Linux {m['kernel']}, "
-        f"Python {m['python']}.",
+        f"Python {m['python']}, TCP congestion control {m.get('tcp_cc', 'unknown')} (every namespace's default).",
         f"Run: {s['rounds']} round(s) × {s['seconds']} s per workload and path, paths alternated round by round; "
         f"conntrack reset before every run{' (quick smoke run: not for comparison)' if s['quick'] else ''}.",
         "Cells: median (min–max) over the rounds. Ratios compare medians of the headline metric.",
