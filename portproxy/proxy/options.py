@@ -31,7 +31,6 @@ class ProxyOptions:
     probe: on a host whose default is bbr, "cubic" spares that leg bbr's pacing."""
 
 
-
 def congestion_control_error(name: str) -> str | None:
     """Why ``name`` cannot be used as a socket's congestion control, or None if it can.
 

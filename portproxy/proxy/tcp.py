@@ -89,7 +89,10 @@ class TcpRelay:
         self.upstream = up
         up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if listener.target_cc is not None:
-            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, listener.target_cc)
+            try:
+                up.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, listener.target_cc)
+            except OSError:
+                pass  # checked at start; if the module went away since, the default still relays
         self._t0 = time.monotonic()
         err = up.connect_ex(listener.target)
         if err == errno.EINPROGRESS and _connected(up):
