@@ -143,6 +143,22 @@ async def expect_closed_by_peer(reader: asyncio.StreamReader, timeout: float) ->
     assert data == b"", "the peer sent data instead of closing"
 
 
+async def connect_expecting_close(ns: Namespace, host: str, port: int, timeout: float) -> None:
+    """Connect from ``ns`` and wait until the peer resets or closes without sending anything.
+
+    A proxy that resets the client at once (its target refused) may do so before the
+    client's event loop has even seen its own connect complete: then connect() itself
+    reports the reset, which is the same outcome."""
+    try:
+        reader, writer = await open_connection(ns, host, port)
+    except ConnectionResetError:
+        return
+    try:
+        await expect_closed_by_peer(reader, timeout)
+    finally:
+        writer.close()
+
+
 async def start_server(ns: Namespace, port: int, handler: Callable, host: str = "0.0.0.0") -> asyncio.Server:
     """An asyncio stream server listening inside ``ns``."""
     sock = ns.socket(family_of(host), socket.SOCK_STREAM)

@@ -12,7 +12,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import echo_roundtrip, open_connection, udp_endpoint
+from conftest import connect_expecting_close, echo_roundtrip, udp_endpoint
 
 METRICS_PORT = 9779
 needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -88,12 +88,7 @@ async def test_userland_counters_are_exact(topo, tcp_echo, udp_echo, portproxy) 
 async def test_connect_failures_by_reason(topo, portproxy) -> None:
     portproxy("map", f"9092:{topo.container_ip}:8099", "--metrics-addr")
     for _ in range(2):
-        reader, writer = await open_connection(topo.client, topo.host_ip, 9092)
-        try:
-            await asyncio.wait_for(reader.read(), 5)
-        except ConnectionResetError:
-            pass
-        writer.close()
+        await connect_expecting_close(topo.client, topo.host_ip, 9092, 5)
     await asyncio.sleep(0.2)
     text = scrape(topo.host)
     assert sample(text, "portproxy_connect_failures_total", reason="ECONNREFUSED", listen="0.0.0.0:9092") == 2

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import echo_roundtrip, expect_closed_by_peer, open_connection, start_server
+from conftest import connect_expecting_close, echo_roundtrip, open_connection, start_server
 
 PATHS = {
     "splice-uvloop": [],
@@ -79,16 +79,12 @@ async def test_dead_target_closes_client_and_keeps_serving(topo, tcp_echo, portp
     )
     # Refused at the target: the client is reset at once.
     t0 = time.monotonic()
-    reader, writer = await open_connection(topo.client, topo.host_ip, 9092)
-    await expect_closed_by_peer(reader, 5)
+    await connect_expecting_close(topo.client, topo.host_ip, 9092, 5)
     assert time.monotonic() - t0 < 1.0
-    writer.close()
     # No answer at all: the client is closed after the connect timeout.
     t0 = time.monotonic()
-    reader, writer = await open_connection(topo.client, topo.host_ip, 9093)
-    await expect_closed_by_peer(reader, 10)
+    await connect_expecting_close(topo.client, topo.host_ip, 9093, 10)
     assert 0.9 < time.monotonic() - t0 < 3.0
-    writer.close()
     # The healthy mapping is unaffected.
     assert await _echo_roundtrip(topo, 9090, b"still here") == b"still here"
     assert proxy.proc.poll() is None
