@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 from conftest import check_udp_backend_appears_later, udp_endpoint
 
@@ -98,3 +99,40 @@ async def test_no_backend_at_first_then_it_appears(topo, portproxy) -> None:
     proxy = portproxy("map", f"5355:{topo.container_ip}:5355/udp")
     await check_udp_backend_appears_later(topo, 5355, 5355)
     assert proxy.proc.poll() is None
+
+
+async def test_queued_datagrams_keep_their_boundaries_and_order(topo, portproxy) -> None:
+    """Datagrams that queue up while the proxy is not running go out in UDP GSO batches
+    (runs of equal size per flow, a shorter one ending a run); the target must still get
+    every datagram whole, on its own, in each client's order."""
+    sink = await udp_endpoint(topo.container, port=5355)
+    proxy = portproxy("map", f"5355:{topo.container_ip}:5355/udp")
+    clients = [await udp_endpoint(topo.client), await udp_endpoint(topo.client)]
+    for client in clients:  # open both flows first
+        client.transport.sendto(b"hello", (topo.host_ip, 5355))
+        await sink.recv()
+    sizes = [1000] * 20 + [300] + [1200] * 8 + [1] + [1400] * 6
+    sent: list[list[bytes]] = [[], []]
+
+    def send(c: int, size: int) -> None:
+        payload = (b"%d:%03d:" % (c, len(sent[c])) + os.urandom(size))[:size]
+        clients[c].transport.sendto(payload, (topo.host_ip, 5355))
+        sent[c].append(payload)
+
+    proxy.proc.send_signal(signal.SIGSTOP)
+    try:
+        for c in (0, 1):  # runs of one flow: batched
+            for size in sizes:
+                send(c, size)
+            await asyncio.sleep(0.05)
+        for size in sizes[:10]:  # the two flows interleaved: each switch ends a batch
+            send(0, size)
+            send(1, size)
+        await asyncio.sleep(0.2)
+    finally:
+        proxy.proc.send_signal(signal.SIGCONT)
+    received: dict[int, list[bytes]] = {}
+    for _ in range(len(sent[0]) + len(sent[1])):
+        data, source = await sink.recv()
+        received.setdefault(source[1], []).append(data)
+    assert sorted(received.values()) == sorted(sent)

@@ -10,6 +10,13 @@ host would answer from whatever address its routing table picks.
 Flows are kept in least-recently-active order, which gives both idle expiry
 (``udp_timeout``) and eviction of the oldest idle flow when the table is full
 (``max_udp_flows``) in O(1) per datagram.
+
+Datagrams that are already queued when the listener is read are sent to the target in
+batches: consecutive datagrams of one flow with the same size (the last may be shorter)
+go out in one ``sendmsg`` with UDP_SEGMENT (UDP GSO), so the route lookup, netfilter,
+the bridge and the veth hop are paid once per batch instead of once per datagram; the
+target still receives them one by one, each with its own boundaries. Nothing waits to
+fill a batch: a lone datagram is sent at once, as before.
 """
 
 from __future__ import annotations
@@ -30,15 +37,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("portproxy.udp")
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IP_MTU = getattr(socket, "IP_MTU", 14)
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 MAX_DATAGRAM = 65535
-_BATCH = 32
+GSO_MAX_BYTES = 65000
+"""Payload of one GSO send: it must fit one IP packet of at most 64 KiB."""
+GSO_MAX_SEGMENTS = 64
+"""UDP_MAX_SEGMENTS of older kernels."""
+_GSO_UNSUPPORTED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
+_BATCH = 64
 _CMSG_SPACE = socket.CMSG_SPACE(64)
 _buffer = bytearray(MAX_DATAGRAM)
 _view = memoryview(_buffer)
+_gather = bytearray(GSO_MAX_BYTES + MAX_DATAGRAM)
+"""Where the listener gathers a batch: one batch plus room for the next datagram."""
+_gather_view = memoryview(_gather)
 
 
 class UdpFlow:
-    __slots__ = ("listener", "client", "sock", "fd", "reply_cmsg", "last")
+    __slots__ = ("listener", "client", "sock", "fd", "reply_cmsg", "last", "gso_max")
 
     def __init__(self, listener: "UdpListener", client: tuple, sock: socket.socket, reply_cmsg: list) -> None:
         self.listener = listener
@@ -47,6 +66,9 @@ class UdpFlow:
         self.fd = sock.fileno()
         self.reply_cmsg = reply_cmsg
         self.last = 0.0
+        self.gso_max = _gso_segment_limit(sock)
+        """Largest datagram that may go in a GSO batch: a segment must not need IP
+        fragmentation, so it fits the route's MTU (0: never batch)."""
 
     def on_readable(self) -> None:
         """Datagrams from the target: send each back to the client."""
@@ -80,6 +102,16 @@ class UdpFlow:
     def close(self) -> None:
         self.listener.loop.remove_reader(self.fd)
         self.sock.close()
+
+
+def _gso_segment_limit(sock: socket.socket) -> int:
+    """Payload bytes per datagram that fit the connected route's MTU unfragmented."""
+    try:
+        if sock.family == socket.AF_INET6:
+            return int(sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)) - 48
+        return int(sock.getsockopt(socket.IPPROTO_IP, IP_MTU)) - 28
+    except OSError:
+        return 0
 
 
 def _reply_cmsg(ancdata: list) -> list:
@@ -123,6 +155,8 @@ class UdpListener:
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         self._sweeper: asyncio.TimerHandle | None = None
+        self._gso = True
+        """Batch runs of equal-sized datagrams with UDP_SEGMENT until the kernel refuses it."""
         self._reading = False
         self.owned = True
         """False for an adopted socket, which stays open (its owner holds a copy)."""
@@ -149,43 +183,99 @@ class UdpListener:
 
     # --- client → target ----------------------------------------------------
     def _on_readable(self) -> None:
+        """Read what is queued; send it on per flow, equal-sized runs as one GSO batch.
+
+        The batch being gathered is ``_gather[:end]``: ``count`` datagrams of ``size``
+        bytes for ``batch_flow``. Each datagram is read in right behind it; one that
+        cannot join is moved to the front once the batch before it has been sent."""
         sock = self.sock
         stats = self.stats
         flows = self.flows
         now = self.loop.time()
+        pktinfo = self._pktinfo
+        batch_flow: UdpFlow | None = None
+        size = end = count = 0
         for _ in range(_BATCH):
             try:
-                if self._pktinfo:
-                    n, ancdata, _flags, client = sock.recvmsg_into([_buffer], _CMSG_SPACE)
+                if pktinfo:
+                    n, ancdata, _flags, client = sock.recvmsg_into([_gather_view[end:]], _CMSG_SPACE)
                 else:
-                    n, client = sock.recvfrom_into(_buffer)
+                    n, client = sock.recvfrom_into(_gather_view[end:])
                     ancdata = []
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
                 stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
                 continue
+            stats.datagrams_to_target += 1
+            stats.bytes_to_target += n
             flow = flows.get(client)
+            if flow is not None:
+                if count and flow is batch_flow and n <= size and count < GSO_MAX_SEGMENTS \
+                        and end + n <= GSO_MAX_BYTES:
+                    end += n
+                    count += 1
+                    if n < size:  # a shorter datagram can only be a batch's last
+                        self._send(batch_flow, end, size, count)
+                        batch_flow, end, count = None, 0, 0
+                    continue
+                flows.move_to_end(client)
+            if count:  # the batch so far goes first (also before a new flow may evict its flow)
+                assert batch_flow is not None
+                self._send(batch_flow, end, size, count)
+                _gather[:n] = _gather[end:end + n]
+                batch_flow, end, count = None, 0, 0
             if flow is None:
                 flow = self._open_flow(client, ancdata)
                 if flow is None:
+                    end = 0
                     continue
-            else:
-                flows.move_to_end(client)
             flow.last = now
-            stats.datagrams_to_target += 1
-            stats.bytes_to_target += n
-            data = _view[:n]
+            if n <= flow.gso_max and self._gso:
+                batch_flow, size, end, count = flow, n, n, 1
+            else:
+                self._send(flow, n, n, 1)
+                end = 0
+        if count:
+            assert batch_flow is not None
+            self._send(batch_flow, end, size, count)
+
+    def _send(self, flow: UdpFlow, length: int, size: int, count: int) -> None:
+        """Send ``_gather[:length]`` to the target: ``count`` datagrams of ``size`` bytes."""
+        data = _gather_view[:length]
+        if count == 1:
+            self._send_one(flow, data)
+            return
+        segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+        for attempt in (1, 2):
             try:
-                flow.sock.send(data)
+                flow.sock.sendmsg([data], segment)
+                return
             except ConnectionRefusedError:
                 # An earlier datagram drew ICMP port unreachable; reporting it cleared it.
-                try:
-                    flow.sock.send(data)
-                except OSError as exc:
-                    stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+                if attempt == 2:
+                    self.stats.send_errors["ECONNREFUSED"] += count
             except OSError as exc:
-                stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+                if exc.errno not in _GSO_UNSUPPORTED:
+                    self.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += count
+                    return
+                log.info("%s: no UDP GSO here (%s); sending one datagram per call", self.name, exc.strerror)
+                self._gso = False
+                for offset in range(0, length, size):
+                    self._send_one(flow, data[offset:offset + size])
+                return
+
+    def _send_one(self, flow: UdpFlow, data: memoryview) -> None:
+        try:
+            flow.sock.send(data)
+        except ConnectionRefusedError:
+            # An earlier datagram drew ICMP port unreachable; reporting it cleared it.
+            try:
+                flow.sock.send(data)
+            except OSError as exc:
+                self.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+        except OSError as exc:
+            self.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
 
     def _open_flow(self, client: tuple, ancdata: list) -> UdpFlow | None:
         stats = self.stats
