@@ -216,13 +216,13 @@ class UdpListener:
                     end += n
                     count += 1
                     if n < size:  # a shorter datagram can only be a batch's last
-                        self._send(batch_flow, end, size, count)
+                        self._send(batch_flow, _gather_view[:end], size, count)
                         batch_flow, end, count = None, 0, 0
                     continue
                 flows.move_to_end(client)
             if count:  # the batch so far goes first (also before a new flow may evict its flow)
                 assert batch_flow is not None
-                self._send(batch_flow, end, size, count)
+                self._send(batch_flow, _gather_view[:end], size, count)
                 _gather[:n] = _gather[end:end + n]
                 batch_flow, end, count = None, 0, 0
             if flow is None:
@@ -234,48 +234,37 @@ class UdpListener:
             if n <= flow.gso_max and self._gso:
                 batch_flow, size, end, count = flow, n, n, 1
             else:
-                self._send(flow, n, n, 1)
+                self._send(flow, _gather_view[:n], n, 1)
                 end = 0
         if count:
             assert batch_flow is not None
-            self._send(batch_flow, end, size, count)
+            self._send(batch_flow, _gather_view[:end], size, count)
 
-    def _send(self, flow: UdpFlow, length: int, size: int, count: int) -> None:
-        """Send ``_gather[:length]`` to the target: ``count`` datagrams of ``size`` bytes."""
-        data = _gather_view[:length]
-        if count == 1:
-            self._send_one(flow, data)
-            return
-        segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+    def _send(self, flow: UdpFlow, data: memoryview, size: int, count: int) -> None:
+        """Send ``count`` datagrams of ``size`` bytes (the last may be shorter) to the target:
+        one send() for a lone datagram, one GSO sendmsg() for a run of them."""
+        sock = flow.sock
+        segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))] if count > 1 else None
         for attempt in (1, 2):
             try:
-                flow.sock.sendmsg([data], segment)
+                if segment is None:
+                    sock.send(data)
+                else:
+                    sock.sendmsg([data], segment)
                 return
             except ConnectionRefusedError:
                 # An earlier datagram drew ICMP port unreachable; reporting it cleared it.
                 if attempt == 2:
                     self.stats.send_errors["ECONNREFUSED"] += count
             except OSError as exc:
-                if exc.errno not in _GSO_UNSUPPORTED:
+                if segment is None or exc.errno not in _GSO_UNSUPPORTED:
                     self.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += count
                     return
                 log.info("%s: no UDP GSO here (%s); sending one datagram per call", self.name, exc.strerror)
                 self._gso = False
-                for offset in range(0, length, size):
-                    self._send_one(flow, data[offset:offset + size])
+                for offset in range(0, len(data), size):
+                    self._send(flow, data[offset:offset + size], size, 1)
                 return
-
-    def _send_one(self, flow: UdpFlow, data: memoryview) -> None:
-        try:
-            flow.sock.send(data)
-        except ConnectionRefusedError:
-            # An earlier datagram drew ICMP port unreachable; reporting it cleared it.
-            try:
-                flow.sock.send(data)
-            except OSError as exc:
-                self.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
-        except OSError as exc:
-            self.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
 
     def _open_flow(self, client: tuple, ancdata: list) -> UdpFlow | None:
         stats = self.stats
