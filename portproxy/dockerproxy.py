@@ -10,6 +10,10 @@ dockerd starts one proxy per published port with Go-style flags and waits on fd 
 * ``-use-listen-fd``: the socket dockerd already bound (and, for TCP, listens on) is fd 4;
 * exits on SIGINT/SIGTERM; ``-v``/``-version`` prints the version.
 
+dockerd passes only those flags, so portproxy's own tunables come from the environment
+dockerd runs in (``Environment=`` in a drop-in for docker.service):
+``PORTPROXY_TARGET_CC`` is ``--target-cc``, the congestion control toward the container.
+
 Flags follow Go's flag package: ``-x v``, ``-x=v``, ``--x``, ``--x=v``; parsing stops at
 ``--`` or the first non-flag argument.
 """
@@ -21,12 +25,16 @@ import ipaddress
 import os
 import socket
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import __version__
 
+if TYPE_CHECKING:
+    from .proxy.options import ProxyOptions
+
 STATUS_FD = 3
 LISTEN_FD = 4
+TARGET_CC_ENV = "PORTPROXY_TARGET_CC"
 
 _VALUE_FLAGS: dict[str, str] = {
     "proto": "tcp", "host-ip": "", "host-port": "-1", "container-ip": "", "container-port": "-1",
@@ -124,13 +132,26 @@ def _reporter() -> Callable[[str | None], None]:
     return report
 
 
-async def _serve(mapping, use_listen_fd: bool, report: Callable[[str | None], None]) -> int:  # noqa: ANN001
+def _options_from_environment() -> ProxyOptions:
+    """docker-proxy's fixed behaviour plus what the environment asks for; ValueError if bad."""
+    from .proxy.options import ProxyOptions, congestion_control_error
+
+    target_cc = os.environ.get(TARGET_CC_ENV) or None
+    if target_cc is not None:
+        error = congestion_control_error(target_cc)
+        if error is not None:
+            raise ValueError(f"{TARGET_CC_ENV}: {error}")
+    return ProxyOptions(drain_timeout=0, target_cc=target_cc)
+
+
+async def _serve(mapping, options: ProxyOptions, use_listen_fd: bool,  # noqa: ANN001
+                 report: Callable[[str | None], None]) -> int:
     from .foreground import stop_signal
-    from .proxy import ProxyOptions, ProxyServer
+    from .proxy import ProxyServer
     from .proxy.server import ProxyError
 
     stop = stop_signal()
-    server = ProxyServer(asyncio.get_running_loop(), ProxyOptions(drain_timeout=0))
+    server = ProxyServer(asyncio.get_running_loop(), options)
     sockets = {}
     if use_listen_fd:
         try:
@@ -163,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         mapping = _mapping(flags)
+        options = _options_from_environment()
     except ValueError as exc:
         print(f"portproxy-docker-proxy: {exc}", file=sys.stderr)
         report(str(exc))
@@ -171,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging("warning")
     raise_fd_limit()
-    return run(lambda: _serve(mapping, bool(flags["use-listen-fd"]), report))
+    return run(lambda: _serve(mapping, options, bool(flags["use-listen-fd"]), report))
 
 
 if __name__ == "__main__":

@@ -159,6 +159,34 @@ async def connect_expecting_close(ns: Namespace, host: str, port: int, timeout: 
         writer.close()
 
 
+def congestion_control_choice(ns: Namespace) -> tuple[str, str]:
+    """(the namespace's default TCP congestion control, another one this kernel has)."""
+    default = ns.run(lambda: Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip())
+    return default, ("cubic" if default != "cubic" else "reno")
+
+
+def _congestion_controls(ns: Namespace, ss_filter: str, known: set[str]) -> list[str]:
+    """The congestion control (one of ``known``) of each established socket matching an ``ss`` filter."""
+    proc = ns.popen(["ss", "-tinH", "state", "established", *ss_filter.split()], stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=10)
+    return [word for word in out.split() if word in known]
+
+
+async def check_congestion_control_per_leg(topo: SeedTopology, host_port: int, target_port: int, default: str,
+                                           chosen: str) -> None:
+    """Through a proxy on ``host_port``: the connection to the target uses ``chosen``, the
+    client's connection keeps the namespace's ``default``."""
+    reader, writer = await open_connection(topo.client, topo.host_ip, host_port)
+    try:
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        known = {default, chosen}
+        assert _congestion_controls(topo.host, f"dst {topo.container_ip}:{target_port}", known) == [chosen]
+        assert _congestion_controls(topo.host, f"sport = :{host_port}", known) == [default]
+    finally:
+        writer.close()
+
+
 async def start_server(ns: Namespace, port: int, handler: Callable, host: str = "0.0.0.0") -> asyncio.Server:
     """An asyncio stream server listening inside ``ns``."""
     sock = ns.socket(family_of(host), socket.SOCK_STREAM)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check_udp_backend_appears_later, echo_roundtrip, open_connection, start_server, udp_endpoint
+from conftest import (check_congestion_control_per_leg, check_udp_backend_appears_later, congestion_control_choice,
+                      echo_roundtrip, open_connection, start_server, udp_endpoint)
 
 DROPIN = str(Path(sys.executable).parent / "portproxy-docker-proxy")
 
@@ -20,12 +21,14 @@ DROPIN = str(Path(sys.executable).parent / "portproxy-docker-proxy")
 class DockerProxy:
     """One drop-in process started the way dockerd does it."""
 
-    def __init__(self, ns, args: list[str], listen_sock: socket.socket | None = None) -> None:
+    def __init__(self, ns, args: list[str], listen_sock: socket.socket | None = None,
+                 env: dict[str, str] | None = None) -> None:
         status_r, status_w = os.pipe()
         fds = {3: status_w}
         if listen_sock is not None:
             fds[4] = listen_sock.fileno()
-        self.proc = ns.popen([DROPIN, *args], fds=fds, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = ns.popen([DROPIN, *args], fds=fds, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **(env or {})})
         os.close(status_w)
         if listen_sock is not None:
             listen_sock.close()  # the child has its own copy, as with dockerd
@@ -46,8 +49,8 @@ class DockerProxy:
 def dockerproxy(topo):
     started: list[DockerProxy] = []
 
-    def start(*args: str, listen_sock: socket.socket | None = None) -> DockerProxy:
-        proxy = DockerProxy(topo.host, list(args), listen_sock)
+    def start(*args: str, listen_sock: socket.socket | None = None, env: dict[str, str] | None = None) -> DockerProxy:
+        proxy = DockerProxy(topo.host, list(args), listen_sock, env)
         started.append(proxy)
         return proxy
 
@@ -152,6 +155,22 @@ def test_failure_is_reported_on_fd3(topo, dockerproxy) -> None:
     assert proxy.status.startswith(b"1\n") and b"9095/tcp: port is already in use" in proxy.status
     assert proxy.proc.wait(timeout=10) == 1
     holder.close()
+
+
+async def test_target_cc_from_the_environment(topo, tcp_echo, dockerproxy) -> None:
+    default, chosen = congestion_control_choice(topo.host)
+    proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9097, topo.container_ip, 8080), env={"PORTPROXY_TARGET_CC": chosen})
+    assert proxy.status == b"0\n"
+    await check_congestion_control_per_leg(topo, 9097, 8080, default, chosen)
+
+
+def test_unknown_target_cc_is_reported_on_fd3(topo, dockerproxy) -> None:
+    proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9098, topo.container_ip, 8080),
+                        env={"PORTPROXY_TARGET_CC": "no-such-cc"})
+    assert proxy.status == b"1\nPORTPROXY_TARGET_CC: TCP congestion control 'no-such-cc': not available " \
+                           b"(see /proc/sys/net/ipv4/tcp_available_congestion_control)"
+    assert proxy.proc.wait(timeout=10) == 1
+    assert "no-such-cc" in proxy.proc.stderr.read()
 
 
 def test_sctp_gives_a_clear_error(topo, dockerproxy) -> None:

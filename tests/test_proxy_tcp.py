@@ -10,12 +10,12 @@ import asyncio
 import hashlib
 import os
 import socket
-import subprocess
 import time
 
 import pytest
 
-from conftest import connect_expecting_close, echo_roundtrip, open_connection, start_server
+from conftest import (check_congestion_control_per_leg, congestion_control_choice, connect_expecting_close,
+                      echo_roundtrip, open_connection, start_server)
 
 PATHS = {
     "splice-uvloop": [],
@@ -186,21 +186,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _congestion_controls(ns, ss_filter: str, known: set[str]) -> list[str]:
-    """The congestion control (one of ``known``) of each established socket matching an ``ss`` filter."""
-    proc = ns.popen(["ss", "-tinH", "state", "established", *ss_filter.split()], stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=10)
-    return [word for word in out.split() if word in known]
-
-
 async def test_target_cc_applies_to_the_target_leg_only(topo, tcp_echo, portproxy) -> None:
-    default = topo.host.run(lambda: open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip())
-    chosen = "cubic" if default != "cubic" else "reno"
+    default, chosen = congestion_control_choice(topo.host)
     portproxy("map", f"9090:{topo.container_ip}:8080", "--target-cc", chosen)
-    reader, writer = await open_connection(topo.client, topo.host_ip, 9090)
-    writer.write(b"ping")
-    assert await reader.readexactly(4) == b"ping"
-    known = {default, chosen}
-    assert _congestion_controls(topo.host, f"dst {topo.container_ip}:8080", known) == [chosen]
-    assert _congestion_controls(topo.host, "sport = :9090", known) == [default]
-    writer.close()
+    await check_congestion_control_per_leg(topo, 9090, 8080, default, chosen)
