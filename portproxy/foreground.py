@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, TextIO
 
+from .errors import PortproxyError
 from .proxy import ProxyOptions, ProxyServer
 from .proxy.server import ProxyError, listener_name
 from .spec import Mapping
@@ -84,20 +85,6 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
     return 0
 
 
-def _install_kernel(path: "KernelPath", mappings: list[Mapping], set_sysctls: bool) -> None:
-    """Everything the kernel path needs, in an order that leaves nothing behind on failure."""
-    from .kernel import sysctls
-
-    sysctls.ensure(sysctls.required(mappings, path.opts.route_localnet), set_sysctls)
-    path.install(mappings)
-    try:
-        path.enable_hairpin(mappings)
-        path.forget_udp_flows(mappings, translated=True)
-    except BaseException:
-        path.teardown()
-        raise
-
-
 def _remove_kernel(path: "KernelPath", mappings: list[Mapping]) -> None:
     path.teardown()
     path.forget_udp_flows(mappings, translated=False)
@@ -106,22 +93,18 @@ def _remove_kernel(path: "KernelPath", mappings: list[Mapping]) -> None:
 async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls: bool,
                      out: TextIO = sys.stdout, metrics_addr: str | None = None) -> int:
     """Install the mappings as nftables rules, hold them until a stop signal, then remove them."""
-    from .kernel import KernelMappingError, KernelPath, NftError
+    from .kernel import KernelPath, NftError
     from .metrics import MappingSnapshot
     from .metrics.snapshot import KernelCounterReader
-    from .kernel.hairpin import HairpinError
-    from .kernel.sysctls import SysctlError
 
     stop = stop_signal()
     try:
         path = await asyncio.to_thread(KernelPath, opts)
-        await asyncio.to_thread(_install_kernel, path, mappings, set_sysctls)
-    except KernelMappingError as exc:
+        await asyncio.to_thread(
+            lambda: path.apply(mappings, replace=True, set_sysctls=set_sysctls, forget_udp=True))
+    except PortproxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
-        return 2
-    except (NftError, SysctlError, HairpinError) as exc:
-        print(f"portproxy: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_status
     reader = KernelCounterReader(opts)
 
     def snapshot() -> list[MappingSnapshot]:

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
+
+from .errors import BadInput, shorten
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "udp")
 
 
-class SpecError(ValueError):
+class SpecError(BadInput):
     """A mapping spec that cannot be parsed; the message names the offending part."""
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True)
 class Mapping:
     """One published port range: traffic to host_ip:host_ports goes to target_ip:target_ports.
 
@@ -78,6 +80,13 @@ class Mapping:
     def __str__(self) -> str:
         return format_spec(self)
 
+    def sort_key(self) -> tuple[Any, ...]:
+        """A total order for listings and the state file. Mappings are deliberately not
+        orderable themselves: a wildcard host (None) and an address, or an IPv4 and an
+        IPv6 target, do not compare."""
+        host = (0, 0, 0) if self.host_ip is None else (1, self.host_ip.version, int(self.host_ip))
+        return (self.proto, self.host_port, host, self.target_ip.version, int(self.target_ip), self.target_port)
+
 
 def _format_ip(ip: IPAddress) -> str:
     return f"[{ip}]" if ip.version == 6 else str(ip)
@@ -110,11 +119,11 @@ def _split_fields(text: str, spec: str) -> list[str]:
         if i < n and text[i] == "[":
             close = text.find("]", i)
             if close < 0:
-                raise SpecError(f"bad mapping {spec!r}: unclosed '[' in {text[i:]!r}")
+                raise SpecError(f"bad mapping {shorten(spec)}: unclosed '[' in {shorten(text[i:])}")
             field = text[i : close + 1]
             i = close + 1
             if i < n and text[i] != ":":
-                raise SpecError(f"bad mapping {spec!r}: unexpected {text[i:]!r} after {field!r}")
+                raise SpecError(f"bad mapping {shorten(spec)}: unexpected {shorten(text[i:])} after {shorten(field)}")
         else:
             colon = text.find(":", i)
             end = n if colon < 0 else colon
@@ -131,48 +140,48 @@ def _split_fields(text: str, spec: str) -> list[str]:
 
 def _parse_ip(field: str, what: str, spec: str) -> IPAddress:
     if not field:
-        raise SpecError(f"bad mapping {spec!r}: {what} is empty")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} is empty")
     if field.startswith("["):
         inner = field[1:-1]
         try:
             return ipaddress.IPv6Address(inner)
         except ValueError:
-            raise SpecError(f"bad mapping {spec!r}: {what} {field!r} is not an IPv6 address") from None
+            raise SpecError(f"bad mapping {shorten(spec)}: {what} {shorten(field)} is not an IPv6 address") from None
     if ":" in field:
-        raise SpecError(f"bad mapping {spec!r}: {what} {field!r} must be in brackets")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} {shorten(field)} must be in brackets")
     try:
         return ipaddress.IPv4Address(field)
     except ValueError:
-        raise SpecError(f"bad mapping {spec!r}: {what} {field!r} is not an IP address") from None
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} {shorten(field)} is not an IP address") from None
 
 
 def _parse_port(text: str, what: str, spec: str) -> int:
     if not text:
-        raise SpecError(f"bad mapping {spec!r}: {what} is empty")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} is empty")
     if not (text.isascii() and text.isdigit()):
-        raise SpecError(f"bad mapping {spec!r}: {what} {text!r} is not a number")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} {shorten(text)} is not a number")
     if len(text) > 5 or not 1 <= int(text) <= 65535:
-        raise SpecError(f"bad mapping {spec!r}: {what} {text!r} is out of range 1-65535")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} {shorten(text)} is out of range 1-65535")
     return int(text)
 
 
 def _parse_range(field: str, what: str, spec: str) -> tuple[int, int]:
     if not field:
-        raise SpecError(f"bad mapping {spec!r}: {what} is empty")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} is empty")
     start_text, dash, end_text = field.partition("-")
     start = _parse_port(start_text, what, spec)
     if not dash:
         return start, start
     end = _parse_port(end_text, f"{what} range end", spec)
     if end < start:
-        raise SpecError(f"bad mapping {spec!r}: {what} range {field!r} ends before it starts")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} range {shorten(field)} ends before it starts")
     return start, end
 
 
 def parse_spec(spec: str) -> Mapping:
     """Parse one mapping spec; raise :class:`SpecError` naming the bad part."""
     if not isinstance(spec, str):
-        raise SpecError(f"bad mapping {spec!r}: not a string")
+        raise SpecError(f"bad mapping {shorten(spec)}: not a string")
     text = spec.strip()
     if not text:
         raise SpecError("bad mapping '': empty spec")
@@ -181,7 +190,7 @@ def parse_spec(spec: str) -> Mapping:
     if "/" in text:
         text, _, proto = text.rpartition("/")
         if proto.lower() not in PROTOCOLS:
-            raise SpecError(f"bad mapping {spec!r}: unknown protocol {proto!r} (use tcp or udp)")
+            raise SpecError(f"bad mapping {shorten(spec)}: unknown protocol {shorten(proto)} (use tcp or udp)")
         proto = proto.lower()
     fields = _split_fields(text, spec)
     if len(fields) == 3:
@@ -191,7 +200,7 @@ def parse_spec(spec: str) -> Mapping:
         host_field, host_ports, target_field, target_ports = fields
     else:
         raise SpecError(
-            f"bad mapping {spec!r}: expected [HOST_IP:]HOST_PORT:TARGET_IP:TARGET_PORT[/PROTO], "
+            f"bad mapping {shorten(spec)}: expected [HOST_IP:]HOST_PORT:TARGET_IP:TARGET_PORT[/PROTO], "
             f"got {len(fields)} ':'-separated parts"
         )
     host_ip = _parse_ip(host_field, "host address", spec) if host_field is not None else None
@@ -200,15 +209,15 @@ def parse_spec(spec: str) -> Mapping:
     t_start, t_end = _parse_range(target_ports, "target port", spec)
     if h_end - h_start != t_end - t_start:
         raise SpecError(
-            f"bad mapping {spec!r}: host range {host_ports!r} and target range {target_ports!r} "
+            f"bad mapping {shorten(spec)}: host range {shorten(host_ports)} and target range {shorten(target_ports)} "
             "differ in length"
         )
     if target_ip.is_unspecified:
-        raise SpecError(f"bad mapping {spec!r}: target address {target_field!r} is unspecified")
+        raise SpecError(f"bad mapping {shorten(spec)}: target address {shorten(target_field)} is unspecified")
     if target_ip.is_multicast or (target_ip.version == 4 and target_ip == ipaddress.IPv4Address("255.255.255.255")):
-        raise SpecError(f"bad mapping {spec!r}: target address {target_field!r} is not a unicast address")
+        raise SpecError(f"bad mapping {shorten(spec)}: target address {shorten(target_field)} is not a unicast address")
     if host_ip is not None and host_ip.is_multicast:
-        raise SpecError(f"bad mapping {spec!r}: host address {host_field!r} is a multicast address")
+        raise SpecError(f"bad mapping {shorten(spec)}: host address {shorten(host_field)} is a multicast address")
     return Mapping(proto, host_ip, h_start, h_end, target_ip, t_start, t_end)  # type: ignore[arg-type]
 
 

@@ -41,7 +41,7 @@ def test_bad_option_exit_2() -> None:
 def test_unknown_congestion_control_exit_2() -> None:
     result = run_portproxy("map", "127.0.0.1:19090:127.0.0.1:8080", "--target-cc", "no-such-cc")
     assert result.returncode == 2
-    assert "TCP congestion control 'no-such-cc': not available" in result.stderr
+    assert "argument --target-cc: 'no-such-cc' cannot be used: not available" in result.stderr
     assert "ready" not in result.stdout
 
 

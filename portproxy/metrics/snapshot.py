@@ -22,6 +22,8 @@ class MappingSnapshot:
     userland: list[TcpStats | UdpStats]
     """The counter objects of the mapping's listeners (per port; a hybrid's loopback ones too)."""
     kernel: KernelCounters | None
+    failed: bool = False
+    """The mapping is desired but not running (its last attempt failed; it is retried)."""
 
 
 class KernelCounterReader:

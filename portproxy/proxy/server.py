@@ -13,6 +13,7 @@ import logging
 import socket
 from typing import Union
 
+from ..errors import Conflict
 from ..spec import Mapping, format_endpoint
 from .options import ProxyOptions
 from .poller import Poller
@@ -26,7 +27,7 @@ log = logging.getLogger("portproxy.proxy")
 Listener = Union[TcpListener, UdpListener]
 
 
-class ProxyError(Exception):
+class ProxyError(Conflict):
     """A mapping could not be started; the message is one readable line."""
 
 
