@@ -1,8 +1,14 @@
-"""Runs a set of mappings on one event loop: binds, starts, drains and stops their listeners.
+"""Runs a set of mappings on one event loop: binds, serves, holds, drains and stops their listeners.
 
 Adding a mapping binds every port of its range before any of them starts, so a
 port in use fails the whole mapping with one clear error and nothing half-started;
 the mappings already running are not touched.
+
+Ports are exclusive. No socket here sets SO_REUSEPORT, so a port another process
+holds is refused ("port is already in use") and no other process can join a port
+portproxy holds. A mapping whose traffic has moved elsewhere (the kernel path) is
+*held* rather than closed: still bound, not serving, and unbindable by anyone else
+(see :mod:`.listener`), so moving it back can never find the port taken.
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ import asyncio
 import errno
 import logging
 import socket
-from typing import Union
+from typing import cast
 
 from ..errors import Conflict
 from ..spec import Mapping, format_endpoint
+from .listener import Listener
 from .options import ProxyOptions
 from .poller import Poller
 from .splice import PipePool
@@ -24,30 +31,40 @@ from .udp import UdpListener
 
 log = logging.getLogger("portproxy.proxy")
 
-Listener = Union[TcpListener, UdpListener]
-
 
 class ProxyError(Conflict):
     """A mapping could not be started; the message is one readable line."""
 
 
-def bind_socket(mapping: Mapping, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
-    """Create and bind (and for TCP, listen on) the host side of one port of a mapping."""
+def _port_error(where: str, exc: OSError) -> ProxyError:
+    if exc.errno == errno.EADDRINUSE:
+        return ProxyError(f"cannot listen on {where}: port is already in use")
+    if exc.errno == errno.EACCES:
+        return ProxyError(f"cannot listen on {where}: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)")
+    return ProxyError(f"cannot listen on {where}: {exc.strerror or exc}")
+
+
+def _where(mapping: Mapping, port: int) -> str:
+    return f"{format_endpoint(mapping.listen_ip(), port)}/{mapping.proto}"
+
+
+def bind_socket(mapping: Mapping, port: int, backlog: int) -> socket.socket:
+    """Create and bind (and for TCP, listen on) the host side of one port of a mapping.
+
+    Never SO_REUSEPORT: that would let any process of the same user (root) join the
+    port and take a share of its connections. TCP sets SO_REUSEADDR, which only steps
+    over TIME_WAIT leftovers: a listening socket still refuses every other bind."""
     ip = mapping.listen_ip()
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     kind = socket.SOCK_STREAM if mapping.proto == "tcp" else socket.SOCK_DGRAM
-    where = f"{format_endpoint(ip, port)}/{mapping.proto}"
+    where = _where(mapping, port)
     try:
         sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     except OSError as exc:
-        raise ProxyError(f"cannot listen on {where}: {exc.strerror}") from None
+        raise _port_error(where, exc) from None
     try:
         if mapping.proto == "tcp":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            # Lets the controller open a loopback listener beside a wildcard one (or the
-            # reverse) before closing the old one, so a switch never refuses a client.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if mapping.dual_stack else 1)
         if mapping.host_ip is not None and not mapping.host_ip.is_unspecified:
@@ -55,14 +72,13 @@ def bind_socket(mapping: Mapping, port: int, backlog: int, reuse_port: bool = Fa
             sock.setsockopt(socket.SOL_IP, getattr(socket, "IP_FREEBIND", 15), 1)
         sock.bind((str(ip), port))
         if mapping.proto == "tcp":
+            # Listening at once, even for a mapping that starts held: only a socket that
+            # has listened is guarded against binds by its SO_REUSEADDR alone (the port's
+            # bind bucket stops taking the fast path for it).
             sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ProxyError(f"cannot listen on {where}: port is already in use") from None
-        if exc.errno == errno.EACCES:
-            raise ProxyError(f"cannot listen on {where}: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)") from None
-        raise ProxyError(f"cannot listen on {where}: {exc.strerror}") from None
+        raise _port_error(where, exc) from None
     return sock
 
 
@@ -79,15 +95,15 @@ class ProxyServer:
     def __init__(self, loop: asyncio.AbstractEventLoop, options: ProxyOptions) -> None:
         self.loop = loop
         self.options = options
-        self.pipe_pool = PipePool(options.pipe_size, options.pipe_pool_max) if options.splice else None
         self.poller = Poller(loop)
+        self._pipe_pools: dict[tuple[int, int], PipePool] = {}
         self.listeners: dict[Mapping, list[Listener]] = {}
+        """Every mapping this server has bound, serving or held."""
         self.stats: dict[Mapping, list[TcpStats | UdpStats]] = {}
         """Counters per mapping and port, kept across listener changes (a switch away and
         back reuses them) so exported counters never go backwards; see forget_stats."""
-        self.retired: list[TcpListener] = []
-        """Closed TCP listeners whose connections are still running (after a switch)."""
-        self.reuse_port = False
+        self.retired: list[Listener] = []
+        """Closed listeners whose connections are still running (after remove())."""
         self.adopted: dict[tuple[str, str, int], socket.socket] = {}
         """Sockets handed over by a supervisor (systemd socket activation), by (proto, ip,
         port). They are used instead of binding and never closed here: the supervisor
@@ -101,96 +117,152 @@ class ProxyServer:
         self.adopted[key] = sock
         return key
 
-    def add(self, mapping: Mapping, sockets: dict[int, socket.socket] | None = None) -> list[Listener]:
-        """Bind and start every port of ``mapping``; raise ProxyError with nothing started.
+    # --- the mappings -------------------------------------------------------------------
+    def __contains__(self, mapping: object) -> bool:
+        return mapping in self.listeners
 
+    @property
+    def held(self) -> frozenset[Mapping]:
+        """Mappings that keep their ports bound without serving them."""
+        return frozenset(m for m, group in self.listeners.items() if not any(x.serving for x in group))
+
+    def serving(self, mapping: Mapping) -> bool:
+        group = self.listeners.get(mapping)
+        return bool(group) and all(listener.serving for listener in group)
+
+    def add(self, mapping: Mapping, sockets: dict[int, socket.socket] | None = None,
+            options: ProxyOptions | None = None, serve: bool = True) -> list[Listener]:
+        """Bind every port of ``mapping`` and serve them (``serve=False``: only hold them).
+
+        All or nothing: a ProxyError (one line) leaves nothing of the mapping bound.
         ``sockets`` may supply already bound sockets by host port (socket activation,
-        docker-proxy's -use-listen-fd); the other ports are bound here.
+        docker-proxy's -use-listen-fd); the other ports are bound here. ``options``
+        override the server's for this mapping's listeners.
         """
         if mapping in self.listeners:
             raise ProxyError(f"mapping {mapping} is already running")
+        options = options or self.options
         given = dict(sockets or {})
         bound: list[socket.socket] = []
         try:
             for host_port, _ in mapping.port_pairs():
                 sock = given.pop(host_port, None) or self.adopted.get((mapping.proto, str(mapping.listen_ip()), host_port))
                 if sock is None:
-                    sock = bind_socket(mapping, host_port, self.options.listen_backlog, self.reuse_port)
+                    sock = bind_socket(mapping, host_port, options.listen_backlog)
                 sock.setblocking(False)
                 bound.append(sock)
         except ProxyError:
             for sock in bound:
-                if sock not in self.adopted.values():
+                if not self._is_adopted(sock):
                     sock.close()
             raise
-        listeners: list[Listener] = []
         stats = self.stats.setdefault(
             mapping, [TcpStats() if mapping.proto == "tcp" else UdpStats() for _ in range(mapping.port_count)])
-        for sock, (host_port, target_port), port_stats in zip(bound, mapping.port_pairs(), stats):
-            target = (str(mapping.target_ip), target_port)
-            name = listener_name(mapping, host_port, target_port)
-            listener: Listener
-            if mapping.proto == "tcp":
-                assert isinstance(port_stats, TcpStats)
-                listener = TcpListener(self.loop, sock, target, name, self.options, self.pipe_pool, self.poller,
-                                       port_stats)
-            else:
-                assert isinstance(port_stats, UdpStats)
-                listener = UdpListener(self.loop, sock, target, name, self.options, port_stats)
-            listener.owned = sock not in self.adopted.values()
-            listener.start()
-            listeners.append(listener)
+        listeners = [self._listener(mapping, sock, pair, port_stats, options)
+                     for sock, pair, port_stats in zip(bound, mapping.port_pairs(), stats)]
         self.listeners[mapping] = listeners
+        try:
+            self._set_serving(mapping, serve)
+        except ProxyError:
+            del self.listeners[mapping]
+            for listener in listeners:
+                listener.close()
+            raise
         return listeners
+
+    def serve(self, mapping: Mapping) -> None:
+        """Serve a held mapping again (idempotent); ProxyError if a port cannot listen."""
+        self._set_serving(mapping, True)
+
+    def hold(self, mapping: Mapping) -> None:
+        """Stop serving but keep every port bound and exclusive (idempotent).
+
+        What already waits in the accept queue is accepted and relayed first; live
+        connections and UDP flows run on."""
+        self._set_serving(mapping, False)
+
+    def remove(self, mapping: Mapping) -> None:
+        """Release a mapping's ports; its live TCP connections run to their end.
+
+        The accept queue is emptied first, so a handshake that completed before the
+        traffic moved elsewhere is relayed rather than reset. UDP flows end now.
+        Removing a mapping that is not there does nothing."""
+        for listener in self.listeners.pop(mapping, []):
+            listener.close()
+            if listener.open_connections:
+                self.retired.append(listener)
+        self.retired = [listener for listener in self.retired if listener.open_connections]
+
+    def retire(self, mapping: Mapping) -> None:
+        """The former name of :meth:`remove`, until every caller uses that."""
+        self.remove(mapping)
 
     def forget_stats(self, mapping: Mapping) -> None:
         """Drop a mapping's counters (it is gone for good: its series should disappear)."""
         self.stats.pop(mapping, None)
 
-    def retire(self, mapping: Mapping) -> None:
-        """Close a mapping's listeners at once but let its live connections run to their end.
+    def _set_serving(self, mapping: Mapping, serve: bool) -> None:
+        group = self.listeners.get(mapping)
+        if group is None:
+            raise ProxyError(f"mapping {mapping} is not running")
+        if not serve:
+            for listener in group:
+                listener.hold()
+            return
+        for (host_port, _), listener in zip(mapping.port_pairs(), group):
+            try:
+                listener.serve()
+            except OSError as exc:
+                for other in group:
+                    other.hold()
+                raise _port_error(_where(mapping, host_port), exc) from None
 
-        Used when traffic for the port has moved elsewhere (to the kernel path): the
-        accept queue is emptied first, so a handshake that completed before the move
-        is relayed rather than reset.
-        """
-        for listener in self.listeners.pop(mapping):
-            if isinstance(listener, TcpListener):
-                listener.accept_pending()
-                listener.close_listener()
-                if listener.connections:
-                    self.retired.append(listener)
-            else:
-                listener.close()
-        self.retired = [listener for listener in self.retired if listener.connections]
+    def _listener(self, mapping: Mapping, sock: socket.socket, pair: tuple[int, int],
+                  stats: TcpStats | UdpStats, options: ProxyOptions) -> Listener:
+        host_port, target_port = pair
+        target = (str(mapping.target_ip), target_port)
+        name = listener_name(mapping, host_port, target_port)
+        listener: Listener
+        if mapping.proto == "tcp":
+            listener = TcpListener(self.loop, sock, target, name, options, self._pipe_pool(options), self.poller,
+                                   cast(TcpStats, stats))
+        else:
+            listener = UdpListener(self.loop, sock, target, name, options, cast(UdpStats, stats))
+        listener.owned = not self._is_adopted(sock)
+        return listener
 
+    def _is_adopted(self, sock: socket.socket) -> bool:
+        return any(sock is adopted for adopted in self.adopted.values())
+
+    def _pipe_pool(self, options: ProxyOptions) -> PipePool | None:
+        """The splice pipes for listeners with these options (one pool per pipe size)."""
+        if not options.splice:
+            return None
+        key = (options.pipe_size, options.pipe_pool_max)
+        pool = self._pipe_pools.get(key)
+        if pool is None:
+            pool = self._pipe_pools[key] = PipePool(*key)
+        return pool
+
+    # --- stopping -----------------------------------------------------------------------
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop every mapping (graceful: live connections get up to drain_timeout)."""
-        listeners: list[Listener] = [listener for group in self.listeners.values() for listener in group]
-        listeners += self.retired
-        self.listeners.clear()
-        self.retired = []
-        await self._drain(listeners, self.options.drain_timeout if drain_timeout is None else drain_timeout)
-        if self.pipe_pool is not None:
-            self.pipe_pool.close()
-        self.poller.close()
-
-    async def _drain(self, listeners: list[Listener], timeout: float) -> None:
-        tcp = [listener for listener in listeners if isinstance(listener, TcpListener)]
-        for listener in listeners:
-            if isinstance(listener, TcpListener):
-                listener.close_listener()  # idempotent: retired listeners are closed already
-            else:
-                listener.close()
+        for mapping in list(self.listeners):
+            self.remove(mapping)
+        listeners, self.retired = self.retired, []
+        timeout = self.options.drain_timeout if drain_timeout is None else drain_timeout
         deadline = self.loop.time() + timeout
-        while any(listener.connections for listener in tcp) and self.loop.time() < deadline:
+        while any(listener.open_connections for listener in listeners) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
-        left = sum(len(listener.connections) for listener in tcp)
+        left = sum(listener.open_connections for listener in listeners)
         if left:
             log.info("drain timeout: closing %d connection(s) still open", left)
-        for listener in tcp:
-            listener.abort_connections()
+        for listener in listeners:
+            listener.abort()
+        for pool in self._pipe_pools.values():
+            pool.close()
+        self.poller.close()
 
     def connection_count(self) -> int:
         live = [listener for group in self.listeners.values() for listener in group]
-        return sum(len(listener.connections) for listener in live + self.retired if isinstance(listener, TcpListener))
+        return sum(listener.open_connections for listener in live + self.retired)

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .copy import CopyPump
+from .listener import Listener
 from .poller import Poller
 from .pump import Pump
 from .splice import PipePool, SplicePump
@@ -201,7 +202,7 @@ class TcpRelay:
         self._listener.connection_closed(self)
 
 
-class TcpListener:
+class TcpListener(Listener):
     """Accepts on one host port and relays each connection to one target address."""
 
     def __init__(
@@ -226,20 +227,71 @@ class TcpListener:
         self.options = options
         self.target_cc = options.target_cc.encode() if options.target_cc else None
         self.pipe_pool = pipe_pool
-        self.stats = stats if stats is not None else TcpStats()
+        self.stats: TcpStats = stats if stats is not None else TcpStats()
         self.connections: set[TcpRelay] = set()
         self._accepting = False
+        self._closed = False
         self._backoff = 0.0
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._resource_warned = False
         self.owned = True
-        """False for an adopted socket, which stays open (its owner holds a copy)."""
 
-    def start(self) -> None:
+    # --- Listener -----------------------------------------------------------------------
+    @property
+    def serving(self) -> bool:
+        return self._accepting
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
+
+    def serve(self) -> None:
+        if self._accepting:
+            return
+        self._listen()
         self._accepting = True
         self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
 
-    def stop_accepting(self) -> None:
+    def hold(self) -> None:
+        """Relay the accept queue, then stop listening but stay bound.
+
+        On Linux shutdown(SHUT_RD) takes a listening socket back to CLOSE without
+        releasing its port (bind() locked it); with SO_REUSEADDR cleared no other socket
+        can bind the port, however it asks. listen() brings it back (:meth:`serve`)."""
+        self.accept_pending()
+        self._stop_accepting()
+        if self._listening():
+            try:
+                self.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass  # not connected/listening any more: nothing queued to refuse
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.accept_pending()
+        self._stop_accepting()
+        self._closed = True
+        if self.owned:
+            self.sock.close()
+        else:
+            self._listen()  # give a supervisor's socket back the way it came: listening
+
+    def abort(self) -> None:
+        for relay in list(self.connections):
+            relay.close(reset=True)
+
+    # --- socket states ------------------------------------------------------------------
+    def _listening(self) -> bool:
+        return bool(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+    def _listen(self) -> None:
+        if not self._listening():
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.listen(self.options.listen_backlog)
+
+    def _stop_accepting(self) -> None:
         """Stop taking new connections; the ones already accepted go on."""
         if self._backoff_timer is not None:
             self._backoff_timer.cancel()
@@ -248,19 +300,10 @@ class TcpListener:
             self._accepting = False
             self.loop.remove_reader(self.sock.fileno())
 
-    def close_listener(self) -> None:
-        self.stop_accepting()
-        if self.owned:
-            self.sock.close()
-
     def accept_pending(self) -> None:
         """Accept and relay every connection already waiting in the accept queue."""
         if self._accepting:
             self._on_acceptable(batch=1 << 30)
-
-    def abort_connections(self) -> None:
-        for relay in list(self.connections):
-            relay.close(reset=True)
 
     def connection_closed(self, relay: TcpRelay) -> None:
         self.connections.discard(relay)

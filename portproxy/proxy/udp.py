@@ -29,6 +29,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING
 
+from .listener import Listener
 from .stats import UdpStats
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ def _reply_cmsg(ancdata: list) -> list:
     return []
 
 
-class UdpListener:
+class UdpListener(Listener):
     """Relays datagrams on one host port to one target address."""
 
     def __init__(
@@ -146,7 +147,7 @@ class UdpListener:
         self.target_family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
         self.name = name
         self.options = options
-        self.stats = stats if stats is not None else UdpStats()
+        self.stats: UdpStats = stats if stats is not None else UdpStats()
         self.flows: collections.OrderedDict[tuple, UdpFlow] = collections.OrderedDict()
         self._pktinfo = _is_wildcard(sock)
         if self._pktinfo:
@@ -159,13 +160,34 @@ class UdpListener:
         """Batch runs of equal-sized datagrams with UDP_SEGMENT until the kernel refuses it."""
         self._reading = False
         self.owned = True
-        """False for an adopted socket, which stays open (its owner holds a copy)."""
 
-    # --- life cycle ---------------------------------------------------------
-    def start(self) -> None:
+    # --- Listener -----------------------------------------------------------------------
+    @property
+    def serving(self) -> bool:
+        return self._reading
+
+    @property
+    def open_connections(self) -> int:
+        return 0  # flows end with the listener: nothing to wait for
+
+    def serve(self) -> None:
+        if self._reading:
+            return
+        self._discard_queued()
         self._reading = True
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
-        self._schedule_sweep()
+        if self._sweeper is None:
+            self._schedule_sweep()
+
+    def hold(self) -> None:
+        """Stop reading; the socket stays bound (without SO_REUSEADDR or SO_REUSEPORT no
+        one else can bind the port) and existing flows relay replies until they expire."""
+        if self._reading:
+            self._on_readable()  # what is queued already was sent to this listener
+            self._reading = False
+            self.loop.remove_reader(self.sock.fileno())
+        if self._sweeper is None:
+            self._schedule_sweep()
 
     def close(self) -> None:
         if self._reading:
@@ -180,6 +202,20 @@ class UdpListener:
         self.flows.clear()
         if self.owned:
             self.sock.close()
+
+    def abort(self) -> None:
+        pass  # close() ended the flows already
+
+    def _discard_queued(self) -> None:
+        """Datagrams that arrived while held were not served; answering them now, maybe
+        minutes late, would only confuse their senders."""
+        for _ in range(1 << 16):
+            try:
+                self.sock.recv(1)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
 
     # --- client → target ----------------------------------------------------
     def _on_readable(self) -> None:
