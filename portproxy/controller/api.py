@@ -150,7 +150,8 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
         if report.get("errors"):
             first = report["errors"][0]
             more = f" (and {len(report['errors']) - 1} more)" if len(report["errors"]) > 1 else ""
-            return web.json_response({**report, "error": f"reload: {first}{more}"}, status=500)
+            status = report.pop("status", 500)
+            return web.json_response({**report, "error": f"reload: {first}{more}"}, status=status)
         return web.json_response(report)
 
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)

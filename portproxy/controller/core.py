@@ -572,7 +572,8 @@ class Controller:
     # --- reading ------------------------------------------------------------------------------------
     def daemon_counters(self) -> dict[str, int]:
         """Counters of the daemon itself, for the metrics thread."""
-        return {"kernel_reconciles": self.reconciles}
+        repairs = self._kernel.repairs if self._kernel is not None else 0
+        return {"kernel_reconciles": self.reconciles + repairs}
 
     def metrics_snapshot(self) -> list["MappingSnapshot"]:
         """Called on the metrics thread: copies first (the loop thread may be changing things)."""

@@ -118,7 +118,7 @@ async def reload(controller: Controller, config_path: Path, notifier: Notifier) 
         report = await controller.reload(new)
     except PortproxyError as exc:
         log.error("reload refused: %s", exc)
-        return {"errors": [str(exc)]}
+        return {"errors": [str(exc)], "status": exc.http_status}
     except Exception as exc:  # noqa: BLE001 - a reload must never die silently
         log.exception("reload failed")
         return {"errors": [f"internal error: {exc}"]}

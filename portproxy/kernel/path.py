@@ -46,6 +46,8 @@ class KernelPath:
         self.opts = opts or KernelOptions()
         self._nft = nft or Nft()
         self.ids: dict[Mapping, int] = {}
+        self.repairs = 0
+        """Times a change found the table deleted or altered and rewrote it whole."""
 
     # --- ids -------------------------------------------------------------------
     def _allocate_ids(self, mappings: list[Mapping], taken: set[int],
@@ -94,10 +96,11 @@ class KernelPath:
         new_ids = self._allocate_ids(add_list, set(kept.values()), {**self.ids, **(preferred_ids or {})})
         desired = {**kept, **new_ids}
         old = dict(self.ids)
-        if replace or not old or not self.table_present():
-            if old and not replace:
-                log.warning("the nft table %s was gone; reinstalled it with %d mapping(s)", self.opts.table,
-                            len(desired))
+        problem = None if replace or not old else self.health()
+        if replace or not old or problem:
+            if problem:
+                self.repairs += 1
+                log.warning("%s; reinstalled it with %d mapping(s)", problem, len(desired))
             self._nft.apply(builders.full_table(desired.items(), self.opts))
         else:
             commands = []
