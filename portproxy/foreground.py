@@ -98,12 +98,18 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     from .metrics.snapshot import KernelCounterReader
 
     stop = stop_signal()
+    # The published ports are held (bound, not listening) for as long as the DNAT is in,
+    # so no other program can take them: a port someone else holds is refused here too.
+    holder = ProxyServer(asyncio.get_running_loop(), ProxyOptions())
     try:
+        for mapping in mappings:
+            holder.add(mapping, serve=False)
         path = await asyncio.to_thread(KernelPath, opts)
         await asyncio.to_thread(
             lambda: path.apply(mappings, replace=True, set_sysctls=set_sysctls, forget_udp=True))
     except PortproxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
+        await holder.stop(drain_timeout=0)
         return exc.exit_status
     reader = KernelCounterReader(opts)
 
@@ -116,6 +122,7 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     except ProxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         await asyncio.to_thread(_remove_kernel, path, mappings)
+        await holder.stop(drain_timeout=0)
         return 1
     for mapping in mappings:
         print_ready(mapping, out, " (kernel)")
@@ -127,4 +134,6 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     except NftError as exc:
         print(f"portproxy: removing the rules failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        await holder.stop(drain_timeout=0)
     return 0

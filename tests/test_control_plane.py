@@ -323,3 +323,17 @@ async def test_kernel_ids_survive_a_restart(topo, tcp_echo, daemon) -> None:
     proc.stop()
     start()
     assert ids() == before
+
+
+def test_map_kernel_refuses_a_held_port_and_holds_its_own(topo, portproxy) -> None:
+    busy = holder(topo, 9200)
+    result = portproxy("map", "--mode", "kernel", f"9200:{topo.container_ip}:8080", ready=None)
+    assert result.proc.wait(timeout=30) == 1
+    assert result.stderr.strip() == "portproxy: cannot listen on 0.0.0.0:9200/tcp: port is already in use"
+    assert tables(topo.host) == []
+    busy.close()
+    running = portproxy("map", "--mode", "kernel", f"9201:{topo.container_ip}:8080")
+    with pytest.raises(OSError):
+        holder(topo, 9201)
+    assert running.stop() == 0
+    holder(topo, 9201).close()
