@@ -137,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from .foreground import run_kernel, run_userland
 
+        raise_fd_limit()  # the kernel path holds every published port too
         if args.mode == "kernel":
             return run(lambda: run_kernel(mappings, kernel_options_from(args), bool(args.set_sysctls),
-                                          metrics_addr=args.metrics_addr), args.loop)
-        raise_fd_limit()
+                                          metrics_addr=args.metrics_addr, proxy_options=proxy_options_from(args)),
+                       args.loop)
         return run(lambda: run_userland(mappings, proxy_options_from(args), metrics_addr=args.metrics_addr),
                    args.loop)
     if args.command == "serve":

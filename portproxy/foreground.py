@@ -64,18 +64,21 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
         from .metrics import MappingSnapshot
 
         stats = dict(server.stats)  # one atomic copy: the loop thread may add to it
-        return [MappingSnapshot(m, "userland", stats.get(m, []), None) for m in mappings]
+        return [MappingSnapshot(m, "userland", [s for part in m.per_family() for s in stats.get(part, [])], None)
+                for m in mappings]
 
     try:
         for mapping in mappings:
-            server.add(mapping)
+            for part in mapping.per_family():
+                server.add(part)
         metrics = _start_metrics(metrics_addr, snapshot)
     except ProxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         await server.stop(drain_timeout=0)
         return 1
     for mapping in mappings:
-        print_ready(mapping, out)
+        for part in mapping.per_family():
+            print_ready(part, out)
     signum = await stop
     log.info("%s: draining %d connection(s) for up to %gs", signal.Signals(signum).name,
              server.connection_count(), options.drain_timeout)
@@ -91,7 +94,8 @@ def _remove_kernel(path: "KernelPath", mappings: list[Mapping]) -> None:
 
 
 async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls: bool,
-                     out: TextIO = sys.stdout, metrics_addr: str | None = None) -> int:
+                     out: TextIO = sys.stdout, metrics_addr: str | None = None,
+                     proxy_options: ProxyOptions = ProxyOptions()) -> int:
     """Install the mappings as nftables rules, hold them until a stop signal, then remove them."""
     from .kernel import KernelPath, NftError
     from .metrics import MappingSnapshot
@@ -100,13 +104,16 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     stop = stop_signal()
     # The published ports are held (bound, not listening) for as long as the DNAT is in,
     # so no other program can take them: a port someone else holds is refused here too.
-    holder = ProxyServer(asyncio.get_running_loop(), ProxyOptions())
+    # A family DNAT cannot translate (an IPv6 client to an IPv4 target) is proxied by it.
+    holder = ProxyServer(asyncio.get_running_loop(), proxy_options)
+    parts = [part for mapping in mappings for part in mapping.per_family()]
+    translated = [part for part in parts if part.translatable]
     try:
-        for mapping in mappings:
-            holder.add(mapping, serve=False)
+        for part in parts:
+            holder.add(part, serve=not part.translatable)
         path = await asyncio.to_thread(KernelPath, opts)
         await asyncio.to_thread(
-            lambda: path.apply(mappings, replace=True, set_sysctls=set_sysctls, forget_udp=True))
+            lambda: path.apply(translated, replace=True, set_sysctls=set_sysctls, forget_udp=True))
     except PortproxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         await holder.stop(drain_timeout=0)
@@ -115,22 +122,26 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
 
     def snapshot() -> list[MappingSnapshot]:
         counters = reader.read(dict(path.ids))
-        return [MappingSnapshot(m, "kernel", [], counters.get(m)) for m in mappings]
+        stats = dict(holder.stats)
+        return [MappingSnapshot(m, "kernel", [s for part in m.per_family() for s in stats.get(part, [])],
+                                next((counters[p] for p in m.per_family() if p in counters), None))
+                for m in mappings]
 
     try:
         metrics = _start_metrics(metrics_addr, snapshot)
     except ProxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
-        await asyncio.to_thread(_remove_kernel, path, mappings)
+        await asyncio.to_thread(_remove_kernel, path, translated)
         await holder.stop(drain_timeout=0)
         return 1
-    for mapping in mappings:
-        print_ready(mapping, out, " (kernel)")
+    for part in parts:
+        print_ready(part, out, " (kernel)" if part.translatable else
+                    f" (userland: DNAT cannot translate IPv{part.listen_ip().version} to IPv{part.family})")
     await stop
     if metrics is not None:
         metrics.shutdown()  # type: ignore[attr-defined]
     try:
-        await asyncio.to_thread(_remove_kernel, path, mappings)
+        await asyncio.to_thread(_remove_kernel, path, translated)
     except NftError as exc:
         print(f"portproxy: removing the rules failed: {exc}", file=sys.stderr)
         return 1

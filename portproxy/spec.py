@@ -20,6 +20,7 @@ from .errors import BadInput, shorten
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
+WILDCARDS: dict[int, IPAddress] = {4: ipaddress.IPv4Address("0.0.0.0"), 6: ipaddress.IPv6Address("::")}
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "udp")
 
 
@@ -59,23 +60,34 @@ class Mapping:
             yield port, port + offset
 
     def listen_ip(self) -> IPAddress:
-        """The address a userland listener binds.
-
-        With no host address, an IPv4 target listens on 0.0.0.0 and an IPv6 target on
-        ``::`` (IPv6 only), so ``9090:10.0.0.2:80`` and ``9090:[fd00::2]:80`` can both be
-        published, as Docker publishes a port for each family.  An explicit ``[::]`` host
-        is dual-stack, as Go's listener (and so docker-proxy's) is.
-        """
+        """The address a userland listener of this mapping binds (for one of
+        :meth:`per_family`'s mappings: its own host address)."""
         if self.host_ip is not None:
             return self.host_ip
-        if self.family == 4:
-            return ipaddress.IPv4Address("0.0.0.0")
-        return ipaddress.IPv6Address("::")
+        return WILDCARDS[self.family]
+
+    def per_family(self) -> list["Mapping"]:
+        """The mapping once per address family it publishes on, each with its host address.
+
+        As Docker's ``-p`` does: no host address publishes on IPv4 (``0.0.0.0``) *and* on
+        IPv6 (``[::]``, an IPv6-only socket), whatever the target's family; ``0.0.0.0:``
+        is IPv4 only, ``[::]:`` IPv6 only. A family other than the target's can only be
+        proxied (nftables has no NAT64), so that part of a mapping always runs on the
+        userland path (see :attr:`translatable`)."""
+        if self.host_ip is not None:
+            return [self]
+        return [dataclasses.replace(self, host_ip=WILDCARDS[4]), dataclasses.replace(self, host_ip=WILDCARDS[6])]
 
     @property
-    def dual_stack(self) -> bool:
-        """True when the listener takes IPv4 and IPv6 clients (an explicit ``[::]`` host)."""
-        return self.host_ip is not None and self.host_ip.version == 6 and self.host_ip.is_unspecified
+    def translatable(self) -> bool:
+        """Whether DNAT can serve it: the host address (if any) has the target's family."""
+        return self.host_ip is None or self.host_ip.version == self.family
+
+    def listen_label(self) -> str:
+        """``0.0.0.0:9090``, ``[::1]:9090``, or ``*:9090`` for every address of both families."""
+        ports = _format_ports(self.host_port, self.host_port_end)
+        return f"*:{ports}" if self.host_ip is None else format_endpoint(self.host_ip, self.host_port,
+                                                                           self.host_port_end)
 
     def __str__(self) -> str:
         return format_spec(self)
@@ -233,14 +245,12 @@ def _listen_key_overlaps(a: Mapping, b: Mapping) -> bool:
         return False
     if a.host_port_end < b.host_port or b.host_port_end < a.host_port:
         return False
-    ha, hb = a.listen_ip(), b.listen_ip()
-    if ha == hb:
-        return True
-    # A wildcard overlaps every address of its family, and a dual-stack one every address.
-    if ha.is_unspecified and (ha.version == hb.version or a.dual_stack):
-        return True
-    if hb.is_unspecified and (hb.version == ha.version or b.dual_stack):
-        return True
+    for pa in a.per_family():
+        for pb in b.per_family():
+            ha, hb = pa.listen_ip(), pb.listen_ip()
+            # A wildcard overlaps every address of its family.
+            if ha.version == hb.version and (ha == hb or ha.is_unspecified or hb.is_unspecified):
+                return True
     return False
 
 
@@ -249,4 +259,8 @@ def check_no_overlap(mappings: list[Mapping]) -> None:
     for i, a in enumerate(mappings):
         for b in mappings[i + 1 :]:
             if _listen_key_overlaps(a, b):
-                raise SpecError(f"mappings {a} and {b} overlap on the host side")
+                hint = ""
+                if (a.host_ip is None or b.host_ip is None) and a.family != b.family:
+                    hint = (" (with no host address a mapping publishes on IPv4 and IPv6: give each its "
+                            "family, 0.0.0.0:... and [::]:...)")
+                raise SpecError(f"mappings {a} and {b} overlap on the host side{hint}")

@@ -102,7 +102,7 @@ async def test_mixed_wildcard_address_and_family_mappings(topo, tcp_echo, daemon
     ctr, ctr6 = topo.container_ip, topo.container_ip6
     config = (f'[[mapping]]\nspec = "9095:{ctr}:8080"\nmode = "kernel"\n'
               f'[[mapping]]\nspec = "127.0.0.1:9091:{ctr}:8080"\n'
-              f'[[mapping]]\nspec = "9090:{ctr}:8080"\n[[mapping]]\nspec = "9090:[{ctr6}]:8080"\n')
+              f'[[mapping]]\nspec = "0.0.0.0:9090:{ctr}:8080"\n[[mapping]]\nspec = "[::]:9090:[{ctr6}]:8080"\n')
     proc = start(config)
     added = cli("add", f"10.99.99.99:9092:{ctr}:8080")
     assert added.returncode == 0, added.stderr
@@ -337,3 +337,16 @@ def test_map_kernel_refuses_a_held_port_and_holds_its_own(topo, portproxy) -> No
         holder(topo, 9201)
     assert running.stop() == 0
     holder(topo, 9201).close()
+
+
+async def test_no_host_address_publishes_both_families_ls_says_how(topo, tcp_echo, daemon) -> None:
+    """Docker's -p: IPv4 through the DNAT, IPv6 clients of an IPv4 target through the proxy."""
+    start, cli = daemon
+    ctr = topo.container_ip
+    start(f'[[mapping]]\nspec = "9090:{ctr}:8080"\nmode = "kernel"\n')
+    assert ls(cli)[f"9090:{ctr}:8080/tcp"]["families"] == {"ipv4": "kernel", "ipv6": "userland"}
+    await roundtrip(topo, 9090)
+    await roundtrip(topo, 9090, topo.host_ip6)
+    assert cli("switch", "9090", "--mode", "userland").returncode == 0
+    assert ls(cli)[f"9090:{ctr}:8080/tcp"]["families"] == {"ipv4": "userland", "ipv6": "userland"}
+    await roundtrip(topo, 9090, topo.host_ip6)

@@ -45,9 +45,9 @@ def counters(ns) -> dict:
 
 async def test_client_through_dnat_tcp_and_udp(topo, tcp_echo, udp_echo, portproxy) -> None:
     proxy = portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080",
-                      f"5353:{topo.container_ip}:5353/udp", ready=2)
-    assert proxy.ready == [f"ready tcp 0.0.0.0:9090 -> {topo.container_ip}:8080 (kernel)",
-                           f"ready udp 0.0.0.0:5353 -> {topo.container_ip}:5353 (kernel)"]
+                      f"5353:{topo.container_ip}:5353/udp", ready=4)
+    assert proxy.ready[0::2] == [f"ready tcp 0.0.0.0:9090 -> {topo.container_ip}:8080 (kernel)",
+                                 f"ready udp 0.0.0.0:5353 -> {topo.container_ip}:5353 (kernel)"]
     payload = os.urandom(8 << 20)
     received = await echo_roundtrip(topo.client, topo.host_ip, 9090, payload)
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
@@ -316,8 +316,14 @@ def test_missing_ip_forward_is_named_not_changed(topo) -> None:
     assert tables(topo.host) == []
 
 
-def test_mapping_the_kernel_cannot_do_exit_2(topo) -> None:
-    result = _run_cli(topo.host, "map", "--mode", "kernel", f"[::]:9090:{topo.container_ip}:8080")
-    assert result.returncode == 2
-    assert "needs the userland path" in result.stderr
-    assert tables(topo.host) == []
+async def test_a_family_the_kernel_cannot_translate_is_proxied(topo, tcp_echo, portproxy) -> None:
+    """No NAT64: an IPv6 client of an IPv4 target is served by the proxy, and says so."""
+    proc = portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080", ready=2)
+    assert proc.ready == [f"ready tcp 0.0.0.0:9090 -> {topo.container_ip}:8080 (kernel)",
+                          f"ready tcp [::]:9090 -> {topo.container_ip}:8080 "
+                          "(userland: DNAT cannot translate IPv6 to IPv4)"]
+    for host in (topo.host_ip, topo.host_ip6):
+        reader, writer = await open_connection(topo.client, host, 9090)
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        writer.close()

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ..errors import BadInput, Conflict, NotFound, PortproxyError, SystemFailure, shorten
 from ..kernel import KernelPath, NftError
-from ..kernel.builders import check_mapping
 from ..proxy.options import ProxyOptions
 from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
@@ -76,6 +75,14 @@ LISTENER, KERNEL = "listener", "kernel"
 
 def components(mode: Mode) -> set[str]:
     return {"userland": {LISTENER}, "kernel": {KERNEL}, "hybrid": {LISTENER, KERNEL}}[mode]
+
+
+def part_components(part: Mapping, wanted: set[str]) -> set[str]:
+    """What one family of a mapping runs: what its mode asks, except that a family DNAT
+    cannot translate (an IPv6 client to an IPv4 target: no NAT64) is proxied, as Docker does."""
+    if wanted and not part.translatable:
+        return {LISTENER}
+    return wanted
 
 
 @dataclasses.dataclass
@@ -148,21 +155,41 @@ class Controller:
         return schema.proxy_options(dict(settings.overrides), self.options.proxy)
 
     # --- moves ------------------------------------------------------------------------
-    async def _kernel_apply(self, add: Sequence[Mapping] = (), remove: Sequence[Mapping] = ()) -> None:
+    async def _kernel_apply(self, entry: Entry, add: Sequence[Mapping] = (), remove: Sequence[Mapping] = ()) -> None:
         kernel = await self._kernel_path()
-        preferred = {m: self.entries[m].kernel_id for m in add if m in self.entries and self.entries[m].kernel_id}
+        preferred = {m: entry.kernel_id for m in add if entry.kernel_id}
 
         def apply() -> None:
             kernel.apply(add, remove, set_sysctls=self.options.set_sysctls, preferred_ids=preferred)  # type: ignore[arg-type]
 
         await self._in_worker(apply)
         for m in add:
-            if m in self.entries:
-                self.entries[m].kernel_id = kernel.ids.get(m)
+            entry.kernel_id = kernel.ids.get(m, entry.kernel_id)
 
     async def _move(self, m: Mapping, entry: Entry, old: set[str], new: set[str],
                     sockets: dict[int, socket.socket] | None = None) -> None:
+        """Move every family of ``m`` from ``old`` to ``new``; if one fails, the families
+        already moved go back, so the mapping stays exactly as it was."""
+        done: list[Mapping] = []
+        try:
+            for part in m.per_family():
+                if not entry.holds_ports and not part.translatable:
+                    continue  # a CNI runtime publishes each family it has, through DNAT only
+                await self._move_part(part, entry, part_components(part, old), part_components(part, new), sockets)
+                done.append(part)
+        except PortproxyError:
+            for part in reversed(done):
+                try:
+                    await self._move_part(part, entry, part_components(part, new), part_components(part, old))
+                except PortproxyError as exc:
+                    log.error("undoing the move of %s failed: %s", part, exc)
+            raise
+
+    async def _move_part(self, m: Mapping, entry: Entry, old: set[str], new: set[str],
+                         sockets: dict[int, socket.socket] | None = None) -> None:
         """Make before break; on a failed step, undo the steps taken and leave ``old`` in place."""
+        if old == new:
+            return
         undo: list[Callable[[], Any]] = []
         try:
             if entry.holds_ports and m not in self.proxy:
@@ -171,8 +198,8 @@ class Controller:
                                serve=LISTENER in new)
                 undo.append(lambda: self.proxy.remove(m))
             if KERNEL in new - old:
-                await self._kernel_apply(add=[m])
-                undo.append(lambda: self._kernel_apply(remove=[m]))
+                await self._kernel_apply(entry, add=[m])
+                undo.append(lambda: self._kernel_apply(entry, remove=[m]))
             if LISTENER in new - old and not self.proxy.serving(m):
                 self.proxy.serve(m)
                 undo.append(lambda: self.proxy.hold(m))
@@ -195,7 +222,7 @@ class Controller:
         if not new and m in self.proxy:
             self.proxy.remove(m)
         if KERNEL in old - new:
-            await self._kernel_apply(remove=[m])
+            await self._kernel_apply(entry, remove=[m])
         if KERNEL in old ^ new:
             await self._forget_udp_flows([m], translated=KERNEL in new)
 
@@ -214,13 +241,12 @@ class Controller:
     async def _realise(self, m: Mapping, entry: Entry, sockets: dict[int, socket.socket] | None = None) -> bool:
         """Try to run a mapping that is not running; record the outcome. True if it runs."""
         try:
-            if entry.mode != "userland":
-                check_mapping(m)
             await self._move(m, entry, set(), components(entry.mode), sockets)
         except PortproxyError as exc:
-            if self._kernel is not None and m in self._kernel.ids:  # put in by the start's batch
+            installed = [p for p in m.per_family() if self._kernel is not None and p in self._kernel.ids]
+            if installed:  # put in by the start's batch
                 try:
-                    await self._kernel_apply(remove=[m])
+                    await self._kernel_apply(entry, remove=installed)
                 except PortproxyError as undo_exc:
                     log.error("removing the DNAT of %s failed: %s", m, undo_exc)
             self._mark_failed(m, entry, str(exc))
@@ -293,8 +319,6 @@ class Controller:
             except SpecError as exc:
                 raise Conflict(str(exc)) from None
             entry = Entry(settings, source, owner)
-            if entry.mode != "userland":
-                check_mapping(mapping)
             self._warn_if_not_local(mapping)
             await self._move(mapping, entry, set(), components(entry.mode), sockets)
             entry.status = "running"
@@ -307,8 +331,6 @@ class Controller:
                 await self._move(mapping, entry, components(entry.mode), set())
 
             await self._commit(change, undo)
-            if self._kernel is not None:
-                entry.kernel_id = self._kernel.ids.get(mapping)
             log.info("added %s (%s%s)", mapping, entry.mode, f", {owner['kind']} {owner['id'][:12]}" if owner else "")
             return mapping
 
@@ -331,7 +353,8 @@ class Controller:
         running = components(entry.mode) if entry.status == "running" else set()
         await self._move(mapping, entry, running, set())
         await self._commit(lambda: self.entries.pop(mapping), lambda: self._move(mapping, entry, set(), running))
-        self.proxy.forget_stats(mapping)  # its series disappear
+        for part in mapping.per_family():
+            self.proxy.forget_stats(part)  # its series disappear
         log.info("removed %s", mapping)
 
     async def switch(self, name: str, mode: str) -> Mapping:
@@ -342,8 +365,6 @@ class Controller:
             old_settings = entry.settings
             if old_settings.mode == new_mode:
                 return mapping
-            if new_mode != "userland":
-                check_mapping(mapping)
             new_settings = dataclasses.replace(old_settings, mode=new_mode)
             if entry.status == "running":
                 await self._move(mapping, entry, components(old_settings.mode), components(new_mode))
@@ -446,7 +467,8 @@ class Controller:
     async def _install_kernel_table(self) -> None:
         """One batch for every kernel mapping at start (replacing a crashed run's table).
         Mappings that batch cannot take are then tried one by one by ``_realise``."""
-        wanted = [m for m, e in self.entries.items() if e.mode != "userland"]
+        wanted = [p for m, e in self.entries.items() if e.mode != "userland" for p in m.per_family() if p.translatable]
+        owners = {p: e for m, e in self.entries.items() for p in m.per_family()}
         try:
             kernel = await self._kernel_path()
         except PortproxyError as exc:
@@ -457,14 +479,8 @@ class Controller:
             if await self._in_worker(kernel.table_present):
                 await self._in_worker(kernel.teardown)  # left over from a previous run
             return
-        preferred = {m: self.entries[m].kernel_id for m in wanted if self.entries[m].kernel_id}
-        ok = []
-        for m in wanted:
-            try:
-                check_mapping(m)
-                ok.append(m)
-            except PortproxyError:
-                pass
+        preferred = {p: owners[p].kernel_id for p in wanted if owners[p].kernel_id}
+        ok = wanted
 
         def install() -> None:
             kernel.apply(ok, replace=True, set_sysctls=self.options.set_sysctls,
@@ -478,8 +494,8 @@ class Controller:
             return
         # DNAT is in; _realise then only holds the ports and opens listeners. A mapping whose
         # ports cannot be held has its DNAT taken out again there.
-        for m in ok:
-            self.entries[m].kernel_id = kernel.ids.get(m)
+        for p in ok:
+            owners[p].kernel_id = kernel.ids.get(p)
 
     async def stop(self, keep_kernel_rules: bool | None = None) -> None:
         """Drain userland connections; remove the kernel table unless told to keep it."""
@@ -586,7 +602,9 @@ class Controller:
             if self._metrics_reader is None:
                 self._metrics_reader = KernelCounterReader(self.options.kernel)
             kernel_counters = self._metrics_reader.read(dict(self._kernel.ids))
-        return [MappingSnapshot(m, mode, stats.get(m, []), kernel_counters.get(m), failed=status == "failed")
+        return [MappingSnapshot(m, mode, [s for p in m.per_family() for s in stats.get(p, [])],
+                                next((kernel_counters[p] for p in m.per_family() if p in kernel_counters), None),
+                                failed=status == "failed")
                 for m, mode, status in entries]
 
     async def describe(self) -> list[dict[str, Any]]:
@@ -609,19 +627,23 @@ class Controller:
                 item["owner"] = entry.owner
             if entry.settings.overrides:
                 item["options"] = dict(entry.settings.overrides)
-            userland = self.proxy.stats.get(mapping, [])
+            parts = mapping.per_family()
+            userland = [s for p in parts for s in self.proxy.stats.get(p, [])]
             tcp = [s for s in userland if isinstance(s, TcpStats)]
             udp = [s for s in userland if isinstance(s, UdpStats)]
             item["userland"] = {
-                "listening": self.proxy.serving(mapping),
+                "listening": [p.listen_label() for p in parts if self.proxy.serving(p)],
                 "connections": sum(s.active for s in tcp),
                 "accepted": sum(s.accepted for s in tcp),
                 "bytes_to_target": sum(s.bytes[TO_TARGET] for s in tcp) + sum(s.bytes_to_target for s in udp),
                 "bytes_to_client": sum(s.bytes[TO_CLIENT] for s in tcp) + sum(s.bytes_to_client for s in udp),
                 "udp_flows": sum(s.flows_active for s in udp),
             }
-            if KERNEL in components(entry.mode) and entry.status == "running":
-                kernel = counters.get(mapping)
+            item["families"] = {f"ipv{p.listen_ip().version}": _served_by(part_components(p, components(entry.mode)))
+                                for p in parts}
+            translated = [p for p in parts if p.translatable]
+            if KERNEL in components(entry.mode) and entry.status == "running" and translated:
+                kernel = counters.get(translated[0])
                 if kernel is not None:
                     item["kernel"] = {**dataclasses.asdict(kernel), "packets": kernel.packets,
                                       "bytes": kernel.bytes}
@@ -630,6 +652,10 @@ class Controller:
                     item["kernel_problem"] = self.kernel_problem or "not in the nft table"
             result.append(item)
         return result
+
+
+def _served_by(parts: set[str]) -> str:
+    return "hybrid" if parts == {LISTENER, KERNEL} else "kernel" if parts == {KERNEL} else "userland"
 
 
 __all__ = ["Config", "Controller", "Entry", "components"]

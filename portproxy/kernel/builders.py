@@ -72,13 +72,11 @@ class KernelMappingError(BadInput):
 
 def check_mapping(m: Mapping) -> None:
     """Refuse what DNAT cannot do, rather than install a rule that never matches."""
-    if m.host_ip is not None and not m.host_ip.is_unspecified and m.host_ip.version != m.family:
+    if not m.translatable:
         raise KernelMappingError(
-            f"mapping {m}: the kernel path cannot translate between IPv{m.host_ip.version} and IPv{m.family} "
-            "(use the userland path)"
+            f"mapping {m}: the kernel path cannot translate between IPv{m.listen_ip().version} and IPv{m.family} "
+            "(that family is served by the userland path)"
         )
-    if m.dual_stack and m.family == 4:
-        raise KernelMappingError(f"mapping {m}: a dual-stack [::] listener with an IPv4 target needs the userland path")
 
 
 # --- expression helpers --------------------------------------------------------------
