@@ -531,22 +531,35 @@ class Controller:
                             self._changed()
 
     async def _reconcile_loop(self) -> None:
+        """The quick check every few seconds; the deep one (rule counts) as often as its
+        cost allows: at most ~5 % of the worker's time."""
+        next_deep = 0.0
         while True:
             await asyncio.sleep(RECONCILE_INTERVAL)
+            deep = self.loop.time() >= next_deep
+            started = self.loop.time()
             try:
-                await self.reconcile()
+                await self.reconcile(deep)
             except Exception as exc:  # noqa: BLE001 - the loop must survive a bad moment
                 log.error("checking the nft table failed: %s", exc)
+            if deep:
+                next_deep = self.loop.time() + max(RECONCILE_INTERVAL, 20 * (self.loop.time() - started))
 
-    async def reconcile(self) -> None:
+    async def reconcile(self, deep: bool = True) -> None:
         """Reinstall the nft table if someone deleted or altered it (one line, counted)."""
         kernel = self._kernel
         if kernel is None or not kernel.ids:
             return
+        # Read outside the lock and off the worker: a deep check of a large table takes
+        # seconds, and ls, add or switch must not wait for it.
+        problem = await asyncio.to_thread(kernel.health, deep)
+        self.kernel_problem = problem
+        if problem is None:
+            return
         async with self._lock:
-            problem = await self._in_worker(kernel.health)
-            self.kernel_problem = problem
+            problem = await self._in_worker(kernel.health, deep)
             if problem is None:
+                self.kernel_problem = None
                 return
             mappings = list(kernel.ids)
 
@@ -612,7 +625,7 @@ class Controller:
         counters = {}
         if self._kernel is not None and self._kernel.ids:
             try:
-                self.kernel_problem = await self._in_worker(self._kernel.health)
+                self.kernel_problem = await self._in_worker(self._kernel.health, False)
                 if self.kernel_problem is None:
                     counters = await self._in_worker(self._kernel.counters)
             except NftError as exc:

@@ -19,6 +19,10 @@ from .executor import Nft, NftError
 
 log = logging.getLogger("portproxy.kernel")
 
+DEEP_CHECK_PORTS = 2000
+"""Up to this many published ports a change first checks the table's rules too (a few
+ms); beyond, only that its chains exist, and the daemon's periodic check does the rest."""
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelCounters:
@@ -96,7 +100,7 @@ class KernelPath:
         new_ids = self._allocate_ids(add_list, set(kept.values()), {**self.ids, **(preferred_ids or {})})
         desired = {**kept, **new_ids}
         old = dict(self.ids)
-        problem = None if replace or not old else self.health()
+        problem = None if replace or not old else self.health(deep=self._ports() <= DEEP_CHECK_PORTS)
         if replace or not old or problem:
             if problem:
                 self.repairs += 1
@@ -143,23 +147,37 @@ class KernelPath:
         self._nft.apply(builders.delete_table(self.opts))
         self.ids = {}
 
-    def table_present(self) -> bool:
-        """Whether the table is there (read through its dispatch chain: listing the table
-        itself would return every map element)."""
-        try:
-            self._nft.query(builders.list_chain(self.opts, "dispatch"))
-        except NftError:
-            return False
-        return True
+    def _ports(self) -> int:
+        return sum(m.port_count for m in self.ids)
 
-    def health(self) -> str | None:
-        """Why the table in the kernel is not the one portproxy installed (deleted, a chain
-        flushed or removed), or None when it is. A few small reads (chains and their rules,
-        never the map elements), cheap enough to run every few seconds."""
+    def _chains(self) -> set[str]:
+        try:
+            return builders.chains_of(self._nft.query(builders.list_chains()), self.opts)
+        except NftError:
+            return set()
+
+    def table_present(self) -> bool:
+        """Whether the table is there (through the cheap list of chains)."""
+        return bool(self._chains())
+
+    def health(self, deep: bool = True) -> str | None:
+        """Why the table in the kernel is not the one portproxy installed, or None when it is.
+
+        The quick check (``deep=False``) lists the family's chains, which costs the same
+        whatever the number of mappings: it finds a deleted table (``nft flush ruleset``)
+        or chain. The deep one also counts each chain's rules (a flushed chain); listing a
+        chain's rules makes libnftables read every map element, so it costs ~0.3 s per
+        chain at 16,000 ports: the daemon runs it less often as the table grows."""
         if not self.ids:
             return None
-        if not self.table_present():
+        chains = self._chains()
+        if not chains:
             return f"the nft table {self.opts.table} is missing"
+        missing = [name for name in builders.chain_names(self.opts) if name not in chains]
+        if missing:
+            return f"chain {missing[0]} of the nft table {self.opts.table} is missing"
+        if not deep:
+            return None
         found: dict[str, int | None] = {}
         for name in builders.chain_names(self.opts):
             try:
