@@ -159,6 +159,7 @@ class UdpListener(Listener):
         self._gso = True
         """Batch runs of equal-sized datagrams with UDP_SEGMENT until the kernel refuses it."""
         self._reading = False
+        self._was_held = False
         self.owned = True
 
     # --- Listener -----------------------------------------------------------------------
@@ -173,7 +174,8 @@ class UdpListener(Listener):
     def serve(self) -> None:
         if self._reading:
             return
-        self._discard_queued()
+        if self._was_held:
+            self._discard_queued()
         self._reading = True
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
         if self._sweeper is None:
@@ -182,6 +184,7 @@ class UdpListener(Listener):
     def hold(self) -> None:
         """Stop reading; the socket stays bound (without SO_REUSEADDR or SO_REUSEPORT no
         one else can bind the port) and existing flows relay replies until they expire."""
+        self._was_held = True
         if self._reading:
             self._on_readable()  # what is queued already was sent to this listener
             self._reading = False
