@@ -50,6 +50,7 @@ STATUS_FD = 3
 LISTEN_FD = 4
 TARGET_CC_ENV = "PORTPROXY_TARGET_CC"
 BACKLOG = 4096  # ProxyOptions.listen_backlog; Go's listeners take net.core.somaxconn
+IDLE_LIMIT = 0.3  # seconds at most of SCHED_IDLE after readiness, see _idle_while_importing
 
 _VALUE_FLAGS: dict[str, str] = {
     "proto": "tcp", "host-ip": "0.0.0.0", "host-port": "-1", "container-ip": "0.0.0.0", "container-port": "-1",
@@ -387,7 +388,33 @@ def _options() -> ProxyOptions:
     return ProxyOptions(drain_timeout=0, target_cc=os.environ.get(TARGET_CC_ENV) or None)
 
 
-async def _serve(request: Request, lean_sock: _socket.socket) -> int:
+def _idle_while_importing() -> bool:
+    """Import the proxy at idle CPU priority (SCHED_IDLE), back to normal once it serves.
+
+    dockerd starts the proxies of a port range one after the other, each waiting for the
+    previous one's fd 3; on a small machine the previous proxy's imports (~100 ms of CPU)
+    would otherwise slow every following start. Only where the way back is sure (root, as
+    under dockerd): an unprivileged process might not be allowed to leave SCHED_IDLE. On a
+    saturated machine an idle task gets almost no CPU, so a timer (SIGALRM, handled by the
+    first bytecode that runs) ends the idle phase after IDLE_LIMIT seconds in any case.
+    """
+    if os.geteuid() != 0 or not hasattr(os, "SCHED_IDLE"):
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        return False
+    _signal.signal(_signal.SIGALRM, lambda signum, frame: _normal_priority())
+    _signal.setitimer(_signal.ITIMER_REAL, IDLE_LIMIT)
+    return True
+
+
+def _normal_priority() -> None:
+    _signal.setitimer(_signal.ITIMER_REAL, 0)
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+async def _serve(request: Request, lean_sock: _socket.socket, idle: bool = False) -> int:
     import asyncio
     import socket
 
@@ -403,6 +430,9 @@ async def _serve(request: Request, lean_sock: _socket.socket) -> int:
     except ProxyError as exc:  # readiness is already reported; say why on stderr and leave
         print(f"portproxy-docker-proxy: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if idle:
+            _normal_priority()  # root may always leave SCHED_IDLE; a failure here is a bug to see
     await stop
     await server.stop(drain_timeout=0)
     return 0
@@ -413,11 +443,12 @@ def main(argv: list[str] | None = None) -> int:
     started = start(sys.argv[1:] if argv is None else argv, status)
     if isinstance(started, int):
         return started
+    idle = _idle_while_importing()
     from .runtime import raise_fd_limit, run, setup_logging
 
     setup_logging("warning")
     raise_fd_limit()
-    return run(lambda: _serve(*started))
+    return run(lambda: _serve(*started, idle))
 
 
 if __name__ == "__main__":
