@@ -351,3 +351,11 @@ def test_ipv4_mapped_host_address_is_ipv4() -> None:
     request = Request(parse_go_flags(["-host-ip", "::ffff:127.0.0.1", "-host-port", "80", "-container-ip",
                                       "10.0.0.2", "-container-port", "80"]))
     assert request.host.family == socket.AF_INET and request.where == "127.0.0.1:80/tcp"
+
+
+async def test_serves_at_normal_priority(topo, tcp_echo, dockerproxy) -> None:
+    """The imports after readiness run at SCHED_IDLE; serving does not."""
+    proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9116, topo.container_ip, 8080))
+    assert proxy.status == b"0\n"
+    await _tcp_echo_check(topo, topo.host_ip, 9116)
+    assert os.sched_getscheduler(proxy.proc.pid) == os.SCHED_OTHER
