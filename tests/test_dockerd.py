@@ -9,6 +9,7 @@ docker-proxy itself fails is an xfail for docker-proxy only, with the reason.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -59,6 +60,8 @@ class Setup:
                                         ("portproxy", True)],
                 ids=["docker-proxy-ipv4", "docker-proxy-ipv6", "portproxy-ipv4", "portproxy-ipv6"])
 def setup(request, untouched_root_namespace, tmp_path_factory) -> Iterator[Setup]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for namespaces and dockerd")
     if not Path("/usr/bin/nsenter").exists():
         pytest.skip("needs nsenter (util-linux)")
     try:
@@ -67,11 +70,14 @@ def setup(request, untouched_root_namespace, tmp_path_factory) -> Iterator[Setup
         pytest.skip(str(exc))
     proxy, ipv6 = request.param
     path = str(root / "usr" / "sbin" / "docker-proxy") if proxy == "docker-proxy" else DROPIN
-    with seed_topology("pd") as topo, \
-            running_dockerd(topo.host, tmp_path_factory.mktemp("dockerd"), path, ipv6) as dockerd:
+    tmp = tmp_path_factory.mktemp("dockerd")
+    with seed_topology("pd") as topo, running_dockerd(topo.host, tmp, path, ipv6) as dockerd:
         started = dockerd.run_server(*PUBLISH, name="srv")
         assert started.returncode == 0, started.stderr
         yield Setup(proxy, ipv6, topo, dockerd)
+    # Nothing of it outside its namespaces: no mount in the root mount namespace, no cgroup.
+    assert str(tmp) not in Path("/proc/1/mountinfo").read_text()
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/{dockerd.cgroup_parent}"))
 
 
 # --- clients (blocking sockets on a thread inside a namespace) ----------------------------------------
