@@ -139,8 +139,10 @@ def parse_go_int(text: str, flag: str) -> int:
     else:
         digits = body
     try:
-        # Go's underscoreOK: "_" only after a base prefix (a leading 0 counts), between digits.
-        if not digits.strip("_") or not set(digits) <= _GO_DIGITS or ("_" in digits and base == 10) or digits.endswith("_") or "__" in digits:
+        # Go's underscoreOK: "_" only right after a digit or a base prefix (a leading 0 counts),
+        # and followed by a digit.
+        if not digits.strip("_") or not set(digits) <= _GO_DIGITS or (digits.startswith("_") and base == 10) \
+                or digits.endswith("_") or "__" in digits:
             raise ValueError
         value = int(digits.replace("_", ""), base)
     except ValueError:

@@ -327,12 +327,13 @@ def test_refusals_are_reported_on_fd3(topo, dockerproxy, args: list[str], error:
 
 # --- pure: Go's flag syntax and integers -----------------------------------------------------------------
 @pytest.mark.parametrize("text,value", [("9090", 9090), ("0x2382", 9090), ("0X2382", 9090), ("021602", 9090),
-                                        ("0o21602", 9090), ("0b10", 2), ("0x_23_82", 9090), ("-1", -1), ("+80", 80)])
+                                        ("0o21602", 9090), ("0b10", 2), ("0x_23_82", 9090), ("9_090", 9090), ("0_21602", 9090),
+                                        ("-1", -1), ("+80", 80)])
 def test_go_integers(text: str, value: int) -> None:
     assert parse_go_int(text, "host-port") == value
 
 
-@pytest.mark.parametrize("text", ["", "9_090", "0x", "08", "1e3", " 80", "0x__1", "9223372036854775808"])
+@pytest.mark.parametrize("text", ["", "_9090", "9090_", "90__90", "0x", "08", "1e3", " 80", "0x__1", "9223372036854775808"])
 def test_go_integers_refused(text: str) -> None:
     with pytest.raises(UsageError, match=f'invalid value "{text}" for flag -host-port'):
         parse_go_int(text, "host-port")
