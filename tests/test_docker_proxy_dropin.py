@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from portproxy.dockerproxy import Request, UsageError, parse_go_flags, parse_go_int
 from conftest import (check_congestion_control_per_leg, check_udp_backend_appears_later, congestion_control_choice,
                       echo_roundtrip, open_connection, start_server, udp_endpoint)
 
@@ -22,18 +23,24 @@ class DockerProxy:
     """One drop-in process started the way dockerd does it."""
 
     def __init__(self, ns, args: list[str], listen_sock: socket.socket | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        status_r, status_w = os.pipe()
-        fds = {3: status_w}
+                 env: dict[str, str] | None = None, fd3: int | None = None, fd4: int | None = None) -> None:
+        """fd 3 is a status pipe unless ``fd3`` gives another fd (or -1: none at all); fd 4 is
+        ``listen_sock`` or ``fd4``."""
+        status_r, status_w = os.pipe() if fd3 is None else (None, None)
+        fds = {3: status_w} if status_w is not None else ({3: fd3} if fd3 != -1 else {})
         if listen_sock is not None:
             fds[4] = listen_sock.fileno()
+        elif fd4 is not None:
+            fds[4] = fd4
         self.proc = ns.popen([DROPIN, *args], fds=fds, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, **(env or {})})
-        os.close(status_w)
+        self.status = b""
         if listen_sock is not None:
             listen_sock.close()  # the child has its own copy, as with dockerd
-        with os.fdopen(status_r, "rb") as status:
-            self.status = status.read()  # returns when the child closes fd 3
+        if status_w is not None:
+            os.close(status_w)
+            with os.fdopen(status_r, "rb") as status:
+                self.status = status.read()  # returns when the child closes fd 3
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -49,8 +56,9 @@ class DockerProxy:
 def dockerproxy(topo):
     started: list[DockerProxy] = []
 
-    def start(*args: str, listen_sock: socket.socket | None = None, env: dict[str, str] | None = None) -> DockerProxy:
-        proxy = DockerProxy(topo.host, list(args), listen_sock, env)
+    def start(*args: str, listen_sock: socket.socket | None = None, env: dict[str, str] | None = None,
+              fd3: int | None = None, fd4: int | None = None) -> DockerProxy:
+        proxy = DockerProxy(topo.host, list(args), listen_sock, env, fd3, fd4)
         started.append(proxy)
         return proxy
 
@@ -111,11 +119,27 @@ async def test_tcp6(topo, tcp_echo, dockerproxy) -> None:
     await _tcp_echo_check(topo, topo.host_ip6, 9093)
 
 
-async def test_ipv6_host_ip_listens_ipv6_only(topo, tcp_echo, dockerproxy) -> None:
-    """As docker-proxy: dockerd starts a sibling for 0.0.0.0, so [::] must leave IPv4 alone."""
-    assert dockerproxy(*flags("tcp", "::", 9094, topo.container_ip6, 8080)).status == b"0\n"
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+async def test_both_families_of_one_port_coexist(topo, tcp_echo, udp_echo, dockerproxy, proto: str) -> None:
+    """What dockerd starts for ``-p 9094:8080``: 0.0.0.0 (IPv4 only) and :: (IPv6 only), both to
+    the container's IPv4 address."""
+    port = 5353 if proto == "udp" else 8080
+    assert dockerproxy(*flags(proto, "0.0.0.0", 9094, topo.container_ip, port)).status == b"0\n"
+    assert dockerproxy(*flags(proto, "::", 9094, topo.container_ip, port)).status == b"0\n"
+    for dest in (topo.host_ip, topo.host_ip6):
+        if proto == "tcp":
+            await _tcp_echo_check(topo, dest, 9094)
+        else:
+            client = await udp_endpoint(topo.client, "::" if ":" in dest else "0.0.0.0")
+            client.transport.sendto(b"to " + dest.encode(), (dest, 9094))
+            assert (await client.recv())[0] == b"to " + dest.encode()
+
+
+async def test_ipv6_host_listens_on_ipv6_only(topo, tcp_echo, dockerproxy) -> None:
+    assert dockerproxy(*flags("tcp", "::", 9099, topo.container_ip, 8080)).status == b"0\n"
+    await _tcp_echo_check(topo, topo.host_ip6, 9099)
     with pytest.raises(ConnectionRefusedError):
-        await open_connection(topo.client, topo.host_ip, 9094)
+        await open_connection(topo.client, topo.host_ip, 9099)
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
@@ -199,3 +223,140 @@ def test_version_and_bad_flags() -> None:
 def test_stops_on_sigterm(topo, dockerproxy) -> None:
     proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9098, topo.container_ip, 8080))
     assert proxy.stop() == 0
+
+
+# --- fd 3: only a pipe open for writing is written --------------------------------------------------
+async def _serves_without_status(topo, proxy: DockerProxy, port: int) -> None:
+    """With no status pipe there is no readiness signal: wait for the port to answer."""
+    for _ in range(100):
+        try:
+            await _tcp_echo_check(topo, topo.host_ip, port)
+            break
+        except (ConnectionRefusedError, asyncio.TimeoutError, TimeoutError):
+            assert proxy.proc.poll() is None, proxy.proc.stderr.read()
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the proxy never answered")
+    assert proxy.stop() == 0
+
+
+async def test_without_fd3_it_serves_and_stops_cleanly(topo, tcp_echo, dockerproxy) -> None:
+    proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9110, topo.container_ip, 8080), fd3=-1)
+    await _serves_without_status(topo, proxy, 9110)
+
+
+@pytest.mark.parametrize("kind", ["file", "pipe read end"])
+async def test_fd3_that_is_not_a_writable_pipe_is_never_written(topo, tcp_echo, dockerproxy, tmp_path,
+                                                                 kind: str) -> None:
+    if kind == "file":
+        fd = os.open(tmp_path / "unrelated", os.O_WRONLY | os.O_CREAT)
+    else:
+        fd, keep_w = os.pipe()
+    try:
+        proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9111, topo.container_ip, 8080), fd3=fd)
+        await _serves_without_status(topo, proxy, 9111)
+    finally:
+        os.close(fd)
+    if kind == "file":
+        assert (tmp_path / "unrelated").read_bytes() == b""
+    else:
+        os.set_blocking(keep_w, False)
+        os.close(keep_w)
+
+
+# --- fd 4 (-use-listen-fd): only a bound socket of the right kind; TCP made to listen ----------------
+async def test_bound_but_not_listening_fd4_is_made_to_listen(topo, tcp_echo, dockerproxy) -> None:
+    sock = topo.host.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", 9112))
+    proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9112, topo.container_ip, 8080), "-use-listen-fd", listen_sock=sock)
+    assert proxy.status == b"0\n"
+    await _tcp_echo_check(topo, topo.host_ip, 9112)
+
+
+def _refused(proxy: DockerProxy, why: bytes) -> None:
+    assert proxy.status.startswith(b"1\n-use-listen-fd: fd 4") and why in proxy.status, proxy.status
+    assert proxy.proc.wait(timeout=20) == 1
+
+
+@pytest.mark.parametrize("case", ["udp socket for tcp", "tcp socket for udp", "unbound", "connected udp"])
+def test_unusable_fd4_sockets_are_refused(topo, dockerproxy, case: str) -> None:
+    proto = "udp" if case in ("tcp socket for udp", "connected udp") else "tcp"
+    kind = socket.SOCK_STREAM if case in ("tcp socket for udp", "unbound") else socket.SOCK_DGRAM
+    sock = topo.host.socket(socket.AF_INET, kind)
+    if case != "unbound":
+        sock.bind(("0.0.0.0", 9113))
+    if case == "connected udp":
+        sock.connect(("127.0.0.1", 9))
+    proxy = dockerproxy(*flags(proto, "0.0.0.0", 9113, topo.container_ip, 8080), "-use-listen-fd", listen_sock=sock)
+    _refused(proxy, {"unbound": b"not bound", "connected udp": b"connected"}.get(case, b"is not an IP " + proto.encode()))
+
+
+@pytest.mark.parametrize("case", ["closed", "not a socket"])
+def test_fd4_that_is_no_socket_is_refused(topo, dockerproxy, tmp_path, case: str) -> None:
+    fd = os.open(tmp_path / "file", os.O_RDWR | os.O_CREAT) if case == "not a socket" else None
+    try:
+        proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9114, topo.container_ip, 8080), "-use-listen-fd", fd4=fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    _refused(proxy, b"is not a socket" if fd is not None else b"Bad file descriptor")
+
+
+# --- validation: what docker-proxy takes, minus what cannot be a published port ------------------------
+@pytest.mark.parametrize("args,error", [
+    (["-container-ip", "0.0.0.0"], b"1\n-container-ip 0.0.0.0: not a container address"),
+    (["-container-ip", "::"], b"1\n-container-ip ::: not a container address"),
+    (["-host-ip", "224.0.0.1"], b"1\n-host-ip 224.0.0.1: a multicast or broadcast address cannot be published"),
+    (["-host-ip", "ff02::1"], b"1\n-host-ip ff02::1: a multicast or broadcast address cannot be published"),
+    (["-host-port", "0"], b"1\n-host-port 0: not a port (1-65535)"),
+    (["-container-port", "65536"], b"1\n-container-port 65536: not a port (1-65535)"),
+    (["-host-port", "nine"], b'1\ninvalid value "nine" for flag -host-port: parse error'),
+    (["-host-ip", "300.1.1.1"], b'1\ninvalid value "300.1.1.1" for flag -host-ip: invalid IP address: 300.1.1.1'),
+    (["-proto", "icmp"], b"1\nunsupported protocol icmp"),
+])
+def test_refusals_are_reported_on_fd3(topo, dockerproxy, args: list[str], error: bytes) -> None:
+    base = dict(zip(["-proto", "-host-ip", "-host-port", "-container-ip", "-container-port"],
+                    ["tcp", "0.0.0.0", "9115", topo.container_ip, "8080"]))
+    base.update(zip(args[::2], args[1::2]))
+    proxy = dockerproxy(*[x for pair in base.items() for x in pair])
+    assert proxy.status == error
+    assert proxy.proc.wait(timeout=20) == (2 if b"invalid value" in error else 1)
+    assert "Traceback" not in proxy.proc.stderr.read()
+
+
+# --- pure: Go's flag syntax and integers -----------------------------------------------------------------
+@pytest.mark.parametrize("text,value", [("9090", 9090), ("0x2382", 9090), ("0X2382", 9090), ("021602", 9090),
+                                        ("0o21602", 9090), ("0b10", 2), ("0x_23_82", 9090), ("9_090", 9090), ("0_21602", 9090),
+                                        ("-1", -1), ("+80", 80)])
+def test_go_integers(text: str, value: int) -> None:
+    assert parse_go_int(text, "host-port") == value
+
+
+@pytest.mark.parametrize("text", ["", "_9090", "9090_", "90__90", "0x", "08", "1e3", " 80", "0x__1", "9223372036854775808"])
+def test_go_integers_refused(text: str) -> None:
+    with pytest.raises(UsageError, match=f'invalid value "{text}" for flag -host-port'):
+        parse_go_int(text, "host-port")
+
+
+def test_go_flag_forms() -> None:
+    parsed = parse_go_flags(["--proto=udp", "-host-port", "80", "-use-listen-fd=T", "--", "-bogus"])
+    assert parsed["proto"] == "udp" and parsed["host-port"] == "80" and parsed["use-listen-fd"] is True
+    for argv, message in ((["-use-listen-fd=yes"], 'invalid boolean value "yes"'), (["-proto"], "needs an argument"),
+                          (["---proto"], "bad flag syntax"), (["-nope"], "not defined: -nope")):
+        with pytest.raises(UsageError, match=message):
+            parse_go_flags(argv)
+
+
+def test_ipv4_mapped_host_address_is_ipv4() -> None:
+    request = Request(parse_go_flags(["-host-ip", "::ffff:127.0.0.1", "-host-port", "80", "-container-ip",
+                                      "10.0.0.2", "-container-port", "80"]))
+    assert request.host.family == socket.AF_INET and request.where == "127.0.0.1:80/tcp"
+
+
+async def test_serves_at_normal_priority(topo, tcp_echo, dockerproxy) -> None:
+    """The imports after readiness run at SCHED_IDLE; serving does not."""
+    proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9116, topo.container_ip, 8080))
+    assert proxy.status == b"0\n"
+    await _tcp_echo_check(topo, topo.host_ip, 9116)
+    assert os.sched_getscheduler(proxy.proc.pid) == os.SCHED_OTHER
