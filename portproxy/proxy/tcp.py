@@ -86,7 +86,11 @@ class TcpRelay:
     # --- connecting ---------------------------------------------------------
     def connect(self) -> None:
         listener = self._listener
-        up = socket.socket(listener.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            up = socket.socket(listener.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            self._no_upstream_socket(exc)
+            return
         self.upstream = up
         up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if listener.target_cc is not None:
@@ -135,6 +139,18 @@ class TcpRelay:
         listener = self._listener
         listener.stats.connect_failures[reason] += 1
         log.warning("%s: connect to %s failed: %s", listener.name, listener.target_text, why)
+        self.close(reset=True)
+
+    def _no_upstream_socket(self, exc: OSError) -> None:
+        """No socket for the target (out of fds or memory, typically): reset the client
+        now, or it would sit in CLOSE-WAIT for ever and count as a live connection."""
+        listener = self._listener
+        reason = errno.errorcode.get(exc.errno or 0, "other")
+        listener.stats.connect_failures[reason] += 1
+        if exc.errno in _RESOURCE_ERRNOS:
+            listener.pause_for_resources(f"cannot open a socket to the target ({exc.strerror})")
+        else:
+            log.warning("%s: connect to %s failed: %s", listener.name, listener.target_text, exc.strerror)
         self.close(reset=True)
 
     def _established(self) -> None:
@@ -320,10 +336,10 @@ class TcpListener(Listener):
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
-                if exc.errno in _RESOURCE_ERRNOS:
-                    self._pause_for_resources(exc)
-                    return
                 stats.accept_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self.pause_for_resources(f"accept failed ({exc.strerror})")
+                    return
                 log.warning("%s: accept failed: %s", self.name, exc)
                 break
             client.setblocking(False)
@@ -332,18 +348,22 @@ class TcpListener(Listener):
             relay = TcpRelay(self, client)
             self.connections.add(relay)
             relay.connect()
+            if self._backoff_timer is not None:
+                return  # that connect ran out of resources: the next accept would too
         if self._backoff:
             self._backoff = 0.0
             if self._resource_warned:
                 log.warning("%s: accepting again", self.name)
                 self._resource_warned = False
 
-    def _pause_for_resources(self, exc: OSError) -> None:
-        """Out of fds or memory: stop polling the listener for a while instead of spinning."""
-        self.stats.accept_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+    def pause_for_resources(self, why: str) -> None:
+        """Out of fds or memory (on accept, or on the target's socket): stop polling the
+        listener for a while instead of spinning; one log line until it recovers."""
         if not self._resource_warned:
-            log.warning("%s: accept failed (%s); backing off until resources free up", self.name, exc.strerror)
+            log.warning("%s: %s; backing off until resources free up", self.name, why)
             self._resource_warned = True
+        if self._backoff_timer is not None:
+            return
         self._backoff = min(_BACKOFF_MAX, self._backoff * 2 or _BACKOFF_FIRST)
         self.loop.remove_reader(self.sock.fileno())
         self._backoff_timer = self.loop.call_later(self._backoff, self._resume)
