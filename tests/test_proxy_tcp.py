@@ -163,15 +163,16 @@ async def test_graceful_stop_lets_live_connections_finish(topo, tcp_echo, portpr
 async def test_out_of_fds_backs_off_and_recovers(topo, tcp_echo, portproxy) -> None:
     """EMFILE on accept: no spinning, one log line, and service resumes once fds free up."""
     proxy = portproxy("map", f"9090:{topo.container_ip}:8080", prefix=["prlimit", "--nofile=48:48", "--"])
-    held = []
-    for _ in range(30):  # each costs the proxy two fds; the limit runs out on the way
-        held.append(await open_connection(topo.client, topo.host_ip, 9090))
+    held = [topo.client.socket() for _ in range(30)]  # two fds each in the proxy: it runs out
+    for client in held:
+        client.setblocking(False)  # plain connects: one may be reset (no fd for its target)
+        client.connect_ex((topo.host_ip, 9090))
     await asyncio.sleep(1.0)
     cpu_before = _cpu_seconds(proxy.proc.pid)
     await asyncio.sleep(1.0)
     assert _cpu_seconds(proxy.proc.pid) - cpu_before < 0.2  # backing off, not spinning
-    for reader, writer in held:
-        writer.close()
+    for client in held:
+        client.close()
     await asyncio.sleep(1.5)
     # Recovered: new connections are served again.
     reader, writer = await open_connection(topo.client, topo.host_ip, 9090)
@@ -207,10 +208,14 @@ async def test_out_of_fds_for_the_target_socket_resets_the_client(topo, tcp_echo
         port, metrics_port = 9090 + offset, 9780 + offset
         proxy = portproxy("map", f"{port}:{topo.container_ip}:8080", "--drain-timeout", "30",
                           "--metrics-addr", f"127.0.0.1:{metrics_port}", prefix=["prlimit", f"--nofile={48 + offset}", "--"])
-        clients = [await open_connection(topo.client, topo.host_ip, port) for _ in range(40)]
+        # Plain non-blocking connects: the proxy may reset some of them while they connect.
+        clients = [topo.client.socket() for _ in range(40)]
+        for client in clients:
+            client.setblocking(False)
+            client.connect_ex((topo.host_ip, port))
         await _until(lambda: "backing off" in proxy.stderr, f"{port}: the proxy never ran out of fds")
-        for _reader, writer in clients:
-            writer.close()
+        for client in clients:
+            client.close()
 
         def settled() -> bool:
             text = scrape_on(topo.host, metrics_port)

@@ -18,6 +18,7 @@ from . import report
 from .options import Options, options_from
 from .memory import IdleSink, idle_connections_for, rss_per_idle_connection, rss_with_mappings
 from .paths import PathDef, PathError, Running, available_paths
+from .slow_readers import Firehose, pinned_by_slow_readers
 from .servers import SERVICES, container_servers
 from .tools import ToolError
 from .topology import bench_topology, reset_conntrack
@@ -67,6 +68,8 @@ def main(args: argparse.Namespace) -> int:
     }
     runs = opts.rounds * sum(1 for w in workloads for p in paths if w.proto in p.protocols)
     memory_steps = 2 * sum(1 for p in paths if p.start is not None and p.memory) if opts.memory else 0
+    if opts.memory and opts.slow_readers:
+        memory_steps += sum(1 for p in paths if p.memory)
     progress = Progress(runs + memory_steps)
     with bench_topology() as topo:
         progress.say(f"topology up: client {topo.client.name} → host {topo.host.name} → container {topo.container.name}")
@@ -172,3 +175,26 @@ def _memory(topo: SeedTopology, paths: list[PathDef], opts: Options, results: re
                 progress.step(f"memory {path.key:<17} idle connections: failed: {exc}")
     finally:
         sink.close()
+    if opts.slow_readers:
+        _slow_readers(topo, paths, opts, results, progress)
+
+
+def _slow_readers(topo: SeedTopology, paths: list[PathDef], opts: Options, results: report.Results,
+                  progress: Progress) -> None:
+    pinned: dict[str, dict] = {}
+    results["memory"]["slow_readers"] = {"count": opts.slow_readers, "results": pinned}
+    firehose = Firehose(topo)
+    try:
+        for path in paths:
+            if not path.memory:
+                continue
+            reset_conntrack(topo)
+            try:
+                pinned[path.key] = pinned_by_slow_readers(topo, firehose, path, opts.slow_readers)
+                progress.step(f"memory {path.key:<17} {opts.slow_readers} slow readers: "
+                              f"{pinned[path.key]['total_mib']:.1f} MiB pinned")
+            except (PathError, OSError) as exc:
+                pinned[path.key] = {"error": str(exc)}
+                progress.step(f"memory {path.key:<17} slow readers: failed: {exc}")
+    finally:
+        firehose.close()

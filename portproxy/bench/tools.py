@@ -35,9 +35,11 @@ def _run(ns: Namespace, argv: list[str], timeout: float) -> str:
 
 # --- iperf3 ------------------------------------------------------------------------------------
 def iperf(ns: Namespace, host: str, port: int, seconds: float, parallel: int = 1,
-          udp_rate: str | None = None, length: int | None = None) -> dict:
-    """One iperf3 client run (JSON report)."""
+          udp_rate: str | None = None, length: int | None = None, reverse: bool = False) -> dict:
+    """One iperf3 client run (JSON report); ``reverse``: the server sends (``-R``)."""
     argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(max(1, round(seconds))), "-J", "-P", str(parallel)]
+    if reverse:
+        argv.append("-R")
     if udp_rate:
         argv += ["-u", "-b", udp_rate]
     if length:

@@ -30,12 +30,12 @@ class ProxyOptions:
     """TCP congestion control for the connections to the target (TCP_CONGESTION);
     None keeps the system default. A target on a local bridge has no bottleneck to
     probe: on a host whose default is bbr, "cubic" spares that leg bbr's pacing."""
-    target_rcvbuf: int = 64 * 1024
-    """SO_RCVBUF of the sockets to the target (0: the kernel's autotuning). What the
-    target has sent and the client not yet taken waits here and in a pipe; autotuned,
-    a client that never reads let the target fill ~4 MB per connection. The target is
-    on a local bridge, where a small window costs little (see benchmarks/RESULTS.md)."""
-    notsent_lowat: int = 32 * 1024
+    target_rcvbuf: int = 32 * 1024
+    """SO_RCVBUF of the socket to the target until the client has shown that it reads
+    (acknowledged its first MiB); then it gets what autotuning could grow it to. 0:
+    autotuning from the start. Autotuned, a client that never reads let the target
+    fill ~4 MB per connection, all pinned kernel memory."""
+    notsent_lowat: int = 16 * 1024
     """TCP_NOTSENT_LOWAT of the client's socket (0: off): at most this much unsent data
     waits in its send queue; what is in flight is not limited, so a long client path
     still fills its window, but a client that stops reading holds little here."""
