@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from ..runtime import raise_fd_limit
 from . import report
@@ -156,23 +156,15 @@ def _memory(topo: SeedTopology, paths: list[PathDef], opts: Options, results: re
             if path.start is None or not path.memory:
                 continue
             reset_conntrack(topo)  # 8,000 connections per path would fill the table otherwise
-            try:
-                mappings[path.key] = rss_with_mappings(topo, path, opts.mappings)
-                progress.step(f"memory {path.key:<17} {opts.mappings} mappings: {mappings[path.key]['rss_mib']:.1f} MiB")
-            except (PathError, OSError) as exc:
-                mappings[path.key] = {"error": str(exc)}
-                progress.step(f"memory {path.key:<17} {opts.mappings} mappings: failed: {exc}")
+            _measure(progress, mappings, path, f"{opts.mappings} mappings",
+                     lambda: rss_with_mappings(topo, path, opts.mappings), lambda r: f"{r['rss_mib']:.1f} MiB")
             if path.in_kernel:  # nothing per connection in a process
                 progress.step(f"memory {path.key:<17} idle connections: in the kernel, skipped")
                 continue
             count = idle_connections_for(path, opts.idle_connections)
-            try:
-                idle[path.key] = rss_per_idle_connection(topo, sink, path, count)
-                progress.step(f"memory {path.key:<17} {count} idle connections: "
-                              f"{idle[path.key]['kib_per_connection']:.2f} KiB each")
-            except (PathError, OSError) as exc:
-                idle[path.key] = {"error": str(exc)}
-                progress.step(f"memory {path.key:<17} idle connections: failed: {exc}")
+            _measure(progress, idle, path, f"{count} idle connections",
+                     lambda: rss_per_idle_connection(topo, sink, path, count),
+                     lambda r: f"{r['kib_per_connection']:.2f} KiB each")
     finally:
         sink.close()
     if opts.slow_readers:
@@ -189,12 +181,19 @@ def _slow_readers(topo: SeedTopology, paths: list[PathDef], opts: Options, resul
             if not path.memory:
                 continue
             reset_conntrack(topo)
-            try:
-                pinned[path.key] = pinned_by_slow_readers(topo, firehose, path, opts.slow_readers)
-                progress.step(f"memory {path.key:<17} {opts.slow_readers} slow readers: "
-                              f"{pinned[path.key]['total_mib']:.1f} MiB pinned")
-            except (PathError, OSError) as exc:
-                pinned[path.key] = {"error": str(exc)}
-                progress.step(f"memory {path.key:<17} slow readers: failed: {exc}")
+            _measure(progress, pinned, path, f"{opts.slow_readers} slow readers",
+                     lambda: pinned_by_slow_readers(topo, firehose, path, opts.slow_readers),
+                     lambda r: f"{r['total_mib']:.1f} MiB pinned")
     finally:
         firehose.close()
+
+
+def _measure(progress: Progress, into: dict[str, dict], path: PathDef, what: str,
+             measure: Callable[[], dict[str, float]], shown: Callable[[dict[str, float]], str]) -> None:
+    """One memory figure of one path: its result or why it failed, and a progress line."""
+    try:
+        into[path.key] = measure()
+        progress.step(f"memory {path.key:<17} {what}: {shown(into[path.key])}")
+    except (PathError, OSError) as exc:
+        into[path.key] = {"error": str(exc)}
+        progress.step(f"memory {path.key:<17} {what}: failed: {exc}")

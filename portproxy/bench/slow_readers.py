@@ -35,6 +35,7 @@ import time
 
 from ..netns import Namespace, SeedTopology
 from . import procfs
+from .memory import container_listener
 from .paths import PathDef, PathError
 from .servers import FIREHOSE
 
@@ -48,10 +49,7 @@ class Firehose:
     """Accepts connections in the container and writes to each as fast as it takes."""
 
     def __init__(self, topo: SeedTopology) -> None:
-        self.listener = topo.container.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("0.0.0.0", FIREHOSE.port))
-        self.listener.listen(8192)
+        self.listener = container_listener(topo, FIREHOSE.port)
         self.listener.setblocking(False)
         self.accepted: list[socket.socket] = []
         self._selector = selectors.DefaultSelector()
@@ -146,6 +144,17 @@ def pipe_bytes(pids: list[int]) -> int:
     return total
 
 
+def memory_pressures(ns: Namespace) -> int:
+    """TcpExt TCPMemoryPressures of a namespace: how often its sockets found the host's
+    TCP memory (tcp_mem, host-wide) past its pressure threshold, where the kernel stops
+    growing buffers. A run that hit it understates what a path pins."""
+    out, _ = ns.popen(["cat", "/proc/net/netstat"], stdout=subprocess.PIPE, text=True).communicate(timeout=30)
+    lines = [line.split() for line in out.splitlines() if line.startswith("TcpExt:")]
+    if len(lines) < 2 or "TCPMemoryPressures" not in lines[0]:
+        return 0
+    return int(lines[1][lines[0].index("TCPMemoryPressures")])
+
+
 def _pinned(topo: SeedTopology, pids: list[int]) -> dict[str, int]:
     return {"client": socket_memory(topo.client), "host": socket_memory(topo.host),
             "container": socket_memory(topo.container), "pipes": pipe_bytes(pids)}
@@ -160,6 +169,7 @@ def pinned_by_slow_readers(topo: SeedTopology, firehose: Firehose, path: PathDef
         running = path.start(topo, [(SLOW_READER_PORT, FIREHOSE.port, "tcp")])
         host, port, pids = topo.host_ip, SLOW_READER_PORT, [p.pid for p in running.procs]
     clients: list[socket.socket] = []
+    pressures = sum(memory_pressures(ns) for ns in topo.namespaces())
     try:
         clients = topo.client.run(lambda: [socket.socket() for _ in range(count)])
         for s in clients:
@@ -180,6 +190,7 @@ def pinned_by_slow_readers(topo: SeedTopology, firehose: Firehose, path: PathDef
             if len(last) == 3 and max(last) - min(last) <= 0.01 * max(last):
                 break
         parts = _pinned(topo, pids)
+        pressures = sum(memory_pressures(ns) for ns in topo.namespaces()) - pressures
     finally:
         for s in clients:
             s.close()
@@ -188,5 +199,6 @@ def pinned_by_slow_readers(topo: SeedTopology, firehose: Firehose, path: PathDef
             running.stop()
     total = sum(parts.values())
     result = {f"{where}_mib": n / (1 << 20) for where, n in parts.items()}
-    result.update(total_mib=total / (1 << 20), kib_per_client=total / 1024 / count, clients=float(count))
+    result.update(total_mib=total / (1 << 20), kib_per_client=total / 1024 / count, clients=float(count),
+                  memory_pressures=float(pressures))
     return result

@@ -231,14 +231,15 @@ class TcpRelay:
         small (``target_rcvbuf``) and, once the client has acknowledged its first
         ``_PROVEN`` bytes, becomes as large as autotuning could make it: a reader gets
         the throughput it always had, and memory is only used while bytes wait."""
-        if _bytes_acked(self.client) >= _PROVEN:
+        up = self.upstream
+        assert up is not None
+        try:
+            if _bytes_acked(self.client) < _PROVEN:
+                return
             pump.watched = False
-            up = self.upstream
-            assert up is not None
-            try:
-                up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _rcvbuf_max())
-            except OSError:
-                pass  # the connection is going away; its pumps will say so
+            up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _rcvbuf_max())
+        except OSError:
+            pass  # the connection is going away; its pumps will say so
 
     def pump_failed(self, pump: Pump, exc: OSError) -> None:
         log.debug("%s: connection reset: %s", self._listener.name, exc)
