@@ -12,49 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, options
 from .spec import SpecError, parse_specs
 
 MODES = ("userland", "kernel", "hybrid")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
-
-
-def _congestion_control(text: str) -> str:
-    from .proxy.options import congestion_control_error
-
-    error = congestion_control_error(text)
-    if error:
-        raise argparse.ArgumentTypeError(error)
-    return text
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -62,81 +23,23 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
-def add_proxy_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("userland proxy")
-    g.add_argument("--connect-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
-                   help="time to connect to a TCP target (default 5)")
-    g.add_argument("--udp-timeout", type=_positive_float, default=90.0, metavar="SECONDS",
-                   help="idle time before a UDP flow is dropped (default 90, as docker-proxy)")
-    g.add_argument("--max-udp-flows", type=_positive_int, default=4096, metavar="N",
-                   help="UDP flows per port; the least recently active is evicted past it (default 4096)")
-    g.add_argument("--drain-timeout", type=_non_negative_float, default=10.0, metavar="SECONDS",
-                   help="on stop, time live connections get to finish (default 10)")
-    g.add_argument("--no-splice", action="store_true", help="relay TCP by recv/send copies instead of splice")
-    g.add_argument("--pipe-size", type=_positive_int, default=1024 * 1024, metavar="BYTES",
-                   help="splice pipe size (default 1048576; pipes are pooled and held only while bytes are in flight)")
-    g.add_argument("--target-cc", type=_congestion_control, default=None, metavar="ALGORITHM",
-                   help="TCP congestion control toward the targets (default: the system's); e.g. cubic on a "
-                        "bbr host, whose pacing only slows a local bridge")
+PROXY_FLAGS = ("connect_timeout", "udp_timeout", "max_udp_flows", "drain_timeout", "splice", "pipe_size", "target_cc")
+KERNEL_FLAGS = ("route_localnet", "masquerade", "set_sysctls")
 
 
 def _metrics_addr(text: str) -> str | None:
-    if text == "off":
-        return None
     if text == "config":
         return text  # serve: take the config file's metrics_addr
-    from .metrics.server import parse_metrics_addr
-
-    try:
-        parse_metrics_addr(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def _masquerade(text: str) -> tuple[str, str]:
-    import ipaddress
-
-    subnet, sep, bridge = text.partition(",")
-    if not sep or not bridge:
-        raise argparse.ArgumentTypeError(f"{text!r} is not SUBNET,BRIDGE (e.g. 172.17.0.0/16,docker0)")
-    try:
-        ipaddress.ip_network(subnet, strict=False)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{subnet!r} is not a subnet") from None
-    if len(bridge) > 15 or "/" in bridge or bridge in (".", ".."):
-        raise argparse.ArgumentTypeError(f"{bridge!r} is not an interface name")
-    return subnet, bridge
-
-
-def add_kernel_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("kernel path")
-    g.add_argument("--route-localnet", action="store_true",
-                   help="also publish on 127.0.0.0/8 (needs net.ipv4.conf.all.route_localnet=1)")
-    g.add_argument("--masquerade", type=_masquerade, action="append", default=[], metavar="SUBNET,BRIDGE",
-                   help="masquerade SUBNET's traffic that does not leave through BRIDGE (repeatable)")
-    g.add_argument("--set-sysctls", action="store_true",
-                   help="set the sysctls the kernel path needs (ip_forward, route_localnet) instead of refusing")
+    value = options.argparse_type("metrics_addr")(text)
+    return None if value == "off" else value
 
 
 def kernel_options_from(args: argparse.Namespace) -> "KernelOptions":  # noqa: F821
-    from .kernel import KernelOptions
-
-    return KernelOptions(route_localnet=args.route_localnet, masquerade=tuple(args.masquerade))
+    return options.kernel_options(options.given(args, KERNEL_FLAGS))
 
 
 def proxy_options_from(args: argparse.Namespace) -> "ProxyOptions":  # noqa: F821
-    from .proxy import ProxyOptions
-
-    return ProxyOptions(
-        connect_timeout=args.connect_timeout,
-        udp_timeout=args.udp_timeout,
-        max_udp_flows=args.max_udp_flows,
-        drain_timeout=args.drain_timeout,
-        splice=not args.no_splice,
-        pipe_size=args.pipe_size,
-        target_cc=args.target_cc,
-    )
+    return options.proxy_options(options.given(args, PROXY_FLAGS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_map.add_argument("specs", nargs="+", metavar="SPEC")
     p_map.add_argument("--mode", choices=("userland", "kernel"), default="userland",
                        help="userland proxy (default) or nftables DNAT")
-    add_proxy_options(p_map)
-    add_kernel_options(p_map)
+    options.add_arguments(p_map.add_argument_group("userland proxy"), PROXY_FLAGS)
+    options.add_arguments(p_map.add_argument_group("kernel path"), KERNEL_FLAGS)
     p_map.add_argument("--metrics-addr", type=_metrics_addr, nargs="?", const="127.0.0.1:9779", default=None,
                        metavar="HOST:PORT", help="serve Prometheus metrics (off by default; without a value "
                        "127.0.0.1:9779)")
@@ -203,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_add = client("add", "add a mapping to the daemon")
     p_add.add_argument("spec", metavar="SPEC")
     p_add.add_argument("--mode", choices=MODES, default="userland")
+    options.add_arguments(p_add.add_argument_group("per-mapping options (override the daemon's)"),
+                          [name for name in options.names(options.MAPPING) if name != "mode"])
     p_rm = client("rm", "remove a mapping (by spec or HOST_PORT[/PROTO])")
     p_rm.add_argument("name", metavar="SPEC")
     p_switch = client("switch", "switch a mapping between userland, kernel and hybrid, live")
@@ -218,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("ls", "add", "rm", "switch", "reload"):
         from .client import run_client
 
+        if args.command == "add":
+            args.options = options.given(args, [n for n in options.names(options.MAPPING) if n != "mode"])
         return run_client(args)
     from .runtime import raise_fd_limit, run, setup_logging
 
@@ -230,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from .foreground import run_kernel, run_userland
 
+        raise_fd_limit()  # the kernel path holds every published port too
         if args.mode == "kernel":
-            return run(lambda: run_kernel(mappings, kernel_options_from(args), args.set_sysctls,
-                                          metrics_addr=args.metrics_addr), args.loop)
-        raise_fd_limit()
+            return run(lambda: run_kernel(mappings, kernel_options_from(args), bool(args.set_sysctls),
+                                          metrics_addr=args.metrics_addr, proxy_options=proxy_options_from(args)),
+                       args.loop)
         return run(lambda: run_userland(mappings, proxy_options_from(args), metrics_addr=args.metrics_addr),
                    args.loop)
     if args.command == "serve":

@@ -10,7 +10,10 @@ from typing import Any
 import aiohttp
 
 
-class ClientError(Exception):
+from .errors import PortproxyError
+
+
+class ClientError(PortproxyError):
     """The daemon refused or could not be reached; the message is one line."""
 
 
@@ -19,12 +22,21 @@ async def _request(socket_path: str, method: str, path: str, **kwargs: Any) -> A
         async with aiohttp.UnixConnector(path=socket_path) as connector:
             async with aiohttp.ClientSession(connector=connector) as session:
                 async with session.request(method, f"http://portproxy{path}", **kwargs) as response:
-                    body = await response.json(content_type=None)
+                    text = await response.text()
+                    try:
+                        body = json.loads(text)
+                    except ValueError:
+                        body = None
+                    if not isinstance(body, dict):
+                        raise ClientError(f"the daemon answered HTTP {response.status} without JSON: "
+                                          f"{text.strip()[:200]!r}")
                     if response.status >= 400:
-                        raise ClientError(body.get("error", f"HTTP {response.status}"))
+                        raise ClientError(str(body.get("error", f"HTTP {response.status}")))
                     return body
     except aiohttp.ClientConnectionError as exc:
         raise ClientError(f"cannot reach the daemon at {socket_path}: {exc.__cause__ or exc}") from None
+    except aiohttp.ClientError as exc:
+        raise ClientError(f"talking to the daemon at {socket_path} failed: {exc}") from None
 
 
 def call(socket_path: str, method: str, path: str, **kwargs: Any) -> Any:
@@ -40,17 +52,28 @@ def _human_bytes(n: int) -> str:
 
 
 def format_table(mappings: list[dict]) -> str:
-    rows = [("MAPPING", "MODE", "CONNS", "BYTES IN", "BYTES OUT", "KERNEL CONNS", "KERNEL BYTES")]
+    rows = [("MAPPING", "MODE", "STATUS", "OWNER", "CONNS", "BYTES IN", "BYTES OUT", "KERNEL CONNS", "KERNEL BYTES")]
+    notes = []
     for m in mappings:
         u = m.get("userland", {})
         k = m.get("kernel")
+        owner = m.get("owner") or {}
+        status = m.get("status", "running")
+        if m.get("error"):
+            notes.append(f"{m['spec']}: {m['error']}")
+        elif "kernel" in m and k is None:
+            status = "no-dnat"
+            notes.append(f"{m['spec']}: {m.get('kernel_problem', 'not in the nft table')}")
         rows.append((
-            m["spec"], m["mode"], str(u.get("connections", 0)),
+            m["spec"], m["mode"], status,
+            f"{owner.get('kind')}:{owner.get('name') or owner.get('id', '')[:12]}" if owner else m.get("source", "-"),
+            str(u.get("connections", 0)),
             _human_bytes(u.get("bytes_to_target", 0)), _human_bytes(u.get("bytes_to_client", 0)),
             str(k["connections"]) if k else "-", _human_bytes(k["bytes"]) if k else "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join([table, *notes])
 
 
 def run_client(args: Any) -> int:
@@ -60,7 +83,7 @@ def run_client(args: Any) -> int:
             body = call(sock, "GET", "/v1/mappings")
             print(json.dumps(body, indent=2) if args.json else format_table(body["mappings"]))
         elif args.command == "add":
-            body = call(sock, "POST", "/v1/mappings", json={"spec": args.spec, "mode": args.mode})
+            body = call(sock, "POST", "/v1/mappings", json={"spec": args.spec, "mode": args.mode, **args.options})
             print(json.dumps(body) if args.json else f"added {body['spec']} ({body['mode']})")
         elif args.command == "rm":
             body = call(sock, "DELETE", "/v1/mappings", params={"name": args.name})
@@ -71,8 +94,6 @@ def run_client(args: Any) -> int:
         elif args.command == "reload":
             body = call(sock, "POST", "/v1/reload")
             print(json.dumps(body, indent=None if args.json else 2))
-            if body.get("error") or body.get("errors"):
-                return 1
     except ClientError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         return 1

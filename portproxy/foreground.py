@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, TextIO
 
+from .errors import PortproxyError
 from .proxy import ProxyOptions, ProxyServer
 from .proxy.server import ProxyError, listener_name
 from .spec import Mapping
@@ -63,18 +64,21 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
         from .metrics import MappingSnapshot
 
         stats = dict(server.stats)  # one atomic copy: the loop thread may add to it
-        return [MappingSnapshot(m, "userland", stats.get(m, []), None) for m in mappings]
+        return [MappingSnapshot(m, "userland", [s for part in m.per_family() for s in stats.get(part, [])], None)
+                for m in mappings]
 
     try:
         for mapping in mappings:
-            server.add(mapping)
+            for part in mapping.per_family():
+                server.add(part)
         metrics = _start_metrics(metrics_addr, snapshot)
     except ProxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         await server.stop(drain_timeout=0)
         return 1
     for mapping in mappings:
-        print_ready(mapping, out)
+        for part in mapping.per_family():
+            print_ready(part, out)
     signum = await stop
     log.info("%s: draining %d connection(s) for up to %gs", signal.Signals(signum).name,
              server.connection_count(), options.drain_timeout)
@@ -84,64 +88,63 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
     return 0
 
 
-def _install_kernel(path: "KernelPath", mappings: list[Mapping], set_sysctls: bool) -> None:
-    """Everything the kernel path needs, in an order that leaves nothing behind on failure."""
-    from .kernel import sysctls
-
-    sysctls.ensure(sysctls.required(mappings, path.opts.route_localnet), set_sysctls)
-    path.install(mappings)
-    try:
-        path.enable_hairpin(mappings)
-        path.forget_udp_flows(mappings, translated=True)
-    except BaseException:
-        path.teardown()
-        raise
-
-
 def _remove_kernel(path: "KernelPath", mappings: list[Mapping]) -> None:
     path.teardown()
     path.forget_udp_flows(mappings, translated=False)
 
 
 async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls: bool,
-                     out: TextIO = sys.stdout, metrics_addr: str | None = None) -> int:
+                     out: TextIO = sys.stdout, metrics_addr: str | None = None,
+                     proxy_options: ProxyOptions = ProxyOptions()) -> int:
     """Install the mappings as nftables rules, hold them until a stop signal, then remove them."""
-    from .kernel import KernelMappingError, KernelPath, NftError
+    from .kernel import KernelPath, NftError
     from .metrics import MappingSnapshot
     from .metrics.snapshot import KernelCounterReader
-    from .kernel.hairpin import HairpinError
-    from .kernel.sysctls import SysctlError
 
     stop = stop_signal()
+    # The published ports are held (bound, not listening) for as long as the DNAT is in,
+    # so no other program can take them: a port someone else holds is refused here too.
+    # A family DNAT cannot translate (an IPv6 client to an IPv4 target) is proxied by it.
+    holder = ProxyServer(asyncio.get_running_loop(), proxy_options)
+    parts = [part for mapping in mappings for part in mapping.per_family()]
+    translated = [part for part in parts if part.translatable]
     try:
+        for part in parts:
+            holder.add(part, serve=not part.translatable)
         path = await asyncio.to_thread(KernelPath, opts)
-        await asyncio.to_thread(_install_kernel, path, mappings, set_sysctls)
-    except KernelMappingError as exc:
+        await asyncio.to_thread(
+            lambda: path.apply(translated, replace=True, set_sysctls=set_sysctls, forget_udp=True))
+    except PortproxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
-        return 2
-    except (NftError, SysctlError, HairpinError) as exc:
-        print(f"portproxy: {exc}", file=sys.stderr)
-        return 1
+        await holder.stop(drain_timeout=0)
+        return exc.exit_status
     reader = KernelCounterReader(opts)
 
     def snapshot() -> list[MappingSnapshot]:
         counters = reader.read(dict(path.ids))
-        return [MappingSnapshot(m, "kernel", [], counters.get(m)) for m in mappings]
+        stats = dict(holder.stats)
+        return [MappingSnapshot(m, "kernel", [s for part in m.per_family() for s in stats.get(part, [])],
+                                next((counters[p] for p in m.per_family() if p in counters), None))
+                for m in mappings]
 
     try:
         metrics = _start_metrics(metrics_addr, snapshot)
     except ProxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
-        await asyncio.to_thread(_remove_kernel, path, mappings)
+        await asyncio.to_thread(_remove_kernel, path, translated)
+        await holder.stop(drain_timeout=0)
         return 1
-    for mapping in mappings:
-        print_ready(mapping, out, " (kernel)")
+    for part in parts:
+        print_ready(part, out, " (kernel)" if part.translatable else
+                    f" (userland: DNAT cannot translate IPv{part.listen_ip().version} to IPv{part.family})")
     await stop
     if metrics is not None:
         metrics.shutdown()  # type: ignore[attr-defined]
     try:
-        await asyncio.to_thread(_remove_kernel, path, mappings)
+        await asyncio.to_thread(_remove_kernel, path, translated)
     except NftError as exc:
         print(f"portproxy: removing the rules failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        await holder.stop(drain_timeout=0)
     return 0

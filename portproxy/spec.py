@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
+
+from .errors import BadInput, shorten
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
+WILDCARDS: dict[int, IPAddress] = {4: ipaddress.IPv4Address("0.0.0.0"), 6: ipaddress.IPv6Address("::")}
 PROTOCOLS: tuple[Protocol, ...] = ("tcp", "udp")
 
 
-class SpecError(ValueError):
+class SpecError(BadInput):
     """A mapping spec that cannot be parsed; the message names the offending part."""
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True)
 class Mapping:
     """One published port range: traffic to host_ip:host_ports goes to target_ip:target_ports.
 
@@ -57,26 +60,44 @@ class Mapping:
             yield port, port + offset
 
     def listen_ip(self) -> IPAddress:
-        """The address a userland listener binds.
-
-        With no host address, an IPv4 target listens on 0.0.0.0 and an IPv6 target on
-        ``::`` (IPv6 only), so ``9090:10.0.0.2:80`` and ``9090:[fd00::2]:80`` can both be
-        published, as Docker publishes a port for each family.  An explicit ``[::]`` host
-        is dual-stack, as Go's listener (and so docker-proxy's) is.
-        """
+        """The address a userland listener of this mapping binds (for one of
+        :meth:`per_family`'s mappings: its own host address)."""
         if self.host_ip is not None:
             return self.host_ip
-        if self.family == 4:
-            return ipaddress.IPv4Address("0.0.0.0")
-        return ipaddress.IPv6Address("::")
+        return WILDCARDS[self.family]
+
+    def per_family(self) -> list["Mapping"]:
+        """The mapping once per address family it publishes on, each with its host address.
+
+        As Docker's ``-p`` does: no host address publishes on IPv4 (``0.0.0.0``) *and* on
+        IPv6 (``[::]``, an IPv6-only socket), whatever the target's family; ``0.0.0.0:``
+        is IPv4 only, ``[::]:`` IPv6 only. A family other than the target's can only be
+        proxied (nftables has no NAT64), so that part of a mapping always runs on the
+        userland path (see :attr:`translatable`)."""
+        if self.host_ip is not None:
+            return [self]
+        return [dataclasses.replace(self, host_ip=WILDCARDS[4]), dataclasses.replace(self, host_ip=WILDCARDS[6])]
 
     @property
-    def dual_stack(self) -> bool:
-        """True when the listener takes IPv4 and IPv6 clients (an explicit ``[::]`` host)."""
-        return self.host_ip is not None and self.host_ip.version == 6 and self.host_ip.is_unspecified
+    def translatable(self) -> bool:
+        """Whether DNAT can serve it: the host address (if any) has the target's family."""
+        return self.host_ip is None or self.host_ip.version == self.family
+
+    def listen_label(self) -> str:
+        """``0.0.0.0:9090``, ``[::1]:9090``, or ``*:9090`` for every address of both families."""
+        ports = _format_ports(self.host_port, self.host_port_end)
+        return f"*:{ports}" if self.host_ip is None else format_endpoint(self.host_ip, self.host_port,
+                                                                           self.host_port_end)
 
     def __str__(self) -> str:
         return format_spec(self)
+
+    def sort_key(self) -> tuple[Any, ...]:
+        """A total order for listings and the state file. Mappings are deliberately not
+        orderable themselves: a wildcard host (None) and an address, or an IPv4 and an
+        IPv6 target, do not compare."""
+        host = (0, 0, 0) if self.host_ip is None else (1, self.host_ip.version, int(self.host_ip))
+        return (self.proto, self.host_port, host, self.target_ip.version, int(self.target_ip), self.target_port)
 
 
 def _format_ip(ip: IPAddress) -> str:
@@ -110,11 +131,11 @@ def _split_fields(text: str, spec: str) -> list[str]:
         if i < n and text[i] == "[":
             close = text.find("]", i)
             if close < 0:
-                raise SpecError(f"bad mapping {spec!r}: unclosed '[' in {text[i:]!r}")
+                raise SpecError(f"bad mapping {shorten(spec)}: unclosed '[' in {shorten(text[i:])}")
             field = text[i : close + 1]
             i = close + 1
             if i < n and text[i] != ":":
-                raise SpecError(f"bad mapping {spec!r}: unexpected {text[i:]!r} after {field!r}")
+                raise SpecError(f"bad mapping {shorten(spec)}: unexpected {shorten(text[i:])} after {shorten(field)}")
         else:
             colon = text.find(":", i)
             end = n if colon < 0 else colon
@@ -131,48 +152,48 @@ def _split_fields(text: str, spec: str) -> list[str]:
 
 def _parse_ip(field: str, what: str, spec: str) -> IPAddress:
     if not field:
-        raise SpecError(f"bad mapping {spec!r}: {what} is empty")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} is empty")
     if field.startswith("["):
         inner = field[1:-1]
         try:
             return ipaddress.IPv6Address(inner)
         except ValueError:
-            raise SpecError(f"bad mapping {spec!r}: {what} {field!r} is not an IPv6 address") from None
+            raise SpecError(f"bad mapping {shorten(spec)}: {what} {shorten(field)} is not an IPv6 address") from None
     if ":" in field:
-        raise SpecError(f"bad mapping {spec!r}: {what} {field!r} must be in brackets")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} {shorten(field)} must be in brackets")
     try:
         return ipaddress.IPv4Address(field)
     except ValueError:
-        raise SpecError(f"bad mapping {spec!r}: {what} {field!r} is not an IP address") from None
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} {shorten(field)} is not an IP address") from None
 
 
 def _parse_port(text: str, what: str, spec: str) -> int:
     if not text:
-        raise SpecError(f"bad mapping {spec!r}: {what} is empty")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} is empty")
     if not (text.isascii() and text.isdigit()):
-        raise SpecError(f"bad mapping {spec!r}: {what} {text!r} is not a number")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} {shorten(text)} is not a number")
     if len(text) > 5 or not 1 <= int(text) <= 65535:
-        raise SpecError(f"bad mapping {spec!r}: {what} {text!r} is out of range 1-65535")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} {shorten(text)} is out of range 1-65535")
     return int(text)
 
 
 def _parse_range(field: str, what: str, spec: str) -> tuple[int, int]:
     if not field:
-        raise SpecError(f"bad mapping {spec!r}: {what} is empty")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} is empty")
     start_text, dash, end_text = field.partition("-")
     start = _parse_port(start_text, what, spec)
     if not dash:
         return start, start
     end = _parse_port(end_text, f"{what} range end", spec)
     if end < start:
-        raise SpecError(f"bad mapping {spec!r}: {what} range {field!r} ends before it starts")
+        raise SpecError(f"bad mapping {shorten(spec)}: {what} range {shorten(field)} ends before it starts")
     return start, end
 
 
 def parse_spec(spec: str) -> Mapping:
     """Parse one mapping spec; raise :class:`SpecError` naming the bad part."""
     if not isinstance(spec, str):
-        raise SpecError(f"bad mapping {spec!r}: not a string")
+        raise SpecError(f"bad mapping {shorten(spec)}: not a string")
     text = spec.strip()
     if not text:
         raise SpecError("bad mapping '': empty spec")
@@ -181,7 +202,7 @@ def parse_spec(spec: str) -> Mapping:
     if "/" in text:
         text, _, proto = text.rpartition("/")
         if proto.lower() not in PROTOCOLS:
-            raise SpecError(f"bad mapping {spec!r}: unknown protocol {proto!r} (use tcp or udp)")
+            raise SpecError(f"bad mapping {shorten(spec)}: unknown protocol {shorten(proto)} (use tcp or udp)")
         proto = proto.lower()
     fields = _split_fields(text, spec)
     if len(fields) == 3:
@@ -191,7 +212,7 @@ def parse_spec(spec: str) -> Mapping:
         host_field, host_ports, target_field, target_ports = fields
     else:
         raise SpecError(
-            f"bad mapping {spec!r}: expected [HOST_IP:]HOST_PORT:TARGET_IP:TARGET_PORT[/PROTO], "
+            f"bad mapping {shorten(spec)}: expected [HOST_IP:]HOST_PORT:TARGET_IP:TARGET_PORT[/PROTO], "
             f"got {len(fields)} ':'-separated parts"
         )
     host_ip = _parse_ip(host_field, "host address", spec) if host_field is not None else None
@@ -200,15 +221,15 @@ def parse_spec(spec: str) -> Mapping:
     t_start, t_end = _parse_range(target_ports, "target port", spec)
     if h_end - h_start != t_end - t_start:
         raise SpecError(
-            f"bad mapping {spec!r}: host range {host_ports!r} and target range {target_ports!r} "
+            f"bad mapping {shorten(spec)}: host range {shorten(host_ports)} and target range {shorten(target_ports)} "
             "differ in length"
         )
     if target_ip.is_unspecified:
-        raise SpecError(f"bad mapping {spec!r}: target address {target_field!r} is unspecified")
+        raise SpecError(f"bad mapping {shorten(spec)}: target address {shorten(target_field)} is unspecified")
     if target_ip.is_multicast or (target_ip.version == 4 and target_ip == ipaddress.IPv4Address("255.255.255.255")):
-        raise SpecError(f"bad mapping {spec!r}: target address {target_field!r} is not a unicast address")
+        raise SpecError(f"bad mapping {shorten(spec)}: target address {shorten(target_field)} is not a unicast address")
     if host_ip is not None and host_ip.is_multicast:
-        raise SpecError(f"bad mapping {spec!r}: host address {host_field!r} is a multicast address")
+        raise SpecError(f"bad mapping {shorten(spec)}: host address {shorten(host_field)} is a multicast address")
     return Mapping(proto, host_ip, h_start, h_end, target_ip, t_start, t_end)  # type: ignore[arg-type]
 
 
@@ -224,14 +245,12 @@ def _listen_key_overlaps(a: Mapping, b: Mapping) -> bool:
         return False
     if a.host_port_end < b.host_port or b.host_port_end < a.host_port:
         return False
-    ha, hb = a.listen_ip(), b.listen_ip()
-    if ha == hb:
-        return True
-    # A wildcard overlaps every address of its family, and a dual-stack one every address.
-    if ha.is_unspecified and (ha.version == hb.version or a.dual_stack):
-        return True
-    if hb.is_unspecified and (hb.version == ha.version or b.dual_stack):
-        return True
+    for pa in a.per_family():
+        for pb in b.per_family():
+            ha, hb = pa.listen_ip(), pb.listen_ip()
+            # A wildcard overlaps every address of its family.
+            if ha.version == hb.version and (ha == hb or ha.is_unspecified or hb.is_unspecified):
+                return True
     return False
 
 
@@ -240,4 +259,8 @@ def check_no_overlap(mappings: list[Mapping]) -> None:
     for i, a in enumerate(mappings):
         for b in mappings[i + 1 :]:
             if _listen_key_overlaps(a, b):
-                raise SpecError(f"mappings {a} and {b} overlap on the host side")
+                hint = ""
+                if (a.host_ip is None or b.host_ip is None) and a.family != b.family:
+                    hint = (" (with no host address a mapping publishes on IPv4 and IPv6: give each its "
+                            "family, 0.0.0.0:... and [::]:...)")
+                raise SpecError(f"mappings {a} and {b} overlap on the host side{hint}")

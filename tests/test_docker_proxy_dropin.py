@@ -111,9 +111,11 @@ async def test_tcp6(topo, tcp_echo, dockerproxy) -> None:
     await _tcp_echo_check(topo, topo.host_ip6, 9093)
 
 
-async def test_dual_stack_listener_ipv4_client_ipv6_backend(topo, tcp_echo, dockerproxy) -> None:
+async def test_ipv6_host_ip_listens_ipv6_only(topo, tcp_echo, dockerproxy) -> None:
+    """As docker-proxy: dockerd starts a sibling for 0.0.0.0, so [::] must leave IPv4 alone."""
     assert dockerproxy(*flags("tcp", "::", 9094, topo.container_ip6, 8080)).status == b"0\n"
-    await _tcp_echo_check(topo, topo.host_ip, 9094)
+    with pytest.raises(ConnectionRefusedError):
+        await open_connection(topo.client, topo.host_ip, 9094)
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])

@@ -55,7 +55,7 @@ async def _echo(topo, port: int, payload: bytes) -> None:
 async def test_userland_counters_are_exact(topo, tcp_echo, udp_echo, portproxy) -> None:
     portproxy("map", f"9090:{topo.container_ip}:8080", f"5353:{topo.container_ip}:5353/udp", "--metrics-addr",
               ready=2)
-    labels = {"proto": "tcp", "listen": "0.0.0.0:9090", "target": f"{topo.container_ip}:8080"}
+    labels = {"proto": "tcp", "listen": "*:9090", "target": f"{topo.container_ip}:8080"}
     text = scrape(topo.host)
     assert sample(text, "portproxy_bytes_total", direction="to_target", path="userland", **labels) == 0
     sizes = [1, 1000, 123_457, 3_000_001]
@@ -75,7 +75,7 @@ async def test_userland_counters_are_exact(topo, tcp_echo, udp_echo, portproxy) 
         client.transport.sendto(b"u" * size, (topo.host_ip, 5353))
         await client.recv()
     text = scrape(topo.host)
-    udp = {"proto": "udp", "listen": "0.0.0.0:5353", "target": f"{topo.container_ip}:5353"}
+    udp = {"proto": "udp", "listen": "*:5353", "target": f"{topo.container_ip}:5353"}
     assert sample(text, "portproxy_udp_datagrams_total", direction="to_target", **udp) == 3
     assert sample(text, "portproxy_udp_datagrams_total", direction="to_client", **udp) == 3
     assert sample(text, "portproxy_bytes_total", direction="to_target", path="userland", **udp) == 60
@@ -91,12 +91,12 @@ async def test_connect_failures_by_reason(topo, portproxy) -> None:
         await connect_expecting_close(topo.client, topo.host_ip, 9092, 5)
     await asyncio.sleep(0.2)
     text = scrape(topo.host)
-    assert sample(text, "portproxy_connect_failures_total", reason="ECONNREFUSED", listen="0.0.0.0:9092") == 2
+    assert sample(text, "portproxy_connect_failures_total", reason="ECONNREFUSED", listen="*:9092") == 2
 
 
 async def test_kernel_counters(topo, tcp_echo, portproxy) -> None:
     portproxy("map", "--mode", "kernel", f"9090:{topo.container_ip}:8080", "--metrics-addr")
-    labels = {"proto": "tcp", "listen": "0.0.0.0:9090", "target": f"{topo.container_ip}:8080"}
+    labels = {"proto": "tcp", "listen": "*:9090", "target": f"{topo.container_ip}:8080"}
     payload = os.urandom(2_000_000)
     await _echo(topo, 9090, payload)
     text = scrape(topo.host)
@@ -156,11 +156,11 @@ async def test_series_disappear_when_mapping_removed(topo, tcp_echo, daemon) -> 
     assert cli("add", f"9091:{topo.container_ip}:8080", "--mode", "kernel").returncode == 0
     await _echo(topo, 9091, b"x" * 1000)
     text = scrape(topo.host)
-    assert sample(text, "portproxy_bytes_total", listen="0.0.0.0:9091", path="kernel", direction="to_target") > 0
+    assert sample(text, "portproxy_bytes_total", listen="*:9091", path="kernel", direction="to_target") > 0
     assert cli("rm", "9091").returncode == 0
     text = scrape(topo.host)
-    assert 'listen="0.0.0.0:9091"' not in text
-    assert 'listen="0.0.0.0:9090"' in text
+    assert 'listen="*:9091"' not in text
+    assert 'listen="*:9090"' in text
 
 
 async def test_switching_keeps_userland_counters_monotonic(topo, tcp_echo, daemon) -> None:
@@ -171,6 +171,6 @@ async def test_switching_keeps_userland_counters_monotonic(topo, tcp_echo, daemo
     assert cli("switch", "9090", "--mode", "userland").returncode == 0
     await _echo(topo, 9090, b"z" * 7000)
     text = scrape(topo.host)
-    assert sample(text, "portproxy_bytes_total", listen="0.0.0.0:9090", path="userland", direction="to_target") == 12000
+    assert sample(text, "portproxy_bytes_total", listen="*:9090", path="userland", direction="to_target") == 12000
     # Kernel series exist while the mapping has a DNAT (they restart from 0 if it comes back).
-    assert sample(text, "portproxy_bytes_total", listen="0.0.0.0:9090", path="kernel", direction="to_target") is None
+    assert sample(text, "portproxy_bytes_total", listen="*:9090", path="kernel", direction="to_target") is None

@@ -112,7 +112,7 @@ def test_a_port_shared_by_another_process_is_refused(topo: SeedTopology) -> None
                                  stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
-            mapping = parse_spec(f"9300-9301:{topo.container_ip}:8080-8081/{proto}")
+            mapping = parse_spec(f"0.0.0.0:9300-9301:{topo.container_ip}:8080-8081/{proto}")
 
             async def body(server: ProxyServer) -> None:
                 with pytest.raises(ProxyError) as caught:
@@ -129,7 +129,7 @@ def test_a_port_shared_by_another_process_is_refused(topo: SeedTopology) -> None
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_no_one_else_can_bind_a_serving_or_held_port(topo: SeedTopology, proto: str) -> None:
-    mapping = parse_spec(f"9310:{topo.container_ip}:8080/{proto}")
+    mapping = parse_spec(f"0.0.0.0:9310:{topo.container_ip}:8080/{proto}")
     loopback = parse_spec(f"127.0.0.1:9311:{topo.container_ip}:8080/{proto}")
 
     async def body(server: ProxyServer) -> None:
@@ -158,7 +158,7 @@ def test_no_one_else_can_bind_a_serving_or_held_port(topo: SeedTopology, proto: 
 def test_hold_and_serve_keep_live_and_queued_connections(topo: SeedTopology) -> None:
     """hold → serve → hold: a live connection relays throughout, connections waiting in the
     accept queue when hold() comes are relayed, new ones are refused while held."""
-    mapping = parse_spec(f"9320:{topo.container_ip}:8080")
+    mapping = parse_spec(f"0.0.0.0:9320:{topo.container_ip}:8080")
 
     async def body(server: ProxyServer) -> None:
         echo_server = await start_server(topo.container, 8080, echo_handler)
@@ -203,7 +203,7 @@ def test_hold_and_serve_keep_live_and_queued_connections(topo: SeedTopology) -> 
 
 
 def test_udp_hold_and_serve(topo: SeedTopology) -> None:
-    mapping = parse_spec(f"9330:{topo.container_ip}:5353/udp")
+    mapping = parse_spec(f"0.0.0.0:9330:{topo.container_ip}:5353/udp")
 
     async def body(server: ProxyServer) -> None:
         echo_server = await start_udp_echo(topo.container, 5353)
@@ -228,7 +228,7 @@ def test_udp_hold_and_serve(topo: SeedTopology) -> None:
 def test_adopted_socket_is_held_served_and_given_back(topo: SeedTopology) -> None:
     """A supervisor's socket (socket activation) is served, held, served again, and after
     remove() is still open and listening: it belongs to the supervisor."""
-    mapping = parse_spec(f"9340:{topo.container_ip}:8080")
+    mapping = parse_spec(f"0.0.0.0:9340:{topo.container_ip}:8080")
     passed = topo.host.socket(socket.AF_INET, socket.SOCK_STREAM)
     passed.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     passed.bind(("0.0.0.0", 9340))
@@ -259,7 +259,7 @@ def test_adopted_socket_is_held_served_and_given_back(topo: SeedTopology) -> Non
 
 
 def test_serve_and_hold_need_a_mapping(topo: SeedTopology) -> None:
-    mapping = parse_spec(f"9350:{topo.container_ip}:8080")
+    mapping = parse_spec(f"0.0.0.0:9350:{topo.container_ip}:8080")
 
     async def body(server: ProxyServer) -> None:
         for call in (server.serve, server.hold):

@@ -114,13 +114,24 @@ async def test_port_range_maps_port_to_port(topo, portproxy) -> None:
         server.close()
 
 
-async def test_ipv6_target_and_dual_stack_listener(topo, tcp_echo, portproxy, path_args) -> None:
-    proxy = portproxy("map", f"[::]:9096:[{topo.container_ip6}]:8080", *path_args)
-    assert proxy.ready == [f"ready tcp [::]:9096 -> [{topo.container_ip6}]:8080"]
+async def test_ipv6_target_published_on_both_families(topo, tcp_echo, portproxy, path_args) -> None:
+    proxy = portproxy("map", f"9096:[{topo.container_ip6}]:8080", *path_args, ready=2)
+    assert proxy.ready == [f"ready tcp 0.0.0.0:9096 -> [{topo.container_ip6}]:8080",
+                           f"ready tcp [::]:9096 -> [{topo.container_ip6}]:8080"]
     payload = os.urandom(1 << 20)
     assert await _echo_roundtrip(topo, 9096, payload, host=topo.host_ip6) == payload
-    # An IPv4 client reaches the IPv6 target through the dual-stack listener.
+    # An IPv4 client reaches the IPv6 target through the IPv4 listener.
     assert await _echo_roundtrip(topo, 9096, payload, host=topo.host_ip) == payload
+
+
+async def test_explicit_wildcards_are_one_family_each(topo, tcp_echo, portproxy) -> None:
+    """``[::]:`` is IPv6 only and ``0.0.0.0:`` IPv4 only, as docker-proxy listens."""
+    portproxy("map", f"[::]:9097:{topo.container_ip}:8080", f"0.0.0.0:9098:{topo.container_ip}:8080", ready=2)
+    assert await _echo_roundtrip(topo, 9097, b"six", host=topo.host_ip6) == b"six"
+    assert await _echo_roundtrip(topo, 9098, b"four", host=topo.host_ip) == b"four"
+    for port, host in ((9097, topo.host_ip), (9098, topo.host_ip6)):
+        with pytest.raises(ConnectionRefusedError):
+            await open_connection(topo.client, host, port)
 
 
 async def test_reset_propagates(topo, portproxy) -> None:

@@ -128,11 +128,16 @@ def test_port_pairs_map_port_to_port() -> None:
     assert list(m.port_pairs()) == [(8000, 9000), (8001, 9001), (8002, 9002)]
 
 
-def test_listen_address_defaults() -> None:
-    assert str(parse_spec("9090:10.0.0.1:80").listen_ip()) == "0.0.0.0"
-    assert str(parse_spec("9090:[fd00::1]:80").listen_ip()) == "::"
-    assert not parse_spec("9090:[fd00::1]:80").dual_stack
-    assert parse_spec("[::]:9090:10.0.0.1:80").dual_stack
+def test_no_host_address_publishes_on_both_families() -> None:
+    """Docker's -p: no host address is 0.0.0.0 and [::] (IPv6 only); each explicit one its own."""
+    for target in ("10.0.0.1", "[fd00::1]"):
+        parts = parse_spec(f"9090:{target}:80").per_family()
+        assert [str(p.listen_ip()) for p in parts] == ["0.0.0.0", "::"]
+        assert [p.translatable for p in parts] == ([True, False] if target[0] != "[" else [False, True])
+    assert [str(p.listen_ip()) for p in parse_spec("0.0.0.0:9090:10.0.0.1:80").per_family()] == ["0.0.0.0"]
+    assert [str(p.listen_ip()) for p in parse_spec("[::]:9090:10.0.0.1:80").per_family()] == ["::"]
+    assert parse_spec("9090-9091:10.0.0.1:80-81").listen_label() == "*:9090-9091"
+    assert parse_spec("[::1]:9090:10.0.0.1:80").listen_label() == "[::1]:9090"
 
 
 @pytest.mark.parametrize(
@@ -140,8 +145,11 @@ def test_listen_address_defaults() -> None:
     [
         (["9090:10.0.0.1:80", "9090:10.0.0.2:80"], True),
         (["9090:10.0.0.1:80", "9090:10.0.0.2:80/udp"], False),
-        (["9090:10.0.0.1:80", "9090:[fd00::1]:80"], False),
+        (["9090:10.0.0.1:80", "9090:[fd00::1]:80"], True),
+        (["0.0.0.0:9090:10.0.0.1:80", "[::]:9090:[fd00::1]:80"], False),
         (["9090:10.0.0.1:80", "[::]:9090:[fd00::1]:80"], True),
+        (["9090:10.0.0.1:80", "[::1]:9090:10.0.0.2:80"], True),
+        (["0.0.0.0:9090:10.0.0.1:80", "[::1]:9090:10.0.0.2:80"], False),
         (["127.0.0.1:9090:10.0.0.1:80", "9090:10.0.0.2:80"], True),
         (["127.0.0.1:9090:10.0.0.1:80", "127.0.0.2:9090:10.0.0.2:80"], False),
         (["8000-8010:10.0.0.1:80-90", "8010:10.0.0.2:80"], True),

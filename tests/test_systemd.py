@@ -59,7 +59,7 @@ def test_example_config_parses() -> None:
     from portproxy.controller.config import parse_config
 
     config = parse_config((ROOT / "systemd" / "portproxy.toml").read_text())
-    assert {m.host_port: mode for m, mode in config.mappings.items()} == {9090: "userland", 5353: "kernel"}
+    assert {m.host_port: s.mode for m, s in config.mappings.items()} == {9090: "userland", 5353: "kernel"}
 
 
 class NotifySocket:

@@ -2,6 +2,6 @@
 live switching between the userland and kernel paths, persistence."""
 
 from .config import Config, ConfigError, DaemonOptions, load_config, parse_config
-from .core import ControlError, Controller
+from .core import Controller
 
-__all__ = ["Config", "ConfigError", "ControlError", "Controller", "DaemonOptions", "load_config", "parse_config"]
+__all__ = ["Config", "ConfigError", "Controller", "DaemonOptions", "load_config", "parse_config"]

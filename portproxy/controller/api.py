@@ -10,10 +10,16 @@ POST     /v1/mappings/switch          {"name": "...", "mode": "kernel"}
 POST     /v1/reload                   re-read the config file, apply the difference
 =======  ===========================  =========================================
 
-Errors come back as ``{"error": "one line"}`` with 400 (bad input), 403 (peer not
-allowed), 404 (unknown mapping), 409 (conflict: port in use, overlap, ambiguous
-name), 500/503 (nft or system failure). The socket is created mode 0660, owned by
-root and an optional group; each peer's credentials (SO_PEERCRED) are checked.
+A POST body takes the same keys as a ``[[mapping]]`` table of the config (``spec``,
+``mode`` and per-mapping options, checked by the one options schema), plus ``owner``
+for mappings a container engine adds (``DELETE /v1/mappings?owner=ID`` removes all of
+one owner's, and answers 200 when there are none: a runtime's DEL is idempotent).
+
+Errors come back as ``{"error": "one line"}`` with the status the error's class
+carries (:mod:`portproxy.errors`): 400 (bad input), 403 (peer not allowed), 404
+(unknown mapping or path), 405 (method), 409 (conflict: port in use, overlap,
+ambiguous name), 500/503 (nft or system failure). The socket is created mode 0660,
+owned by root and an optional group; each peer's credentials (SO_PEERCRED) are checked.
 """
 
 from __future__ import annotations
@@ -30,11 +36,14 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .core import ControlError, Controller
+from ..errors import BadInput, PortproxyError
+from .config import parse_mapping_entry
+from .core import Controller
 
 log = logging.getLogger("portproxy.api")
 
 ReloadFn = Callable[[], Awaitable[dict]]
+MAX_BODY = 64 * 1024
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -74,17 +83,17 @@ def _error(status: int, message: str) -> web.Response:
 async def _json_body(request: web.Request) -> dict:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ControlError(400, "the request body is not JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise BadInput("the request body is not JSON") from None
     if not isinstance(body, dict):
-        raise ControlError(400, "the request body must be a JSON object")
+        raise BadInput("the request body must be a JSON object")
     return body
 
 
-def _field(body: dict, key: str, default: str | None = None) -> str:
-    value = body.get(key, default)
+def _field(body: dict, key: str) -> str:
+    value = body.get(key)
     if not isinstance(value, str) or not value:
-        raise ControlError(400, f"field {key!r} is missing or not a string")
+        raise BadInput(f"field {key!r} is missing or not a string")
     return value
 
 
@@ -99,33 +108,53 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
                 return _error(403, f"uid {uid} may not use this socket")
         try:
             return await handler(request)
-        except ControlError as exc:
-            return _error(exc.status, str(exc))
+        except PortproxyError as exc:
+            return _error(exc.http_status, str(exc))
+        except web.HTTPException as exc:  # unknown path, wrong method, body too large: JSON too
+            if exc.status < 400:
+                raise
+            return _error(exc.status, exc.reason)
 
     async def list_mappings(request: web.Request) -> web.Response:
         return web.json_response({"mappings": await controller.describe()})
 
     async def add_mapping(request: web.Request) -> web.Response:
         body = await _json_body(request)
-        mapping = await controller.add(_field(body, "spec"), _field(body, "mode", "userland"))
+        owner = body.pop("owner", None)
+        mapping, settings = parse_mapping_entry(body, "request")
+        source = owner.get("kind") if isinstance(owner, dict) and owner.get("kind") in ("docker", "cni") else "api"
+        mapping = await controller.add(mapping, settings, source=source, owner=owner)
         return web.json_response({"spec": str(mapping), "mode": controller.entries[mapping].mode}, status=201)
 
     async def remove_mapping(request: web.Request) -> web.Response:
+        owner = request.query.get("owner")
+        if owner:
+            removed = await controller.remove_owned(owner)
+            return web.json_response({"removed": [str(m) for m in removed]})
         name = request.query.get("name")
         if not name:
-            raise ControlError(400, "query parameter 'name' is missing")
+            raise BadInput("query parameter 'name' (or 'owner') is missing")
         mapping = await controller.remove(name)
         return web.json_response({"removed": str(mapping)})
 
     async def switch_mapping(request: web.Request) -> web.Response:
         body = await _json_body(request)
+        unknown = sorted(set(body) - {"name", "mode"})
+        if unknown:
+            raise BadInput(f"unknown field(s) {', '.join(map(repr, unknown))}")
         mapping = await controller.switch(_field(body, "name"), _field(body, "mode"))
         return web.json_response({"spec": str(mapping), "mode": controller.entries[mapping].mode})
 
     async def reload_config(request: web.Request) -> web.Response:
-        return web.json_response(await reload())
+        report = await reload()
+        if report.get("errors"):
+            first = report["errors"][0]
+            more = f" (and {len(report['errors']) - 1} more)" if len(report["errors"]) > 1 else ""
+            status = report.pop("status", 500)
+            return web.json_response({**report, "error": f"reload: {first}{more}"}, status=status)
+        return web.json_response(report)
 
-    app = web.Application(middlewares=[guard])
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app.router.add_get("/v1/mappings", list_mappings)
     app.router.add_post("/v1/mappings", add_mapping)
     app.router.add_delete("/v1/mappings", remove_mapping)

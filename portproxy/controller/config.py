@@ -13,27 +13,31 @@ Example (``/etc/portproxy/portproxy.toml``)::
     [[mapping]]
     spec = "9090:172.16.1.1:8080"
     mode = "userland"        # userland (default) | kernel | hybrid
+    connect_timeout = 2      # per-mapping options override [options]
 
-Every problem is reported as one line naming the file, the entry and the reason.
+Every key and value is checked by the one options schema (:mod:`portproxy.options`):
+a value ``portproxy map`` refuses is refused here, an unknown key is an error, and
+every problem is one line naming the file, the entry and the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import options as schema
+from ..errors import BadInput, shorten
 from ..kernel.builders import KernelOptions
-from ..proxy.options import ProxyOptions, congestion_control_error
+from ..proxy.options import ProxyOptions
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 
 Mode = Literal["userland", "kernel", "hybrid"]
 MODES: tuple[Mode, ...] = ("userland", "kernel", "hybrid")
 
 
-class ConfigError(Exception):
+class ConfigError(BadInput):
     """The configuration cannot be used; the message is one line."""
 
 
@@ -46,70 +50,63 @@ class DaemonOptions:
     """Leave the kernel rules in place on stop, for a restart without a gap."""
     socket_group: str | None = None
     metrics_addr: str | None = None
+    values: tuple[tuple[str, Any], ...] = ()
+    """The checked values as given, to tell what a reload changes."""
+
+
+def daemon_options(values: dict[str, Any]) -> DaemonOptions:
+    return DaemonOptions(
+        proxy=schema.proxy_options(values),
+        kernel=schema.kernel_options(values),
+        set_sysctls=values.get("set_sysctls", False),
+        keep_kernel_rules=values.get("keep_kernel_rules", False),
+        socket_group=values.get("socket_group"),
+        metrics_addr=values.get("metrics_addr"),
+        values=tuple(sorted(values.items())),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the operator asked of one mapping: its mode and the options it overrides."""
+
+    mode: Mode = "userland"
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> "Settings":
+        overrides = tuple(sorted((k, v) for k, v in values.items() if k != "mode"))
+        return cls(values.get("mode", "userland"), overrides)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, **dict(self.overrides)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     options: DaemonOptions
-    mappings: dict[Mapping, Mode]
+    mappings: dict[Mapping, Settings]
 
 
-_PROXY_KEYS = {"connect_timeout": float, "udp_timeout": float, "max_udp_flows": int, "drain_timeout": float,
-               "splice": bool, "pipe_size": int}
-_OTHER_KEYS = {"target_cc", "route_localnet", "masquerade", "set_sysctls", "keep_kernel_rules", "socket_group",
-               "metrics_addr"}
+def parse_mode(value: Any, where: str = "mode") -> Mode:
+    return schema.check("mode", value, where)  # type: ignore[no-any-return]
 
 
-def parse_mode(value: Any, where: str) -> Mode:
-    if value not in MODES:
-        raise ConfigError(f"{where}: mode {value!r} is not one of {', '.join(MODES)}")
-    return value  # type: ignore[no-any-return]
-
-
-def _options(raw: dict[str, Any], where: str) -> DaemonOptions:
-    unknown = set(raw) - set(_PROXY_KEYS) - _OTHER_KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown option {sorted(unknown)[0]!r}")
-    proxy_kwargs: dict[str, Any] = {}
-    for key, kind in _PROXY_KEYS.items():
-        if key in raw:
-            value = raw[key]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-                raise ConfigError(f"{where}: option {key!r} must be a {kind.__name__}")
-            if kind is not bool and value < 0:
-                raise ConfigError(f"{where}: option {key!r} must not be negative")
-            proxy_kwargs[key] = value
-    target_cc = raw.get("target_cc")
-    if target_cc is not None:
-        if not isinstance(target_cc, str):
-            raise ConfigError(f"{where}: option 'target_cc' must be a string")
-        error = congestion_control_error(target_cc)
-        if error:
-            raise ConfigError(f"{where}: {error}")
-        proxy_kwargs["target_cc"] = target_cc
-    masquerade = []
-    for item in raw.get("masquerade", []):
-        subnet, _, bridge = str(item).partition(",")
-        try:
-            ipaddress.ip_network(subnet, strict=False)
-        except ValueError:
-            raise ConfigError(f"{where}: masquerade {item!r} is not SUBNET,BRIDGE") from None
-        if not bridge:
-            raise ConfigError(f"{where}: masquerade {item!r} is not SUBNET,BRIDGE")
-        masquerade.append((subnet, bridge))
-    for key in ("route_localnet", "set_sysctls", "keep_kernel_rules"):
-        if key in raw and not isinstance(raw[key], bool):
-            raise ConfigError(f"{where}: option {key!r} must be true or false")
-    return DaemonOptions(
-        proxy=ProxyOptions(**proxy_kwargs),
-        kernel=KernelOptions(route_localnet=raw.get("route_localnet", False), masquerade=tuple(masquerade)),
-        set_sysctls=raw.get("set_sysctls", False),
-        keep_kernel_rules=raw.get("keep_kernel_rules", False),
-        socket_group=raw.get("socket_group"),
-        metrics_addr=raw.get("metrics_addr"),
-    )
+def parse_mapping_entry(entry: Any, where: str) -> tuple[Mapping, Settings]:
+    """One ``[[mapping]]`` table or API body: ``spec`` plus per-mapping options."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table with a spec")
+    spec = entry.get("spec")
+    if not isinstance(spec, str):
+        raise ConfigError(f"{where}: needs a spec (a string), got {shorten(spec)}")
+    try:
+        mapping = parse_spec(spec)
+        values = schema.check_table(entry, schema.MAPPING, where, ignore=("spec",))
+    except SpecError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except BadInput as exc:
+        raise ConfigError(str(exc)) from None
+    return mapping, Settings.from_values(values)
 
 
 def parse_config(text: str, where: str = "config") -> Config:
@@ -117,25 +114,26 @@ def parse_config(text: str, where: str = "config") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    unknown = set(raw) - {"options", "mapping"}
+    unknown = sorted(set(raw) - {"options", "mapping"})
     if unknown:
-        raise ConfigError(f"{where}: unknown section {sorted(unknown)[0]!r}")
-    options = _options(raw.get("options", {}), where)
-    mappings: dict[Mapping, Mode] = {}
-    for i, entry in enumerate(raw.get("mapping", [])):
-        entry_where = f"{where}: mapping #{i + 1}"
-        if not isinstance(entry, dict) or "spec" not in entry:
-            raise ConfigError(f"{entry_where}: needs a spec")
-        try:
-            mapping = parse_spec(entry["spec"])
-        except SpecError as exc:
-            raise ConfigError(f"{entry_where}: {exc}") from None
-        mappings[mapping] = parse_mode(entry.get("mode", "userland"), entry_where)
+        raise ConfigError(f"{where}: unknown section{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(repr(k) for k in unknown)} (expected [options] and [[mapping]])")
+    try:
+        values = schema.check_table(raw.get("options", {}), schema.DAEMON, f"{where}: [options]")
+    except BadInput as exc:
+        raise ConfigError(str(exc)) from None
+    entries = raw.get("mapping", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: 'mapping' must be an array of tables ([[mapping]])")
+    mappings: dict[Mapping, Settings] = {}
+    for i, entry in enumerate(entries):
+        mapping, settings = parse_mapping_entry(entry, f"{where}: mapping #{i + 1}")
+        mappings[mapping] = settings
     try:
         check_no_overlap(list(mappings))
     except SpecError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return Config(options, mappings)
+    return Config(daemon_options(values), mappings)
 
 
 def load_config(path: Path, missing_ok: bool = True) -> Config:
@@ -146,6 +144,8 @@ def load_config(path: Path, missing_ok: bool = True) -> Config:
         if missing_ok:
             return Config(DaemonOptions(), {})
         raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
     return parse_config(text, str(path))

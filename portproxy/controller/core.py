@@ -2,21 +2,32 @@
 
 A mapping's mode is a set of *components*:
 
-* ``userland`` — a proxy listener on the mapping's own address;
+* ``userland`` — a proxy listener on the mapping's address;
 * ``kernel``   — its DNAT in the nft table;
-* ``hybrid``   — the DNAT, plus a proxy listener on loopback (127.0.0.1 / ::1), which DNAT
-  cannot serve without route_localnet. This is the shape of Docker's default set-up.
+* ``hybrid``   — both: the DNAT serves traffic from outside and to the host's own
+  addresses, the listener what DNAT cannot (127.0.0.1 without route_localnet). This is
+  the shape of Docker's default set-up (DNAT plus docker-proxy on the same port).
+
+Whatever its mode, a mapping holds its host ports the whole time it exists: on the
+kernel path its sockets stay bound but do not listen, so no other program can take a
+published port, and a move back to the proxy only has to listen again.
 
 Every change (add, remove, switch) is a move from one component set to another,
-always *make before break*: new components are added first — a listener bound
-beside the old one (SO_REUSEPORT), a DNAT installed in front of a listener — and
-only then are the old ones taken away. NAT is decided on a flow's first packet, so
+always *make before break*: the DNAT goes in before a listener stops, a listener
+listens again before the DNAT goes. NAT is decided on a flow's first packet, so
 connections the proxy already relays keep reaching it after the DNAT goes in, and
-DNAT'd connections keep their translation in conntrack after it goes out; a retired
+DNAT'd connections keep their translation in conntrack after it goes out; a paused
 listener first accepts whatever is in its queue and keeps relaying until its
 connections end. UDP conntrack entries for the port are deleted once a move that
-involved the kernel is complete, so UDP flows move too. If adding a component fails, the ones added so far
-are taken away again and the mapping stays exactly as it was.
+involved the kernel is complete, so UDP flows move too. If a step fails, the steps
+taken so far are undone and the mapping stays exactly as it was.
+
+**Desired state is never destroyed by a failure to realise it.** What the operator
+asked for (config, API, saved state) is kept in :attr:`Controller.entries`; a mapping
+that cannot run (port held by another program, a sysctl off after a reboot) stays
+there with status ``failed`` and its reason, is saved, shown, counted, and retried with
+back-off until it runs or is removed. The kernel table is checked every few seconds
+and reinstalled, with one log line, when someone deleted or flushed it.
 
 Netlink and libnftables block, and pyroute2 cannot run on a uvloop loop: all of
 that runs on one worker thread (which also serialises it).
@@ -27,19 +38,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import ipaddress
+import errno
 import logging
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+import socket
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
-from ..kernel import KernelMappingError, KernelPath, NftError
-from ..kernel.builders import check_mapping
-from ..kernel.hairpin import HairpinError
-from ..kernel.sysctls import SysctlError, ensure, required
-from ..proxy.server import ProxyError, ProxyServer
+from ..errors import BadInput, Conflict, NotFound, PortproxyError, SystemFailure, shorten
+from ..kernel import KernelPath, NftError
+from ..proxy.options import ProxyOptions
 from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
-from .config import Config, DaemonOptions, Mode, parse_mode
-from .state import StateStore
+from .. import options as schema
+from .config import Config, DaemonOptions, Mode, Settings
+from .state import SavedEntry, StateStore
 
 if TYPE_CHECKING:
     from ..metrics.snapshot import MappingSnapshot
@@ -50,56 +61,84 @@ T = TypeVar("T")
 SWITCH_GRACE = 0.2
 """Seconds a listener keeps accepting after the DNAT in front of it went in, so that
 handshakes already under way when the rule landed complete against it."""
+RECONCILE_INTERVAL = 3.0
+"""Seconds between checks that the nft table is still what portproxy installed."""
+RETRY_FIRST, RETRY_MAX = 1.0, 60.0
+"""Back-off of a failed mapping's retries: doubling from the first to the most."""
+
+SOURCES = ("config", "api", "docker", "cni")
+PERSISTED_SOURCES = ("api", "cni")
+"""Config mappings come from the file each start; docker ones live as long as dockerd's proxy."""
+
+LISTENER, KERNEL = "listener", "kernel"
 
 
-class ControlError(Exception):
-    """A refused operation: an HTTP status and a one-line reason."""
+def components(mode: Mode) -> set[str]:
+    return {"userland": {LISTENER}, "kernel": {KERNEL}, "hybrid": {LISTENER, KERNEL}}[mode]
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+
+def part_components(part: Mapping, wanted: set[str]) -> set[str]:
+    """What one family of a mapping runs: what its mode asks, except that a family DNAT
+    cannot translate (an IPv6 client to an IPv4 target: no NAT64) is proxied, as Docker does."""
+    if wanted and not part.translatable:
+        return {LISTENER}
+    return wanted
 
 
 @dataclasses.dataclass
 class Entry:
-    mode: Mode
+    settings: Settings
     source: str
-    """"config" (owned by the config file, changed by reload) or "api"."""
+    """"config" (owned by the config file, changed by reload), "api", "docker", "cni"."""
+    owner: dict[str, str] | None = None
+    """Who asked for an owned mapping (a container: kind, id, name); removed with it."""
+    status: str = "pending"
+    """"running", or "failed" (then ``error`` says why and it is retried)."""
+    error: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    kernel_id: int | None = None
+    """The mapping's id in the nft table, kept across restarts."""
+
+    @property
+    def mode(self) -> Mode:
+        return self.settings.mode
+
+    @property
+    def holds_ports(self) -> bool:
+        """Whether the mapping binds its host ports itself. A CNI runtime (podman's conmon)
+        reserves the ports of its containers, so their mappings are DNAT only."""
+        return self.source != "cni"
 
 
-Component = tuple[str, Mapping]
-"""("listener", mapping the proxy listens for) or ("kernel", mapping in the nft table)."""
-
-
-def loopback_variant(m: Mapping) -> Mapping | None:
-    """The loopback listener of a hybrid mapping (None when it names a host address)."""
-    if m.host_ip is not None and not m.host_ip.is_unspecified:
+def validate_owner(owner: Any) -> dict[str, str] | None:
+    if owner is None:
         return None
-    ip = ipaddress.IPv4Address("127.0.0.1") if m.family == 4 else ipaddress.IPv6Address("::1")
-    return dataclasses.replace(m, host_ip=ip)
-
-
-def components(m: Mapping, mode: Mode) -> set[Component]:
-    if mode == "userland":
-        return {("listener", m)}
-    if mode == "kernel":
-        return {("kernel", m)}
-    loopback = loopback_variant(m)
-    return {("kernel", m)} | ({("listener", loopback)} if loopback else set())
+    if not isinstance(owner, dict) or not owner.get("id") or owner.get("kind") not in ("docker", "cni"):
+        raise BadInput("owner must be an object with kind (docker or cni) and id")
+    if len(owner) > 16 or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 256 for k, v in owner.items()):
+        raise BadInput("owner fields must be at most 16 short strings")
+    return dict(owner)
 
 
 class Controller:
     def __init__(self, loop: asyncio.AbstractEventLoop, options: DaemonOptions, store: StateStore | None) -> None:
+        from ..proxy.server import ProxyServer
+
         self.loop = loop
         self.options = options
         self.store = store
         self.proxy = ProxyServer(loop, options.proxy)
-        self.proxy.reuse_port = True
         self.entries: dict[Mapping, Entry] = {}
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="portproxy-netlink")
         self._kernel: KernelPath | None = None
         self._lock = asyncio.Lock()
         self._metrics_reader: Any = None
+        self._tasks: list[asyncio.Task] = []
+        self.reconciles = 0
+        """Times the nft table was found deleted or altered and reinstalled."""
+        self.kernel_problem: str | None = None
+        """What the last check found wrong with the nft table (None: as installed)."""
         self.on_change: Callable[[], None] | None = None
         """Called after every committed change (the daemon updates systemd's STATUS=)."""
 
@@ -109,92 +148,126 @@ class Controller:
 
     async def _kernel_path(self) -> KernelPath:
         if self._kernel is None:
-            try:
-                self._kernel = await self._in_worker(KernelPath, self.options.kernel)
-            except NftError as exc:
-                raise ControlError(503, str(exc)) from None
+            self._kernel = await self._in_worker(KernelPath, self.options.kernel)
         return self._kernel
 
-    # --- components ---------------------------------------------------------------------
-    async def _add_component(self, component: Component) -> None:
-        kind, m = component
-        if kind == "listener":
-            try:
-                self.proxy.add(m)
-            except ProxyError as exc:
-                raise ControlError(409, str(exc)) from None
-            return
+    def proxy_options(self, settings: Settings) -> ProxyOptions:
+        return schema.proxy_options(dict(settings.overrides), self.options.proxy)
+
+    # --- moves ------------------------------------------------------------------------
+    async def _kernel_apply(self, entry: Entry, add: Sequence[Mapping] = (), remove: Sequence[Mapping] = ()) -> None:
         kernel = await self._kernel_path()
+        preferred = {m: entry.kernel_id for m in add if entry.kernel_id}
 
-        def install() -> None:
-            ensure(required([m], self.options.kernel.route_localnet), self.options.set_sysctls)
-            kernel.add(m)
-            try:
-                kernel.enable_hairpin([m])
-            except HairpinError:
-                kernel.remove(m)
-                raise
+        def apply() -> None:
+            kernel.apply(add, remove, set_sysctls=self.options.set_sysctls, preferred_ids=preferred)  # type: ignore[arg-type]
 
+        await self._in_worker(apply)
+        for m in add:
+            entry.kernel_id = kernel.ids.get(m, entry.kernel_id)
+
+    async def _move(self, m: Mapping, entry: Entry, old: set[str], new: set[str],
+                    sockets: dict[int, socket.socket] | None = None) -> None:
+        """Move every family of ``m`` from ``old`` to ``new``; if one fails, the families
+        already moved go back, so the mapping stays exactly as it was."""
+        done: list[Mapping] = []
         try:
-            await self._in_worker(install)
-        except KernelMappingError as exc:
-            raise ControlError(400, str(exc)) from None
-        except (NftError, SysctlError, HairpinError) as exc:
-            raise ControlError(500, str(exc)) from None
-
-    async def _remove_component(self, component: Component) -> None:
-        kind, m = component
-        if kind == "listener":
-            if m in self.proxy.listeners:
-                self.proxy.retire(m)
-            return
-        kernel = await self._kernel_path()
-
-        try:
-            await self._in_worker(kernel.remove, m)
-        except NftError as exc:
-            raise ControlError(500, str(exc)) from None
-
-    async def _move(self, old: set[Component], new: set[Component]) -> None:
-        """Make before break; on a failed add, undo the adds and leave ``old`` in place."""
-        to_add = sorted(new - old, key=lambda c: c[0] != "kernel")  # DNAT first, then listeners
-        to_remove = sorted(old - new, key=lambda c: c[0] != "kernel")
-        added: list[Component] = []
-        try:
-            for component in to_add:
-                await self._add_component(component)
-                added.append(component)
-        except ControlError:
-            for component in reversed(added):
+            for part in m.per_family():
+                if not entry.holds_ports and not part.translatable:
+                    continue  # a CNI runtime publishes each family it has, through DNAT only
+                await self._move_part(part, entry, part_components(part, old), part_components(part, new), sockets)
+                done.append(part)
+        except PortproxyError:
+            for part in reversed(done):
                 try:
-                    await self._remove_component(component)
-                except ControlError as exc:
-                    log.error("rollback of %s %s failed: %s", component[0], component[1], exc)
-            await self._forget_udp_flows([m for kind, m in added if kind == "kernel"], old)
+                    await self._move_part(part, entry, part_components(part, new), part_components(part, old))
+                except PortproxyError as exc:
+                    log.error("undoing the move of %s failed: %s", part, exc)
             raise
-        if any(kind == "kernel" for kind, _ in added) and any(kind == "listener" for kind, _ in to_remove):
-            await asyncio.sleep(SWITCH_GRACE)
-        for component in to_remove:
-            await self._remove_component(component)
-        await self._forget_udp_flows([m for kind, m in to_add + to_remove if kind == "kernel"], new)
 
-    async def _forget_udp_flows(self, mappings: list[Mapping], now: set[Component]) -> None:
+    async def _move_part(self, m: Mapping, entry: Entry, old: set[str], new: set[str],
+                         sockets: dict[int, socket.socket] | None = None) -> None:
+        """Make before break; on a failed step, undo the steps taken and leave ``old`` in place."""
+        if old == new:
+            return
+        undo: list[Callable[[], Any]] = []
+        try:
+            if entry.holds_ports and m not in self.proxy:
+                # First, before any DNAT: a port someone else holds is refused on every path.
+                self.proxy.add(m, sockets=sockets, options=self.proxy_options(entry.settings),
+                               serve=LISTENER in new)
+                undo.append(lambda: self.proxy.remove(m))
+            if KERNEL in new - old:
+                await self._kernel_apply(entry, add=[m])
+                undo.append(lambda: self._kernel_apply(entry, remove=[m]))
+            if LISTENER in new - old and not self.proxy.serving(m):
+                self.proxy.serve(m)
+                undo.append(lambda: self.proxy.hold(m))
+        except PortproxyError:
+            for step in reversed(undo):
+                try:
+                    result = step()
+                    if asyncio.iscoroutine(result):
+                        await result
+                except PortproxyError as exc:
+                    log.error("undoing a step of %s failed: %s", m, exc)
+            raise
+        if KERNEL in new - old and LISTENER in old - new:
+            await asyncio.sleep(SWITCH_GRACE)
+        if LISTENER in old - new and m in self.proxy:
+            if new:
+                self.proxy.hold(m)
+            else:
+                self.proxy.remove(m)
+        if not new and m in self.proxy:
+            self.proxy.remove(m)
+        if KERNEL in old - new:
+            await self._kernel_apply(entry, remove=[m])
+        if KERNEL in old ^ new:
+            await self._forget_udp_flows([m], translated=KERNEL in new)
+
+    async def _forget_udp_flows(self, mappings: list[Mapping], translated: bool) -> None:
         """Delete the port's UDP conntrack entries once the move is complete, so every UDP
-        flow takes the new path (``now``'s). Not earlier: a reply the old listener sends while
-        it is still open would create a fresh untranslated entry, and the client's flow would
+        flow takes the new path. Not earlier: a reply the old listener sends while it is
+        still open would create a fresh untranslated entry, and the client's flow would
         keep arriving at a closed port."""
         udp = [m for m in mappings if m.proto == "udp"]
         if udp:
-            translated = any(kind == "kernel" for kind, _ in now)  # else no DNAT may remain
             try:
                 await self._in_worker(KernelPath.forget_udp_flows, udp, translated)
             except Exception as exc:  # noqa: BLE001 - flows then move when their entries time out
                 log.warning("deleting UDP conntrack entries failed: %s", exc)
 
+    async def _realise(self, m: Mapping, entry: Entry, sockets: dict[int, socket.socket] | None = None) -> bool:
+        """Try to run a mapping that is not running; record the outcome. True if it runs."""
+        try:
+            await self._move(m, entry, set(), components(entry.mode), sockets)
+        except PortproxyError as exc:
+            installed = [p for p in m.per_family() if self._kernel is not None and p in self._kernel.ids]
+            if installed:  # put in by the start's batch
+                try:
+                    await self._kernel_apply(entry, remove=installed)
+                except PortproxyError as undo_exc:
+                    log.error("removing the DNAT of %s failed: %s", m, undo_exc)
+            self._mark_failed(m, entry, str(exc))
+            return False
+        if entry.status == "failed":
+            log.info("%s runs now (%s), after %d failed attempt(s)", m, entry.mode, entry.failures)
+        entry.status, entry.error, entry.failures = "running", None, 0
+        return True
+
+    def _mark_failed(self, m: Mapping, entry: Entry, reason: str) -> None:
+        if entry.error != reason:
+            log.error("%s cannot run: %s (retrying with back-off)", m, reason)
+        entry.status, entry.error = "failed", reason
+        entry.failures += 1
+        entry.retry_at = self.loop.time() + min(RETRY_MAX, RETRY_FIRST * 2 ** (entry.failures - 1))
+
     # --- persistence ----------------------------------------------------------------------
     def _persist(self) -> None:
         if self.store is not None:
-            self.store.save({m: (e.mode, e.source) for m, e in self.entries.items()})
+            self.store.save([SavedEntry(m, e.settings, e.source, e.owner, e.kernel_id)
+                             for m, e in self.entries.items() if e.source in PERSISTED_SOURCES])
 
     async def _commit(self, change: Callable[[], None], undo: Callable[[], Any]) -> None:
         """Record a change in the entries and on disk; if the disk refuses, undo it all."""
@@ -203,7 +276,10 @@ class Controller:
             self._persist()
         except OSError as exc:
             await undo()
-            raise ControlError(500, f"cannot save state: {exc.strerror}") from None
+            raise SystemFailure(f"cannot save state: {exc.strerror}") from None
+        self._changed()
+
+    def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
 
@@ -217,160 +293,214 @@ class Controller:
         if wanted is not None:
             if wanted in self.entries:
                 return wanted
-            raise ControlError(404, f"no mapping {wanted}")
+            raise NotFound(f"no mapping {wanted}")
         port_text, _, proto = name.strip().partition("/")
-        if not port_text.isdigit() or proto not in ("", "tcp", "udp"):
-            raise ControlError(400, f"{name!r} is neither a mapping spec nor HOST_PORT[/PROTO]")
+        if not port_text.isdigit() or len(port_text) > 5 or proto not in ("", "tcp", "udp"):
+            raise BadInput(f"{shorten(name)} is neither a mapping spec nor HOST_PORT[/PROTO]")
         port = int(port_text)
         found = [m for m in self.entries if m.host_port <= port <= m.host_port_end and (not proto or m.proto == proto)]
         if not found:
-            raise ControlError(404, f"no mapping on port {name}")
+            raise NotFound(f"no mapping on port {name}")
         if len(found) > 1:
-            raise ControlError(409, f"port {name} is ambiguous: {', '.join(str(m) for m in found)}")
+            raise Conflict(f"port {name} is ambiguous: {', '.join(str(m) for m in found)}")
         return found[0]
 
-    async def add(self, spec: str, mode: str = "userland", source: str = "api") -> Mapping:
-        try:
-            mapping = parse_spec(spec)
-        except SpecError as exc:
-            raise ControlError(400, str(exc)) from None
-        try:
-            checked_mode = parse_mode(mode, "mode")
-        except Exception as exc:  # noqa: BLE001 - ConfigError with one line
-            raise ControlError(400, str(exc)) from None
+    async def add(self, spec: str | Mapping, settings: Settings | None = None, source: str = "api",
+                  owner: dict[str, str] | None = None, sockets: dict[int, socket.socket] | None = None) -> Mapping:
+        """Add and start a mapping; refused (nothing kept) when it cannot start now."""
+        mapping = spec if isinstance(spec, Mapping) else parse_spec(spec)
+        settings = settings or Settings()
+        owner = validate_owner(owner)
         async with self._lock:
             if mapping in self.entries:
-                raise ControlError(409, f"mapping {mapping} exists already")
+                raise Conflict(f"mapping {mapping} exists already")
             try:
                 check_no_overlap([*self.entries, mapping])
             except SpecError as exc:
-                raise ControlError(409, str(exc)) from None
-            await self._move(set(), components(mapping, checked_mode))
-            await self._commit(lambda: self.entries.__setitem__(mapping, Entry(checked_mode, source)),
-                               lambda: self._undo_add(mapping, checked_mode))
-            log.info("added %s (%s)", mapping, checked_mode)
-            return mapping
+                raise Conflict(str(exc)) from None
+            entry = Entry(settings, source, owner)
+            self._warn_if_not_local(mapping)
+            await self._move(mapping, entry, set(), components(entry.mode), sockets)
+            entry.status = "running"
 
-    async def _undo_add(self, mapping: Mapping, mode: Mode) -> None:
-        self.entries.pop(mapping, None)
-        await self._move(components(mapping, mode), set())
+            def change() -> None:
+                self.entries[mapping] = entry
+
+            async def undo() -> None:
+                self.entries.pop(mapping, None)
+                await self._move(mapping, entry, components(entry.mode), set())
+
+            await self._commit(change, undo)
+            log.info("added %s (%s%s)", mapping, entry.mode, f", {owner['kind']} {owner['id'][:12]}" if owner else "")
+            return mapping
 
     async def remove(self, name: str) -> Mapping:
         async with self._lock:
             mapping = self.resolve(name)
-            entry = self.entries[mapping]
-            await self._move(components(mapping, entry.mode), set())
-            await self._commit(lambda: self.entries.pop(mapping), lambda: self._move(set(), components(mapping, entry.mode)))
-            for m in (mapping, loopback_variant(mapping)):
-                if m is not None:
-                    self.proxy.forget_stats(m)  # its series disappear
-            log.info("removed %s", mapping)
+            await self._remove(mapping)
             return mapping
 
+    async def remove_owned(self, owner_id: str) -> list[Mapping]:
+        """Remove every mapping of one owner (a container); none is fine (DEL is idempotent)."""
+        async with self._lock:
+            owned = [m for m, e in self.entries.items() if e.owner and e.owner.get("id") == owner_id]
+            for mapping in owned:
+                await self._remove(mapping)
+            return owned
+
+    async def _remove(self, mapping: Mapping) -> None:
+        entry = self.entries[mapping]
+        running = components(entry.mode) if entry.status == "running" else set()
+        await self._move(mapping, entry, running, set())
+        await self._commit(lambda: self.entries.pop(mapping), lambda: self._move(mapping, entry, set(), running))
+        for part in mapping.per_family():
+            self.proxy.forget_stats(part)  # its series disappear
+        log.info("removed %s", mapping)
+
     async def switch(self, name: str, mode: str) -> Mapping:
-        try:
-            new_mode = parse_mode(mode, "mode")
-        except Exception as exc:  # noqa: BLE001
-            raise ControlError(400, str(exc)) from None
+        new_mode = schema.check("mode", mode, "mode")
         async with self._lock:
             mapping = self.resolve(name)
             entry = self.entries[mapping]
-            old_mode = entry.mode
-            if old_mode == new_mode:
+            old_settings = entry.settings
+            if old_settings.mode == new_mode:
                 return mapping
-            await self._move(components(mapping, old_mode), components(mapping, new_mode))
+            new_settings = dataclasses.replace(old_settings, mode=new_mode)
+            if entry.status == "running":
+                await self._move(mapping, entry, components(old_settings.mode), components(new_mode))
 
             def change() -> None:
-                entry.mode = new_mode
+                entry.settings = new_settings
 
             async def undo() -> None:
-                entry.mode = old_mode
-                await self._move(components(mapping, new_mode), components(mapping, old_mode))
+                entry.settings = old_settings
+                if entry.status == "running":
+                    await self._move(mapping, entry, components(new_mode), components(old_settings.mode))
 
             await self._commit(change, undo)
-            log.info("switched %s: %s -> %s", mapping, old_mode, new_mode)
+            if entry.status == "failed":
+                entry.retry_at = 0.0  # a failed mapping tries its new mode at once
+            log.info("switched %s: %s -> %s", mapping, old_settings.mode, new_mode)
             return mapping
 
     async def reload(self, config: Config) -> dict[str, list[str]]:
-        """Apply only the difference between the running config mappings and ``config``."""
+        """Apply the difference between the running config mappings and ``config``.
+
+        A mapping that cannot start is kept as failed (and retried), and reported."""
         report: dict[str, list[str]] = {"added": [], "removed": [], "switched": [], "errors": []}
+        changed = [k for k, v in dict(config.options.values).items() if dict(self.options.values).get(k) != v]
+        changed += [k for k in dict(self.options.values) if k not in dict(config.options.values)]
+        if changed:
+            report["restart_required"] = sorted(set(changed))
+            log.warning("reload: [options] %s changed; they take effect at the next restart",
+                        ", ".join(sorted(set(changed))))
         current = {m: e for m, e in self.entries.items() if e.source == "config"}
         for mapping in [m for m in current if m not in config.mappings]:
             await self._record(report, "removed", mapping, self.remove(str(mapping)))
-        for mapping, mode in config.mappings.items():
-            if mapping not in self.entries:
-                await self._record(report, "added", mapping, self.add(str(mapping), mode, source="config"))
-            elif self.entries[mapping].mode != mode:
-                await self._record(report, "switched", mapping, self.switch(str(mapping), mode))
+        for mapping, settings in config.mappings.items():
+            entry = self.entries.get(mapping)
+            if entry is None:
+                await self._record(report, "added", mapping, self._add_desired(mapping, settings))
+            elif entry.settings.overrides != settings.overrides:
+                await self._record(report, "switched", mapping, self._replace(mapping, settings))
+            elif entry.mode != settings.mode:
+                await self._record(report, "switched", mapping, self.switch(str(mapping), settings.mode))
         return report
+
+    async def _add_desired(self, mapping: Mapping, settings: Settings) -> None:
+        """Add a config mapping: kept (as failed, retried) even when it cannot start now."""
+        async with self._lock:
+            try:
+                check_no_overlap([*self.entries, mapping])
+            except SpecError as exc:
+                raise Conflict(str(exc)) from None
+            entry = Entry(settings, "config")
+            self.entries[mapping] = entry
+            ok = await self._realise(mapping, entry)
+            self._changed()
+            if not ok:
+                raise SystemFailure(entry.error or "cannot start")
+
+    async def _replace(self, mapping: Mapping, settings: Settings) -> None:
+        """New per-mapping options: the mapping restarts with them (connections run on)."""
+        await self.remove(str(mapping))
+        await self._add_desired(mapping, settings)
 
     @staticmethod
     async def _record(report: dict[str, list[str]], what: str, mapping: Mapping, op: Any) -> None:
         try:
             await op
             report[what].append(str(mapping))
-        except ControlError as exc:
+        except PortproxyError as exc:
             report["errors"].append(f"{mapping}: {exc}")
             log.error("reload: %s: %s", mapping, exc)
 
     # --- start and stop ---------------------------------------------------------------------------
     async def start(self, config: Config) -> list[str]:
-        """Reconcile: config mappings plus API mappings from the saved state.
+        """Reconcile: config mappings plus API (and CNI) mappings from the saved state.
 
         Kernel mappings go in as one atomic batch that also replaces whatever a crashed
-        run left in the table; then the listeners. A mapping that cannot start is
-        reported (one line each) and left out; the others start.
+        run left in the table (with the ids they had, so live flows keep their counters);
+        then the listeners. A mapping that cannot start is kept as failed, reported (one
+        line each), and retried; the others start. Nothing in the state is ever dropped.
         """
-        saved = self.store.load() if self.store is not None else None
+        saved = self.store.load() if self.store is not None else []
         desired: dict[Mapping, Entry] = {}
-        for mapping, (mode, source) in (saved or {}).items():
-            if source == "api":
-                desired[mapping] = Entry(mode, source)
-        for mapping, mode in config.mappings.items():
-            desired[mapping] = Entry(mode, "config")
+        for item in saved:
+            if item.source in PERSISTED_SOURCES:
+                desired[item.mapping] = Entry(item.settings, item.source, item.owner, kernel_id=item.kernel_id)
+        for mapping, settings in config.mappings.items():
+            saved_id = next((s.kernel_id for s in saved if s.mapping == mapping), None)
+            desired[mapping] = Entry(settings, "config", kernel_id=saved_id)
         try:
             check_no_overlap(list(desired))
         except SpecError as exc:
-            raise ControlError(409, f"saved and configured mappings conflict: {exc}") from None
-        errors: list[str] = []
-        kernel_mappings = [m for m, e in desired.items() if e.mode != "userland"]
+            raise Conflict(f"saved and configured mappings conflict: {exc}") from None
+        self.entries = desired
+        await self._install_kernel_table()
+        for mapping, entry in desired.items():
+            await self._realise(mapping, entry)
+        self._persist()
+        self._tasks = [self.loop.create_task(self._retry_loop()), self.loop.create_task(self._reconcile_loop())]
+        return [f"{m}: {e.error}" for m, e in desired.items() if e.status == "failed"]
+
+    async def _install_kernel_table(self) -> None:
+        """One batch for every kernel mapping at start (replacing a crashed run's table).
+        Mappings that batch cannot take are then tried one by one by ``_realise``."""
+        wanted = [p for m, e in self.entries.items() if e.mode != "userland" for p in m.per_family() if p.translatable]
+        owners = {p: e for m, e in self.entries.items() for p in m.per_family()}
         try:
             kernel = await self._kernel_path()
-            for m in kernel_mappings:
-                check_mapping(m)
-            await self._in_worker(self._install_all, kernel, kernel_mappings)
-        except (ControlError, NftError, SysctlError, HairpinError, KernelMappingError) as exc:
-            # Without kernel mappings this is fine (no CAP_NET_ADMIN, say): nothing to install.
-            for m in kernel_mappings:
-                errors.append(f"{m}: {exc}")
-                desired.pop(m)
-        for mapping, entry in list(desired.items()):
-            for kind, m in components(mapping, entry.mode):
-                if kind == "listener":
-                    try:
-                        self.proxy.add(m)
-                    except ProxyError as exc:
-                        errors.append(f"{mapping}: {exc}")
-                        desired.pop(mapping)
-                        if entry.mode != "userland" and self._kernel is not None:
-                            await self._in_worker(self._kernel.remove, mapping)
-        self.entries = desired
-        self._persist()
-        for error in errors:
-            log.error("not started: %s", error)
-        return errors
+        except PortproxyError as exc:
+            if wanted:
+                log.error("the kernel path is unavailable: %s", exc)
+            return
+        if not wanted:
+            if await self._in_worker(kernel.table_present):
+                await self._in_worker(kernel.teardown)  # left over from a previous run
+            return
+        preferred = {p: owners[p].kernel_id for p in wanted if owners[p].kernel_id}
+        ok = wanted
 
-    def _install_all(self, kernel: KernelPath, mappings: list[Mapping]) -> None:
-        if mappings:
-            ensure(required(mappings, self.options.kernel.route_localnet), self.options.set_sysctls)
-            kernel.install(mappings)
-            kernel.enable_hairpin(mappings)
-            kernel.forget_udp_flows(mappings, translated=True)
-        elif kernel.table_present():
-            kernel.teardown()  # left over from a previous run
+        def install() -> None:
+            kernel.apply(ok, replace=True, set_sysctls=self.options.set_sysctls,
+                         preferred_ids=preferred)  # type: ignore[arg-type]
+            kernel.forget_udp_flows(ok, translated=True)
+
+        try:
+            await self._in_worker(install)
+        except PortproxyError as exc:
+            log.warning("installing the kernel mappings in one batch failed (%s); trying them one by one", exc)
+            return
+        # DNAT is in; _realise then only holds the ports and opens listeners. A mapping whose
+        # ports cannot be held has its DNAT taken out again there.
+        for p in ok:
+            owners[p].kernel_id = kernel.ids.get(p)
 
     async def stop(self, keep_kernel_rules: bool | None = None) -> None:
         """Drain userland connections; remove the kernel table unless told to keep it."""
+        for task in self._tasks:
+            task.cancel()
         keep = self.options.keep_kernel_rules if keep_kernel_rules is None else keep_kernel_rules
         await self.proxy.stop()
         if self._kernel is not None and not keep:
@@ -387,56 +517,145 @@ class Controller:
                 log.error("removing the kernel rules failed: %s", exc)
         self._worker.shutdown(wait=True)
 
-    # --- reading ------------------------------------------------------------------------------------
-    def _userland_stats(self, mapping: Mapping, stats: dict[Mapping, list]) -> list[TcpStats | UdpStats]:
-        """Counter objects of a mapping's listeners, a hybrid's loopback listener included.
+    # --- keeping reality as desired -------------------------------------------------------------
+    async def _retry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_FIRST / 2)
+            now = self.loop.time()
+            due = [(m, e) for m, e in self.entries.items() if e.status == "failed" and e.retry_at <= now]
+            for mapping, entry in due:
+                async with self._lock:
+                    if self.entries.get(mapping) is entry and entry.status == "failed":
+                        if await self._realise(mapping, entry):
+                            self._persist_quietly()
+                            self._changed()
 
-        They are kept per mapping by the proxy, so they also cover connections a retired
-        listener still relays, and never go backwards across switches."""
-        userland = [*stats.get(mapping, [])]
-        loopback = loopback_variant(mapping)
-        if loopback is not None:
-            userland += stats.get(loopback, [])
-        return userland
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL)
+            try:
+                await self.reconcile()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive a bad moment
+                log.error("checking the nft table failed: %s", exc)
+
+    async def reconcile(self) -> None:
+        """Reinstall the nft table if someone deleted or altered it (one line, counted)."""
+        kernel = self._kernel
+        if kernel is None or not kernel.ids:
+            return
+        async with self._lock:
+            problem = await self._in_worker(kernel.health)
+            self.kernel_problem = problem
+            if problem is None:
+                return
+            mappings = list(kernel.ids)
+
+            def reinstall() -> None:
+                kernel.apply(mappings, replace=True, set_sysctls=self.options.set_sysctls,
+                             preferred_ids=dict(kernel.ids))
+
+            try:
+                await self._in_worker(reinstall)
+            except PortproxyError as exc:
+                log.error("%s; reinstalling it failed: %s", problem, exc)
+                return
+            self.reconciles += 1
+            self.kernel_problem = None
+            log.warning("%s; reinstalled it with %d mapping(s)", problem, len(mappings))
+
+    def _persist_quietly(self) -> None:
+        try:
+            self._persist()
+        except OSError as exc:
+            log.error("cannot save state: %s", exc.strerror)
+
+    def _warn_if_not_local(self, mapping: Mapping) -> None:
+        """A host address that is not on this host still binds (IP_FREEBIND, as docker-proxy
+        does), but nothing reaches it until it is configured: say so."""
+        ip = mapping.host_ip
+        if ip is None or ip.is_unspecified:
+            return
+        probe = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind((str(ip), 0))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                log.warning("%s: %s is not an address of this host (yet); nothing reaches it until it is",
+                            mapping, ip)
+        finally:
+            probe.close()
+
+    # --- reading ------------------------------------------------------------------------------------
+    def daemon_counters(self) -> dict[str, int]:
+        """Counters of the daemon itself, for the metrics thread."""
+        repairs = self._kernel.repairs if self._kernel is not None else 0
+        return {"kernel_reconciles": self.reconciles + repairs}
 
     def metrics_snapshot(self) -> list["MappingSnapshot"]:
         """Called on the metrics thread: copies first (the loop thread may be changing things)."""
         from ..metrics.snapshot import KernelCounterReader, MappingSnapshot
 
-        entries = [(m, e.mode) for m, e in list(self.entries.items())]
+        entries = [(m, e.mode, e.status) for m, e in list(self.entries.items())]
         stats = dict(self.proxy.stats)
         kernel_counters = {}
         if self._kernel is not None:
             if self._metrics_reader is None:
                 self._metrics_reader = KernelCounterReader(self.options.kernel)
             kernel_counters = self._metrics_reader.read(dict(self._kernel.ids))
-        return [MappingSnapshot(m, mode, self._userland_stats(m, stats), kernel_counters.get(m)) for m, mode in entries]
+        return [MappingSnapshot(m, mode, [s for p in m.per_family() for s in stats.get(p, [])],
+                                next((kernel_counters[p] for p in m.per_family() if p in kernel_counters), None),
+                                failed=status == "failed")
+                for m, mode, status in entries]
 
     async def describe(self) -> list[dict[str, Any]]:
+        """Every mapping as it is, kernel side read from the kernel (a deleted table shows)."""
         counters = {}
         if self._kernel is not None and self._kernel.ids:
             try:
-                counters = await self._in_worker(self._kernel.counters)
+                self.kernel_problem = await self._in_worker(self._kernel.health)
+                if self.kernel_problem is None:
+                    counters = await self._in_worker(self._kernel.counters)
             except NftError as exc:
                 log.warning("reading kernel counters failed: %s", exc)
         result = []
-        for mapping, entry in sorted(self.entries.items()):
-            item: dict[str, Any] = {"spec": str(mapping), "mode": entry.mode, "source": entry.source}
-            userland = self._userland_stats(mapping, self.proxy.stats)
+        for mapping, entry in sorted(self.entries.items(), key=lambda item: item[0].sort_key()):
+            item: dict[str, Any] = {"spec": str(mapping), "mode": entry.mode, "source": entry.source,
+                                    "status": entry.status}
+            if entry.error:
+                item["error"] = entry.error
+            if entry.owner:
+                item["owner"] = entry.owner
+            if entry.settings.overrides:
+                item["options"] = dict(entry.settings.overrides)
+            parts = mapping.per_family()
+            userland = [s for p in parts for s in self.proxy.stats.get(p, [])]
             tcp = [s for s in userland if isinstance(s, TcpStats)]
             udp = [s for s in userland if isinstance(s, UdpStats)]
             item["userland"] = {
+                "listening": [p.listen_label() for p in parts if self.proxy.serving(p)],
                 "connections": sum(s.active for s in tcp),
                 "accepted": sum(s.accepted for s in tcp),
                 "bytes_to_target": sum(s.bytes[TO_TARGET] for s in tcp) + sum(s.bytes_to_target for s in udp),
                 "bytes_to_client": sum(s.bytes[TO_CLIENT] for s in tcp) + sum(s.bytes_to_client for s in udp),
                 "udp_flows": sum(s.flows_active for s in udp),
             }
-            kernel = counters.get(mapping)
-            if kernel is not None:
-                item["kernel"] = {**dataclasses.asdict(kernel), "packets": kernel.packets, "bytes": kernel.bytes}
+            item["families"] = {f"ipv{p.listen_ip().version}": _served_by(part_components(p, components(entry.mode)))
+                                for p in parts}
+            translated = [p for p in parts if p.translatable]
+            if KERNEL in components(entry.mode) and entry.status == "running" and translated:
+                kernel = counters.get(translated[0])
+                if kernel is not None:
+                    item["kernel"] = {**dataclasses.asdict(kernel), "packets": kernel.packets,
+                                      "bytes": kernel.bytes}
+                else:
+                    item["kernel"] = None
+                    item["kernel_problem"] = self.kernel_problem or "not in the nft table"
             result.append(item)
         return result
 
 
-__all__ = ["Config", "ControlError", "Controller", "Entry", "components", "loopback_variant"]
+def _served_by(parts: set[str]) -> str:
+    return "hybrid" if parts == {LISTENER, KERNEL} else "kernel" if parts == {KERNEL} else "userland"
+
+
+__all__ = ["Config", "Controller", "Entry", "components"]

@@ -1,4 +1,9 @@
-"""``portproxy serve``: wire the controller, the control socket, metrics, systemd and signals together."""
+"""``portproxy serve``: wire the controller, the control socket, metrics, systemd and signals together.
+
+Every failure at start is one line on stderr and a non-zero exit (the error's own
+status), with nothing left behind: no socket unlinked that another daemon owns, no
+DNAT installed by a daemon that then failed to come up.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,18 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..defaults import DEFAULT_CONFIG
+from ..errors import PortproxyError, SystemFailure
 from ..foreground import stop_signal
 from ..metrics import DEFAULT_METRICS_ADDR, MappingCollector, start_metrics_server
 from ..systemd import Notifier, listen_fds
 from .api import PeerPolicy, build_app, serve_api
-from .config import ConfigError, load_config
+from .config import load_config
 from .core import Controller
-from .state import StateError, StateStore
+from .lock import take_lock
+from .state import StateStore
 
 log = logging.getLogger("portproxy")
 
@@ -23,69 +31,64 @@ log = logging.getLogger("portproxy")
 def summary(controller: Controller) -> str:
     """One line for STATUS= and the ready line: how many mappings on which path."""
     modes = [e.mode for e in controller.entries.values()]
+    failed = sum(1 for e in controller.entries.values() if e.status == "failed")
     parts = ", ".join(f"{modes.count(m)} {m}" for m in ("userland", "kernel", "hybrid") if modes.count(m))
-    return f"{len(modes)} mapping(s){': ' + parts if parts else ''}; {controller.proxy.connection_count()} connection(s)"
+    return (f"{len(modes)} mapping(s){': ' + parts if parts else ''}{f', {failed} failed' if failed else ''}; "
+            f"{controller.proxy.connection_count()} connection(s)")
 
 
 async def run_serve(config_path: Path, state_dir: Path, socket_path: Path, metrics_arg: str | None = "config") -> int:
+    try:
+        return await _serve(config_path, state_dir, socket_path, metrics_arg)
+    except PortproxyError as exc:
+        print(f"portproxy: {exc}", file=sys.stderr)
+        return exc.exit_status
+
+
+async def _serve(config_path: Path, state_dir: Path, socket_path: Path, metrics_arg: str | None) -> int:
     loop = asyncio.get_running_loop()
     notifier = Notifier()
-    passed = listen_fds()
-    try:
-        config = load_config(config_path, missing_ok=config_path == DEFAULT_CONFIG)
-        policy = PeerPolicy(config.options.socket_group)
-    except ConfigError as exc:
-        print(f"portproxy: {exc}", file=sys.stderr)
-        return 2
-    except KeyError:
-        print(f"portproxy: socket group {config.options.socket_group!r} does not exist", file=sys.stderr)
-        return 2
-    stop = stop_signal()
-    controller = Controller(loop, config.options, StateStore(state_dir))
-    for sock in passed:
-        proto, ip, port = controller.proxy.adopt(sock)
-        log.info("adopted a passed %s socket on %s port %d", proto, ip, port)
-    try:
-        errors = await controller.start(config)
-    except StateError as exc:
-        print(f"portproxy: {exc}", file=sys.stderr)
-        return 1
-    unused = [key for key, sock in controller.proxy.adopted.items()
-              if not any(listener.sock is sock for group in controller.proxy.listeners.values() for listener in group)]
-    for proto, ip, port in unused:
-        log.warning("a passed %s socket on %s port %d matches no mapping; it stays idle", proto, ip, port)
-
-    async def reload() -> dict:
-        notifier.reloading()
-        try:
-            new = load_config(config_path, missing_ok=config_path == DEFAULT_CONFIG)
-        except ConfigError as exc:
-            log.error("reload refused: %s", exc)
-            notifier.ready(summary(controller))
-            return {"error": str(exc)}
-        report = await controller.reload(new)
-        log.info("reloaded %s: %s", config_path, {k: len(v) for k, v in report.items()})
-        notifier.ready(summary(controller))
-        return report
-
+    config = load_config(config_path, missing_ok=config_path == DEFAULT_CONFIG)
+    policy = PeerPolicy(config.options.socket_group)
+    _locks = [take_lock(socket_path.with_name(socket_path.name + ".lock"), f"the control socket {socket_path}"),
+             take_lock(state_dir / "lock", f"the state directory {state_dir}")]
+    store = StateStore(state_dir)
+    store.load()  # unreadable state: refuse now, before anything runs (and never overwrite it)
     metrics_addr = (config.options.metrics_addr or DEFAULT_METRICS_ADDR) if metrics_arg == "config" else metrics_arg
-    runner = None
+    if metrics_addr == "off":
+        metrics_addr = None
+    stop = stop_signal()
+    controller = Controller(loop, config.options, store)
+    runner = metrics = None
     try:
-        runner = await serve_api(build_app(controller, reload, policy), socket_path, config.options.socket_group)
-        metrics = start_metrics_server(metrics_addr, MappingCollector(controller.metrics_snapshot)) \
-            if metrics_addr else None
-    except OSError as exc:
-        where = metrics_addr if runner is not None else socket_path
-        print(f"portproxy: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
+        # Everything that can refuse for a reason of its own comes before the mappings start.
+        runner = await _serve_api(controller, policy, socket_path, config.options.socket_group,
+                                  lambda: reload(controller, config_path, notifier))
+        if metrics_addr:
+            metrics = _start_metrics(metrics_addr, controller)
+        for sock in listen_fds():
+            proto, ip, port = controller.proxy.adopt(sock)
+            log.info("adopted a passed %s socket on %s port %d", proto, ip, port)
+        errors = await controller.start(config)
+    except BaseException:
         if runner is not None:
             await runner.cleanup()
+            socket_path.unlink(missing_ok=True)
+        if metrics is not None:
+            metrics[0].shutdown()
         await controller.stop(keep_kernel_rules=True)
-        return 1
+        raise
+    for error in errors:
+        log.error("not running: %s", error)
     controller.on_change = lambda: notifier.status(summary(controller))
-    reloads: list[asyncio.Task] = []
-    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.append(loop.create_task(reload())))
-    if errors:
-        log.error("%d mapping(s) could not start", len(errors))
+    reloads: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload(controller, config_path, notifier))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     # Every configured mapping that could start is accepting now: tell systemd, then the user.
     notifier.ready(summary(controller))
     print(f"ready {summary(controller)}; control socket {socket_path}", flush=True)
@@ -100,11 +103,44 @@ async def run_serve(config_path: Path, state_dir: Path, socket_path: Path, metri
     if metrics is not None:
         metrics[0].shutdown()
     await controller.stop()
-    try:
-        socket_path.unlink()
-    except FileNotFoundError:
-        pass
+    socket_path.unlink(missing_ok=True)
     return 0
+
+
+async def reload(controller: Controller, config_path: Path, notifier: Notifier) -> dict[str, Any]:
+    """SIGHUP and POST /v1/reload: re-read the config, apply the difference, report.
+
+    Whatever happens, RELOADING=1 is followed by READY=1, and every failure is logged
+    (a task nobody awaits must not swallow it)."""
+    notifier.reloading()
+    try:
+        new = load_config(config_path, missing_ok=config_path == DEFAULT_CONFIG)
+        report = await controller.reload(new)
+    except PortproxyError as exc:
+        log.error("reload refused: %s", exc)
+        return {"errors": [str(exc)], "status": exc.http_status}
+    except Exception as exc:  # noqa: BLE001 - a reload must never die silently
+        log.exception("reload failed")
+        return {"errors": [f"internal error: {exc}"]}
+    finally:
+        notifier.ready(summary(controller))
+    counts = {k: len(v) for k, v in report.items()}
+    (log.error if report.get("errors") else log.info)("reloaded %s: %s", config_path, counts)
+    return report
+
+
+async def _serve_api(controller: Controller, policy: PeerPolicy, path: Path, group: str | None, reload_fn: Any):
+    try:
+        return await serve_api(build_app(controller, reload_fn, policy), path, group)
+    except OSError as exc:
+        raise SystemFailure(f"cannot listen on {path}: {exc.strerror}") from None
+
+
+def _start_metrics(addr: str, controller: Controller) -> Any:
+    try:
+        return start_metrics_server(addr, MappingCollector(controller.metrics_snapshot, controller.daemon_counters))
+    except OSError as exc:
+        raise SystemFailure(f"cannot serve metrics on {addr}: {exc.strerror}") from None
 
 
 def _start_watchdog(loop: asyncio.AbstractEventLoop, notifier: Notifier) -> asyncio.Task | None:

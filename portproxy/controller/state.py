@@ -2,23 +2,37 @@
 
 temp file in the same directory → fsync → rename over the old file → fsync the
 directory. A crash at any point leaves either the old or the new state, never a
-torn file.
+torn file. A state file that cannot be read is never overwritten: the daemon refuses
+to start with one line naming it, so nothing an operator added is lost to a bad moment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from ..spec import Mapping, SpecError, parse_spec
-from .config import MODES, Mode
+from ..errors import BadInput, SystemFailure
+from ..spec import Mapping
+from .config import Settings, parse_mapping_entry
 
 STATE_FILE = "state.json"
+VERSION = 2
 
 
-class StateError(Exception):
+class StateError(SystemFailure):
     """The state file is unreadable; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedEntry:
+    mapping: Mapping
+    settings: Settings
+    source: str
+    owner: dict[str, str] | None = None
+    kernel_id: int | None = None
 
 
 class StateStore:
@@ -26,34 +40,46 @@ class StateStore:
         self.directory = directory
         self.path = directory / STATE_FILE
 
-    def load(self) -> dict[Mapping, tuple[Mode, str]] | None:
-        """Saved mappings with (mode, source), or None when there is no state yet."""
+    def load(self) -> list[SavedEntry]:
+        """Saved mappings (none when there is no state yet); StateError for anything unreadable."""
         try:
             raw = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
+            return []
+        except (OSError, ValueError, RecursionError) as exc:
             raise StateError(f"{self.path}: cannot read state: {exc}") from None
-        result: dict[Mapping, tuple[Mode, str]] = {}
-        for entry in raw.get("mappings", []):
+        if not isinstance(raw, dict) or not isinstance(raw.get("mappings", []), list):
+            raise StateError(f"{self.path}: not a portproxy state file (expected an object with 'mappings')")
+        result = []
+        for i, item in enumerate(raw.get("mappings", [])):
+            where = f"{self.path}: entry #{i + 1}"
+            if not isinstance(item, dict):
+                raise StateError(f"{where}: not an object")
+            body = {"spec": item.get("spec"), "mode": item.get("mode", "userland"), **item.get("options", {})}
             try:
-                mapping = parse_spec(entry["spec"])
-            except (SpecError, KeyError, TypeError) as exc:
-                raise StateError(f"{self.path}: bad entry {entry!r}: {exc}") from None
-            mode = entry.get("mode", "userland")
-            if mode not in MODES:
-                raise StateError(f"{self.path}: bad mode in {entry!r}")
-            result[mapping] = (mode, entry.get("source", "api"))
+                mapping, settings = parse_mapping_entry(body, where)
+            except BadInput as exc:
+                raise StateError(str(exc)) from None
+            kernel_id = item.get("id")
+            result.append(SavedEntry(mapping, settings, str(item.get("source", "api")), _owner(item.get("owner")),
+                                     kernel_id if isinstance(kernel_id, int) else None))
         return result
 
-    def save(self, mappings: dict[Mapping, tuple[Mode, str]]) -> None:
+    def save(self, entries: list[SavedEntry]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        data = {"version": 1, "mappings": [
-            {"spec": str(m), "mode": mode, "source": source} for m, (mode, source) in sorted(mappings.items())
-        ]}
+        items: list[dict[str, Any]] = []
+        for e in sorted(entries, key=lambda e: e.mapping.sort_key()):
+            item: dict[str, Any] = {"spec": str(e.mapping), "mode": e.settings.mode, "source": e.source}
+            if e.settings.overrides:
+                item["options"] = dict(e.settings.overrides)
+            if e.owner:
+                item["owner"] = e.owner
+            if e.kernel_id:
+                item["id"] = e.kernel_id
+            items.append(item)
         tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
+            json.dump({"version": VERSION, "mappings": items}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -62,3 +88,9 @@ class StateStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _owner(raw: Any) -> dict[str, str] | None:
+    if isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values()):
+        return {str(k): v for k, v in raw.items()}
+    return None

@@ -43,6 +43,7 @@ import dataclasses
 import ipaddress
 from typing import Any, Iterable, Iterator
 
+from ..errors import BadInput
 from ..spec import Mapping
 
 TABLE = "portproxy"
@@ -65,19 +66,17 @@ class KernelOptions:
     table: str = TABLE
 
 
-class KernelMappingError(ValueError):
+class KernelMappingError(BadInput):
     """A mapping the kernel path cannot express (the message says why)."""
 
 
 def check_mapping(m: Mapping) -> None:
     """Refuse what DNAT cannot do, rather than install a rule that never matches."""
-    if m.host_ip is not None and not m.host_ip.is_unspecified and m.host_ip.version != m.family:
+    if not m.translatable:
         raise KernelMappingError(
-            f"mapping {m}: the kernel path cannot translate between IPv{m.host_ip.version} and IPv{m.family} "
-            "(use the userland path)"
+            f"mapping {m}: the kernel path cannot translate between IPv{m.listen_ip().version} and IPv{m.family} "
+            "(that family is served by the userland path)"
         )
-    if m.dual_stack and m.family == 4:
-        raise KernelMappingError(f"mapping {m}: a dual-stack [::] listener with an IPv4 target needs the userland path")
 
 
 # --- expression helpers --------------------------------------------------------------
@@ -363,3 +362,40 @@ def parse_counters(outputs: list[dict]) -> tuple[dict[int, int], dict[str, dict[
                     traffic[container["name"]][elem["elem"]["val"]] = (counter.get("packets", 0),
                                                                        counter.get("bytes", 0))
     return connections, traffic
+
+
+# --- checking what the kernel has --------------------------------------------------------
+
+def chain_names(opts: KernelOptions) -> list[str]:
+    """Every chain of the table, in skeleton order."""
+    return [c["add"]["chain"]["name"] for c in table_skeleton(opts) if "chain" in c.get("add", {})]
+
+
+def list_chain(opts: KernelOptions, name: str) -> Json:
+    """Read one chain with its rules (libnftables takes one list command per call)."""
+    return batch([{"list": {"chain": {**_t(opts), "name": name}}}])
+
+
+def expected_rule_counts(opts: KernelOptions) -> dict[str, int]:
+    counts = dict.fromkeys(chain_names(opts), 0)
+    for command in table_skeleton(opts):
+        rule = command.get("add", {}).get("rule")
+        if rule is not None:
+            counts[rule["chain"]] += 1
+    return counts
+
+
+def count_rules(output: dict) -> int:
+    return sum(1 for item in output.get("nftables", []) if "rule" in item)
+
+
+def skeleton_difference(found: dict[str, int | None], opts: KernelOptions) -> str | None:
+    """What differs between the chains read from the kernel (rule counts, None for a
+    missing chain) and the skeleton portproxy installs; None when nothing does."""
+    for name, expected in expected_rule_counts(opts).items():
+        count = found.get(name)
+        if count is None:
+            return f"chain {name} of the nft table {opts.table} is missing"
+        if count != expected:
+            return f"chain {name} of the nft table {opts.table} has {count} rule(s), not {expected}"
+    return None

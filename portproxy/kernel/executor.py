@@ -7,15 +7,41 @@ after :meth:`Nft.apply` returned. Calls block; run them off the data-plane loop.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import threading
 from typing import Any
 
+from ..errors import SystemFailure, Unavailable
 from .builders import Json, batch
 
 
-class NftError(Exception):
-    """libnftables refused a batch or is unusable; the message is one readable line."""
+class NftError(SystemFailure):
+    """libnftables refused a batch; the message is one readable line."""
+
+
+class NftUnavailable(NftError, Unavailable):
+    """libnftables cannot be used here at all (no CAP_NET_ADMIN, no library)."""
+
+    http_status = 503
+
+
+def release_memory() -> None:
+    """Give freed heap back to the system after a large batch.
+
+    A range of 65,535 ports is a few hundred MB of JSON on its way through
+    libnftables; glibc keeps that arena after it is freed unless asked."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+LARGE_BATCH = 2000
+
+
+def _element_count(commands: list[Json]) -> int:
+    return sum(len(body.get("element", {}).get("elem", ())) for c in commands for body in c.values())
 
 
 def _first_error_line(text: str) -> str:
@@ -48,15 +74,15 @@ class Nft:
     def __init__(self) -> None:
         # Checked first: without it libnftables also prints its own complaint to stderr.
         if not has_capability(CAP_NET_ADMIN):
-            raise NftError("the kernel path needs CAP_NET_ADMIN to manage nftables rules (run as root or grant it)")
+            raise NftUnavailable("the kernel path needs CAP_NET_ADMIN to manage nftables rules (run as root or grant it)")
         try:
             import nftables
         except ImportError as exc:
-            raise NftError(f"the nftables Python bindings are missing ({exc}); install pip-nftables") from None
+            raise NftUnavailable(f"the nftables Python bindings are missing ({exc}); install pip-nftables") from None
         try:
             ctx = nftables.Nftables()
         except OSError as exc:
-            raise NftError(f"libnftables cannot be loaded ({exc}); install Debian's libnftables1") from None
+            raise NftUnavailable(f"libnftables cannot be loaded ({exc}); install Debian's libnftables1") from None
         ctx.set_json_output(True)
         ctx.set_handle_output(False)
         self._ctx = ctx
@@ -66,6 +92,8 @@ class Nft:
         """Run ``commands`` as one atomic batch; raise NftError with nft's reason."""
         with self._lock:
             rc, output, error = self._ctx.json_cmd(batch(commands))
+        if _element_count(commands) > LARGE_BATCH:
+            release_memory()
         if rc != 0:
             reason = _first_error_line(error or output or "")
             if "Operation not permitted" in (error or ""):

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import socket
 
+from ..errors import SystemFailure
 from ..spec import Mapping
 
 log = logging.getLogger("portproxy.kernel")
 
 
-class HairpinError(Exception):
+class HairpinError(SystemFailure):
     """Hairpin mode could not be set; the message is one line."""
 
 

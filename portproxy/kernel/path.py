@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Iterable
 
 from ..spec import Mapping
-from . import builders, conntrack, hairpin
+from . import builders, conntrack, hairpin, sysctls
 from .builders import KernelOptions, MAX_MAPPING_ID, check_mapping
 from .executor import Nft, NftError
 
@@ -39,16 +40,30 @@ class KernelCounters:
 
 
 class KernelPath:
+    """portproxy's nft table in this namespace, changed only through :meth:`apply`."""
+
     def __init__(self, opts: KernelOptions | None = None, nft: Nft | None = None) -> None:
         self.opts = opts or KernelOptions()
         self._nft = nft or Nft()
         self.ids: dict[Mapping, int] = {}
+        self.repairs = 0
+        """Times a change found the table deleted or altered and rewrote it whole."""
 
     # --- ids -------------------------------------------------------------------
-    def _allocate_ids(self, mappings: list[Mapping], taken: set[int]) -> dict[Mapping, int]:
+    def _allocate_ids(self, mappings: list[Mapping], taken: set[int],
+                      preferred: dict[Mapping, int] | None = None) -> dict[Mapping, int]:
+        """Ids for new mappings: the preferred one (kept across restarts, so live flows'
+        conntrack marks stay charged to the same mapping) when free, else the lowest free."""
         ids: dict[Mapping, int] = {}
+        for m in mappings:
+            wanted = (preferred or {}).get(m)
+            if wanted is not None and 0 < wanted <= MAX_MAPPING_ID and wanted not in taken:
+                ids[m] = wanted
+                taken.add(wanted)
         next_id = 1
         for m in mappings:
+            if m in ids:
+                continue
             while next_id in taken:
                 next_id += 1
             if next_id > MAX_MAPPING_ID:
@@ -57,33 +72,71 @@ class KernelPath:
             taken.add(next_id)
         return ids
 
-    # --- changes ------------------------------------------------------------------
+    # --- the one transaction ----------------------------------------------------------
+    def apply(self, add: Iterable[Mapping] = (), remove: Iterable[Mapping] = (), *, set_sysctls: bool = False,
+              replace: bool = False, preferred_ids: dict[Mapping, int] | None = None,
+              forget_udp: bool = False) -> None:
+        """The one kernel transaction: sysctls → nft batch → hairpin → conntrack.
+
+        Every caller (``portproxy map --mode kernel``, the daemon's start, add, switch,
+        reload and reconcile) goes through here, with one rollback: if a step fails, the
+        nft batch is undone and the bookkeeping is as before. ``replace`` rewrites the
+        whole table with the result (start, reconcile); otherwise the change is
+        incremental, falling back to a full rewrite when the table has gone (someone
+        ran ``nft flush ruleset``). ``forget_udp`` deletes the changed ports' stale UDP
+        conntrack entries at the end (the daemon does that itself once a move is over).
+        Blocks on netlink: call from the worker thread.
+        """
+        remove_list = [m for m in dict.fromkeys(remove) if m in self.ids]
+        add_list = [m for m in dict.fromkeys(add) if m not in self.ids or replace]
+        for m in add_list:
+            check_mapping(m)
+        kept = {m: i for m, i in self.ids.items() if m not in remove_list and m not in add_list}
+        sysctls.ensure(sysctls.required(add_list, self.opts.route_localnet), set_sysctls)
+        new_ids = self._allocate_ids(add_list, set(kept.values()), {**self.ids, **(preferred_ids or {})})
+        desired = {**kept, **new_ids}
+        old = dict(self.ids)
+        problem = None if replace or not old else self.health()
+        if replace or not old or problem:
+            if problem:
+                self.repairs += 1
+                log.warning("%s; reinstalled it with %d mapping(s)", problem, len(desired))
+            self._nft.apply(builders.full_table(desired.items(), self.opts))
+        else:
+            commands = []
+            for m in remove_list:
+                shared = any(other.target_ip == m.target_ip for other in desired)
+                commands += builders.remove_mapping(m, old[m], self.opts, target_still_used=shared)
+            for m in add_list:
+                commands += builders.add_mapping(m, new_ids[m], self.opts)
+            if commands:
+                self._nft.apply(commands)
+        self.ids = desired
+        try:
+            hairpin.enable_for(add_list)
+        except BaseException:
+            self._undo(old)
+            raise
+        if forget_udp:
+            self.forget_udp_flows(add_list, translated=True)
+            self.forget_udp_flows(remove_list, translated=False)
+
+    def _undo(self, old: dict[Mapping, int]) -> None:
+        try:
+            self._nft.apply(builders.full_table(old.items(), self.opts) if old else builders.delete_table(self.opts))
+            self.ids = old
+        except NftError as exc:
+            log.error("rolling back the nft table failed: %s", exc)
+
     def install(self, mappings: list[Mapping]) -> None:
         """Replace the whole table with exactly ``mappings`` in one atomic batch."""
-        for m in mappings:
-            check_mapping(m)
-        ids = self._allocate_ids(list(dict.fromkeys(mappings)), set())
-        self._nft.apply(builders.full_table(ids.items(), self.opts))
-        self.ids = ids
+        self.apply(mappings, replace=True)
 
     def add(self, mapping: Mapping) -> None:
-        if mapping in self.ids:
-            return
-        if not self.ids and not self.table_present():
-            self.install([mapping])
-            return
-        check_mapping(mapping)
-        ids = self._allocate_ids([mapping], set(self.ids.values()))
-        self._nft.apply(builders.add_mapping(mapping, ids[mapping], self.opts))
-        self.ids.update(ids)
+        self.apply([mapping])
 
     def remove(self, mapping: Mapping) -> None:
-        mapping_id = self.ids.get(mapping)
-        if mapping_id is None:
-            return
-        shared = any(other.target_ip == mapping.target_ip for other in self.ids if other != mapping)
-        self._nft.apply(builders.remove_mapping(mapping, mapping_id, self.opts, target_still_used=shared))
-        del self.ids[mapping]
+        self.apply(remove=[mapping])
 
     def teardown(self) -> None:
         """Delete the table (and everything in it)."""
@@ -91,7 +144,29 @@ class KernelPath:
         self.ids = {}
 
     def table_present(self) -> bool:
-        return self._nft.table_exists(builders.FAMILY, self.opts.table)
+        """Whether the table is there (read through its dispatch chain: listing the table
+        itself would return every map element)."""
+        try:
+            self._nft.query(builders.list_chain(self.opts, "dispatch"))
+        except NftError:
+            return False
+        return True
+
+    def health(self) -> str | None:
+        """Why the table in the kernel is not the one portproxy installed (deleted, a chain
+        flushed or removed), or None when it is. A few small reads (chains and their rules,
+        never the map elements), cheap enough to run every few seconds."""
+        if not self.ids:
+            return None
+        if not self.table_present():
+            return f"the nft table {self.opts.table} is missing"
+        found: dict[str, int | None] = {}
+        for name in builders.chain_names(self.opts):
+            try:
+                found[name] = builders.count_rules(self._nft.query(builders.list_chain(self.opts, name)))
+            except NftError:
+                found[name] = None
+        return builders.skeleton_difference(found, self.opts)
 
     # --- side effects the rules need -------------------------------------------------
     @staticmethod

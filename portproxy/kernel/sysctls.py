@@ -5,6 +5,7 @@ Paths are read from /proc/sys of the calling thread's network namespace.
 
 from __future__ import annotations
 
+from ..errors import SystemFailure
 from ..spec import Mapping
 
 FORWARD_V4 = "net/ipv4/ip_forward"
@@ -59,5 +60,5 @@ def ensure(keys: list[str], set_them: bool) -> list[str]:
     return off
 
 
-class SysctlError(Exception):
+class SysctlError(SystemFailure):
     """A required sysctl is off; the message is one line naming it."""

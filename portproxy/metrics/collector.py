@@ -25,8 +25,10 @@ MODES = ("userland", "kernel", "hybrid")
 
 
 class MappingCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Iterable[MappingSnapshot]]) -> None:
+    def __init__(self, snapshot: Callable[[], Iterable[MappingSnapshot]],
+                 daemon_counters: Callable[[], dict[str, int]] | None = None) -> None:
         self._snapshot = snapshot
+        self._daemon_counters = daemon_counters
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -37,8 +39,16 @@ class MappingCollector(Collector):
         build = GaugeMetricFamily("portproxy_build_info", "portproxy build information", labels=["version"])
         build.add_metric([__version__], 1)
         yield build
+        if self._daemon_counters is not None:
+            counters = self._daemon_counters()
+            reconciles = CounterMetricFamily("portproxy_kernel_reconciles",
+                                             "Times the nft table was found deleted or altered and reinstalled")
+            reconciles.add_metric([], counters.get("kernel_reconciles", 0))
+            yield reconciles
 
         mode = GaugeMetricFamily("portproxy_mapping_mode", "1 for the path a mapping runs on", labels=BASE + ["mode"])
+        failed = GaugeMetricFamily("portproxy_mapping_failed",
+                                   "1 while a desired mapping cannot run (it is retried with back-off)", labels=BASE)
         accepted = CounterMetricFamily("portproxy_connections", "Connections (TCP) or flows (kernel UDP) accepted",
                                        labels=BASE + ["path"])
         active = GaugeMetricFamily("portproxy_connections_active", "TCP connections being relayed by the proxy",
@@ -63,6 +73,7 @@ class MappingCollector(Collector):
             labels = list(mapping_labels(snap.mapping))
             for name in MODES:
                 mode.add_metric(labels + [name], 1 if snap.mode == name else 0)
+            failed.add_metric(labels, 1 if snap.failed else 0)
             tcp = [s for s in snap.userland if isinstance(s, TcpStats)]
             udp = [s for s in snap.userland if isinstance(s, UdpStats)]
             if snap.mode != "kernel" or tcp or udp:
@@ -75,7 +86,7 @@ class MappingCollector(Collector):
                 traffic.add_metric(labels + ["kernel", "to_client"], k.bytes_to_client)
                 packets.add_metric(labels + ["to_target"], k.packets_to_target)
                 packets.add_metric(labels + ["to_client"], k.packets_to_client)
-        yield from (mode, accepted, active, traffic, packets, failures, accept_errors, latency, flows_active,
+        yield from (mode, failed, accepted, active, traffic, packets, failures, accept_errors, latency, flows_active,
                     flows, datagrams)
 
     @staticmethod

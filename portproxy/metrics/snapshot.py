@@ -11,7 +11,7 @@ from ..spec import Mapping, format_endpoint
 
 def mapping_labels(m: Mapping) -> tuple[str, str, str]:
     """(proto, listen, target): the labels of every series of a mapping. Never a client address."""
-    return (m.proto, format_endpoint(m.listen_ip(), m.host_port, m.host_port_end),
+    return (m.proto, m.listen_label(),
             format_endpoint(m.target_ip, m.target_port, m.target_port_end))
 
 
@@ -22,6 +22,8 @@ class MappingSnapshot:
     userland: list[TcpStats | UdpStats]
     """The counter objects of the mapping's listeners (per port; a hybrid's loopback ones too)."""
     kernel: KernelCounters | None
+    failed: bool = False
+    """The mapping is desired but not running (its last attempt failed; it is retried)."""
 
 
 class KernelCounterReader:

@@ -19,6 +19,7 @@ import logging
 import socket
 from typing import cast
 
+from ..errors import Conflict
 from ..spec import Mapping, format_endpoint
 from .listener import Listener
 from .options import ProxyOptions
@@ -31,7 +32,7 @@ from .udp import UdpListener
 log = logging.getLogger("portproxy.proxy")
 
 
-class ProxyError(Exception):
+class ProxyError(Conflict):
     """A mapping could not be started; the message is one readable line."""
 
 
@@ -65,7 +66,8 @@ def bind_socket(mapping: Mapping, port: int, backlog: int) -> socket.socket:
         if mapping.proto == "tcp":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if mapping.dual_stack else 1)
+            # IPv6 only, as docker-proxy's [::] listener: IPv4 has a socket of its own.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if mapping.host_ip is not None and not mapping.host_ip.is_unspecified:
             # Like docker-proxy, allow binding an address that is not (yet) configured.
             sock.setsockopt(socket.SOL_IP, getattr(socket, "IP_FREEBIND", 15), 1)
@@ -138,6 +140,8 @@ class ProxyServer:
         docker-proxy's -use-listen-fd); the other ports are bound here. ``options``
         override the server's for this mapping's listeners.
         """
+        if mapping.host_ip is None:
+            raise ValueError("ProxyServer.add takes one family at a time: Mapping.per_family()")
         if mapping in self.listeners:
             raise ProxyError(f"mapping {mapping} is already running")
         options = options or self.options

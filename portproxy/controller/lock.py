@@ -1,0 +1,38 @@
+"""One daemon per control socket and per state directory: an flock'ed file beside each.
+
+A second ``portproxy serve`` with the same ``--socket`` used to unlink the live
+daemon's socket before failing on something else, leaving the first one running but
+unreachable. Now the lock is taken before anything is touched, and a second daemon
+refuses with one line naming the pid that holds it. The lock goes with the process
+(however it dies), so a stale lock file never blocks a restart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from ..errors import Conflict, SystemFailure
+
+
+class AlreadyRunning(Conflict):
+    pass
+
+
+def take_lock(path: Path, what: str) -> int:
+    """Lock ``path`` (created if needed) for this process's life; return the fd to keep."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise SystemFailure(f"cannot create {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AlreadyRunning(f"another portproxy serve (pid {holder}) is using {what}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
