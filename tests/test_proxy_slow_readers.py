@@ -30,7 +30,7 @@ def _queued(sock: socket.socket) -> int:
 
 
 def test_target_buffer_stays_small_until_the_client_reads(topo: SeedTopology) -> None:
-    mapping = parse_spec(f"9360:{topo.container_ip}:8090")
+    mapping = parse_spec(f"0.0.0.0:9360:{topo.container_ip}:8090")
 
     async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
