@@ -23,7 +23,7 @@ from typing import Callable
 
 from ..netns import Namespace, SeedTopology
 from ..proxy.options import congestion_control_error
-from .procfs import default_congestion_control
+from .procfs import default_congestion_control, descendants
 
 Forward = tuple[int, int, str]
 """(host port, container port, "tcp" | "udp")"""
@@ -42,7 +42,12 @@ class Running:
     cleanup: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     def stop(self) -> None:
-        """Stop every process *group*: socat's per-peer children outlive their parent."""
+        """Stop every process *group*: socat's per-peer children outlive their parent.
+
+        Returns once they are all gone: children busy with full socket buffers took a
+        few seconds after SIGKILL, and the next measurement (or a test counting the
+        tools' processes) must not see them."""
+        children = [child for proc in self.procs for child in descendants(proc.pid)]
         for proc in self.procs:
             _signal_group(proc, signal.SIGTERM)
         for proc in self.procs:
@@ -52,8 +57,20 @@ class Running:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
             _signal_group(proc, signal.SIGKILL)  # whatever of the group is left
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
         for step in self.cleanup:
             step()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not yet a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _signal_group(proc: subprocess.Popen, signum: int) -> None:

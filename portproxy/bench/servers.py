@@ -31,6 +31,7 @@ SOCKPERF_TCP = Service("sockperf-tcp", 11111, ("tcp",))
 SOCKPERF_UDP = Service("sockperf-udp", 11112, ("udp",))
 HTTP = Service("nginx", 8080, ("tcp",))
 SINK = Service("idle-sink", 7000, ("tcp",))
+FIREHOSE = Service("firehose", 7001, ("tcp",))
 SERVICES = (IPERF, SOCKPERF_TCP, SOCKPERF_UDP, HTTP)
 
 NGINX_CONF = """\

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 
 from typing import TYPE_CHECKING
 
@@ -35,21 +36,32 @@ def _run(ns: Namespace, argv: list[str], timeout: float) -> str:
 
 # --- iperf3 ------------------------------------------------------------------------------------
 def iperf(ns: Namespace, host: str, port: int, seconds: float, parallel: int = 1,
-          udp_rate: str | None = None, length: int | None = None) -> dict:
-    """One iperf3 client run (JSON report)."""
+          udp_rate: str | None = None, length: int | None = None, reverse: bool = False) -> dict:
+    """One iperf3 client run (JSON report); ``reverse``: the server sends (``-R``)."""
     argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(max(1, round(seconds))), "-J", "-P", str(parallel)]
+    if reverse:
+        argv.append("-R")
     if udp_rate:
         argv += ["-u", "-b", udp_rate]
     if length:
         argv += ["-l", str(length)]
-    out = _run(ns, argv, seconds + 60)
-    try:
-        result = json.loads(out)
-    except json.JSONDecodeError:
-        raise ToolError(f"iperf3 printed no JSON: {out[:200]!r}") from None
+    for attempt in range(_BUSY_RETRIES + 1):
+        out = _run(ns, argv, seconds + 60)
+        try:
+            result = json.loads(out)
+        except json.JSONDecodeError:
+            raise ToolError(f"iperf3 printed no JSON: {out[:200]!r}") from None
+        if "server is busy" not in result.get("error", "") or attempt == _BUSY_RETRIES:
+            break
+        # The server still winds down the previous test (after -R it is the sender, and
+        # finishes last): it takes one test at a time.
+        time.sleep(0.5)
     if "error" in result:
         raise ToolError(f"iperf3 to {host}:{port}: {result['error']}")
     return result
+
+
+_BUSY_RETRIES = 10
 
 
 def tcp_stream(result: dict) -> tuple[float, float]:
