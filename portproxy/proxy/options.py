@@ -29,6 +29,13 @@ class ProxyOptions:
     """TCP congestion control for the connections to the target (TCP_CONGESTION);
     None keeps the system default. A target on a local bridge has no bottleneck to
     probe: on a host whose default is bbr, "cubic" spares that leg bbr's pacing."""
+    proxy_protocol: str | None = None
+    """"v1" or "v2": write a PROXY protocol header with the client's address on each TCP
+    connection to the target, before any payload (see proxy_protocol); None: no header."""
+    source: str = "host"
+    """"host": connect to the target from this host's address; "client": from the
+    client's address and port (transparent mode, see source; needs the routing of
+    portproxy.kernel.transparent installed while such a mapping runs)."""
 
 
 def congestion_control_error(name: str) -> str | None:

@@ -30,6 +30,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from .listener import Listener
+from .source import ClientSource
 from .stats import UdpStats
 
 if TYPE_CHECKING:
@@ -148,6 +149,9 @@ class UdpListener(Listener):
         self.name = name
         self.options = options
         self.stats: UdpStats = stats if stats is not None else UdpStats()
+        self.source = ClientSource(target[0], name, self.stats.source_fallbacks) \
+            if options.source == "client" else None
+        """Transparent mode: each flow socket is bound to its client's address and port."""
         self.flows: collections.OrderedDict[tuple, UdpFlow] = collections.OrderedDict()
         self._pktinfo = _is_wildcard(sock)
         if self._pktinfo:
@@ -318,6 +322,8 @@ class UdpListener(Listener):
             stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
             log.warning("%s: cannot open a flow for %s: %s", self.name, client[0], exc.strerror)
             return None
+        if self.source is not None:
+            self.source.bind(up, client)
         try:
             up.connect(self.target)
         except OSError as exc:
