@@ -30,6 +30,8 @@ IPERF = Service("iperf3", 5201, ("tcp", "udp"))
 SOCKPERF_TCP = Service("sockperf-tcp", 11111, ("tcp",))
 SOCKPERF_UDP = Service("sockperf-udp", 11112, ("udp",))
 HTTP = Service("nginx", 8080, ("tcp",))
+HTTP_PROXY_PROTOCOL_PORT = 8081
+"""The same nginx server behind ``listen ... proxy_protocol``, for the PROXY-protocol path."""
 SINK = Service("idle-sink", 7000, ("tcp",))
 SERVICES = (IPERF, SOCKPERF_TCP, SOCKPERF_UDP, HTTP)
 
@@ -47,6 +49,7 @@ http {{
     scgi_temp_path {dir}/scgi;
     server {{
         listen {port} backlog=8192;
+        listen {pp_port} proxy_protocol backlog=8192;
         location / {{ return 200 "ok\\n"; }}
     }}
 }}
@@ -72,7 +75,7 @@ def container_servers(topo: SeedTopology) -> Iterator[None]:
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     with tempfile.TemporaryDirectory(prefix="portproxy-bench-nginx-") as tmp:
         conf = Path(tmp) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=tmp, port=HTTP.port))
+        conf.write_text(NGINX_CONF.format(dir=tmp, port=HTTP.port, pp_port=HTTP_PROXY_PROTOCOL_PORT))
         procs = [
             ns.popen(["iperf3", "-s", "-p", str(IPERF.port)], **quiet),
             ns.popen(["sockperf", "server", "-i", "0.0.0.0", "-p", str(SOCKPERF_TCP.port), "--tcp"], **quiet),
