@@ -6,14 +6,18 @@ to it. Three pieces make the host deliver them to the proxy's socket instead::
 
     table inet portproxy_transparent
         chain prerouting { type filter hook prerouting priority mangle (-150)
-            socket transparent 1  meta mark set meta mark & ~MASK | MARK }
+            ct direction reply  socket transparent 1  meta mark set meta mark & ~MASK | MARK }
     ip rule   fwmark MARK/MASK lookup TABLE   (priority PRIORITY; IPv4 and IPv6)
     ip route  local 0.0.0.0/0 dev lo table TABLE   (and local ::/0)
 
 ``socket transparent 1`` matches a packet for which a local socket with
 IP_TRANSPARENT exists (the socket lookup finds the connecting or connected upstream
 socket by its 4-tuple), so only replies to the proxy's spoofed connections are marked;
-the mark selects a table whose only route says "every address is local".
+the mark selects a table whose only route says "every address is local". The
+upstream connection is the one the proxy opened, so its replies are conntrack's
+*reply* direction: ``ct direction reply`` first spares the socket lookup to every
+packet in the original direction (half of all traffic through the host, including
+the clients' own packets to the proxy).
 
 Why a table of its own and not ``inet portproxy``: the kernel path rewrites that table
 wholesale (``install`` replaces it in one batch, ``teardown`` deletes it), on its own
@@ -32,7 +36,7 @@ import dataclasses
 import socket
 from typing import Any
 
-from .builders import FAMILY, Json, _match, _meta
+from .builders import FAMILY, Json, _ct, _match, _meta
 
 NFT_TABLE = "portproxy_transparent"
 CHAIN = "prerouting"
@@ -85,6 +89,7 @@ def install_commands(opts: TransparentOptions) -> list[Json]:
         {"add": {"chain": {"family": FAMILY, "table": opts.nft_table, "name": CHAIN, "type": "filter", "hook": "prerouting",
                            "prio": PRIO_MANGLE, "policy": "accept"}}},
         {"add": {"rule": {"family": FAMILY, "table": opts.nft_table, "chain": CHAIN, "expr": [
+            _match(_ct("direction"), "reply"),
             _match({"socket": {"key": "transparent"}}, 1),
             {"mangle": {"key": _meta("mark"), "value": mark_value(opts)}},
         ]}}},

@@ -43,6 +43,8 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_BATCH = 64
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
+_FIRST_BYTES = 4096
+"""Client bytes that may go out with a PROXY header (see TcpRelay._send_proxy_header)."""
 
 
 def reset_and_close(sock: socket.socket) -> None:
@@ -120,18 +122,30 @@ class TcpRelay:
         self._listener.source.bind(up, peer)
 
     def _send_proxy_header(self, up: socket.socket) -> bool:
-        """The PROXY header in one send, before any payload; anything short of that resets both."""
+        """The PROXY header in one send, before any payload; anything short of that resets both.
+
+        Client bytes already queued (an HTTP request usually is by now) ride in the same
+        send, behind the header: one segment instead of two, so the target parses header
+        and request in one read. At most _FIRST_BYTES, which a fresh socket's send buffer
+        always takes whole; nothing is waited for (a server-first protocol gets its header
+        at once)."""
         listener = self._listener
         assert listener.proxy_protocol is not None
         try:
             header = header_for(listener.proxy_protocol, self.client)
-            sent = up.send(header)
+            try:
+                first = self.client.recv(_FIRST_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                first = b""  # (EOF also reads b"" and is read again by the pump: it sticks)
+            data = header + first
+            sent = up.send(data)
         except (OSError, ValueError) as exc:
             why = str(exc)
         else:
-            if sent == len(header):
+            if sent == len(data):
+                listener.stats.bytes[TO_TARGET] += len(first)
                 return True
-            why = f"sent {sent} of {len(header)} bytes"
+            why = f"sent {sent} of {len(data)} bytes"
         listener.stats.connect_failures["proxy_header"] += 1
         log.warning("%s: PROXY header to %s failed: %s", listener.name, listener.target_text, why)
         self.close(reset=True)
