@@ -20,29 +20,18 @@ from pathlib import Path
 import pytest
 
 from conftest import open_connection
+from portproxy.bench.servers import nginx_conf
 
 CACHE = Path("/var/cache/portproxy-test")
 
-NGINX_CONF = """\
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
+NGINX_HTTP = """\
     log_format pp '$proxy_protocol_addr $proxy_protocol_port $remote_addr';
     access_log {dir}/access.log pp;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
     server {{
         listen 8080 proxy_protocol;
         listen [::]:8080 proxy_protocol ipv6only=on;
         location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
+    }}"""
 
 HAPROXY_CONF = """\
 global
@@ -95,7 +84,7 @@ def wait_port(ns, port: int, proc: subprocess.Popen, what: str) -> None:
 def nginx(topo, tmp_path):
     binary = debian_binary("nginx", "nginx-light")
     conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp_path))
+    conf.write_text(nginx_conf(str(tmp_path), NGINX_HTTP.format(dir=tmp_path)))
     proc = topo.container.popen([binary, "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
                                  "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -177,3 +166,26 @@ def test_refused_with_one_line(argv: list[str], line: str) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert line in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+async def test_server_speaks_first_gets_header_without_client_data(topo, portproxy) -> None:
+    """A server-first protocol (SMTP, MySQL): the header is sent at once, not held back
+    waiting for client bytes to ride with it."""
+    from conftest import start_server
+
+    async def greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readuntil(b"\r\n")
+        writer.write(b"220 hello " + line)
+        await writer.drain()
+        writer.close()
+
+    server = await start_server(topo.container, 2525, greeter)
+    try:
+        portproxy("map", f"2525:{topo.container_ip}:2525", "--proxy-protocol", "v1")
+        reader, writer = await open_connection(topo.client, topo.host_ip, 2525)
+        local = writer.get_extra_info("sockname")
+        greeting = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+        assert greeting == f"220 hello PROXY TCP4 {topo.client_ip} {topo.host_ip} {local[1]} 2525\r\n".encode()
+    finally:
+        server.close()
