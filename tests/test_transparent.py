@@ -216,3 +216,35 @@ def test_bad_mark_exit_2() -> None:
     assert proc.returncode == 2
     assert "argument --transparent-mark: '0x1/0xff00' must be a non-zero mark inside" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_reconcile_recreates_deleted_pieces(topo) -> None:
+    """What the daemon's reconcile relies on: present() sees a deleted piece, install() puts
+    back exactly what is missing, remove() leaves nothing."""
+    from portproxy.kernel.executor import Nft
+    from portproxy.kernel.transparent import TransparentRouting
+    from portproxy.kernel.transparent_rules import rule_args
+
+    def scenario() -> list[bool]:
+        from pyroute2 import IPRoute
+
+        routing = TransparentRouting(TransparentOptions())
+        seen = []
+        routing.install()
+        try:
+            seen.append(routing.present())
+            with IPRoute() as ipr:
+                ipr.rule("del", **rule_args(routing.opts, socket.AF_INET))
+            seen.append(routing.present())
+            routing.install()
+            seen.append(routing.present())
+            Nft().apply(delete_commands(routing.opts))
+            seen.append(routing.present())
+            routing.install()
+            seen.append(routing.present())
+        finally:
+            routing.remove()
+        return seen
+
+    assert topo.host.run(scenario) == [True, False, True, False, True]
+    assert host_state(topo) == EMPTY
