@@ -94,23 +94,22 @@ def _metrics_addr(value: str) -> str | None:
 
 
 def _transparent_mark(value: str) -> str | None:
+    from .kernel.transparent_rules import TransparentOptions
+
     try:
-        parse_mark(value)
+        mark, mask = parse_mark(value)
     except ValueError as exc:
         return str(exc)
-    return None
+    return TransparentOptions(mark=mark, mask=mask).check()
 
 
 def parse_mark(value: str) -> tuple[int, int]:
-    """``MARK[/MASK]`` → (mark, mask); the mark must be non-zero and inside its mask."""
+    """``MARK[/MASK]`` → (mark, mask); no mask means all 32 bits."""
     mark, sep, mask = value.partition("/")
     try:
-        pair = (int(mark, 0), int(mask, 0) if sep else 0xFFFFFFFF)
+        return int(mark, 0), int(mask, 0) if sep else 0xFFFFFFFF
     except ValueError:
         raise ValueError("is not MARK[/MASK] (e.g. 0x1d000000/0xff000000)") from None
-    if not 0 < pair[1] <= 0xFFFFFFFF or not pair[0] or pair[0] & ~pair[1]:
-        raise ValueError("must be a non-zero mark inside a non-zero 32-bit mask")
-    return pair
 
 
 def _route_table(value: int) -> str | None:

@@ -214,7 +214,8 @@ def test_bad_mark_exit_2() -> None:
     proc = subprocess.run([sys.executable, "-m", "portproxy", "map", "9090:172.16.1.1:8080", "--source", "client",
                            "--transparent-mark", "0x1/0xff00"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "argument --transparent-mark: '0x1/0xff00' must be a non-zero mark inside" in proc.stderr
+    assert "argument --transparent-mark: '0x1/0xff00' transparent mark 0x1 must be non-zero and inside its mask" \
+        in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

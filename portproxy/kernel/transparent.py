@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from ..errors import BadInput, Conflict, PortproxyError, SystemFailure, Unavailable
 from .executor import CAP_NET_ADMIN, Nft, NftError, has_capability
@@ -60,6 +60,19 @@ def _route_dict(msg: Any) -> dict[str, Any]:
             "table": msg.get_attr("RTA_TABLE") or msg["table"]}
 
 
+def _scan(items: Iterable[dict[str, Any]], table: int, ours: Callable[[dict[str, Any]], bool],
+          conflict: str) -> tuple[bool, str | None]:
+    """(one of ``items`` pointing at ``table`` is ours, ``conflict`` if another one does)."""
+    found = False
+    for item in items:
+        if item["table"] != table:
+            continue
+        if not ours(item):
+            return False, conflict
+        found = True
+    return found, None
+
+
 class TransparentRouting:
     """The fwmark rule, the local routes and the marking table of one network namespace."""
 
@@ -73,25 +86,15 @@ class TransparentRouting:
     def _state(self, ipr: Any, family: int, lo: int) -> tuple[bool, bool, str | None]:
         """(our rule present, our route present, a conflict or None) for one family."""
         opts = self.opts
-        rule_found = route_found = False
-        for msg in ipr.get_rules(family=family):
-            rule = _rule_dict(msg)
-            if rule["table"] != opts.table:
-                continue
-            if rule_is_ours(rule, opts):
-                rule_found = True
-            else:
-                return False, False, (f"routing table {opts.table} is already used by another {_family_name(family)} "
-                                      "ip rule; choose another table for transparent mode")
-        for msg in ipr.get_routes(family=family, table=opts.table):
-            route = _route_dict(msg)
-            if route["table"] != opts.table:
-                continue
-            if route_is_ours(route, lo):
-                route_found = True
-            else:
-                return False, False, (f"routing table {opts.table} already holds {_family_name(family)} routes of "
-                                      "another program; choose another table for transparent mode")
+        name = _family_name(family)
+        rule_found, conflict = _scan((_rule_dict(m) for m in ipr.get_rules(family=family)), opts.table,
+                                     lambda rule: rule_is_ours(rule, opts), f"is already used by another {name} ip rule")
+        if conflict is None:
+            route_found, conflict = _scan((_route_dict(m) for m in ipr.get_routes(family=family, table=opts.table)),
+                                          opts.table, lambda route: route_is_ours(route, lo),
+                                          f"already holds {name} routes of another program")
+        if conflict is not None:
+            return False, False, f"routing table {opts.table} {conflict}; choose another table for transparent mode"
         return rule_found, route_found, None
 
     def present(self) -> bool:
