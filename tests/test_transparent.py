@@ -8,6 +8,7 @@ topology, with the real kernel's policy routing and the real nft.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import socket
 import subprocess
@@ -36,6 +37,13 @@ from portproxy.proxy.source import fallback_reason
 ])
 def test_fallback_reason(client: str, target: str, reason: str | None, bound: str) -> None:
     assert fallback_reason(client, target) == (reason, bound)
+
+
+def test_same_link_client_falls_back() -> None:
+    links = (ipaddress.ip_network("172.16.0.0/16"), ipaddress.ip_network("fd00:172:16::/64"))
+    assert fallback_reason("172.16.1.2", "172.16.1.1", links) == ("same_link", "172.16.1.2")
+    assert fallback_reason("fd00:172:16::2", "fd00:172:16::1", links) == ("same_link", "fd00:172:16::2")
+    assert fallback_reason("198.51.100.2", "172.16.1.1", links) == (None, "198.51.100.2")
 
 
 def test_install_commands_replace_only_our_table() -> None:
@@ -183,6 +191,23 @@ async def test_loopback_client_falls_back_to_host_address(topo, portproxy) -> No
         proxy.stop()
         server.close()
     assert proxy.stderr.count("cannot be the source toward the target (loopback)") == 1, proxy.stderr
+
+
+async def test_container_on_the_same_bridge_falls_back(topo, portproxy) -> None:
+    """Another container reaching the published port: spoofing its address toward the
+    target would make the target answer it directly, so it comes from the host instead."""
+    other = topo.add_container("pt-c2", "172.16.1.2", "fd00:172:16::2", "vc1")
+    server = await start_server(topo.container, 8080, peer_reporter)
+    proxy = portproxy("map", f"9090:{topo.container_ip}:8080", "--source", "client")
+    try:
+        ip, _port, _local = await seen_by_target(other, topo.host_ip, 9090)
+        assert ip == topo.bridge_ip
+        ip, port, local = await seen_by_target(topo.client, topo.host_ip, 9090)
+        assert (ip, port) == (topo.client_ip, local[1])
+    finally:
+        proxy.stop()
+        server.close()
+    assert "(same_link)" in proxy.stderr, proxy.stderr
 
 
 async def test_without_net_admin_one_line_and_nothing_left(topo, portproxy) -> None:

@@ -16,12 +16,12 @@ count in ``source_fallbacks``):
 * ``family`` — an IPv6 client toward an IPv4 target or the reverse (a dual-stack
   listener; an IPv4 client that arrives as ``::ffff:a.b.c.d`` is unmapped first);
 * ``hairpin`` — the client *is* the target: it would talk to itself;
+* ``same_link`` — the client is on the target's own link (another container on the
+  same bridge): the target would answer it directly, past the proxy, and the
+  connection would never complete. The link's networks are those of the host
+  interface that routes to the target, read once per listener;
 * ``bind`` — the kernel refused the bind (e.g. the client uses one of this host's own
   addresses, whose port is taken by the client's own socket).
-
-A client on the target's own link (another container on the same bridge) is *not*
-detected: the target would answer it directly, past the proxy. Publish to such
-clients without ``--source client`` or let them reach the target directly.
 """
 
 from __future__ import annotations
@@ -35,13 +35,16 @@ log = logging.getLogger("portproxy.source")
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 SOURCES = ("host", "client")
-FALLBACK_REASONS = ("loopback", "family", "hairpin", "bind")
+FALLBACK_REASONS = ("loopback", "family", "hairpin", "same_link", "bind")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def fallback_reason(client_ip: str, target_ip: str) -> tuple[str | None, str]:
+def fallback_reason(client_ip: str, target_ip: str, target_links: tuple[Network, ...] = ()) -> tuple[str | None, str]:
     """(why the client cannot be the source toward ``target_ip`` or None, its address to bind).
 
-    Pure: the address comes back unmapped (``::ffff:a.b.c.d`` → ``a.b.c.d``)."""
+    Pure: the address comes back unmapped (``::ffff:a.b.c.d`` → ``a.b.c.d``);
+    ``target_links`` are the networks on the target's link (see target_link_networks)."""
     addr = ipaddress.ip_address(client_ip.partition("%")[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
@@ -52,16 +55,42 @@ def fallback_reason(client_ip: str, target_ip: str) -> tuple[str | None, str]:
         return "family", str(addr)
     if addr == target:
         return "hairpin", str(addr)
+    if any(addr in net for net in target_links):
+        return "same_link", str(addr)
     return None, str(addr)
+
+
+def target_link_networks(target_ip: str) -> tuple[Network, ...]:
+    """The networks of the host interface that routes to ``target_ip`` (netlink, once per
+    listener, on a short thread of its own: pyroute2 must not run on the loop's thread).
+
+    Empty when it cannot be read: then only the other fallbacks apply."""
+    from ..netns import off_loop
+
+    @off_loop
+    def read() -> tuple[Network, ...]:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            oif = ipr.route("get", dst=target_ip)[0].get_attr("RTA_OIF")
+            return tuple(ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network
+                         for a in ipr.get_addr(index=oif))
+
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - a netlink failure must not stop the mapping
+        log.warning("cannot read the link toward %s (%s): same-link clients will not fall back", target_ip, exc)
+        return ()
 
 
 class ClientSource:
     """Binds one listener's upstream sockets to their clients' addresses."""
 
-    __slots__ = ("_target_ip", "_name", "_fallbacks", "_warned")
+    __slots__ = ("_target_ip", "_links", "_name", "_fallbacks", "_warned")
 
     def __init__(self, target_ip: str, name: str, fallbacks: "dict[str, int]") -> None:
         self._target_ip = target_ip
+        self._links = target_link_networks(target_ip)
         self._name = name
         self._fallbacks = fallbacks
         """The listener's ``source_fallbacks`` counter (by reason)."""
@@ -71,7 +100,7 @@ class ClientSource:
         """Make ``up`` (not yet connected) leave from ``client``'s address and port.
 
         False (and the socket left as it was, so it connects from the host) on fallback."""
-        reason, ip = fallback_reason(client[0], self._target_ip)
+        reason, ip = fallback_reason(client[0], self._target_ip, self._links)
         if reason is None:
             try:
                 if up.family == socket.AF_INET6:
