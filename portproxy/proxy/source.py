@@ -29,6 +29,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import time
 
 log = logging.getLogger("portproxy.source")
 
@@ -38,6 +39,8 @@ SOURCES = ("host", "client")
 FALLBACK_REASONS = ("loopback", "family", "hairpin", "same_link", "bind")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_LINK_CACHE_SECONDS = 10.0
+_link_cache: dict[str, tuple[float, tuple[Network, ...]]] = {}
 
 
 def fallback_reason(client_ip: str, target_ip: str, target_links: tuple[Network, ...] = ()) -> tuple[str | None, str]:
@@ -64,7 +67,11 @@ def target_link_networks(target_ip: str) -> tuple[Network, ...]:
     """The networks of the host interface that routes to ``target_ip`` (netlink, once per
     listener, on a short thread of its own: pyroute2 must not run on the loop's thread).
 
-    Empty when it cannot be read: then only the other fallbacks apply."""
+    Empty when it cannot be read: then only the other fallbacks apply. Kept for
+    _LINK_CACHE_SECONDS per target, so a port range (a listener per port) reads it once."""
+    cached = _link_cache.get(target_ip)
+    if cached is not None and time.monotonic() - cached[0] < _LINK_CACHE_SECONDS:
+        return cached[1]
     from ..netns import off_loop
 
     @off_loop
@@ -77,10 +84,13 @@ def target_link_networks(target_ip: str) -> tuple[Network, ...]:
                          for a in ipr.get_addr(index=oif))
 
     try:
-        return read()
+        networks = read()
     except Exception as exc:  # noqa: BLE001 - a netlink failure must not stop the mapping
-        log.warning("cannot read the link toward %s (%s): same-link clients will not fall back", target_ip, exc)
-        return ()
+        if cached is None:  # said once per target, not per port of a range
+            log.warning("cannot read the link toward %s (%s): same-link clients will not fall back", target_ip, exc)
+        networks = ()
+    _link_cache[target_ip] = (time.monotonic(), networks)
+    return networks
 
 
 class ClientSource:
