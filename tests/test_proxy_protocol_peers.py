@@ -109,6 +109,15 @@ def haproxy(topo, tmp_path):
         proc.wait(timeout=20)
 
 
+async def wait_ready(proxy, count: int) -> None:
+    """Wait for ``count`` ready lines (a spec without host address publishes on both families)."""
+    while len(proxy.ready) < count:
+        line = await asyncio.to_thread(proxy.proc.stdout.readline)
+        assert line, proxy.stderr
+        if line.startswith("ready"):
+            proxy.ready.append(line.strip())
+
+
 async def http_get(ns, host: str, port: int) -> tuple[bytes, tuple]:
     """One HTTP/1.0 GET from ``ns``; (the body, our local address)."""
     reader, writer = await open_connection(ns, host, port)
@@ -134,11 +143,12 @@ async def access_lines(log: Path, count: int) -> list[str]:
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 async def test_nginx_logs_the_client(topo, nginx, portproxy, version) -> None:
-    portproxy("map", f"9090:{topo.container_ip}:8080", f"[::]:9096:[{topo.container_ip6}]:8080",
-              "--proxy-protocol", version, ready=2)
+    proxy = portproxy("map", f"0.0.0.0:9090:{topo.container_ip}:8080", f"9096:[{topo.container_ip6}]:8080",
+                      "--proxy-protocol", version, ready=None)
+    await wait_ready(proxy, 3)
     _, local4 = await http_get(topo.client, topo.host_ip, 9090)
     _, local6 = await http_get(topo.client, topo.host_ip6, 9096)
-    # An IPv4 client through the dual-stack listener arrives as ::ffff:a.b.c.d and is sent as TCP4.
+    # An IPv4 client of the IPv6 target (published on both families) is sent as TCP4.
     _, local_mapped = await http_get(topo.client, topo.host_ip, 9096)
     lines = await access_lines(nginx, 3)
     # $remote_addr stays the proxy's (bridge) address: the client's came in the header alone.

@@ -185,7 +185,7 @@ async def test_loopback_client_falls_back_to_host_address(topo, portproxy) -> No
             return urllib.request.urlopen("http://127.0.0.1:9779/metrics", timeout=10).read().decode()
 
         metrics = topo.host.run(scrape)
-        assert 'portproxy_source_fallbacks_total{listen="0.0.0.0:9090",proto="tcp",reason="loopback",' \
+        assert 'portproxy_source_fallbacks_total{listen="*:9090",proto="tcp",reason="loopback",' \
                f'target="{topo.container_ip}:8080"}} 2.0' in metrics
     finally:
         proxy.stop()
