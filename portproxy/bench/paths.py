@@ -24,6 +24,7 @@ from typing import Callable
 from ..netns import Namespace, SeedTopology
 from ..proxy.options import congestion_control_error
 from .procfs import default_congestion_control, descendants
+from .servers import HTTP, HTTP_PROXY_PROTOCOL_PORT
 
 Forward = tuple[int, int, str]
 """(host port, container port, "tcp" | "udp")"""
@@ -98,6 +99,7 @@ class PathDef:
     process_per_connection: bool = False  # socat forks for each connection
     fds_per_connection: int = 2  # what one idle relayed connection holds open
     memory: bool = True  # False: a tuning variant whose memory is another path's
+    services: frozenset[str] | None = None  # the container services it can carry (None: all)
 
 
 # --- readiness -----------------------------------------------------------------------------------
@@ -137,9 +139,10 @@ def listening(topo: SeedTopology, forwards: list[Forward], running: Running) -> 
 
 
 # --- portproxy ------------------------------------------------------------------------------------
-def portproxy_starter(*extra: str, kernel: bool = False) -> Starter:
+def portproxy_starter(*extra: str, kernel: bool = False, ports: dict[int, int] | None = None) -> Starter:
+    """``ports``: container ports to dial instead of the services' own (e.g. nginx's PROXY listener)."""
     def start(topo: SeedTopology, forwards: list[Forward]) -> Running:
-        specs = [f"{hp}:{topo.container_ip}:{tp}/{proto}" for hp, tp, proto in forwards]
+        specs = [f"{hp}:{topo.container_ip}:{(ports or {}).get(tp, tp)}/{proto}" for hp, tp, proto in forwards]
         argv = [sys.executable, "-m", "portproxy", "map", *specs, *extra, "--log-level", "warning"]
         if kernel:
             argv += ["--mode", "kernel"]
@@ -252,6 +255,8 @@ DIRECT = "direct"
 KERNEL = "kernel"
 SPLICE = "userland-splice"
 SPLICE_CUBIC = "userland-target-cubic"
+TRANSPARENT = "userland-transparent"
+PROXY_V2 = "userland-proxy-v2"
 DOCKER_PROXY = "docker-proxy"
 
 
@@ -270,6 +275,15 @@ def available_paths(only: list[str] | None = None) -> list[PathDef]:
         # the target leg without bbr's pacing. TCP only: UDP does not use it.
         paths.insert(3, PathDef(SPLICE_CUBIC, "portproxy userland, splice, --target-cc cubic", frozenset({"tcp"}),
                                 portproxy_starter("--target-cc", "cubic"), memory=False))
+    paths += [
+        # Transparent mode: the servers see the client's address; every workload runs unchanged.
+        PathDef(TRANSPARENT, "portproxy userland, splice, --source client", BOTH,
+                portproxy_starter("--source", "client"), memory=False),
+        # A PROXY header only nginx's proxy_protocol listener understands: connection rate only.
+        PathDef(PROXY_V2, "portproxy userland, splice, --proxy-protocol v2", frozenset({"tcp"}),
+                portproxy_starter("--proxy-protocol", "v2", ports={HTTP.port: HTTP_PROXY_PROTOCOL_PORT}),
+                memory=False, services=frozenset({HTTP.name})),
+    ]
     wanted = set(only) if only else None
     if wanted is None or DOCKER_PROXY in wanted:
         binary = find_docker_proxy()

@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
         "workloads": {w.key: {"label": w.label, "runs": {}, "errors": {}} for w in workloads},
         "memory": {},
     }
-    runs = opts.rounds * sum(1 for w in workloads for p in paths if w.proto in p.protocols)
+    runs = opts.rounds * sum(1 for w in workloads for p in paths if _carries(p, w))
     memory_steps = 2 * sum(1 for p in paths if p.start is not None and p.memory) if opts.memory else 0
     if opts.memory and opts.slow_readers:
         memory_steps += sum(1 for p in paths if p.memory)
@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
                     order = live[rnd % len(live):] + live[:rnd % len(live)] if live else []
                     for workload in workloads:
                         for path in order:
-                            if workload.proto in path.protocols:
+                            if _carries(path, workload):
                                 _one_run(topo, workload, published[path.key], opts, rnd, results, progress)
             finally:
                 for r in running:
@@ -96,6 +96,10 @@ def main(args: argparse.Namespace) -> int:
     if opts.chart and "png" not in written:
         progress.say("no chart: matplotlib is not installed (pip install 'portproxy[bench]')")
     return 0
+
+
+def _carries(path: PathDef, workload: Workload) -> bool:
+    return workload.proto in path.protocols and (path.services is None or workload.service.name in path.services)
 
 
 def _start_paths(topo: SeedTopology, paths: list[PathDef]) -> tuple[dict[str, Published], list[Running], dict[str, str]]:
@@ -113,7 +117,7 @@ def _start_paths(topo: SeedTopology, paths: list[PathDef]) -> tuple[dict[str, Pu
         for offset, service in enumerate(SERVICES):
             host_port = PORT_BASE + 100 * index + offset  # one port per service: iperf3's UDP test
             for proto in service.protocols:              # runs on its TCP control port's number
-                if proto in path.protocols:
+                if proto in path.protocols and (path.services is None or service.name in path.services):
                     ports[(service.name, proto)] = host_port
                     forwards.append((host_port, service.port, proto))
         try:

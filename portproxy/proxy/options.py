@@ -40,6 +40,14 @@ class ProxyOptions:
     waits in its send queue; what is in flight is not limited, so a long client path
     still fills its window, but a client that stops reading holds little here."""
 
+    proxy_protocol: str | None = None
+    """"v1" or "v2": write a PROXY protocol header with the client's address on each TCP
+    connection to the target, before any payload (see proxy_protocol); None: no header."""
+    source: str = "host"
+    """"host": connect to the target from this host's address; "client": from the
+    client's address and port (transparent mode, see source; needs the routing of
+    portproxy.kernel.transparent installed while such a mapping runs)."""
+
     def __post_init__(self) -> None:
         """The last line of defence: values that break the data plane never get this far
         (the options schema refuses them first), but if they do, one line says which."""

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING
 from .copy import CopyPump
 from .listener import Listener
 from .poller import Poller
+from .proxy_protocol import header_for
 from .pump import Pump
+from .source import ClientSource
 from .splice import PipePool, SplicePump
 from .stats import TO_CLIENT, TO_TARGET, TcpStats
 
@@ -43,6 +45,8 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_BATCH = 64
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
+_FIRST_BYTES = 4096
+"""Client bytes that may go out with a PROXY header (see TcpRelay._send_proxy_header)."""
 
 
 def reset_and_close(sock: socket.socket) -> None:
@@ -125,6 +129,8 @@ class TcpRelay:
                 up.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, listener.target_cc)
             except OSError:
                 pass  # checked at start; if the module went away since, the default still relays
+        if listener.source is not None:  # transparent mode: leave from the client's address
+            self._bind_to_client(up)
         self._t0 = time.monotonic()
         err = up.connect_ex(listener.target)
         if err == errno.EINPROGRESS and _connected(up):
@@ -137,6 +143,44 @@ class TcpRelay:
             self._timer = self._loop.call_later(listener.options.connect_timeout, self._on_connect_timeout)
         else:
             self._connect_failed(os.strerror(err), errno.errorcode.get(err, str(err)))
+
+    def _bind_to_client(self, up: socket.socket) -> None:
+        try:
+            peer = self.client.getpeername()
+        except OSError:
+            return  # the client is gone already; its pump will see it
+        assert self._listener.source is not None
+        self._listener.source.bind(up, peer)
+
+    def _send_proxy_header(self, up: socket.socket) -> bool:
+        """The PROXY header in one send, before any payload; anything short of that resets both.
+
+        Client bytes already queued (an HTTP request usually is by now) ride in the same
+        send, behind the header: one segment instead of two, so the target parses header
+        and request in one read. At most _FIRST_BYTES, which a fresh socket's send buffer
+        always takes whole; nothing is waited for (a server-first protocol gets its header
+        at once)."""
+        listener = self._listener
+        assert listener.proxy_protocol is not None
+        try:
+            header = header_for(listener.proxy_protocol, self.client)
+            try:
+                first = self.client.recv(_FIRST_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                first = b""  # (EOF also reads b"" and is read again by the pump: it sticks)
+            data = header + first
+            sent = up.send(data)
+        except (OSError, ValueError) as exc:
+            why = str(exc)
+        else:
+            if sent == len(data):
+                listener.stats.bytes[TO_TARGET] += len(first)
+                return True
+            why = f"sent {sent} of {len(data)} bytes"
+        listener.stats.connect_failures["proxy_header"] += 1
+        log.warning("%s: PROXY header to %s failed: %s", listener.name, listener.target_text, why)
+        self.close(reset=True)
+        return False
 
     def _on_connect_done(self) -> None:
         up = self.upstream
@@ -186,6 +230,8 @@ class TcpRelay:
         stats.record_connect(time.monotonic() - self._t0)
         up = self.upstream
         assert up is not None
+        if listener.proxy_protocol is not None and not self._send_proxy_header(up):
+            return
         self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if listener.notsent_lowat:
             self.client.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, listener.notsent_lowat)
@@ -300,6 +346,9 @@ class TcpListener(Listener):
         self.notsent_lowat = options.notsent_lowat
         self.pipe_pool = pipe_pool
         self.stats: TcpStats = stats if stats is not None else TcpStats()
+        self.proxy_protocol = options.proxy_protocol
+        self.source = ClientSource(target[0], name, self.stats.source_fallbacks) \
+            if options.source == "client" else None
         self.connections: set[TcpRelay] = set()
         self._accepting = False
         self._closed = False

@@ -28,6 +28,7 @@ from .flowtable import FlowTable
 from .gso import MAX_DATAGRAM, Batcher
 from .listener import Listener
 from .poller import Poller
+from .source import ClientSource
 from .stats import UdpStats
 
 if TYPE_CHECKING:
@@ -133,6 +134,9 @@ class UdpListener(Listener):
         self.name = name
         self.options = options
         self.stats: UdpStats = stats if stats is not None else UdpStats()
+        self.source = ClientSource(target[0], name, self.stats.source_fallbacks) \
+            if options.source == "client" else None
+        """Transparent mode: each flow socket is bound to its client's address and port."""
         self.flows: FlowTable[UdpFlow] = FlowTable(options.max_udp_flows, options.udp_timeout)
         self._batcher: Batcher[UdpFlow] = Batcher(self._send)
         self._pktinfo = _is_wildcard(sock)
@@ -278,6 +282,8 @@ class UdpListener(Listener):
             stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
             log.warning("%s: cannot open a flow for %s: %s", self.name, client[0], exc.strerror)
             return None
+        if self.source is not None:
+            self.source.bind(up, client)
         try:
             up.connect(self.target)
         except OSError as exc:
