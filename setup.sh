@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up portproxy from a clone on Debian 12 (as root), then run the demo.
 #
-# Installs with apt only what portproxy needs to run, and the demo: RUNTIME_PACKAGES below
-# (none of them starts a service). The programs the tests and `portproxy bench` drive —
+# Installs with apt only what portproxy needs to run, and the demo (RUNTIME_PACKAGES), and
+# curl and debootstrap for the tests (TEST_PACKAGES; the Debian package is built and tested
+# inside a throw-away root, so its build tools never land on this host). None of them starts
+# or enables a service (tests/test_packaging.py checks it). The programs the tests and `portproxy bench` drive —
 # nginx, HAProxy, Prometheus, iperf3, sockperf, wrk, socat, docker-proxy — are NOT installed:
 # installing nginx or prometheus on a systemd host starts a web server on port 80 and a
 # Prometheus on 9090. They are unpacked from their Debian packages (apt-get download +
@@ -16,11 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
 
-RUNTIME_PACKAGES=(python3 python3-venv iproute2 nftables libnftables1 conntrack curl)
+RUNTIME_PACKAGES=(python3 python3-venv iproute2 nftables libnftables1 conntrack)
+TEST_PACKAGES=(curl debootstrap)
 
 if command -v apt-get >/dev/null; then
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${RUNTIME_PACKAGES[@]}" >/dev/null
+    apt-get install -y -qq --no-install-recommends "${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}" >/dev/null
 fi
 [ "${1:-}" = "--packages-only" ] && exit 0
 
