@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import venv
 from pathlib import Path
 
@@ -171,6 +172,31 @@ def test_the_service_start_detector_sees_a_daemon_package(debian_root: Throwaway
     finally:
         debian_root.check("apt-get purge -y -qq cron >/dev/null")
         (debian_root.path / SERVICE_LOG).unlink(missing_ok=True)
+
+
+# --- the test programs: unpacked, not installed ----------------------------------------------
+def test_program_names_are_read_through_env() -> None:
+    assert debcache.program_of(["env", "LD_LIBRARY_PATH=/c/usr/lib", "/c/usr/sbin/haproxy", "-db"]) == "haproxy"
+    assert debcache.program_of(["/c/usr/bin/socat", "TCP-LISTEN:1"]) == "socat"
+
+
+def test_unknown_program_is_one_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "portproxy.debcache", "warp-drive"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "unknown program(s): warp-drive" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian)")
+@pytest.mark.parametrize("name, args", [("haproxy", ["-v"]), ("iperf3", ["--version"]), ("socat", ["-V"]),
+                                        ("nginx", ["-v"]), ("promtool", ["--version"])])
+def test_programs_run_from_the_cache_unknown_to_dpkg(name: str, args: list[str]) -> None:
+    argv = debcache.command(name)
+    binary = argv[-1]
+    assert binary.startswith(str(debcache.cache_dir()))
+    assert subprocess.run(["dpkg", "-S", binary], capture_output=True).returncode != 0  # not installed
+    result = subprocess.run([*argv, *args], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 # --- the Debian package -----------------------------------------------------------------------
