@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Build the Debian package from this checkout and check it with lintian:
 #   bash packaging/build-deb.sh [OUTDIR]        -> OUTDIR/portproxy_<version>_all.deb (default: dist/)
-# Needs (from Debian, none starts a service):
-#   apt-get install --no-install-recommends debhelper dh-python python3-all python3-setuptools \
-#       pybuild-plugin-pyproject help2man lintian
+# Needs the Build-Depends of debian/control and lintian, from Debian:
+#   apt-get build-dep ./ && apt-get install --no-install-recommends lintian
+# (debhelper depends on man-db, whose installation starts man-db.service and enables
+# man-db.timer; tests/test_packaging.py therefore builds inside a throw-away root.)
 # The build runs in a scratch copy of the checkout (its files as git sees them, uncommitted
 # changes included), so the tree stays clean and dpkg-buildpackage's output lands in OUTDIR.
 set -euo pipefail

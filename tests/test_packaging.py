@@ -74,8 +74,11 @@ mount --bind "{APT_ARCHIVES}" "$R/var/cache/apt/archives"
 exec chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \\
     DEBIAN_FRONTEND=noninteractive /bin/sh -ec "$1"
 """
-        return subprocess.run(["unshare", "--mount", "--propagation", "private", "--pid", "--kill-child",
-                               "sh", "-c", setup, "sh", script], capture_output=True, text=True, timeout=timeout)
+        # APT_ARCHIVES is shared with other test runs' roots, and apt does not wait for its lock.
+        with open(CACHE / ".apt-archives.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return subprocess.run(["unshare", "--mount", "--propagation", "private", "--pid", "--kill-child",
+                                   "sh", "-c", setup, "sh", script], capture_output=True, text=True, timeout=timeout)
 
     def check(self, script: str, timeout: float = 900) -> str:
         result = self.run(script, timeout)
