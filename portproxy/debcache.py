@@ -5,8 +5,8 @@ services (a web server on port 80, a Prometheus on 9090) — nothing a port prox
 tests may leave on a host. So the programs the tests and ``portproxy bench`` drive
 are fetched with ``apt-get download`` and unpacked with ``dpkg -x`` into a cache
 directory: no maintainer script runs, no service starts, nothing is registered with
-dpkg. Libraries a program needs beyond a minimal Debian 12 come along in the same
-tree and are found through ``LD_LIBRARY_PATH``.
+dpkg. Libraries a program needs beyond a Debian 12 with setup.sh's packages come along
+in the same tree and are found through ``LD_LIBRARY_PATH``; ``command`` checks with ldd.
 
 One mechanism, one place: ``command("haproxy")`` is the argv prefix that runs
 HAProxy, fetching it on first use. ``python -m portproxy.debcache`` fetches every
@@ -34,8 +34,8 @@ class ToolUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Tool:
-    """A program: the package that has it, its path inside, and the libraries it needs
-    that a minimal Debian 12 (debootstrap --variant=minbase) does not have."""
+    """A program: the package that has it, its path inside, and the library packages it
+    needs that a minimal Debian 12 with setup.sh's packages does not have (ldd says which)."""
 
     package: str
     path: str
@@ -97,8 +97,13 @@ def _fetch(tool: Tool) -> None:
         with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{tool.package}-") as tmp:
             packages = [tool.package, *sorted({lib for t in TOOLS.values() if t.package == tool.package
                                                for lib in t.libraries})]
-            download = subprocess.run(["apt-get", "download", "-q", *packages], cwd=tmp, capture_output=True,
-                                      text=True, timeout=900)
+            for attempt in range(2):
+                download = subprocess.run(["apt-get", "download", "-q", *packages], cwd=tmp, capture_output=True,
+                                          text=True, timeout=900)
+                if download.returncode == 0 or attempt:
+                    break
+                # A machine that never ran setup.sh may have no package lists yet.
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=900)
             if download.returncode != 0:
                 reason = (download.stderr.strip().splitlines() or ["apt-get download failed"])[-1]
                 raise ToolUnavailable(f"apt-get download {' '.join(packages)}: {reason}")
