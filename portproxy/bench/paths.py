@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .. import debcache
 from ..netns import Namespace, SeedTopology
 from ..proxy.options import congestion_control_error
 from .procfs import default_congestion_control, descendants
@@ -122,7 +123,8 @@ def wait_listening(ns: Namespace, address: str, forwards: list[Forward], procs: 
         if not waiting:
             break
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            raise PathError(f"{procs[0].args[0] if procs else 'path'} is not listening on {waiting[0]}/tcp")
+            program = debcache.program_of(procs[0].args) if procs else "path"
+            raise PathError(f"{program} is not listening on {waiting[0]}/tcp")
         time.sleep(0.05)
     if any(proto == "udp" for _, _, proto in forwards):
         time.sleep(0.2)
@@ -158,34 +160,21 @@ def portproxy_starter(*extra: str, kernel: bool = False, ports: dict[int, int] |
 
 
 # --- docker-proxy ---------------------------------------------------------------------------------
-def find_docker_proxy() -> str | None:
-    """docker-proxy from Debian's docker.io, extracted with dpkg -x (never installed)."""
-    for candidate in (os.environ.get("DOCKER_PROXY"), shutil.which("docker-proxy"), "/usr/sbin/docker-proxy",
-                      "/usr/libexec/docker/docker-proxy"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    cache = Path(tempfile.gettempdir()) / "portproxy-bench-docker-proxy"
-    binary = cache / "x" / "usr" / "sbin" / "docker-proxy"
-    if binary.exists():
-        return str(binary)
-    cache.mkdir(exist_ok=True)
-    try:
-        subprocess.run(["apt-get", "download", "docker.io"], cwd=cache, check=True, capture_output=True, timeout=600)
-        deb = next(cache.glob("docker.io_*.deb"))
-        subprocess.run(["dpkg", "-x", str(deb), str(cache / "x")], check=True, capture_output=True, timeout=600)
-    except (OSError, subprocess.SubprocessError, StopIteration) as exc:
-        print(f"docker-proxy unavailable ({exc}); leaving it out", file=sys.stderr)
-        return None
-    return str(binary) if binary.exists() else None
+def find_docker_proxy() -> list[str] | None:
+    """docker-proxy from Debian's docker.io, unpacked with dpkg -x (never installed), or $DOCKER_PROXY."""
+    override = os.environ.get("DOCKER_PROXY")
+    if override:
+        return [override] if os.access(override, os.X_OK) else None
+    return debcache.available("docker-proxy")
 
 
-def docker_proxy_starter(binary: str) -> Starter:
+def docker_proxy_starter(binary: list[str]) -> Starter:
     def start(topo: SeedTopology, forwards: list[Forward]) -> Running:
         running = Running()
         for hp, tp, proto in forwards:
             # dockerd gives docker-proxy a pipe as fd 3 and waits for "0\n" (or "1\n<error>").
             r, w = os.pipe()
-            argv = [binary, "-proto", proto, "-host-ip", "0.0.0.0", "-host-port", str(hp),
+            argv = [*binary, "-proto", proto, "-host-ip", "0.0.0.0", "-host-port", str(hp),
                     "-container-ip", topo.container_ip, "-container-port", str(tp)]
             running.procs.append(topo.host.popen(argv, fds={3: w}, stdout=subprocess.DEVNULL,
                                                  stderr=subprocess.DEVNULL, **GROUP))
@@ -221,7 +210,11 @@ defaults
 """
 
 
-def start_haproxy(topo: SeedTopology, forwards: list[Forward]) -> Running:
+def haproxy_starter(haproxy: list[str]) -> Starter:
+    return lambda topo, forwards: start_haproxy(haproxy, topo, forwards)
+
+
+def start_haproxy(haproxy: list[str], topo: SeedTopology, forwards: list[Forward]) -> Running:
     tmp = tempfile.mkdtemp(prefix="portproxy-bench-haproxy-")
     maxconn = min(9000, (HAPROXY_FDS - 1100 - len(forwards)) // 2)  # 8,000 idle connections fit
     config = [HAPROXY_GLOBAL.format(maxconn=maxconn, fds=HAPROXY_FDS)]
@@ -229,20 +222,24 @@ def start_haproxy(topo: SeedTopology, forwards: list[Forward]) -> Running:
         config.append(f"listen p{hp}\n    bind 0.0.0.0:{hp}\n    server s {topo.container_ip}:{tp}\n")
     path = Path(tmp) / "haproxy.cfg"
     path.write_text("\n".join(config))
-    proc = topo.host.popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = topo.host.popen([*haproxy, "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            **GROUP)
     running = Running([proc], [proc.pid], [lambda: shutil.rmtree(tmp, ignore_errors=True)])
     return listening(topo, forwards, running)
 
 
 # --- socat ----------------------------------------------------------------------------------------
-def start_socat(topo: SeedTopology, forwards: list[Forward]) -> Running:
+def socat_starter(socat: list[str]) -> Starter:
+    return lambda topo, forwards: start_socat(socat, topo, forwards)
+
+
+def start_socat(socat: list[str], topo: SeedTopology, forwards: list[Forward]) -> Running:
     running = Running()
     for hp, tp, proto in forwards:
         if proto == "tcp":
-            argv = ["socat", f"TCP-LISTEN:{hp},fork,reuseaddr,backlog=4096", f"TCP:{topo.container_ip}:{tp}"]
+            argv = [*socat, f"TCP-LISTEN:{hp},fork,reuseaddr,backlog=4096", f"TCP:{topo.container_ip}:{tp}"]
         else:
-            argv = ["socat", f"UDP-LISTEN:{hp},fork,reuseaddr", f"UDP:{topo.container_ip}:{tp}"]
+            argv = [*socat, f"UDP-LISTEN:{hp},fork,reuseaddr", f"UDP:{topo.container_ip}:{tp}"]
         running.procs.append(topo.host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **GROUP))
     running.relay_pids = [p.pid for p in running.procs]  # children's CPU is charged to them once reaped
     return listening(topo, forwards, running)
@@ -291,9 +288,9 @@ def available_paths(only: list[str] | None = None) -> list[PathDef]:
             # Go's splice keeps a pipe per direction for the life of a connection: 6 fds.
             paths.append(PathDef(DOCKER_PROXY, "docker-proxy (Debian docker.io)", BOTH, docker_proxy_starter(binary),
                                  process_per_port=True, fds_per_connection=6))
-    if shutil.which("haproxy"):
-        paths.append(PathDef("haproxy", "HAProxy (TCP mode, splice)", frozenset({"tcp"}), start_haproxy))
-    if shutil.which("socat"):
-        paths.append(PathDef("socat", "socat (fork per connection)", BOTH, start_socat, process_per_port=True,
+    if (wanted is None or "haproxy" in wanted) and (haproxy := debcache.available("haproxy")):
+        paths.append(PathDef("haproxy", "HAProxy (TCP mode, splice)", frozenset({"tcp"}), haproxy_starter(haproxy)))
+    if (wanted is None or "socat" in wanted) and (socat := debcache.available("socat")):
+        paths.append(PathDef("socat", "socat (fork per connection)", BOTH, socat_starter(socat), process_per_port=True,
                              process_per_connection=True))
     return [p for p in paths if wanted is None or p.key in wanted]

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from .. import debcache
+
 if TYPE_CHECKING:
     from ..netns import SeedTopology
 
@@ -85,15 +87,19 @@ def container_servers(topo: SeedTopology) -> Iterator[None]:
     with tempfile.TemporaryDirectory(prefix="portproxy-bench-nginx-") as tmp:
         conf = Path(tmp) / "nginx.conf"
         conf.write_text(nginx_conf(tmp, NGINX_HTTP.format(port=HTTP.port, pp_port=HTTP_PROXY_PROTOCOL_PORT)))
+        try:
+            iperf3, sockperf, nginx = (debcache.command(name) for name in ("iperf3", "sockperf", "nginx"))
+        except debcache.ToolUnavailable as exc:
+            raise RuntimeError(f"benchmark server unavailable: {exc}") from None
         procs = [
-            ns.popen(["iperf3", "-s", "-p", str(IPERF.port)], **quiet),
-            ns.popen(["sockperf", "server", "-i", "0.0.0.0", "-p", str(SOCKPERF_TCP.port), "--tcp"], **quiet),
-            ns.popen(["sockperf", "server", "-i", "0.0.0.0", "-p", str(SOCKPERF_UDP.port)], **quiet),
-            ns.popen(["nginx", "-c", str(conf), "-p", tmp, "-g", "daemon off;"], **quiet),
+            ns.popen([*iperf3, "-s", "-p", str(IPERF.port)], **quiet),
+            ns.popen([*sockperf, "server", "-i", "0.0.0.0", "-p", str(SOCKPERF_TCP.port), "--tcp"], **quiet),
+            ns.popen([*sockperf, "server", "-i", "0.0.0.0", "-p", str(SOCKPERF_UDP.port)], **quiet),
+            ns.popen([*nginx, "-c", str(conf), "-p", tmp, "-g", "daemon off;"], **quiet),
         ]
         try:
             time.sleep(0.5)
-            dead = [p.args[0] for p in procs if p.poll() is not None]
+            dead = [debcache.program_of(p.args) for p in procs if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"benchmark server(s) did not start: {', '.join(dead)}")
             yield
