@@ -336,3 +336,77 @@ def test_port_clash_refused_and_table_removed_with_last_mapping(topo: SeedTopolo
     tables = subprocess.run(["ip", "netns", "exec", topo.host.name, "nft", "list", "tables"],
                             capture_output=True, text=True, check=True).stdout
     assert "portproxy_cni" not in tables
+
+
+def test_host_ip_restricts_the_mapping(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
+    """``hostIP`` publishes on that address only; the other family's container address is skipped."""
+    chain = make_chain(topo, cache, tmp_path, mapper)
+    web = container(topo)
+    pm = [{"hostPort": 9090, "containerPort": 8080, "protocol": "tcp", "hostIP": topo.host_ip}]
+    chain.add("ctr-web", web.name, pm)
+    servers = Servers(web, "web", [8080], [])
+    try:
+        assert ask_tcp(topo.client, topo.host_ip, 9090) == f"web {topo.client_ip}"
+        assert ask_tcp(topo.client, topo.bridge_ip, 9090) == "ConnectionRefusedError"
+        assert ask_tcp(topo.client, topo.host_ip6, 9090) == "ConnectionRefusedError"
+    finally:
+        servers.close()
+    chain.delete("ctr-web", web.name, pm)
+
+
+def test_conditions_limit_who_is_served(topo: SeedTopology, cache: Path, tmp_path: Path) -> None:
+    """portproxy-cni's nft conditions (portmap 1.1.1 takes iptables arguments here, another grammar)."""
+    chain = make_chain(topo, cache, tmp_path, "portproxy-cni",
+                       mapper_conf={"conditionsV4": [f"ip saddr != {topo.client_ip}/32"]})
+    web = container(topo)
+    chain.add("ctr-web", web.name, WEB[:1])
+    servers = Servers(web, "web", [8080], [])
+    try:
+        assert ask_tcp(topo.client, topo.host_ip, 9090) == "ConnectionRefusedError"
+        assert ask_tcp(topo.client, topo.host_ip6, 9090) == f"web {topo.client_ip6}"
+        assert ask_tcp(topo.host, "127.0.0.1", 9090).startswith("web ")
+    finally:
+        servers.close()
+    refused = chain.mapper_call("ADD", "ctr-x", web.name, WEB[:1], chain.results["ctr-web"],
+                                extra={"conditionsV4": ["ip saddr 10.0.0.0/8 accept"]})
+    assert refused.rc == 1 and refused.json["code"] == 7 and "not supported" in refused.json["msg"], refused
+
+
+def test_concurrent_adds_keep_every_mapping(topo: SeedTopology, cache: Path, tmp_path: Path) -> None:
+    """Runtimes start containers in parallel: the per-namespace lock serialises read-then-write."""
+    chain = make_chain(topo, cache, tmp_path, "portproxy-cni")
+    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "/x"}],
+            "ips": [{"address": "10.88.7.200/24", "interface": 0}]}
+    jobs = {f"ctr-{i}": [{"hostPort": 11000 + 10 * i + j, "containerPort": 80 + j, "protocol": "tcp"}
+                         for j in range(5)] for i in range(8)}
+    results: dict[str, object] = {}
+    threads = [threading.Thread(target=lambda cid=cid, pm=pm: results.__setitem__(
+        cid, chain.mapper_call("ADD", cid, topo.container.name, pm, prev))) for cid, pm in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.rc == 0 for r in results.values()), results  # type: ignore[attr-defined]
+    for cid, pm in jobs.items():
+        got = chain.mapper_call("CHECK", cid, topo.container.name, pm, prev)
+        assert (got.rc, got.stdout) == (0, ""), got
+
+
+@pytest.mark.parametrize("options", [{"masqAll": True}, {"snat": False}], ids=["masqAll", "no-snat"])
+def test_masquerade_options(topo: SeedTopology, cache: Path, tmp_path: Path, options: dict) -> None:
+    """portproxy-cni only (Debian's portmap 1.1.1 has no masqAll): masqAll hides every client
+    behind the bridge's address; without snat nothing is masqueraded and loopback is not served."""
+    chain = make_chain(topo, cache, tmp_path, "portproxy-cni", mapper_conf=options)
+    web = container(topo)
+    result = chain.add("ctr-web", web.name, WEB[:1])
+    gateway = next(ip["gateway"] for ip in result["ips"] if ":" not in ip["address"])
+    servers = Servers(web, "web", [8080], [])
+    try:
+        if options.get("masqAll"):
+            assert ask_tcp(topo.client, topo.host_ip, 9090) == f"web {gateway}"
+            assert ask_tcp(topo.host, "127.0.0.1", 9090) == f"web {gateway}"
+        else:
+            assert ask_tcp(topo.client, topo.host_ip, 9090) == f"web {topo.client_ip}"
+            assert ask_tcp(topo.host, "127.0.0.1", 9090) == "ConnectionRefusedError"
+    finally:
+        servers.close()
