@@ -328,6 +328,10 @@ def test_port_clash_refused_and_table_removed_with_last_mapping(topo: SeedTopolo
     chain.add("ctr-a", a.name, WEB)
     with pytest.raises(AssertionError, match="already published"):
         chain.add("ctr-b", b.name, WEB[:1])
+    chain.delete("ctr-b", b.name, WEB[:1])  # a failed ADD is followed by a DEL, per the spec
+    # an all-addresses mapping and one on a given address of the same port clash too
+    with pytest.raises(AssertionError, match="already published"):
+        chain.add("ctr-b", b.name, [{**WEB[0], "hostIP": topo.host_ip}])
     chain.delete("ctr-b", b.name, WEB[:1])
     tables = subprocess.run(["ip", "netns", "exec", topo.host.name, "nft", "list", "tables"],
                             capture_output=True, text=True, check=True).stdout

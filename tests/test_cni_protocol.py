@@ -277,3 +277,12 @@ def test_any_stdin_gives_json_never_a_traceback(stdin: bytes) -> None:
                 assert out is not None and isinstance(out["code"], int) and out["code"] != p.ERR_INTERNAL, out
     finally:
         cni_main.backend_for, cni_main._after_add = original
+
+
+def test_a_host_port_mapped_twice_is_refused() -> None:
+    entries = (p.PortMapping(80, 8080, "tcp", None), p.PortMapping(80, 8081, "tcp", None))
+    with pytest.raises(p.CniError, match="mapped twice"):
+        p.mappings_for(entries, [ipaddress.ip_address("10.88.0.2")])
+    # the same port for UDP, or on a given address, is another key
+    entries = (p.PortMapping(80, 8080, "tcp", None), p.PortMapping(80, 8080, "udp", None))
+    assert len(p.mappings_for(entries, [ipaddress.ip_address("10.88.0.2")])) == 2

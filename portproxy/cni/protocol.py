@@ -277,7 +277,16 @@ def mappings_for(port_mappings: tuple[PortMapping, ...], addresses: list[IPAddre
                 out[-1] = dataclasses.replace(last, host_port_end=m.host_port, target_port_end=m.target_port)
             else:
                 out.append(m)
-    return list(dict.fromkeys(out))
+    out = list(dict.fromkeys(out))
+    seen: dict[tuple, Mapping] = {}
+    for m in out:
+        for host_port, _ in m.port_pairs():
+            key = (m.family, m.host_ip, m.proto, host_port)
+            if key in seen:
+                raise CniError(ERR_INVALID_CONFIG, f"host port {host_port}/{m.proto} is mapped twice",
+                               f"{seen[key]} and {m}")
+            seen[key] = m
+    return out
 
 
 def result_for(prev: dict, version: str) -> dict:

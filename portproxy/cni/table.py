@@ -162,6 +162,12 @@ def removal(state: State, doomed: list[Entry], marks: set[int], opts: KernelOpti
     return builders.delete_elements(opts, elements)
 
 
+def _host_port(id_map: str, key: tuple[Any, ...]) -> tuple[tuple[int, str, int], Any]:
+    """((family, protocol, port), host address or None) of an element key of ``id_map``."""
+    family = 4 if id_map.startswith("id4") else 6
+    return (family, key[-2], key[-1]), (key[0] if len(key) == 3 else None)
+
+
 def _allocate(count: int, taken: set[int]) -> list[int]:
     ids = []
     candidate = ID_MIN
@@ -200,13 +206,18 @@ class NftBackend:
         with namespace_lock():
             state = read_state(self.nft, self.opts)
             mine, my_marks = state.owned_by(lambda t: t == token)
-            held = {(e.id_map, e.key): state.owners.get(e.mark) for e in state.entries}
+            held: dict[tuple[int, str, int], list[tuple[Any, str | None]]] = {}
+            for e in state.entries:
+                port, address = _host_port(e.id_map, e.key)
+                held.setdefault(port, []).append((address, state.owners.get(e.mark)))
             for m in mappings:
                 for name, key, _ in builders.element_keys(m):
-                    if (name, key) in held and held[(name, key)] != token:
-                        other = held[(name, key)]
-                        raise CniError(ERR_PORT_TAKEN, f"{m.proto} host port {key[-1]} is already published",
-                                       f"by {other or 'another program'}")
+                    port, address = _host_port(name, key)
+                    for other_address, other in held.get(port, []):
+                        # An all-addresses mapping shadows every address-specific one of its port.
+                        if other != token and (address is None or other_address is None or address == other_address):
+                            raise CniError(ERR_PORT_TAKEN, f"{m.proto} host port {port[2]} is already published",
+                                           f"by {other or 'another program'}")
             marks = {e.mark for e in state.entries} | set(state.owners)
             ids = _allocate(len(mappings), {mark >> builders.CT_MARK_SHIFT for mark in marks})
             if state.present:
