@@ -1,13 +1,15 @@
 """CNI ADD and DEL time for 1, 100 and 1,000 published ports: portproxy-cni vs Debian's portmap.
 
-    .venv/bin/python benchmarks/cni_bench.py [--ports 1,100,1000] [--rounds 3]
+    .venv/bin/python benchmarks/cni_bench.py [--ports 1,100,1000] [--rounds 3] [--podman-rounds 5]
 
 In namespaces of its own (the seeds' topology, plus a container that Debian's ``bridge`` +
 ``host-local`` plug in), the plugin under test is run as a runtime runs it (a process per
 command, prevResult on stdin) and the wall time of each ADD and DEL is taken. Two port
 layouts: ``range`` (consecutive host and container ports, what ``-p 20000-20999:...``
 expands to) and ``scattered`` (every other host port, so no two entries form a range).
-Writes benchmarks/results/cni_bench.json and a Markdown table on stdout.
+Then ``podman run -d -p 9090:8080`` end to end (Debian 12's podman 4.3 with CNI, extracted
+and run in a private mount namespace as in tests/test_cni_podman.py), each mapper in turn.
+Writes benchmarks/results/cni_bench.json and .md, and the table on stdout.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from portproxy.cni.testbed import Chain, debian_plugins, plugin_dir
+from portproxy.cni.testbed import Chain, Podman, debian_plugins, plugin_dir, podman_packages
 from portproxy.netns import Namespace, seed_topology
 
 MAPPERS = ("portmap", "portproxy-cni")
@@ -41,11 +43,30 @@ def timed(chain: Chain, command: str, netns: str, mappings: list[dict], prev: di
     return elapsed
 
 
+def podman_run_times(mapper: str, rounds: int, cache: Path) -> list[float]:
+    """Wall time of ``podman run -d -p 9090:8080`` (then removed untimed), ``rounds`` times."""
+    times = []
+    with tempfile.TemporaryDirectory() as tmp, seed_topology("pcb") as topo:
+        topo.host.sysctl("net/ipv4/ip_forward", "1")
+        podman = Podman(topo, Path(tmp), podman_packages(), cache, mapper)
+        try:
+            podman.run_web("warmup", "9089:8080")
+            for i in range(rounds):
+                t0 = time.perf_counter()
+                podman.run_web(f"web{i}", "9090:8080")
+                times.append(time.perf_counter() - t0)
+                podman("rm", "-f", "-t", "0", f"web{i}")
+        finally:
+            podman.close()
+    return times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ports", default="1,100,1000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mappers", default=",".join(MAPPERS))
+    parser.add_argument("--podman-rounds", type=int, default=5)
     args = parser.parse_args()
     counts = [int(n) for n in args.ports.split(",")]
     cache = debian_plugins()
@@ -71,11 +92,20 @@ def main() -> int:
                     print(f"{mapper} {layout} {n} ports: ADD {row['add_median_s']:.3f} s, "
                           f"DEL {row['del_median_s']:.3f} s", file=sys.stderr)
             chain.invoke("bridge", chain.env("DEL", "bench", ctr.name), json.dumps(chain.conf(chain.bridge_conf(), prev)))
+    podman_rows = []
+    for mapper in args.mappers.split(",") if args.podman_rounds else []:
+        times = podman_run_times(mapper, args.podman_rounds, cache)
+        podman_rows.append({"mapper": mapper, "run_s": times, "run_median_s": statistics.median(times)})
+        print(f"{mapper}: podman run -d -p 9090:8080 {podman_rows[-1]['run_median_s']:.3f} s", file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cni_bench.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows}, indent=2) + "\n")
+    (RESULTS / "cni_bench.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows,
+                                                        "podman": podman_rows}, indent=2) + "\n")
     lines = ["| plugin | layout | ports | ADD (median) | DEL (median) |", "|---|---|---:|---:|---:|"]
     lines += [f"| {row['mapper']} | {row['layout']} | {row['ports']} | {row['add_median_s'] * 1000:.0f} ms "
               f"| {row['del_median_s'] * 1000:.0f} ms |" for row in rows]
+    if podman_rows:
+        lines += ["", "| plugin | `podman run -d -p 9090:8080` (median) |", "|---|---:|"]
+        lines += [f"| {row['mapper']} | {row['run_median_s'] * 1000:.0f} ms |" for row in podman_rows]
     (RESULTS / "cni_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

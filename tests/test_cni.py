@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from portproxy.cni.testbed import Chain, ReferenceUnavailable, debian_plugins, plugin_dir
+from portproxy.cni.testbed import Chain, ReferenceUnavailable, debian_plugins, plugin_dir, root_snapshot
 from portproxy.netns import Namespace, SeedTopology, seed_topology
 
 MAPPERS = ["portmap", "portproxy-cni"]
@@ -28,21 +28,13 @@ WEB = [{"hostPort": 9090, "containerPort": 8080, "protocol": "tcp"},
        {"hostPort": 9053, "containerPort": 5353, "protocol": "udp"}]
 
 
-def _root_snapshot() -> tuple[str, ...]:
-    def run(*argv: str) -> str:
-        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-
-    links = sorted(line.split(":")[1].strip() for line in run("ip", "-o", "link").splitlines())
-    return ("\n".join(links), run("ip", "route"), run("ip", "-6", "route"), run("nft", "list", "ruleset"))
-
-
 @pytest.fixture(autouse=True)
 def root_unchanged() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
-    before = _root_snapshot()
+    before = root_snapshot()
     yield
-    assert _root_snapshot() == before, "the root network namespace changed"
+    assert root_snapshot() == before, "the root network namespace changed"
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -24,11 +25,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..netns import Namespace
+from ..netns import Namespace, SeedTopology
 
 CACHE = Path(os.environ.get("PORTPROXY_TEST_CACHE", "/var/cache/portproxy-test")) / "cni"
 PACKAGES = ("containernetworking-plugins", "iptables")
 LIBDIR = "usr/lib/x86_64-linux-gnu/xtables"
+PODMAN_PACKAGES = ("podman", "conmon", "crun", "golang-github-containers-common", "libgpgme11", "libsubid4",
+                   "libyajl2", "busybox-static")
+SUBNET = "10.88.0.0/16"
+GATEWAY = "10.88.0.1"
 IPTABLES_NAMES = ("iptables", "ip6tables", "iptables-save", "ip6tables-save", "iptables-restore", "ip6tables-restore")
 
 
@@ -36,29 +41,50 @@ class ReferenceUnavailable(RuntimeError):
     """The reference plugins cannot be made available; the message says why."""
 
 
-def debian_plugins(cache: Path = CACHE) -> Path:
-    """The cache root holding the extracted packages (``usr/lib/cni/...``, ``bin/iptables``)."""
+def debian_packages(cache: Path, packages: tuple[str, ...]) -> Path:
+    """``packages`` downloaded and extracted (not installed) under ``cache``, once."""
     done = cache / ".complete"
     if done.exists():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
         root = Path(tmp) / "root"
-        for package in PACKAGES:
+        for package in packages:
             got = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
             debs = list(Path(tmp).glob(f"{package}_*.deb"))
             if got.returncode != 0 or not debs:
                 raise ReferenceUnavailable(f"apt-get download {package} failed: {got.stderr.strip()[-300:]}")
             subprocess.run(["dpkg", "-x", str(debs[0]), str(root)], check=True)
-        bindir = root / "bin"
-        bindir.mkdir()
-        for name in IPTABLES_NAMES:  # xtables-nft-multi picks its personality from argv[0]
-            (bindir / name).symlink_to("../usr/sbin/xtables-nft-multi")
         if cache.exists():
             shutil.rmtree(cache)
         root.rename(cache)
     done.touch()
     return cache
+
+
+def debian_plugins(cache: Path = CACHE) -> Path:
+    """The cache root holding the extracted packages (``usr/lib/cni/...``, ``bin/iptables``)."""
+    debian_packages(cache, PACKAGES)
+    bindir = cache / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name in IPTABLES_NAMES:  # xtables-nft-multi picks its personality from argv[0]
+        if not (bindir / name).is_symlink():
+            (bindir / name).symlink_to("../usr/sbin/xtables-nft-multi")
+    return cache
+
+
+def podman_packages(cache: Path = CACHE.parent / "podman") -> Path:
+    """Debian 12's podman 4.3 with conmon, crun and busybox-static, extracted (never installed)."""
+    return debian_packages(cache, PODMAN_PACKAGES)
+
+
+def root_snapshot() -> tuple[str, ...]:
+    """The calling process's network namespace as far as tests must leave it: links, routes, nft."""
+    def run(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    links = sorted(line.split(":")[1].strip() for line in run("ip", "-o", "link").splitlines())
+    return ("\n".join(links), run("ip", "route"), run("ip", "-6", "route"), run("nft", "list", "ruleset"))
 
 
 def plugin_dir(where: Path, cache: Path) -> Path:
@@ -118,7 +144,7 @@ class Chain:
         proc = self.host.popen([str(self.plugins / plugin)], env=env, stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         data = stdin.encode() if isinstance(stdin, str) else stdin
-        out, err = proc.communicate(data, timeout=120)
+        out, err = proc.communicate(data, timeout=600)
         return Invocation(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
     # --- plugin configurations -------------------------------------------------------
@@ -172,3 +198,96 @@ class Chain:
             if got.rc != 0:
                 raise AssertionError(f"{plugin} DEL failed: {got.stdout} {got.stderr}")
         self.results.pop(container_id, None)
+
+
+class Podman:
+    """podman, conmon and crun from the cache, all state under ``tmp``, in one mount namespace."""
+
+    def __init__(self, topo: SeedTopology, tmp: Path, podman: Path, cni: Path, mapper: str) -> None:
+        self.topo, self.tmp, self.root = topo, tmp, podman
+        lib = podman / "usr/lib/x86_64-linux-gnu"
+        plugins = tmp / "cnibin"
+        plugins.mkdir()
+        for name in ("bridge", "host-local", "portmap"):
+            (plugins / name).symlink_to(cni / "usr/lib/cni" / name)
+        (plugins / "portproxy-cni").symlink_to(Path(sys.executable).parent / "portproxy-cni")
+        (tmp / "cniconf").mkdir()
+        (tmp / "cniconf/podman.conflist").write_text(json.dumps({
+            "cniVersion": "0.4.0", "name": "podman", "plugins": [
+                {"type": "bridge", "bridge": "cni-podman0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
+                 "ipam": {"type": "host-local", "dataDir": str(tmp / "ipam"), "routes": [{"dst": "0.0.0.0/0"}],
+                          "ranges": [[{"subnet": SUBNET, "gateway": GATEWAY}]]}},
+                {"type": mapper, "capabilities": {"portMappings": True}}]}))
+        crun = tmp / "crun"  # conmon does not pass LD_LIBRARY_PATH on
+        crun.write_text(f"#!/bin/sh\nLD_LIBRARY_PATH={lib} exec {podman}/usr/bin/crun \"$@\"\n")
+        crun.chmod(0o755)
+        soft_n, hard_n = resource.getrlimit(resource.RLIMIT_NOFILE)
+        pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+        nproc = [pid_max if v == resource.RLIM_INFINITY else min(v, pid_max)
+                 for v in resource.getrlimit(resource.RLIMIT_NPROC)]
+        (tmp / "containers.conf").write_text(f"""
+[containers]
+cgroups = "disabled"
+default_ulimits = ["nofile={soft_n}:{hard_n}", "nproc={nproc[0]}:{nproc[1]}"]
+seccomp_profile = "{podman}/usr/share/containers/seccomp.json"
+[network]
+network_backend = "cni"
+cni_plugin_dirs = ["{plugins}"]
+network_config_dir = "{tmp / 'cniconf'}"
+default_network = "podman"
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "none"
+conmon_path = ["{podman}/usr/bin/conmon"]
+runtime = "crun"
+tmp_dir = "{tmp / 'tmpdir'}"
+[engine.runtimes]
+crun = ["{crun}"]
+""")
+        (tmp / "storage.conf").write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{tmp / "storage"}"\n'
+                                          f'runroot = "{tmp / "runroot"}"\n')
+        rootfs = tmp / "rootfs"
+        for d in ("bin", "www", "proc", "sys", "dev", "etc", "tmp"):
+            (rootfs / d).mkdir(parents=True)
+        (rootfs / "bin/busybox").write_bytes((podman / "bin/busybox").read_bytes())
+        (rootfs / "bin/busybox").chmod(0o755)
+        for applet in ("sh", "httpd", "nc", "printf", "sleep"):
+            (rootfs / "bin" / applet).symlink_to("busybox")
+        (rootfs / "www/index.html").write_text("hello from podman\n")
+        self.rootfs = rootfs
+        self.env = {
+            "CONTAINERS_CONF": str(tmp / "containers.conf"), "CONTAINERS_STORAGE_CONF": str(tmp / "storage.conf"),
+            "LD_LIBRARY_PATH": str(lib), "PATH": f"{cni / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin",
+            "XTABLES_LIBDIR": str(cni / LIBDIR), "HOME": str(tmp),
+        }
+        setup = "mount -t tmpfs tmpfs /run && mount -t tmpfs tmpfs /var/lib && mkdir /run/netns && " \
+                "mount -t cgroup2 none /sys/fs/cgroup && echo ready && exec sleep infinity"
+        self.holder = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "nsenter", f"--net=/run/netns/{topo.host.name}",
+             "sh", "-c", setup], stdout=subprocess.PIPE, text=True)
+        assert self.holder.stdout is not None and self.holder.stdout.readline().strip() == "ready"
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        got = subprocess.run(["nsenter", "-t", str(self.holder.pid), "-m", "-n", f"{self.root}/usr/bin/podman",
+                              *args], env=self.env, capture_output=True, text=True, timeout=120)
+        if check and got.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)}: {got.stderr}")
+        return got
+
+    def run_web(self, name: str, *publish: str) -> None:
+        ports = [arg for p in publish for arg in ("-p", p)]
+        self("run", "-d", "--cgroups=disabled", "--name", name, *ports, "--rootfs", str(self.rootfs),
+             "/bin/httpd", "-f", "-p", "8080", "-h", "/www")
+
+    def get_from_container(self, host: str, port: int) -> str:
+        """GET / from a second container (busybox nc: the static wget crashes resolving names)."""
+        got = self("run", "--rm", "--cgroups=disabled", "--rootfs", str(self.rootfs), "/bin/sh", "-c",
+                   f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {host} {port}", check=False)
+        if got.returncode != 0:
+            return f"failed {got.returncode}: {got.stderr.strip()[-200:]}"
+        return got.stdout.replace("\r\n", "\n").split("\n\n", 1)[-1]
+
+    def close(self) -> None:
+        self("rm", "-a", "-f", "-t", "0", check=False)
+        self.holder.kill()
+        self.holder.wait()
