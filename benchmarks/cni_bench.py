@@ -1,6 +1,6 @@
 """CNI ADD and DEL time for 1, 100 and 1,000 published ports: portproxy-cni vs Debian's portmap.
 
-    .venv/bin/python benchmarks/cni_bench.py [--ports 1,100,1000] [--rounds 3] [--podman-rounds 5]
+    .venv/bin/python benchmarks/cni_bench.py [--ports 1,100,1000] [--rounds 3] [--podman-rounds 5] [--out NAME]
 
 In namespaces of its own (the seeds' topology, plus a container that Debian's ``bridge`` +
 ``host-local`` plug in), the plugin under test is run as a runtime runs it (a process per
@@ -67,15 +67,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mappers", default=",".join(MAPPERS))
     parser.add_argument("--podman-rounds", type=int, default=5)
+    parser.add_argument("--out", default="cni_bench", help="result file name in benchmarks/results/ (.json, .md)")
     args = parser.parse_args()
-    counts = [int(n) for n in args.ports.split(",")]
+    counts = [int(n) for n in args.ports.split(",") if n]
     cache = debian_plugins()
     rows = []
     with tempfile.TemporaryDirectory() as tmp, seed_topology("pcb") as topo:
         plugins = plugin_dir(Path(tmp) / "bin", cache)
         ctr = Namespace.create("pcb-ctr")
         topo.extra.append(ctr)
-        for mapper in args.mappers.split(","):
+        for mapper in args.mappers.split(",") if counts else []:
             chain = Chain(topo.host, plugins, cache, Path(tmp) / f"ipam-{mapper}", mapper)
             env = chain.env("ADD", "bench", ctr.name)
             prev = chain.invoke("bridge", env, json.dumps(chain.conf(chain.bridge_conf()))).json
@@ -98,15 +99,15 @@ def main() -> int:
         podman_rows.append({"mapper": mapper, "run_s": times, "run_median_s": statistics.median(times)})
         print(f"{mapper}: podman run -d -p 9090:8080 {podman_rows[-1]['run_median_s']:.3f} s", file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cni_bench.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows,
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows,
                                                         "podman": podman_rows}, indent=2) + "\n")
-    lines = ["| plugin | layout | ports | ADD (median) | DEL (median) |", "|---|---|---:|---:|---:|"]
+    lines = ["| plugin | layout | ports | ADD (median) | DEL (median) |", "|---|---|---:|---:|---:|"] if rows else []
     lines += [f"| {row['mapper']} | {row['layout']} | {row['ports']} | {row['add_median_s'] * 1000:.0f} ms "
               f"| {row['del_median_s'] * 1000:.0f} ms |" for row in rows]
     if podman_rows:
-        lines += ["", "| plugin | `podman run -d -p 9090:8080` (median) |", "|---|---:|"]
+        lines += ["" if lines else "# podman", "| plugin | `podman run -d -p 9090:8080` (median) |", "|---|---:|"]
         lines += [f"| {row['mapper']} | {row['run_median_s'] * 1000:.0f} ms |" for row in podman_rows]
-    (RESULTS / "cni_bench.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

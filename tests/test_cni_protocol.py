@@ -14,6 +14,7 @@ from portproxy.cni import main as cni_main
 from portproxy.cni import protocol as p
 from portproxy.cni.conditions import ConditionError, parse_conditions
 from portproxy.cni.table import TABLE, Entry, State, parse_state, removal, routed_interface
+from portproxy.cni.versions import version_json
 from portproxy.kernel import builders
 from portproxy.kernel.builders import KernelOptions
 from portproxy.spec import parse_spec
@@ -51,7 +52,7 @@ def test_versions() -> None:
     with pytest.raises(p.CniError) as err:
         p.check_version(conf(cniVersion="0.3.1"))
     assert err.value.code == p.ERR_INCOMPATIBLE_VERSION
-    assert p.version_json("1.0.0") == {"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
+    assert version_json("1.0.0") == {"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
 
 
 def test_port_mappings_parsed_and_checked() -> None:
@@ -255,7 +256,7 @@ def test_unchained_and_malformed(recorder: Recorder) -> None:
 
 
 def test_version_without_stdin() -> None:
-    assert run({"CNI_COMMAND": "VERSION"}, b"") == (0, p.version_json(None))
+    assert run({"CNI_COMMAND": "VERSION"}, b"") == (0, version_json(None))
 
 
 @settings(max_examples=300, deadline=None)
@@ -286,3 +287,19 @@ def test_a_host_port_mapped_twice_is_refused() -> None:
     # the same port for UDP, or on a given address, is another key
     entries = (p.PortMapping(80, 8080, "tcp", None), p.PortMapping(80, 8080, "udp", None))
     assert len(p.mappings_for(entries, [ipaddress.ip_address("10.88.0.2")])) == 2
+
+
+def test_version_fast_path_matches_the_full_answer() -> None:
+    """The executable answers VERSION before importing the plugin; the answer is the same."""
+    import subprocess
+    import sys
+
+    entry = [sys.executable, "-m", "portproxy.cni.entry"]
+    for stdin, expected in ((b'{"cniVersion": "0.4.0"}', version_json("0.4.0")), (b"", version_json(None))):
+        got = subprocess.run(entry, input=stdin, env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
+        assert (got.returncode, json.loads(got.stdout)) == (0, expected)
+    got = subprocess.run(entry, input=b"{", env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
+    assert got.returncode == 1 and json.loads(got.stdout)["code"] == p.ERR_DECODE
+    got = subprocess.run([sys.executable, "-X", "importtime", "-m", "portproxy.cni.entry"], input=b"{}",
+                         env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
+    assert b"portproxy.cni.protocol" not in got.stderr and b"nftables" not in got.stderr

@@ -13,7 +13,8 @@ from typing import Any, Callable, TextIO
 
 from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, SUPPORTED_VERSIONS, CniError, Config,
                        Env, check_version, container_addresses, decode, error_json, mappings_for, owner_of,
-                       parse_config, parse_env, result_for, version_json)
+                       parse_config, parse_env, result_for)
+from .versions import version_json
 
 
 def backend_for(conf: Config) -> Any:

@@ -26,7 +26,8 @@ from typing import Any, Mapping as EnvMapping
 from ..spec import IPAddress, Mapping
 from .conditions import Condition, ConditionError, parse_conditions
 
-SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
+from .versions import SUPPORTED_VERSIONS
+
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 
 # Error codes of the spec (0-99 are reserved for it) and this plugin's own (100+).
@@ -372,8 +373,3 @@ def gc_doomed(token: str, network: str, keep: set[tuple[str, str]]) -> bool:
 
 def error_json(err: CniError, version: str) -> dict:
     return {"cniVersion": version, "code": err.code, "msg": err.msg, "details": err.details}
-
-
-def version_json(requested: str | None) -> dict:
-    return {"cniVersion": requested if requested in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1],
-            "supportedVersions": list(SUPPORTED_VERSIONS)}
