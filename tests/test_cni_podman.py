@@ -14,7 +14,6 @@ so the default ulimits are the current ones (nproc capped at pid_max).
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -24,17 +23,9 @@ from typing import Iterator
 
 import pytest
 
-from portproxy.cni.testbed import Podman, ReferenceUnavailable, debian_plugins, podman_packages, root_snapshot
+from portproxy.cni.testbed import Podman, ReferenceUnavailable, debian_plugins, podman_packages
 from portproxy.netns import seed_topology
-
-
-@pytest.fixture(autouse=True)
-def root_unchanged() -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for namespaces")
-    before = root_snapshot()
-    yield
-    assert root_snapshot() == before, "the root network namespace changed"
+from test_cni import root_unchanged  # noqa: F401 - the autouse root-namespace check, shared
 
 
 @pytest.fixture(scope="module")
