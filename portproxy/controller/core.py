@@ -369,6 +369,9 @@ class Controller:
             except SpecError as exc:
                 raise Conflict(str(exc)) from None
             entry = Entry(settings, source, owner)
+            if source == "cni" and entry.mode != "kernel":
+                raise BadInput(f"mapping {mapping}: a CNI runtime's mappings are kernel-path only (mode kernel): "
+                               "the runtime holds their host ports itself")
             self.check_settings(mapping, settings)
             self._warn_if_not_local(mapping)
             await self._move(mapping, entry, set(), components(entry.mode), sockets)
