@@ -244,9 +244,9 @@ class Dockerd:
         return found
 
     def proxies(self) -> list[str]:
-        """Command lines of the userland proxies (a script's starts with its interpreter; a
-        delegated drop-in's waiting shell with the drop-in's path)."""
-        return [cmd for _, cmd in self.processes() if self.proxy_path in cmd.split()[:2]]
+        """Command lines of the userland proxies: docker-proxy's and a delegated drop-in's waiting
+        shell start with the proxy's path, the drop-in's with its interpreter and flags."""
+        return [cmd for _, cmd in self.processes() if self.proxy_path in cmd.split()[:3]]
 
     def stop(self) -> None:
         """Remove the containers, stop dockerd, then kill whatever is left in its mount namespace."""
