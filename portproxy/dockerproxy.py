@@ -15,7 +15,12 @@ and waits on fd 3:
 * ``-use-listen-fd`` (newer dockerd): the socket dockerd already bound is fd 4. It must be a
   bound TCP or UDP socket of the flag's protocol; a TCP socket that is not listening yet is
   made to listen; anything else is refused, so no handed socket can make the loop spin;
-* exits on SIGINT/SIGTERM; ``-v``/``-version`` prints the version.
+* exits on SIGINT/SIGTERM; ``-v``/``-version`` prints the version;
+* delegation: when a ``portproxy serve`` answers on its delegate socket
+  (``$PORTPROXY_SOCKET.delegate``, default ``/run/portproxy/portproxy.sock.delegate``), the bound
+  socket is handed to it (SCM_RIGHTS), its answer goes to fd 3, and the process becomes a
+  waiting shell holding the connection, whose end removes the mapping from the daemon
+  (see :mod:`portproxy.controller.delegate`). Without a daemon it serves in-process.
 
 Start-up is lean on purpose: dockerd waits for fd 3 before it starts the next proxy of a
 port range, so the flags are checked, the socket bound and ``0\\n`` written using only

@@ -33,8 +33,8 @@ def delegated(topo, daemon):
     start, _cli = daemon
     started: list[DockerProxy] = []
 
-    def run(*args: str, ns=None) -> DockerProxy:
-        proxy = DockerProxy(ns or topo.host, list(args), env={"PORTPROXY_SOCKET": str(start.socket)})
+    def run(*args: str, ns=None, listen_sock: socket.socket | None = None) -> DockerProxy:
+        proxy = DockerProxy(ns or topo.host, list(args), listen_sock, env={"PORTPROXY_SOCKET": str(start.socket)})
         started.append(proxy)
         return proxy
 
@@ -127,9 +127,14 @@ async def test_whatever_ends_the_waiting_process_removes_the_mapping(topo, tcp_e
     udp.proc.send_signal(how)
     udp.proc.wait(timeout=10)
     await wait_for(lambda: not ls(cli), 10, "the UDP mapping to go")
-    # The ports are free again: a new delegation of the same port works.
-    again = delegated(*flags("tcp", "::", 9091, topo.container_ip, 8080))
+    # The ports are free again: a new delegation of the same port works, here with the socket
+    # bound by dockerd (-use-listen-fd, fd 4), not yet listening.
+    bound = topo.host.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    bound.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    bound.bind(("::", 9091))
+    again = delegated(*flags("tcp", "::", 9091, topo.container_ip, 8080), "-use-listen-fd", listen_sock=bound)
     assert again.status == b"0\n"
+    await roundtrip(topo, 9091, topo.host_ip6)
 
 
 async def test_a_daemon_restart_does_not_resurrect_docker_ports(topo, tcp_echo, daemon, delegated) -> None:

@@ -145,7 +145,7 @@ def _start_delegate(delegate: DelegateServer) -> None:
     try:
         delegate.start()
     except OSError as exc:
-        raise SystemFailure(f"cannot listen on {delegate.path}: {exc.strerror}") from None
+        raise SystemFailure(f"cannot listen on {delegate.path}: {exc.strerror or exc}") from None
 
 
 def _start_metrics(addr: str, controller: Controller) -> Any:
