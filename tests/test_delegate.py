@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,4 +199,18 @@ async def test_a_dropin_in_another_namespace_serves_in_process(topo, tcp_echo, d
     assert proxy.proc.poll() is None and ls(cli) == {}
     proxy.proc.terminate()
     assert proxy.proc.wait(timeout=10) == 0
-    assert subprocess.run(["true"]).returncode == 0
+
+
+def test_docker_ports_benchmark_runs(tmp_path) -> None:
+    """benchmarks/docker_ports.py end to end at a few ports (the figures belong to the benchmark)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "docker_ports.py"
+    out = tmp_path / "docker_ports.json"
+    done = subprocess.run([sys.executable, str(script), "--ports", "3", "--sample", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert {"drop-in standalone", "drop-in delegated"} <= set(results)
+    assert results["drop-in delegated"]["ports_measured"] == 3 and results["drop-in delegated"]["daemon_pss_kib"] > 0
+    assert "| drop-in delegated |" in done.stdout
