@@ -25,7 +25,7 @@ from portproxy.dockerproxy import DEFAULT_SOCKET, OTHER_NAMESPACE, Endpoint, Req
 from portproxy.defaults import DEFAULT_SOCKET as DAEMON_DEFAULT_SOCKET
 from test_control_plane import metrics_text, roundtrip, wait_for
 from test_controller import ls
-from test_docker_proxy_dropin import DockerProxy, flags
+from test_docker_proxy_dropin import DROPIN, DockerProxy, flags
 
 
 @pytest.fixture
@@ -65,6 +65,17 @@ def test_answers_and_paths() -> None:
     assert "closed" in (parse_answer(b"") or "")
     assert DEFAULT_SOCKET == str(DAEMON_DEFAULT_SOCKET)
     assert delegate_path(Path("/run/x/pp.sock")) == Path("/run/x/pp.sock.delegate")
+
+
+def test_the_script_starts_lean_also_through_a_symlink(tmp_path) -> None:
+    """The script's shell line runs the python3 beside its target with -IS (no site module),
+    also when linked from a directory with another python3 in it (as /usr/local/bin may be)."""
+    (tmp_path / "python3").write_text("#!/bin/sh\necho wrong python\n")
+    (tmp_path / "python3").chmod(0o755)
+    (tmp_path / "portproxy-docker-proxy").symlink_to(DROPIN)
+    for path in (DROPIN, str(tmp_path / "portproxy-docker-proxy")):
+        done = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and done.stdout.startswith("portproxy-docker-proxy (portproxy "), done
 
 
 # --- against a real daemon --------------------------------------------------------------------------------

@@ -221,6 +221,12 @@ class DelegateServer:
                 sock.close()
             _answer(conn, {"error": f"delegation failed: {exc.strerror or exc}"})
             return None
+        except Exception as exc:  # noqa: BLE001 - a bug: the drop-in still gets a line, the loop goes on
+            log.exception("delegation failed")
+            for sock in sockets:
+                sock.close()
+            _answer(conn, {"error": f"internal error: {shorten(repr(exc), 200)}"})
+            return None
         _answer(conn, {"ok": True})
         return owner["id"]
 
