@@ -24,6 +24,8 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
 
 
 PROXY_FLAGS = ("connect_timeout", "udp_timeout", "max_udp_flows", "drain_timeout", "splice", "pipe_size", "target_cc")
+SOURCE_FLAGS = ("proxy_protocol", "source", "transparent_mark", "transparent_table")
+"""How the target learns the client's address (README "The client's address at the target")."""
 KERNEL_FLAGS = ("route_localnet", "masquerade", "set_sysctls")
 
 
@@ -39,7 +41,13 @@ def kernel_options_from(args: argparse.Namespace) -> "KernelOptions":  # noqa: F
 
 
 def proxy_options_from(args: argparse.Namespace) -> "ProxyOptions":  # noqa: F821
-    return options.proxy_options(options.given(args, PROXY_FLAGS))
+    return options.proxy_options(options.given(args, PROXY_FLAGS + SOURCE_FLAGS))
+
+
+def transparent_options_from(args: argparse.Namespace) -> "TransparentOptions | None":  # noqa: F821
+    """The routing transparent mode needs, or None without ``--source client``."""
+    given = options.given(args, SOURCE_FLAGS)
+    return options.transparent_options(given) if given.get("source") == "client" else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_map.add_argument("--mode", choices=("userland", "kernel"), default="userland",
                        help="userland proxy (default) or nftables DNAT")
     options.add_arguments(p_map.add_argument_group("userland proxy"), PROXY_FLAGS)
+    options.add_arguments(p_map.add_argument_group("client address at the target (userland path)"), SOURCE_FLAGS)
     options.add_arguments(p_map.add_argument_group("kernel path"), KERNEL_FLAGS)
     p_map.add_argument("--metrics-addr", type=_metrics_addr, nargs="?", const="127.0.0.1:9779", default=None,
                        metavar="HOST:PORT", help="serve Prometheus metrics (off by default; without a value "
@@ -136,14 +145,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"portproxy: {exc}", file=sys.stderr)
             return 2
         from .foreground import run_kernel, run_userland
+        from .proxy.proxy_protocol import refusal
 
+        for error in {refusal(m.proto, args.mode, args.proxy_protocol) for m in mappings} - {None}:
+            print(f"portproxy: {error}", file=sys.stderr)
+            return 2
         raise_fd_limit()  # the kernel path holds every published port too
         if args.mode == "kernel":
             return run(lambda: run_kernel(mappings, kernel_options_from(args), bool(args.set_sysctls),
                                           metrics_addr=args.metrics_addr, proxy_options=proxy_options_from(args)),
                        args.loop)
-        return run(lambda: run_userland(mappings, proxy_options_from(args), metrics_addr=args.metrics_addr),
-                   args.loop)
+        return run(lambda: run_userland(mappings, proxy_options_from(args), metrics_addr=args.metrics_addr,
+                                        transparent=transparent_options_from(args)), args.loop)
     if args.command == "serve":
         from .controller.daemon import run_serve
 

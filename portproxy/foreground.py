@@ -15,6 +15,8 @@ from .spec import Mapping
 
 if TYPE_CHECKING:
     from .kernel import KernelOptions, KernelPath
+    from .kernel.transparent import TransparentRouting
+    from .kernel.transparent_rules import TransparentOptions
     from .metrics import MappingSnapshot
 
 log = logging.getLogger("portproxy")
@@ -52,10 +54,39 @@ def _start_metrics(addr: str | None, snapshot) -> object | None:  # noqa: ANN001
     return server
 
 
+async def start_transparent(opts: "TransparentOptions") -> "TransparentRouting":
+    """Install transparent mode's routing (off the loop); TransparentError says why not."""
+    from .kernel.transparent import TransparentRouting
+
+    routing = TransparentRouting(opts)
+    await asyncio.to_thread(routing.install)
+    return routing
+
+
+async def stop_transparent(routing: "TransparentRouting | None") -> None:
+    """Remove what start_transparent installed; a failure is one line on stderr."""
+    if routing is None:
+        return
+    try:
+        await asyncio.to_thread(routing.remove)
+    except PortproxyError as exc:
+        print(f"portproxy: {exc}", file=sys.stderr)
+
+
 async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: TextIO = sys.stdout,
-                       metrics_addr: str | None = None) -> int:
-    """Start every mapping (all or nothing), print ready lines, serve until a stop signal."""
+                       metrics_addr: str | None = None, transparent: "TransparentOptions | None" = None) -> int:
+    """Start every mapping (all or nothing), print ready lines, serve until a stop signal.
+
+    ``transparent``: the routing of transparent mode (``--source client``), installed
+    before the first listener and removed after the last connection is gone."""
     stop = stop_signal()
+    routing = None
+    if transparent is not None:
+        try:
+            routing = await start_transparent(transparent)
+        except PortproxyError as exc:
+            print(f"portproxy: {exc}", file=sys.stderr)
+            return 1
     server = ProxyServer(asyncio.get_running_loop(), options)
 
     def snapshot() -> list["MappingSnapshot"]:
@@ -75,6 +106,7 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
     except ProxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         await server.stop(drain_timeout=0)
+        await stop_transparent(routing)
         return 1
     for mapping in mappings:
         for part in mapping.per_family():
@@ -83,6 +115,7 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
     log.info("%s: draining %d connection(s) for up to %gs", signal.Signals(signum).name,
              server.connection_count(), options.drain_timeout)
     await server.stop()
+    await stop_transparent(routing)
     if metrics is not None:
         metrics.shutdown()  # type: ignore[attr-defined]
     return 0

@@ -93,6 +93,29 @@ def _metrics_addr(value: str) -> str | None:
     return None
 
 
+def _transparent_mark(value: str) -> str | None:
+    from .kernel.transparent_rules import TransparentOptions
+
+    try:
+        mark, mask = parse_mark(value)
+    except ValueError as exc:
+        return str(exc)
+    return TransparentOptions(mark=mark, mask=mask).check()
+
+
+def parse_mark(value: str) -> tuple[int, int]:
+    """``MARK[/MASK]`` → (mark, mask); no mask means all 32 bits."""
+    mark, sep, mask = value.partition("/")
+    try:
+        return int(mark, 0), int(mask, 0) if sep else 0xFFFFFFFF
+    except ValueError:
+        raise ValueError("is not MARK[/MASK] (e.g. 0x1d000000/0xff000000)") from None
+
+
+def _route_table(value: int) -> str | None:
+    return "is a reserved routing table (253-255)" if value in (253, 254, 255) else None
+
+
 GLOBAL, MAPPING, DAEMON = "global", "mapping", "daemon"
 BOTH = frozenset({GLOBAL, MAPPING})
 
@@ -112,6 +135,16 @@ OPTIONS: tuple[Option, ...] = (
            minimum=4096, maximum=1 << 30, metavar="BYTES"),
     Option("target_cc", str, None, "TCP congestion control toward the targets (default: the system's)", BOTH,
            check=_congestion_control, metavar="ALGORITHM", env="PORTPROXY_TARGET_CC"),
+    Option("proxy_protocol", str, None, "send a PROXY protocol header (v1 or v2) with the client's address "
+           "before any payload (TCP, userland path)", BOTH, choices=("v1", "v2"), metavar="v1|v2",
+           env="PORTPROXY_PROXY_PROTOCOL"),
+    Option("source", str, "host", "connect to the target from the host's address, or from the client's "
+           "(transparent mode: installs an ip rule, a local route table and an nft marking rule)", BOTH,
+           choices=("host", "client"), metavar="host|client", env="PORTPROXY_SOURCE"),
+    Option("transparent_mark", str, "0x1d000000/0xff000000", "packet mark of transparent mode's replies",
+           check=_transparent_mark, metavar="MARK[/MASK]"),
+    Option("transparent_table", int, 7719, "routing table of transparent mode's local routes (must be unused)",
+           minimum=1, maximum=0x7FFFFFFF, check=_route_table, metavar="N"),
     Option("route_localnet", bool, False, "kernel path: also publish on 127.0.0.0/8 "
            "(needs net.ipv4.conf.all.route_localnet=1)"),
     Option("masquerade", str, (), "kernel path: masquerade SUBNET's traffic that does not leave through BRIDGE",
@@ -284,7 +317,7 @@ def given(namespace: Any, wanted: Iterable[str]) -> dict[str, Any]:
 # --- into the option objects ------------------------------------------------------------
 
 PROXY_FIELDS = ("connect_timeout", "udp_timeout", "max_udp_flows", "drain_timeout", "splice", "pipe_size",
-                "target_cc")
+                "target_cc", "proxy_protocol", "source")
 
 
 def proxy_options(values: dict[str, Any], base: Any = None) -> Any:
@@ -300,3 +333,11 @@ def kernel_options(values: dict[str, Any]) -> Any:
 
     masquerade = tuple(tuple(item.partition(",")[::2]) for item in values.get("masquerade", ()))
     return KernelOptions(route_localnet=values.get("route_localnet", False), masquerade=masquerade)
+
+
+def transparent_options(values: dict[str, Any]) -> Any:
+    """TransparentOptions (mark, mask, table) from checked values."""
+    from .kernel.transparent_rules import TransparentOptions
+
+    mark, mask = parse_mark(values.get("transparent_mark", BY_NAME["transparent_mark"].default))
+    return TransparentOptions(mark=mark, mask=mask, table=values.get("transparent_table", 7719))

@@ -95,4 +95,4 @@ def test_demo_runs_and_cleans_up() -> None:
     assert "kernel counters of 9090:172.16.1.1:8080: 3 connections" in result.stdout
     assert "ran through 5 switches: 26214400 bytes" in result.stdout and "every byte intact" in result.stdout
     after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    assert after <= before
+    assert {name for name in after - before if name.startswith("ppdemo-")} == set()  # (others' may come and go)

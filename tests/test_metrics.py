@@ -6,17 +6,25 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import subprocess
 import urllib.parse
 
 import pytest
 
+from portproxy import debcache
+
 from conftest import connect_expecting_close, echo_roundtrip, udp_endpoint
 
 METRICS_PORT = 9779
-needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
-                                      reason="Debian's prometheus package (setup.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> dict[str, list[str]]:
+    """Debian's prometheus and promtool, unpacked into the tool cache (setup.sh fetches them)."""
+    try:
+        return {name: debcache.command(name) for name in ("prometheus", "promtool")}
+    except debcache.ToolUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 def http_get(ns, port: int, path: str, host: str = "127.0.0.1") -> str:
@@ -107,28 +115,27 @@ async def test_kernel_counters(topo, tcp_echo, portproxy) -> None:
     assert sample(text, "portproxy_mapping_mode", mode="kernel", **labels) == 1
 
 
-@needs_prometheus
-async def test_exposition_passes_promtool(topo, tcp_echo, portproxy) -> None:
+async def test_exposition_passes_promtool(topo, tcp_echo, portproxy, prometheus) -> None:
     for args, ready in ((["map", f"9090:{topo.container_ip}:8080", f"9091:{topo.container_ip}:8080/udp"], 2),
                         (["map", "--mode", "kernel", f"9090:{topo.container_ip}:8080"], 1)):
         proc = portproxy(*args, "--metrics-addr", ready=ready)
         await _echo(topo, 9090, b"some bytes")
         text = scrape(topo.host)
-        check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        check = subprocess.run([*prometheus["promtool"], "check", "metrics"], input=text, capture_output=True,
+                               text=True)
         assert check.returncode == 0, check.stdout + check.stderr
         proc.stop()
 
 
-@needs_prometheus
 @pytest.mark.parametrize("mode", ["userland", "kernel"])
-async def test_real_prometheus_scrapes_the_byte_counter(topo, tcp_echo, daemon, tmp_path, mode) -> None:
+async def test_real_prometheus_scrapes_the_byte_counter(topo, tcp_echo, daemon, tmp_path, mode, prometheus) -> None:
     start, cli = daemon
     start(f'[[mapping]]\nspec = "9090:{topo.container_ip}:8080"\nmode = "{mode}"\n')
     await _echo(topo, 9090, os.urandom(500_000))
     config = tmp_path / "prometheus.yml"
     config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: portproxy\n"
                       f"    static_configs:\n      - targets: ['127.0.0.1:{METRICS_PORT}']\n")
-    prom = topo.host.popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+    prom = topo.host.popen([*prometheus["prometheus"], f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
                             "--web.listen-address=127.0.0.1:19090", "--log.level=warn"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

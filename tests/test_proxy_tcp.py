@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
 from conftest import (check_congestion_control_per_leg, congestion_control_choice, connect_expecting_close,
                       echo_roundtrip, open_connection, start_server)
+from test_metrics import http_get, sample
 
 PATHS = {
     "splice-uvloop": [],
@@ -171,15 +174,16 @@ async def test_graceful_stop_lets_live_connections_finish(topo, tcp_echo, portpr
 async def test_out_of_fds_backs_off_and_recovers(topo, tcp_echo, portproxy) -> None:
     """EMFILE on accept: no spinning, one log line, and service resumes once fds free up."""
     proxy = portproxy("map", f"9090:{topo.container_ip}:8080", prefix=["prlimit", "--nofile=48:48", "--"])
-    held = []
-    for _ in range(30):  # each costs the proxy two fds; the limit runs out on the way
-        held.append(await open_connection(topo.client, topo.host_ip, 9090))
+    held = [topo.client.socket() for _ in range(30)]  # two fds each in the proxy: it runs out
+    for client in held:
+        client.setblocking(False)  # plain connects: one may be reset (no fd for its target)
+        client.connect_ex((topo.host_ip, 9090))
     await asyncio.sleep(1.0)
     cpu_before = _cpu_seconds(proxy.proc.pid)
     await asyncio.sleep(1.0)
     assert _cpu_seconds(proxy.proc.pid) - cpu_before < 0.2  # backing off, not spinning
-    for reader, writer in held:
-        writer.close()
+    for client in held:
+        client.close()
     await asyncio.sleep(1.5)
     # Recovered: new connections are served again.
     reader, writer = await open_connection(topo.client, topo.host_ip, 9090)
@@ -201,3 +205,52 @@ async def test_target_cc_applies_to_the_target_leg_only(topo, tcp_echo, portprox
     default, chosen = congestion_control_choice(topo.host)
     portproxy("map", f"9090:{topo.container_ip}:8080", "--target-cc", chosen)
     await check_congestion_control_per_leg(topo, 9090, 8080, default, chosen)
+
+
+async def test_out_of_fds_for_the_target_socket_resets_the_client(topo, tcp_echo, portproxy) -> None:
+    """EMFILE on the socket to the target: the client is reset and counted, nothing is left
+    in CLOSE-WAIT, the active count returns to 0 and a stop does not wait for a ghost.
+
+    Accepting takes one fd and the target's socket a second: with an odd number of fds
+    left, the last accept succeeds and the socket fails. The parity depends on how many fds
+    the process has open at rest, so two processes differing by one fd cover both."""
+    emfile = 0
+    for offset in (0, 1):
+        port, metrics_port = 9090 + offset, 9780 + offset
+        proxy = portproxy("map", f"{port}:{topo.container_ip}:8080", "--drain-timeout", "30",
+                          "--metrics-addr", f"127.0.0.1:{metrics_port}", prefix=["prlimit", f"--nofile={48 + offset}", "--"])
+        # Plain non-blocking connects: the proxy may reset some of them while they connect.
+        clients = [topo.client.socket() for _ in range(40)]
+        for client in clients:
+            client.setblocking(False)
+            client.connect_ex((topo.host_ip, port))
+        await _until(lambda: "backing off" in proxy.stderr, f"{port}: the proxy never ran out of fds")
+        for client in clients:
+            client.close()
+
+        def settled() -> bool:
+            text = scrape_on(topo.host, metrics_port)
+            stuck = topo.host.run(subprocess.check_output, ["ss", "-Htn", "state", "close-wait", f"( sport = :{port} )"])
+            return sample(text, "portproxy_connections_active") == 0 and not stuck.strip()
+
+        await _until(settled, f"{port}: connections left in CLOSE-WAIT or counted as active")
+        emfile += int(sample(scrape_on(topo.host, metrics_port), "portproxy_connect_failures_total", reason="EMFILE") or 0)
+        t0 = time.monotonic()
+        proxy.proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proxy.proc.wait, 20) == 0
+        assert time.monotonic() - t0 < 10  # not the 30 s drain timeout: nothing was left to drain
+    assert emfile >= 1  # one of the two ran out exactly between accept and the target's socket
+
+
+def scrape_on(ns, port: int) -> str:
+    try:
+        return http_get(ns, port, "/metrics")
+    except OSError:
+        return ""  # the proxy is still out of fds: its metrics server cannot accept either
+
+
+async def _until(condition, message: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() < deadline, message
+        await asyncio.sleep(0.2)

@@ -48,14 +48,20 @@ def rss_with_mappings(topo: SeedTopology, path: PathDef, count: int) -> dict[str
             "sampled": float(sampled)}
 
 
+def container_listener(topo: SeedTopology, port: int) -> socket.socket:
+    """A TCP listener on every address of the container, for a server of the harness's own."""
+    listener = topo.container.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(8192)
+    return listener
+
+
 class IdleSink:
     """Accepts connections in the container and holds them, reading nothing."""
 
     def __init__(self, topo: SeedTopology) -> None:
-        self.listener = topo.container.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("0.0.0.0", SINK.port))
-        self.listener.listen(8192)
+        self.listener = container_listener(topo, SINK.port)
         self.accepted: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, name="idle-sink", daemon=True)
         self._thread.start()

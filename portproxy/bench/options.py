@@ -16,6 +16,7 @@ class Options:
     connections: int
     mappings: int
     idle_connections: int
+    slow_readers: int
     paths: list[str] | None
     workloads: list[str] | None
     memory: bool
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mappings", type=int, default=None, help="ports for the RSS figure (default 1000; quick: 50)")
     p.add_argument("--idle-connections", type=int, default=None,
                    help="idle connections for the per-connection memory figure (default 8000; quick: 200)")
+    p.add_argument("--slow-readers", type=int, default=None,
+                   help="never-reading clients for the pinned-kernel-memory figure (default 200; quick: 50; 0: skip)")
     p.add_argument("--paths", default=None, help="comma-separated path keys (default: every available one)")
     p.add_argument("--workloads", default=None,
                    help=f"comma-separated workload keys (default: all of {','.join(w.key for w in WORKLOADS)})")
@@ -49,6 +52,7 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(
         seconds=pick(args.seconds, 5, 1), rounds=int(pick(args.rounds, 3, 1)), connections=args.connections,
         mappings=int(pick(args.mappings, 1000, 50)), idle_connections=int(pick(args.idle_connections, 8000, 200)),
+        slow_readers=int(pick(args.slow_readers, 200, 50)),
         paths=args.paths.split(",") if args.paths else None,
         workloads=args.workloads.split(",") if args.workloads else None,
         memory=not args.no_memory, chart=not args.no_chart, quick=args.quick, out=args.out)

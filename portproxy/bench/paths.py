@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .. import debcache
 from ..netns import Namespace, SeedTopology
 from ..proxy.options import congestion_control_error
-from .procfs import default_congestion_control
+from .procfs import default_congestion_control, descendants
+from .servers import HTTP, HTTP_PROXY_PROTOCOL_PORT
 
 Forward = tuple[int, int, str]
 """(host port, container port, "tcp" | "udp")"""
@@ -42,7 +44,12 @@ class Running:
     cleanup: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     def stop(self) -> None:
-        """Stop every process *group*: socat's per-peer children outlive their parent."""
+        """Stop every process *group*: socat's per-peer children outlive their parent.
+
+        Returns once they are all gone: children busy with full socket buffers took a
+        few seconds after SIGKILL, and the next measurement (or a test counting the
+        tools' processes) must not see them."""
+        children = [child for proc in self.procs for child in descendants(proc.pid)]
         for proc in self.procs:
             _signal_group(proc, signal.SIGTERM)
         for proc in self.procs:
@@ -52,8 +59,20 @@ class Running:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
             _signal_group(proc, signal.SIGKILL)  # whatever of the group is left
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
         for step in self.cleanup:
             step()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not yet a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _signal_group(proc: subprocess.Popen, signum: int) -> None:
@@ -81,6 +100,7 @@ class PathDef:
     process_per_connection: bool = False  # socat forks for each connection
     fds_per_connection: int = 2  # what one idle relayed connection holds open
     memory: bool = True  # False: a tuning variant whose memory is another path's
+    services: frozenset[str] | None = None  # the container services it can carry (None: all)
 
 
 # --- readiness -----------------------------------------------------------------------------------
@@ -103,7 +123,8 @@ def wait_listening(ns: Namespace, address: str, forwards: list[Forward], procs: 
         if not waiting:
             break
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            raise PathError(f"{procs[0].args[0] if procs else 'path'} is not listening on {waiting[0]}/tcp")
+            program = debcache.program_of(procs[0].args) if procs else "path"
+            raise PathError(f"{program} is not listening on {waiting[0]}/tcp")
         time.sleep(0.05)
     if any(proto == "udp" for _, _, proto in forwards):
         time.sleep(0.2)
@@ -120,9 +141,10 @@ def listening(topo: SeedTopology, forwards: list[Forward], running: Running) -> 
 
 
 # --- portproxy ------------------------------------------------------------------------------------
-def portproxy_starter(*extra: str, kernel: bool = False) -> Starter:
+def portproxy_starter(*extra: str, kernel: bool = False, ports: dict[int, int] | None = None) -> Starter:
+    """``ports``: container ports to dial instead of the services' own (e.g. nginx's PROXY listener)."""
     def start(topo: SeedTopology, forwards: list[Forward]) -> Running:
-        specs = [f"{hp}:{topo.container_ip}:{tp}/{proto}" for hp, tp, proto in forwards]
+        specs = [f"{hp}:{topo.container_ip}:{(ports or {}).get(tp, tp)}/{proto}" for hp, tp, proto in forwards]
         argv = [sys.executable, "-m", "portproxy", "map", *specs, *extra, "--log-level", "warning"]
         if kernel:
             argv += ["--mode", "kernel"]
@@ -138,34 +160,21 @@ def portproxy_starter(*extra: str, kernel: bool = False) -> Starter:
 
 
 # --- docker-proxy ---------------------------------------------------------------------------------
-def find_docker_proxy() -> str | None:
-    """docker-proxy from Debian's docker.io, extracted with dpkg -x (never installed)."""
-    for candidate in (os.environ.get("DOCKER_PROXY"), shutil.which("docker-proxy"), "/usr/sbin/docker-proxy",
-                      "/usr/libexec/docker/docker-proxy"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    cache = Path(tempfile.gettempdir()) / "portproxy-bench-docker-proxy"
-    binary = cache / "x" / "usr" / "sbin" / "docker-proxy"
-    if binary.exists():
-        return str(binary)
-    cache.mkdir(exist_ok=True)
-    try:
-        subprocess.run(["apt-get", "download", "docker.io"], cwd=cache, check=True, capture_output=True, timeout=600)
-        deb = next(cache.glob("docker.io_*.deb"))
-        subprocess.run(["dpkg", "-x", str(deb), str(cache / "x")], check=True, capture_output=True, timeout=600)
-    except (OSError, subprocess.SubprocessError, StopIteration) as exc:
-        print(f"docker-proxy unavailable ({exc}); leaving it out", file=sys.stderr)
-        return None
-    return str(binary) if binary.exists() else None
+def find_docker_proxy() -> list[str] | None:
+    """docker-proxy from Debian's docker.io, unpacked with dpkg -x (never installed), or $DOCKER_PROXY."""
+    override = os.environ.get("DOCKER_PROXY")
+    if override:
+        return [override] if os.access(override, os.X_OK) else None
+    return debcache.available("docker-proxy")
 
 
-def docker_proxy_starter(binary: str) -> Starter:
+def docker_proxy_starter(binary: list[str]) -> Starter:
     def start(topo: SeedTopology, forwards: list[Forward]) -> Running:
         running = Running()
         for hp, tp, proto in forwards:
             # dockerd gives docker-proxy a pipe as fd 3 and waits for "0\n" (or "1\n<error>").
             r, w = os.pipe()
-            argv = [binary, "-proto", proto, "-host-ip", "0.0.0.0", "-host-port", str(hp),
+            argv = [*binary, "-proto", proto, "-host-ip", "0.0.0.0", "-host-port", str(hp),
                     "-container-ip", topo.container_ip, "-container-port", str(tp)]
             running.procs.append(topo.host.popen(argv, fds={3: w}, stdout=subprocess.DEVNULL,
                                                  stderr=subprocess.DEVNULL, **GROUP))
@@ -201,7 +210,11 @@ defaults
 """
 
 
-def start_haproxy(topo: SeedTopology, forwards: list[Forward]) -> Running:
+def haproxy_starter(haproxy: list[str]) -> Starter:
+    return lambda topo, forwards: start_haproxy(haproxy, topo, forwards)
+
+
+def start_haproxy(haproxy: list[str], topo: SeedTopology, forwards: list[Forward]) -> Running:
     tmp = tempfile.mkdtemp(prefix="portproxy-bench-haproxy-")
     maxconn = min(9000, (HAPROXY_FDS - 1100 - len(forwards)) // 2)  # 8,000 idle connections fit
     config = [HAPROXY_GLOBAL.format(maxconn=maxconn, fds=HAPROXY_FDS)]
@@ -209,20 +222,24 @@ def start_haproxy(topo: SeedTopology, forwards: list[Forward]) -> Running:
         config.append(f"listen p{hp}\n    bind 0.0.0.0:{hp}\n    server s {topo.container_ip}:{tp}\n")
     path = Path(tmp) / "haproxy.cfg"
     path.write_text("\n".join(config))
-    proc = topo.host.popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = topo.host.popen([*haproxy, "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            **GROUP)
     running = Running([proc], [proc.pid], [lambda: shutil.rmtree(tmp, ignore_errors=True)])
     return listening(topo, forwards, running)
 
 
 # --- socat ----------------------------------------------------------------------------------------
-def start_socat(topo: SeedTopology, forwards: list[Forward]) -> Running:
+def socat_starter(socat: list[str]) -> Starter:
+    return lambda topo, forwards: start_socat(socat, topo, forwards)
+
+
+def start_socat(socat: list[str], topo: SeedTopology, forwards: list[Forward]) -> Running:
     running = Running()
     for hp, tp, proto in forwards:
         if proto == "tcp":
-            argv = ["socat", f"TCP-LISTEN:{hp},fork,reuseaddr,backlog=4096", f"TCP:{topo.container_ip}:{tp}"]
+            argv = [*socat, f"TCP-LISTEN:{hp},fork,reuseaddr,backlog=4096", f"TCP:{topo.container_ip}:{tp}"]
         else:
-            argv = ["socat", f"UDP-LISTEN:{hp},fork,reuseaddr", f"UDP:{topo.container_ip}:{tp}"]
+            argv = [*socat, f"UDP-LISTEN:{hp},fork,reuseaddr", f"UDP:{topo.container_ip}:{tp}"]
         running.procs.append(topo.host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **GROUP))
     running.relay_pids = [p.pid for p in running.procs]  # children's CPU is charged to them once reaped
     return listening(topo, forwards, running)
@@ -235,6 +252,8 @@ DIRECT = "direct"
 KERNEL = "kernel"
 SPLICE = "userland-splice"
 SPLICE_CUBIC = "userland-target-cubic"
+TRANSPARENT = "userland-transparent"
+PROXY_V2 = "userland-proxy-v2"
 DOCKER_PROXY = "docker-proxy"
 
 
@@ -253,6 +272,15 @@ def available_paths(only: list[str] | None = None) -> list[PathDef]:
         # the target leg without bbr's pacing. TCP only: UDP does not use it.
         paths.insert(3, PathDef(SPLICE_CUBIC, "portproxy userland, splice, --target-cc cubic", frozenset({"tcp"}),
                                 portproxy_starter("--target-cc", "cubic"), memory=False))
+    paths += [
+        # Transparent mode: the servers see the client's address; every workload runs unchanged.
+        PathDef(TRANSPARENT, "portproxy userland, splice, --source client", BOTH,
+                portproxy_starter("--source", "client"), memory=False),
+        # A PROXY header only nginx's proxy_protocol listener understands: connection rate only.
+        PathDef(PROXY_V2, "portproxy userland, splice, --proxy-protocol v2", frozenset({"tcp"}),
+                portproxy_starter("--proxy-protocol", "v2", ports={HTTP.port: HTTP_PROXY_PROTOCOL_PORT}),
+                memory=False, services=frozenset({HTTP.name})),
+    ]
     wanted = set(only) if only else None
     if wanted is None or DOCKER_PROXY in wanted:
         binary = find_docker_proxy()
@@ -260,9 +288,9 @@ def available_paths(only: list[str] | None = None) -> list[PathDef]:
             # Go's splice keeps a pipe per direction for the life of a connection: 6 fds.
             paths.append(PathDef(DOCKER_PROXY, "docker-proxy (Debian docker.io)", BOTH, docker_proxy_starter(binary),
                                  process_per_port=True, fds_per_connection=6))
-    if shutil.which("haproxy"):
-        paths.append(PathDef("haproxy", "HAProxy (TCP mode, splice)", frozenset({"tcp"}), start_haproxy))
-    if shutil.which("socat"):
-        paths.append(PathDef("socat", "socat (fork per connection)", BOTH, start_socat, process_per_port=True,
+    if (wanted is None or "haproxy" in wanted) and (haproxy := debcache.available("haproxy")):
+        paths.append(PathDef("haproxy", "HAProxy (TCP mode, splice)", frozenset({"tcp"}), haproxy_starter(haproxy)))
+    if (wanted is None or "socat" in wanted) and (socat := debcache.available("socat")):
+        paths.append(PathDef("socat", "socat (fork per connection)", BOTH, socat_starter(socat), process_per_port=True,
                              process_per_connection=True))
     return [p for p in paths if wanted is None or p.key in wanted]

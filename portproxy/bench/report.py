@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from .paths import DOCKER_PROXY, KERNEL, SPLICE, SPLICE_CUBIC
+from .paths import DIRECT, DOCKER_PROXY, KERNEL, SPLICE, SPLICE_CUBIC
 from .procfs import default_congestion_control
 from .workloads import WORKLOADS
 
@@ -81,6 +81,8 @@ def targets(results: Results, summary: dict) -> list[dict[str, Any]]:
     idle = results.get("memory", {}).get("idle", {})
     rss = mappings.get("results", {}).get(SPLICE, {}).get("rss_mib")
     per_conn = idle.get("results", {}).get(SPLICE, {}).get("kib_per_connection")
+    slow = results.get("memory", {}).get("slow_readers", {})
+    pinned = {key: slow.get("results", {}).get(key, {}).get("total_mib") for key in (SPLICE, DIRECT)}
     rows = [
         ("userland single-stream throughput vs docker-proxy", _ratio(h("tcp-1", SPLICE), h("tcp-1", DOCKER_PROXY)),
          "≥ 1.5×", lambda v: v >= 1.5, "{:.2f}×"),
@@ -93,6 +95,8 @@ def targets(results: Results, summary: dict) -> list[dict[str, Any]]:
         (f"memory per idle connection at {idle.get('count', 8000)} connections", per_conn, "≤ 6 KB",
          lambda v: v * 1.024 <= 6, "{:.2f} KiB"),
         ("UDP loss at 1 Gbit/s offered, 1400 B datagrams", loss, "≤ 5 %", lambda v: v <= 5, "{:.2f} %"),
+        (f"kernel memory pinned by {slow.get('count', 200)} never-reading clients vs direct routing",
+         _ratio(pinned[SPLICE], pinned[DIRECT]), "≤ 2×", lambda v: v <= 2, "{:.2f}×"),
     ]
     cubic = h("tcp-1", SPLICE_CUBIC)
     if cubic is not None:  # measured only where the system default is not cubic
@@ -195,6 +199,20 @@ def markdown(results: Results, chart_name: str | None) -> str:
                                ["KiB per connection", "RSS before → after (MiB)"], memory["idle"]["results"],
                                labels, idle_row)
         lines.append("\nThe kernel path keeps no process state per connection (a conntrack entry, in the kernel).")
+    if memory.get("slow_readers"):
+        count = memory["slow_readers"]["count"]
+        direct = memory["slow_readers"]["results"].get(DIRECT, {}).get("total_mib")
+
+        def slow_row(r: dict) -> list[str]:
+            ratio = f"{r['total_mib'] / direct:.2f}×" if direct else "–"
+            return ["", f"{r['total_mib']:.1f}", ratio, f"{r['kib_per_client']:.0f}", f"{r['client_mib']:.1f}",
+                    f"{r['host_mib']:.1f}", f"{r['container_mib']:.1f}", f"{r['pipes_mib']:.1f}"]
+
+        lines += _memory_table(f"Kernel memory pinned by {count} clients that never read (server writes flat out)",
+                               ["total MiB", "× direct", "KiB per client", "client ns", "host ns", "container ns",
+                                "pipes"], memory["slow_readers"]["results"], labels, slow_row)
+        lines.append("\nSocket memory is `ss -tm` skmem r + w + f (what counts against tcp_mem) summed over every "
+                     "TCP socket of each namespace; pipes are the bytes waiting in the relay's pipes (FIONREAD).")
     return "\n".join(lines) + "\n"
 
 
@@ -231,12 +249,14 @@ def chart(results: Results, path: Path) -> bool:
             arrow = "↑" if head.higher_is_better else "↓"
             panels.append((workload.label, f"{head.unit} {arrow}", values, False))
     memory = results.get("memory", {})
-    for part, key, unit in (("mappings", "rss_mib", "MiB ↓"), ("idle", "kib_per_connection", "KiB ↓")):
+    for part, key, unit in (("mappings", "rss_mib", "MiB ↓"), ("idle", "kib_per_connection", "KiB ↓"),
+                            ("slow_readers", "total_mib", "MiB ↓")):
         rows = memory.get(part, {}).get("results", {})
         values = {p: r[key] for p, r in rows.items() if key in r}
         if values:
-            title = (f"RSS with {memory[part]['count']} mappings" if part == "mappings"
-                     else f"memory per idle connection ({memory[part]['count']})")
+            title = {"mappings": f"RSS with {memory[part]['count']} mappings",
+                     "idle": f"memory per idle connection ({memory[part]['count']})",
+                     "slow_readers": f"kernel memory, {memory[part]['count']} slow readers"}[part]
             panels.append((title, unit + " (log scale)", values, True))  # MiB next to GB
     if not panels:
         return False

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from ..runtime import raise_fd_limit
 from . import report
 from .options import Options, options_from
 from .memory import IdleSink, idle_connections_for, rss_per_idle_connection, rss_with_mappings
 from .paths import PathDef, PathError, Running, available_paths
+from .slow_readers import Firehose, pinned_by_slow_readers
 from .servers import SERVICES, container_servers
 from .tools import ToolError
 from .topology import bench_topology, reset_conntrack
@@ -65,8 +66,10 @@ def main(args: argparse.Namespace) -> int:
         "workloads": {w.key: {"label": w.label, "runs": {}, "errors": {}} for w in workloads},
         "memory": {},
     }
-    runs = opts.rounds * sum(1 for w in workloads for p in paths if w.proto in p.protocols)
+    runs = opts.rounds * sum(1 for w in workloads for p in paths if _carries(p, w))
     memory_steps = 2 * sum(1 for p in paths if p.start is not None and p.memory) if opts.memory else 0
+    if opts.memory and opts.slow_readers:
+        memory_steps += sum(1 for p in paths if p.memory)
     progress = Progress(runs + memory_steps)
     with bench_topology() as topo:
         progress.say(f"topology up: client {topo.client.name} → host {topo.host.name} → container {topo.container.name}")
@@ -81,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
                     order = live[rnd % len(live):] + live[:rnd % len(live)] if live else []
                     for workload in workloads:
                         for path in order:
-                            if workload.proto in path.protocols:
+                            if _carries(path, workload):
                                 _one_run(topo, workload, published[path.key], opts, rnd, results, progress)
             finally:
                 for r in running:
@@ -93,6 +96,10 @@ def main(args: argparse.Namespace) -> int:
     if opts.chart and "png" not in written:
         progress.say("no chart: matplotlib is not installed (pip install 'portproxy[bench]')")
     return 0
+
+
+def _carries(path: PathDef, workload: Workload) -> bool:
+    return workload.proto in path.protocols and (path.services is None or workload.service.name in path.services)
 
 
 def _start_paths(topo: SeedTopology, paths: list[PathDef]) -> tuple[dict[str, Published], list[Running], dict[str, str]]:
@@ -110,7 +117,7 @@ def _start_paths(topo: SeedTopology, paths: list[PathDef]) -> tuple[dict[str, Pu
         for offset, service in enumerate(SERVICES):
             host_port = PORT_BASE + 100 * index + offset  # one port per service: iperf3's UDP test
             for proto in service.protocols:              # runs on its TCP control port's number
-                if proto in path.protocols:
+                if proto in path.protocols and (path.services is None or service.name in path.services):
                     ports[(service.name, proto)] = host_port
                     forwards.append((host_port, service.port, proto))
         try:
@@ -153,22 +160,44 @@ def _memory(topo: SeedTopology, paths: list[PathDef], opts: Options, results: re
             if path.start is None or not path.memory:
                 continue
             reset_conntrack(topo)  # 8,000 connections per path would fill the table otherwise
-            try:
-                mappings[path.key] = rss_with_mappings(topo, path, opts.mappings)
-                progress.step(f"memory {path.key:<17} {opts.mappings} mappings: {mappings[path.key]['rss_mib']:.1f} MiB")
-            except (PathError, OSError) as exc:
-                mappings[path.key] = {"error": str(exc)}
-                progress.step(f"memory {path.key:<17} {opts.mappings} mappings: failed: {exc}")
+            _measure(progress, mappings, path, f"{opts.mappings} mappings",
+                     lambda: rss_with_mappings(topo, path, opts.mappings), lambda r: f"{r['rss_mib']:.1f} MiB")
             if path.in_kernel:  # nothing per connection in a process
                 progress.step(f"memory {path.key:<17} idle connections: in the kernel, skipped")
                 continue
             count = idle_connections_for(path, opts.idle_connections)
-            try:
-                idle[path.key] = rss_per_idle_connection(topo, sink, path, count)
-                progress.step(f"memory {path.key:<17} {count} idle connections: "
-                              f"{idle[path.key]['kib_per_connection']:.2f} KiB each")
-            except (PathError, OSError) as exc:
-                idle[path.key] = {"error": str(exc)}
-                progress.step(f"memory {path.key:<17} idle connections: failed: {exc}")
+            _measure(progress, idle, path, f"{count} idle connections",
+                     lambda: rss_per_idle_connection(topo, sink, path, count),
+                     lambda r: f"{r['kib_per_connection']:.2f} KiB each")
     finally:
         sink.close()
+    if opts.slow_readers:
+        _slow_readers(topo, paths, opts, results, progress)
+
+
+def _slow_readers(topo: SeedTopology, paths: list[PathDef], opts: Options, results: report.Results,
+                  progress: Progress) -> None:
+    pinned: dict[str, dict] = {}
+    results["memory"]["slow_readers"] = {"count": opts.slow_readers, "results": pinned}
+    firehose = Firehose(topo)
+    try:
+        for path in paths:
+            if not path.memory:
+                continue
+            reset_conntrack(topo)
+            _measure(progress, pinned, path, f"{opts.slow_readers} slow readers",
+                     lambda: pinned_by_slow_readers(topo, firehose, path, opts.slow_readers),
+                     lambda r: f"{r['total_mib']:.1f} MiB pinned")
+    finally:
+        firehose.close()
+
+
+def _measure(progress: Progress, into: dict[str, dict], path: PathDef, what: str,
+             measure: Callable[[], dict[str, float]], shown: Callable[[dict[str, float]], str]) -> None:
+    """One memory figure of one path: its result or why it failed, and a progress line."""
+    try:
+        into[path.key] = measure()
+        progress.step(f"memory {path.key:<17} {what}: {shown(into[path.key])}")
+    except (PathError, OSError) as exc:
+        into[path.key] = {"error": str(exc)}
+        progress.step(f"memory {path.key:<17} {what}: failed: {exc}")

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 
 from typing import TYPE_CHECKING
+
+from .. import debcache
 
 if TYPE_CHECKING:
     from ..netns import Namespace
@@ -20,6 +23,14 @@ class ToolError(RuntimeError):
     """A load generator failed or printed something we cannot read."""
 
 
+def _tool(name: str) -> list[str]:
+    """The argv prefix of a load generator unpacked from its Debian package (see debcache)."""
+    try:
+        return debcache.command(name)
+    except debcache.ToolUnavailable as exc:
+        raise ToolError(str(exc)) from None
+
+
 def _run(ns: Namespace, argv: list[str], timeout: float) -> str:
     proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -27,29 +38,40 @@ def _run(ns: Namespace, argv: list[str], timeout: float) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise ToolError(f"{argv[0]} did not finish within {timeout:.0f} s") from None
+        raise ToolError(f"{debcache.program_of(argv)} did not finish within {timeout:.0f} s") from None
     if proc.returncode != 0 and not out:
-        raise ToolError(f"{argv[0]} failed: {(err or '').strip().splitlines()[-1:] or proc.returncode}")
+        raise ToolError(f"{debcache.program_of(argv)} failed: {(err or '').strip().splitlines()[-1:] or proc.returncode}")
     return out
 
 
 # --- iperf3 ------------------------------------------------------------------------------------
 def iperf(ns: Namespace, host: str, port: int, seconds: float, parallel: int = 1,
-          udp_rate: str | None = None, length: int | None = None) -> dict:
-    """One iperf3 client run (JSON report)."""
-    argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(max(1, round(seconds))), "-J", "-P", str(parallel)]
+          udp_rate: str | None = None, length: int | None = None, reverse: bool = False) -> dict:
+    """One iperf3 client run (JSON report); ``reverse``: the server sends (``-R``)."""
+    argv = [*_tool("iperf3"), "-c", host, "-p", str(port), "-t", str(max(1, round(seconds))), "-J", "-P", str(parallel)]
+    if reverse:
+        argv.append("-R")
     if udp_rate:
         argv += ["-u", "-b", udp_rate]
     if length:
         argv += ["-l", str(length)]
-    out = _run(ns, argv, seconds + 60)
-    try:
-        result = json.loads(out)
-    except json.JSONDecodeError:
-        raise ToolError(f"iperf3 printed no JSON: {out[:200]!r}") from None
+    for attempt in range(_BUSY_RETRIES + 1):
+        out = _run(ns, argv, seconds + 60)
+        try:
+            result = json.loads(out)
+        except json.JSONDecodeError:
+            raise ToolError(f"iperf3 printed no JSON: {out[:200]!r}") from None
+        if "server is busy" not in result.get("error", "") or attempt == _BUSY_RETRIES:
+            break
+        # The server still winds down the previous test (after -R it is the sender, and
+        # finishes last): it takes one test at a time.
+        time.sleep(0.5)
     if "error" in result:
         raise ToolError(f"iperf3 to {host}:{port}: {result['error']}")
     return result
+
+
+_BUSY_RETRIES = 10
 
 
 def tcp_stream(result: dict) -> tuple[float, float]:
@@ -77,7 +99,7 @@ _PERCENTILE = re.compile(r"percentile\s+(\d+\.\d+)\s*=\s*([\d.]+)")
 
 def sockperf_ping_pong(ns: Namespace, host: str, port: int, seconds: float, tcp: bool) -> dict[str, float]:
     """Request/response round trips of 64-byte messages: p50 and p99 in microseconds (full RTT)."""
-    argv = ["sockperf", "ping-pong", "-i", host, "-p", str(port), "-t", str(max(1, round(seconds))),
+    argv = [*_tool("sockperf"), "ping-pong", "-i", host, "-p", str(port), "-t", str(max(1, round(seconds))),
             "-m", "64", "--full-rtt"]
     if tcp:
         argv.append("--tcp")
@@ -96,7 +118,7 @@ _NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 
 def wrk_short_connections(ns: Namespace, host: str, port: int, seconds: float, connections: int) -> dict[str, float]:
     """Connection rate: every request on a fresh TCP connection (``Connection: close``)."""
-    argv = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--timeout", "5s",
+    argv = [*_tool("wrk"), "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--timeout", "5s",
             "-H", "Connection: close", f"http://{host}:{port}/"]
     out = _run(ns, argv, seconds + 30)
     match = _REQUESTS.search(out)

@@ -60,10 +60,11 @@ P50 = Metric("p50_us", "p50 round trip", "µs", False)
 P99 = Metric("p99_us", "p99 round trip", "µs", False)
 
 
-def _tcp_stream(parallel: int) -> Callable[[SeedTopology, Published, Settings], dict[str, float]]:
+def _tcp_stream(parallel: int, reverse: bool = False) -> Callable[[SeedTopology, Published, Settings], dict[str, float]]:
     def run(topo: SeedTopology, path: Published, settings: Settings) -> dict[str, float]:
         before = procfs.cpu_seconds(path.relay_pids)
-        result = tools.iperf(topo.client, path.host, path.port(IPERF, "tcp"), settings.seconds, parallel)
+        result = tools.iperf(topo.client, path.host, path.port(IPERF, "tcp"), settings.seconds, parallel,
+                             reverse=reverse)
         gbit, received = tools.tcp_stream(result)
         metrics = {GBITS.key: gbit}
         if path.relay_pids and received:
@@ -98,6 +99,8 @@ def _udp_stream(topo: SeedTopology, path: Published, settings: Settings) -> dict
 
 WORKLOADS = (
     Workload("tcp-1", "TCP throughput, 1 stream (iperf3)", IPERF, "tcp", (GBITS, CPU_PER_GB), _tcp_stream(1)),
+    Workload("tcp-1-down", "TCP throughput, 1 stream, container to client (iperf3 -R)", IPERF, "tcp",
+             (GBITS, CPU_PER_GB), _tcp_stream(1, reverse=True)),
     Workload("tcp-4", "TCP throughput, 4 streams (iperf3 -P 4)", IPERF, "tcp", (GBITS, CPU_PER_GB), _tcp_stream(4)),
     Workload("tcp-rr", "TCP request/response, 64 B (sockperf ping-pong)", SOCKPERF_TCP, "tcp", (P50, P99),
              _latency(SOCKPERF_TCP, tcp=True)),

@@ -139,6 +139,9 @@ class Controller:
         """Times the nft table was found deleted or altered and reinstalled."""
         self.kernel_problem: str | None = None
         """What the last check found wrong with the nft table (None: as installed)."""
+        self._routing: Any = None
+        """Transparent mode's routing (TransparentRouting), installed while a mapping with
+        source = "client" has a listener, and only then."""
         self.on_change: Callable[[], None] | None = None
         """Called after every committed change (the daemon updates systemd's STATUS=)."""
 
@@ -153,6 +156,42 @@ class Controller:
 
     def proxy_options(self, settings: Settings) -> ProxyOptions:
         return schema.proxy_options(dict(settings.overrides), self.options.proxy)
+
+    def check_settings(self, mapping: Mapping, settings: Settings) -> None:
+        """What no path can do for a mapping: a PROXY header on the kernel path."""
+        from ..proxy.proxy_protocol import refusal
+
+        reason = refusal(mapping.proto, settings.mode, self.proxy_options(settings).proxy_protocol)
+        if reason:
+            raise BadInput(f"mapping {mapping}: {reason}")
+
+    # --- transparent mode's routing -------------------------------------------------------
+    def _transparent(self, entry: Entry, wanted: set[str]) -> bool:
+        return LISTENER in wanted and self.proxy_options(entry.settings).source == "client"
+
+    async def _ensure_routing(self) -> None:
+        """Install the routing before the first transparent listener (its replies need it)."""
+        if self._routing is not None:
+            return
+        from ..kernel.transparent import TransparentRouting
+
+        routing = TransparentRouting(schema.transparent_options(dict(self.options.values)))
+        await self._in_worker(routing.install)
+        self._routing = routing
+        log.info("transparent mode: installed the fwmark rule, routing table %d and the marking rule",
+                 routing.opts.table)
+
+    async def _release_routing(self) -> None:
+        """Remove the routing once no running mapping needs it."""
+        if self._routing is None or any(self._transparent(e, components(e.mode)) for e in self.entries.values()
+                                        if e.status == "running"):
+            return
+        routing, self._routing = self._routing, None
+        try:
+            await self._in_worker(routing.remove)
+            log.info("transparent mode: removed its routing (no transparent mapping left)")
+        except PortproxyError as exc:
+            log.error("removing transparent mode's routing failed: %s", exc)
 
     # --- moves ------------------------------------------------------------------------
     async def _kernel_apply(self, entry: Entry, add: Sequence[Mapping] = (), remove: Sequence[Mapping] = ()) -> None:
@@ -170,6 +209,8 @@ class Controller:
                     sockets: dict[int, socket.socket] | None = None) -> None:
         """Move every family of ``m`` from ``old`` to ``new``; if one fails, the families
         already moved go back, so the mapping stays exactly as it was."""
+        if self._transparent(entry, new):
+            await self._ensure_routing()
         done: list[Mapping] = []
         try:
             for part in m.per_family():
@@ -241,6 +282,7 @@ class Controller:
     async def _realise(self, m: Mapping, entry: Entry, sockets: dict[int, socket.socket] | None = None) -> bool:
         """Try to run a mapping that is not running; record the outcome. True if it runs."""
         try:
+            self.check_settings(m, entry.settings)
             await self._move(m, entry, set(), components(entry.mode), sockets)
         except PortproxyError as exc:
             installed = [p for p in m.per_family() if self._kernel is not None and p in self._kernel.ids]
@@ -250,6 +292,7 @@ class Controller:
                 except PortproxyError as undo_exc:
                     log.error("removing the DNAT of %s failed: %s", m, undo_exc)
             self._mark_failed(m, entry, str(exc))
+            await self._release_routing()
             return False
         if entry.status == "failed":
             log.info("%s runs now (%s), after %d failed attempt(s)", m, entry.mode, entry.failures)
@@ -325,6 +368,7 @@ class Controller:
             except SpecError as exc:
                 raise Conflict(str(exc)) from None
             entry = Entry(settings, source, owner)
+            self.check_settings(mapping, settings)
             self._warn_if_not_local(mapping)
             await self._move(mapping, entry, set(), components(entry.mode), sockets)
             entry.status = "running"
@@ -361,6 +405,7 @@ class Controller:
         await self._commit(lambda: self.entries.pop(mapping), lambda: self._move(mapping, entry, set(), running))
         for part in mapping.per_family():
             self.proxy.forget_stats(part)  # its series disappear
+        await self._release_routing()
         log.info("removed %s", mapping)
 
     async def switch(self, name: str, mode: str) -> Mapping:
@@ -372,6 +417,7 @@ class Controller:
             if old_settings.mode == new_mode:
                 return mapping
             new_settings = dataclasses.replace(old_settings, mode=new_mode)
+            self.check_settings(mapping, new_settings)
             if entry.status == "running":
                 await self._move(mapping, entry, components(old_settings.mode), components(new_mode))
 
@@ -384,6 +430,7 @@ class Controller:
                     await self._move(mapping, entry, components(new_mode), components(old_settings.mode))
 
             await self._commit(change, undo)
+            await self._release_routing()
             if entry.status == "failed":
                 entry.retry_at = 0.0  # a failed mapping tries its new mode at once
             log.info("switched %s: %s -> %s", mapping, old_settings.mode, new_mode)
@@ -420,6 +467,7 @@ class Controller:
                 check_no_overlap([*self._near(mapping), mapping])
             except SpecError as exc:
                 raise Conflict(str(exc)) from None
+            self.check_settings(mapping, settings)
             entry = Entry(settings, "config")
             self.entries[mapping] = entry
             ok = await self._realise(mapping, entry)
@@ -521,6 +569,12 @@ class Controller:
                 await self._in_worker(teardown)
             except NftError as exc:
                 log.error("removing the kernel rules failed: %s", exc)
+        if self._routing is not None:
+            try:
+                await self._in_worker(self._routing.remove)
+            except PortproxyError as exc:
+                log.error("removing transparent mode's routing failed: %s", exc)
+            self._routing = None
         self._worker.shutdown(wait=True)
 
     # --- keeping reality as desired -------------------------------------------------------------
@@ -552,7 +606,9 @@ class Controller:
                 next_deep = self.loop.time() + max(RECONCILE_INTERVAL, 20 * (self.loop.time() - started))
 
     async def reconcile(self, deep: bool = True) -> None:
-        """Reinstall the nft table if someone deleted or altered it (one line, counted)."""
+        """Reinstall the nft table, and transparent mode's routing, if someone deleted or
+        altered them (one line each, counted)."""
+        await self._reconcile_routing()
         kernel = self._kernel
         if kernel is None or not kernel.ids:
             return
@@ -581,6 +637,22 @@ class Controller:
             self.reconciles += 1
             self.kernel_problem = None
             log.warning("%s; reinstalled it with %d mapping(s)", problem, len(mappings))
+
+    async def _reconcile_routing(self) -> None:
+        routing = self._routing
+        if routing is None or await asyncio.to_thread(routing.present):
+            return
+        async with self._lock:
+            if self._routing is not routing:
+                return
+            try:
+                await self._in_worker(routing.install)
+            except PortproxyError as exc:
+                log.error("transparent mode's routing was removed; reinstalling it failed: %s", exc)
+                return
+            self.reconciles += 1
+            log.warning("transparent mode's routing (ip rule, table %d or marking rule) was removed; reinstalled it",
+                        routing.opts.table)
 
     def _persist_quietly(self) -> None:
         try:

@@ -64,6 +64,15 @@ class KernelOptions:
     masquerade: tuple[tuple[str, str], ...] = ()
     """(subnet, bridge) pairs: masquerade the subnet's egress not leaving through the bridge."""
     table: str = TABLE
+    # Additive knobs for tables other than the daemon's (the CNI plugin's); the defaults
+    # build exactly the daemon's table.
+    masquerade_published: bool = True
+    """Masquerade hairpin and host-originated DNAT'd flows (CNI ``snat``)."""
+    masquerade_all: bool = False
+    """Masquerade every DNAT'd flow, whatever its source (CNI ``masqAll``)."""
+    conditions: tuple[tuple[str, str, str, str], ...] = ()
+    """Extra matches before dispatch, as (``ip``|``ip6``, ``saddr``|``daddr``, ``==``|``!=``, CIDR):
+    a family's traffic is dispatched only when all of its family's conditions hold."""
 
 
 class KernelMappingError(BadInput):
@@ -208,12 +217,14 @@ def table_skeleton(opts: KernelOptions) -> list[Json]:
             {"add": {"map": {**t, "name": _port_map(kind), "type": kind.key_type, "map": "inet_service"}}},
         ]
     local = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
-    cmds.append(_rule(opts, "prerouting", local, {"jump": {"target": "dispatch"}}))
+    for guard in _dispatch_guards(opts):
+        cmds.append(_rule(opts, "prerouting", *guard, local, {"jump": {"target": "dispatch"}}))
     # Loopback cannot be DNAT'd to another host unless route_localnet allows it.
     if not opts.route_localnet:
         cmds.append(_rule(opts, "output", _match(_payload("ip", "daddr"), _prefix("127.0.0.0/8")), {"return": None}))
     cmds.append(_rule(opts, "output", _match(_payload("ip6", "daddr"), "::1"), {"return": None}))
-    cmds.append(_rule(opts, "output", local, {"jump": {"target": "dispatch"}}))
+    for guard in _dispatch_guards(opts):
+        cmds.append(_rule(opts, "output", *guard, local, {"jump": {"target": "dispatch"}}))
     # Only a SYN may start a translated TCP flow. Where conntrack was not running before
     # this table existed (a fresh namespace), the next segment of a connection the
     # userland proxy already relays is picked up mid-stream as a *new* flow; translating
@@ -230,10 +241,14 @@ def table_skeleton(opts: KernelOptions) -> list[Json]:
         ))
     # postrouting: masquerade what must come back through this host.
     dnat = _match(_ct("status"), "dnat", "in")
-    cmds.append(_rule(opts, "postrouting", dnat, _match(_payload("ip", "saddr"), "@targets4"), {"masquerade": None}))
-    cmds.append(_rule(opts, "postrouting", dnat, _match(_payload("ip6", "saddr"), "@targets6"), {"masquerade": None}))
-    cmds.append(_rule(opts, "postrouting", dnat, _match({"fib": {"result": "type", "flags": ["saddr"]}}, "local"),
-                      {"masquerade": None}))
+    if opts.masquerade_all:
+        cmds.append(_rule(opts, "postrouting", dnat, {"masquerade": None}))
+    elif opts.masquerade_published:
+        cmds.append(_rule(opts, "postrouting", dnat, _match(_payload("ip", "saddr"), "@targets4"), {"masquerade": None}))
+        cmds.append(_rule(opts, "postrouting", dnat, _match(_payload("ip6", "saddr"), "@targets6"),
+                          {"masquerade": None}))
+        cmds.append(_rule(opts, "postrouting", dnat, _match({"fib": {"result": "type", "flags": ["saddr"]}}, "local"),
+                          {"masquerade": None}))
     for subnet, bridge in opts.masquerade:
         proto = "ip" if ipaddress.ip_network(subnet, strict=False).version == 4 else "ip6"
         cmds.append(_rule(opts, "postrouting",
@@ -250,6 +265,19 @@ def table_skeleton(opts: KernelOptions) -> list[Json]:
     return cmds
 
 
+def _dispatch_guards(opts: KernelOptions) -> list[list[Json]]:
+    """The matches in front of each jump to dispatch: none, or with conditions one list per family."""
+    if not opts.conditions:
+        return [[]]
+    guards = []
+    for l3, nfproto in (("ip", "ipv4"), ("ip6", "ipv6")):
+        guard = [_match(_meta("nfproto"), nfproto)]
+        guard += [_match(_payload(cl3, field), _prefix(cidr), op) for cl3, field, op, cidr in opts.conditions
+                  if cl3 == l3]
+        guards.append(guard)
+    return guards
+
+
 # --- mappings as elements ------------------------------------------------------------------
 
 def _keys(m: Mapping) -> Iterator[tuple[Any, int]]:
@@ -262,8 +290,12 @@ def _keys(m: Mapping) -> Iterator[tuple[Any, int]]:
         yield {"concat": parts}, target_port
 
 
-def mapping_elements(m: Mapping, mapping_id: int) -> list[tuple[str, Any]]:
-    """(map or set name, element) pairs that make up one mapping."""
+def mapping_elements(m: Mapping, mapping_id: int, comment: str | None = None) -> list[tuple[str, Any]]:
+    """(map or set name, element) pairs that make up one mapping.
+
+    ``comment`` goes on the mapping's @to_target element: a table shared by short-lived
+    writers (the CNI plugin) records there who owns the mapping id.
+    """
     check_mapping(m)
     kind = _kind_of(m)
     mark = mark_of(mapping_id)
@@ -271,7 +303,8 @@ def mapping_elements(m: Mapping, mapping_id: int) -> list[tuple[str, Any]]:
     elements: list[tuple[str, Any]] = []
     for key, target_port in _keys(m):
         elements += [(id_map(kind), [key, mark]), (_addr_map(kind), [key, target]), (_port_map(kind), [key, target_port])]
-    elements += [("to_target", mark), ("to_client", mark), (_targets_set(m), target)]
+    owned: Any = mark if comment is None else {"elem": {"val": mark, "comment": comment}}
+    elements += [("to_target", owned), ("to_client", mark), (_targets_set(m), target)]
     return elements
 
 
@@ -288,9 +321,39 @@ def _element_commands(verb: str, opts: KernelOptions, elements: Iterable[tuple[s
     return [{verb: {"element": {**_t(opts), "name": name, "elem": elems}}} for name, elems in by_name.items()]
 
 
-def add_mapping(m: Mapping, mapping_id: int, opts: KernelOptions) -> list[Json]:
+def add_mapping(m: Mapping, mapping_id: int, opts: KernelOptions, comment: str | None = None) -> list[Json]:
     """Commands that add one mapping, identified by ``mapping_id`` (1-65535), to the table."""
-    return _element_commands("add", opts, mapping_elements(m, mapping_id))
+    return _element_commands("add", opts, mapping_elements(m, mapping_id, comment))
+
+
+def add_mappings(mappings: Iterable[tuple[Mapping, int]], opts: KernelOptions, comment: str | None = None) -> list[Json]:
+    """Commands that add several mappings: still one command per map or set."""
+    elements: list[tuple[str, Any]] = []
+    for m, mapping_id in mappings:
+        elements += mapping_elements(m, mapping_id, comment)
+    return _element_commands("add", opts, elements)
+
+
+def delete_elements(opts: KernelOptions, elements: Iterable[tuple[str, Any]]) -> list[Json]:
+    """Commands that delete (map or set name, key) pairs, one command per map or set."""
+    return _element_commands("delete", opts, elements)
+
+
+def kind_maps(family: int, with_address: bool) -> tuple[str, str, str]:
+    """Names of the (id, address, port) maps of one dispatch kind."""
+    kind = _Kind(family, with_address)
+    return id_map(kind), _addr_map(kind), _port_map(kind)
+
+
+def element_keys(m: Mapping) -> list[tuple[str, tuple[Any, ...], int]]:
+    """(id map name, key parts, target port) for every host port of a mapping."""
+    name = id_map(_kind_of(m))
+    return [(name, tuple(key["concat"]), target_port) for key, target_port in _keys(m)]
+
+
+def list_table(opts: KernelOptions) -> Json:
+    """Read command for the whole table (maps and sets with their elements)."""
+    return batch([{"list": {"table": {"family": FAMILY, "name": opts.table}}}])
 
 
 def remove_mapping(m: Mapping, mapping_id: int, opts: KernelOptions, target_still_used: bool = False) -> list[Json]:

@@ -68,6 +68,9 @@ class MappingCollector(Collector):
                                     labels=BASE + ["event"])
         datagrams = CounterMetricFamily("portproxy_udp_datagrams", "UDP datagrams relayed by the proxy",
                                         labels=BASE + ["direction"])
+        fallbacks = CounterMetricFamily("portproxy_source_fallbacks", "Transparent mode: connections or flows made "
+                                        "from the host's address because the client's could not be used",
+                                        labels=BASE + ["reason"])
 
         for snap in snapshots:
             labels = list(mapping_labels(snap.mapping))
@@ -86,8 +89,9 @@ class MappingCollector(Collector):
                 traffic.add_metric(labels + ["kernel", "to_client"], k.bytes_to_client)
                 packets.add_metric(labels + ["to_target"], k.packets_to_target)
                 packets.add_metric(labels + ["to_client"], k.packets_to_client)
+            _add_fallbacks(fallbacks, labels, snap.userland)
         yield from (mode, failed, accepted, active, traffic, packets, failures, accept_errors, latency, flows_active,
-                    flows, datagrams)
+                    flows, datagrams, fallbacks)
 
     @staticmethod
     def _userland(labels, tcp, udp, accepted, active, traffic, failures, accept_errors, latency, flows_active, flows,
@@ -122,3 +126,13 @@ class MappingCollector(Collector):
                 flows.add_metric(labels + [event], sum(getattr(s, f"flows_{event}") for s in udp))
             datagrams.add_metric(labels + ["to_target"], sum(s.datagrams_to_target for s in udp))
             datagrams.add_metric(labels + ["to_client"], sum(s.datagrams_to_client for s in udp))
+
+
+def _add_fallbacks(family: CounterMetricFamily, labels: list[str], stats: Iterable[TcpStats | UdpStats]) -> None:
+    """One series per reason that happened (none for a mapping without transparent mode)."""
+    reasons: dict[str, int] = {}
+    for s in stats:
+        for reason, n in list(s.source_fallbacks.items()):
+            reasons[reason] = reasons.get(reason, 0) + n
+    for reason, n in sorted(reasons.items()):
+        family.add_metric(labels + [reason], n)

@@ -1,4 +1,4 @@
-"""Serve the exposition over HTTP from a thread of its own (prometheus-client's WSGI server).
+"""Serve the exposition over HTTP from a thread of its own (prometheus-client's WSGI app).
 
 The collector reads plain integers the data plane keeps and, for kernel mappings,
 the nft counters through libnftables — a blocking call that must never run on the
@@ -8,8 +8,12 @@ event loop, which is why the exposition is not an aiohttp handler on that loop.
 from __future__ import annotations
 
 import ipaddress
+import socket
+import socketserver
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_wsgi_app
 
 from .collector import MappingCollector
 
@@ -30,11 +34,32 @@ def parse_metrics_addr(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def start_metrics_server(addr: str, collector: MappingCollector):  # noqa: ANN201 - prometheus types
-    """Start the exposition thread; returns (server, thread) so the caller can shut it down."""
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - wsgiref's naming
+        pass
+
+
+def start_metrics_server(addr: str, collector: MappingCollector) -> tuple[WSGIServer, threading.Thread]:
+    """Start the exposition thread; returns (server, thread) so the caller can shut it down.
+
+    The server is built here from ``make_wsgi_app`` rather than with ``start_http_server``,
+    which returns nothing before prometheus-client 0.17 (Debian 12 ships 0.16).
+    """
     host, port = parse_metrics_addr(addr)
     registry = CollectorRegistry()
     registry.register(collector)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    return start_http_server(port, addr=host, registry=registry)
+    server_class = _Server6 if ":" in host else _Server
+    server = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    return server, thread

@@ -49,10 +49,12 @@ class Readiness(Protocol):
 class PumpOwner(Protocol):
     def pump_done(self, pump: "Pump") -> None: ...
     def pump_failed(self, pump: "Pump", exc: OSError) -> None: ...
+    def pump_read(self, pump: "Pump") -> None:
+        """The pump has just read from src; told only while its ``watched`` is set."""
 
 
 class Pump:
-    __slots__ = ("_io", "src", "dst", "_src_fd", "_dst_fd", "_owner", "_state", "_totals", "_index")
+    __slots__ = ("_io", "src", "dst", "_src_fd", "_dst_fd", "_owner", "_state", "_totals", "_index", "watched")
 
     def __init__(
         self,
@@ -74,6 +76,8 @@ class Pump:
         self._state = -1
         self._totals = totals
         self._index = index
+        self.watched = False
+        """Tell the owner after each read (one attribute test per read while not set)."""
 
     # --- subclass interface -------------------------------------------------
     def _forward(self) -> int:
@@ -133,6 +137,8 @@ class Pump:
         except OSError as exc:
             self._owner.pump_failed(self, exc)
             return
+        if self.watched:
+            self._owner.pump_read(self)
         if state != READ:
             self._enter(state)
 

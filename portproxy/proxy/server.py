@@ -230,7 +230,7 @@ class ProxyServer:
             listener = TcpListener(self.loop, sock, target, name, options, self._pipe_pool(options), self.poller,
                                    cast(TcpStats, stats))
         else:
-            listener = UdpListener(self.loop, sock, target, name, options, cast(UdpStats, stats))
+            listener = UdpListener(self.loop, sock, target, name, options, self.poller, cast(UdpStats, stats))
         listener.owned = not self._is_adopted(sock)
         return listener
 

@@ -29,6 +29,7 @@ class TcpStats:
         "connect_seconds_sum",
         "connect_count",
         "connect_buckets",
+        "source_fallbacks",
     )
 
     def __init__(self) -> None:
@@ -42,6 +43,8 @@ class TcpStats:
         self.connect_count = 0
         self.connect_buckets = [0] * (len(CONNECT_BUCKETS) + 1)
         """Non-cumulative counts per bucket of CONNECT_BUCKETS, then +Inf."""
+        self.source_fallbacks: collections.Counter[str] = collections.Counter()
+        """Transparent mode: connections made from the host's address instead, by reason."""
 
     def record_connect(self, seconds: float) -> None:
         """Once per connection (not per chunk): a bisect and three integer adds."""
@@ -63,6 +66,7 @@ class UdpStats:
         "bytes_to_target",
         "bytes_to_client",
         "send_errors",
+        "source_fallbacks",
     )
 
     def __init__(self) -> None:
@@ -75,3 +79,5 @@ class UdpStats:
         self.bytes_to_target = 0
         self.bytes_to_client = 0
         self.send_errors: collections.Counter[str] = collections.Counter()
+        self.source_fallbacks: collections.Counter[str] = collections.Counter()
+        """Transparent mode: flows opened from the host's address instead, by reason."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import socket
@@ -27,7 +28,9 @@ from typing import TYPE_CHECKING
 from .copy import CopyPump
 from .listener import Listener
 from .poller import Poller
+from .proxy_protocol import header_for
 from .pump import Pump
+from .source import ClientSource
 from .splice import PipePool, SplicePump
 from .stats import TO_CLIENT, TO_TARGET, TcpStats
 
@@ -37,10 +40,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("portproxy.tcp")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_BATCH = 64
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
+_FIRST_BYTES = 4096
+"""Client bytes that may go out with a PROXY header (see TcpRelay._send_proxy_header)."""
 
 
 def reset_and_close(sock: socket.socket) -> None:
@@ -50,6 +56,31 @@ def reset_and_close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+_PROVEN = 1 << 20
+"""Bytes a client must have acknowledged before the target's socket gets a full-size buffer."""
+_TCPI_BYTES_ACKED = struct.Struct("=Q")
+_TCPI_BYTES_ACKED_OFFSET = 120
+"""Offset of tcpi_bytes_acked in struct tcp_info (Linux >= 4.1)."""
+
+
+@functools.cache
+def _rcvbuf_max() -> int:
+    """The receive buffer autotuning may grow to (tcp_rmem's maximum; SO_RCVBUF doubles
+    what it is given, and caps it at net.core.rmem_max)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_rmem") as f:
+            return int(f.read().split()[2]) // 2
+    except (OSError, ValueError, IndexError):
+        return 3 << 20
+
+
+def _bytes_acked(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BYTES_ACKED_OFFSET + 8)
+    if len(info) < _TCPI_BYTES_ACKED_OFFSET + 8:
+        return 0
+    return int(_TCPI_BYTES_ACKED.unpack_from(info, _TCPI_BYTES_ACKED_OFFSET)[0])
 
 
 def _connected(sock: socket.socket) -> bool:
@@ -86,7 +117,11 @@ class TcpRelay:
     # --- connecting ---------------------------------------------------------
     def connect(self) -> None:
         listener = self._listener
-        up = socket.socket(listener.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            up = socket.socket(listener.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            self._no_upstream_socket(exc)
+            return
         self.upstream = up
         up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if listener.target_cc is not None:
@@ -94,6 +129,8 @@ class TcpRelay:
                 up.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, listener.target_cc)
             except OSError:
                 pass  # checked at start; if the module went away since, the default still relays
+        if listener.source is not None:  # transparent mode: leave from the client's address
+            self._bind_to_client(up)
         self._t0 = time.monotonic()
         err = up.connect_ex(listener.target)
         if err == errno.EINPROGRESS and _connected(up):
@@ -106,6 +143,44 @@ class TcpRelay:
             self._timer = self._loop.call_later(listener.options.connect_timeout, self._on_connect_timeout)
         else:
             self._connect_failed(os.strerror(err), errno.errorcode.get(err, str(err)))
+
+    def _bind_to_client(self, up: socket.socket) -> None:
+        try:
+            peer = self.client.getpeername()
+        except OSError:
+            return  # the client is gone already; its pump will see it
+        assert self._listener.source is not None
+        self._listener.source.bind(up, peer)
+
+    def _send_proxy_header(self, up: socket.socket) -> bool:
+        """The PROXY header in one send, before any payload; anything short of that resets both.
+
+        Client bytes already queued (an HTTP request usually is by now) ride in the same
+        send, behind the header: one segment instead of two, so the target parses header
+        and request in one read. At most _FIRST_BYTES, which a fresh socket's send buffer
+        always takes whole; nothing is waited for (a server-first protocol gets its header
+        at once)."""
+        listener = self._listener
+        assert listener.proxy_protocol is not None
+        try:
+            header = header_for(listener.proxy_protocol, self.client)
+            try:
+                first = self.client.recv(_FIRST_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                first = b""  # (EOF also reads b"" and is read again by the pump: it sticks)
+            data = header + first
+            sent = up.send(data)
+        except (OSError, ValueError) as exc:
+            why = str(exc)
+        else:
+            if sent == len(data):
+                listener.stats.bytes[TO_TARGET] += len(first)
+                return True
+            why = f"sent {sent} of {len(data)} bytes"
+        listener.stats.connect_failures["proxy_header"] += 1
+        log.warning("%s: PROXY header to %s failed: %s", listener.name, listener.target_text, why)
+        self.close(reset=True)
+        return False
 
     def _on_connect_done(self) -> None:
         up = self.upstream
@@ -137,13 +212,29 @@ class TcpRelay:
         log.warning("%s: connect to %s failed: %s", listener.name, listener.target_text, why)
         self.close(reset=True)
 
+    def _no_upstream_socket(self, exc: OSError) -> None:
+        """No socket for the target (out of fds or memory, typically): reset the client
+        now, or it would sit in CLOSE-WAIT for ever and count as a live connection."""
+        listener = self._listener
+        reason = errno.errorcode.get(exc.errno or 0, "other")
+        listener.stats.connect_failures[reason] += 1
+        if exc.errno in _RESOURCE_ERRNOS:
+            listener.pause_for_resources(f"cannot open a socket to the target ({exc.strerror})")
+        else:
+            log.warning("%s: connect to %s failed: %s", listener.name, listener.target_text, exc.strerror)
+        self.close(reset=True)
+
     def _established(self) -> None:
         listener = self._listener
         stats = listener.stats
         stats.record_connect(time.monotonic() - self._t0)
         up = self.upstream
         assert up is not None
+        if listener.proxy_protocol is not None and not self._send_proxy_header(up):
+            return
         self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if listener.notsent_lowat:
+            self.client.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, listener.notsent_lowat)
         totals = stats.bytes
         poller = self._poller
         pool = listener.pipe_pool
@@ -154,6 +245,11 @@ class TcpRelay:
             to_target = CopyPump(poller, self.client, up, self, totals, TO_TARGET)
             to_client = CopyPump(poller, up, self.client, self, totals, TO_CLIENT)
         self._pumps = (to_target, to_client)
+        if listener.target_rcvbuf:
+            # A small buffer until the client shows it reads; see pump_read. Set after
+            # connect(): the window scale was agreed for the full buffer it may get later.
+            up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, listener.target_rcvbuf)
+            to_client.watched = True
         to_target.start()
         to_client.start()
 
@@ -170,6 +266,26 @@ class TcpRelay:
             pump.dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the peer is gone already; its own pump will notice
+
+    def pump_read(self, pump: Pump) -> None:
+        """The target's bytes were read, before the client has proved that it reads.
+
+        What the target sends waits in the target socket's receive queue, and receive
+        buffer autotuning grows that buffer as fast as the proxy reads, whether or not
+        the client takes anything: a client that never read let it grow to ~4 MB in the
+        first round trips and pin them for as long as it liked. So the buffer starts
+        small (``target_rcvbuf``) and, once the client has acknowledged its first
+        ``_PROVEN`` bytes, becomes as large as autotuning could make it: a reader gets
+        the throughput it always had, and memory is only used while bytes wait."""
+        up = self.upstream
+        assert up is not None
+        try:
+            if _bytes_acked(self.client) < _PROVEN:
+                return
+            pump.watched = False
+            up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _rcvbuf_max())
+        except OSError:
+            pass  # the connection is going away; its pumps will say so
 
     def pump_failed(self, pump: Pump, exc: OSError) -> None:
         log.debug("%s: connection reset: %s", self._listener.name, exc)
@@ -226,8 +342,13 @@ class TcpListener(Listener):
         self.name = name
         self.options = options
         self.target_cc = options.target_cc.encode() if options.target_cc else None
+        self.target_rcvbuf = options.target_rcvbuf
+        self.notsent_lowat = options.notsent_lowat
         self.pipe_pool = pipe_pool
         self.stats: TcpStats = stats if stats is not None else TcpStats()
+        self.proxy_protocol = options.proxy_protocol
+        self.source = ClientSource(target[0], name, self.stats.source_fallbacks) \
+            if options.source == "client" else None
         self.connections: set[TcpRelay] = set()
         self._accepting = False
         self._closed = False
@@ -320,10 +441,10 @@ class TcpListener(Listener):
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
-                if exc.errno in _RESOURCE_ERRNOS:
-                    self._pause_for_resources(exc)
-                    return
                 stats.accept_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self.pause_for_resources(f"accept failed ({exc.strerror})")
+                    return
                 log.warning("%s: accept failed: %s", self.name, exc)
                 break
             client.setblocking(False)
@@ -332,18 +453,22 @@ class TcpListener(Listener):
             relay = TcpRelay(self, client)
             self.connections.add(relay)
             relay.connect()
+            if self._backoff_timer is not None:
+                return  # that connect ran out of resources: the next accept would too
         if self._backoff:
             self._backoff = 0.0
             if self._resource_warned:
                 log.warning("%s: accepting again", self.name)
                 self._resource_warned = False
 
-    def _pause_for_resources(self, exc: OSError) -> None:
-        """Out of fds or memory: stop polling the listener for a while instead of spinning."""
-        self.stats.accept_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
+    def pause_for_resources(self, why: str) -> None:
+        """Out of fds or memory (on accept, or on the target's socket): stop polling the
+        listener for a while instead of spinning; one log line until it recovers."""
         if not self._resource_warned:
-            log.warning("%s: accept failed (%s); backing off until resources free up", self.name, exc.strerror)
+            log.warning("%s: %s; backing off until resources free up", self.name, why)
             self._resource_warned = True
+        if self._backoff_timer is not None:
+            return
         self._backoff = min(_BACKOFF_MAX, self._backoff * 2 or _BACKOFF_FIRST)
         self.loop.remove_reader(self.sock.fileno())
         self._backoff_timer = self.loop.call_later(self._backoff, self._resume)

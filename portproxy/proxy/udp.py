@@ -7,29 +7,28 @@ listening socket *from the address the client sent to*: on a wildcard listener
 that address is taken from IP_PKTINFO / IPV6_PKTINFO, otherwise a multi-homed
 host would answer from whatever address its routing table picks.
 
-Flows are kept in least-recently-active order, which gives both idle expiry
-(``udp_timeout``) and eviction of the oldest idle flow when the table is full
-(``max_udp_flows``) in O(1) per datagram.
-
-Datagrams that are already queued when the listener is read are sent to the target in
-batches: consecutive datagrams of one flow with the same size (the last may be shorter)
-go out in one ``sendmsg`` with UDP_SEGMENT (UDP GSO), so the route lookup, netfilter,
-the bridge and the veth hop are paid once per batch instead of once per datagram; the
-target still receives them one by one, each with its own boundaries. Nothing waits to
-fill a batch: a lone datagram is sent at once, as before.
+The flows live in a :class:`~.flowtable.FlowTable` (idle expiry after ``udp_timeout``,
+eviction of the least recently active flow past ``max_udp_flows``). Datagrams already
+queued when the listener is read go to the target in GSO runs gathered by a
+:class:`~.gso.Batcher`. Both are plain objects, tested without sockets; this module
+does the I/O. The flows' sockets sit on the proxy's :class:`~.poller.Poller`, like the
+TCP relays', so a flow costs no event-loop handle of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import logging
 import socket
 import struct
 from typing import TYPE_CHECKING
 
+from .flowtable import FlowTable
+from .gso import MAX_DATAGRAM, Batcher
 from .listener import Listener
+from .poller import Poller
+from .source import ClientSource
 from .stats import UdpStats
 
 if TYPE_CHECKING:
@@ -42,19 +41,11 @@ IP_MTU = getattr(socket, "IP_MTU", 14)
 IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
-MAX_DATAGRAM = 65535
-GSO_MAX_BYTES = 65000
-"""Payload of one GSO send: it must fit one IP packet of at most 64 KiB."""
-GSO_MAX_SEGMENTS = 64
-"""UDP_MAX_SEGMENTS of older kernels."""
 _GSO_UNSUPPORTED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 _BATCH = 64
 _CMSG_SPACE = socket.CMSG_SPACE(64)
 _buffer = bytearray(MAX_DATAGRAM)
 _view = memoryview(_buffer)
-_gather = bytearray(GSO_MAX_BYTES + MAX_DATAGRAM)
-"""Where the listener gathers a batch: one batch plus room for the next datagram."""
-_gather_view = memoryview(_gather)
 
 
 class UdpFlow:
@@ -76,7 +67,6 @@ class UdpFlow:
         listener = self.listener
         sock = self.sock
         got = False
-        failed = False
         for _ in range(_BATCH):
             try:
                 n = sock.recv_into(_buffer)
@@ -85,23 +75,16 @@ class UdpFlow:
             except OSError as exc:
                 # Typically ICMP port unreachable from the target (ECONNREFUSED): reading
                 # it cleared it and the flow lives on.
-                failed = True
                 if not isinstance(exc, ConnectionRefusedError):
                     listener.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
                 continue
             got = True
             listener.reply(self, _view[:n])
-        if failed:
-            # libuv (uvloop) stops polling an fd once it reports POLLERR; watch it afresh.
-            loop = listener.loop
-            loop.remove_reader(self.fd)
-            loop.add_reader(self.fd, self.on_readable)
         if got:
-            self.last = listener.loop.time()
-            listener.touch(self)
+            listener.flows.touch(self.client, listener.loop.time())
 
     def close(self) -> None:
-        self.listener.loop.remove_reader(self.fd)
+        self.listener.poller.forget(self.fd)  # closing takes the fd out of the epoll set
         self.sock.close()
 
 
@@ -139,16 +122,23 @@ class UdpListener(Listener):
         target: tuple,
         name: str,
         options: "ProxyOptions",
+        poller: Poller,
         stats: UdpStats | None = None,
     ) -> None:
         self.loop = loop
+        self.poller = poller
+        """Readiness of the flows' sockets (the listening socket stays with the loop)."""
         self.sock = sock
         self.target = target
         self.target_family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
         self.name = name
         self.options = options
         self.stats: UdpStats = stats if stats is not None else UdpStats()
-        self.flows: collections.OrderedDict[tuple, UdpFlow] = collections.OrderedDict()
+        self.source = ClientSource(target[0], name, self.stats.source_fallbacks) \
+            if options.source == "client" else None
+        """Transparent mode: each flow socket is bound to its client's address and port."""
+        self.flows: FlowTable[UdpFlow] = FlowTable(options.max_udp_flows, options.udp_timeout)
+        self._batcher: Batcher[UdpFlow] = Batcher(self._send)
         self._pktinfo = _is_wildcard(sock)
         if self._pktinfo:
             if sock.family == socket.AF_INET6:
@@ -199,10 +189,9 @@ class UdpListener(Listener):
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for flow in self.flows.values():
+        for flow in self.flows.clear():
             flow.close()
-        self.stats.flows_active -= len(self.flows)
-        self.flows.clear()
+            self.stats.flows_active -= 1
         if self.owned:
             self.sock.close()
 
@@ -222,24 +211,19 @@ class UdpListener(Listener):
 
     # --- client → target ----------------------------------------------------
     def _on_readable(self) -> None:
-        """Read what is queued; send it on per flow, equal-sized runs as one GSO batch.
-
-        The batch being gathered is ``_gather[:end]``: ``count`` datagrams of ``size``
-        bytes for ``batch_flow``. Each datagram is read in right behind it; one that
-        cannot join is moved to the front once the batch before it has been sent."""
+        """Read what is queued; send it on per flow, equal-sized runs as one GSO batch."""
         sock = self.sock
         stats = self.stats
         flows = self.flows
+        batcher = self._batcher
         now = self.loop.time()
         pktinfo = self._pktinfo
-        batch_flow: UdpFlow | None = None
-        size = end = count = 0
         for _ in range(_BATCH):
             try:
                 if pktinfo:
-                    n, ancdata, _flags, client = sock.recvmsg_into([_gather_view[end:]], _CMSG_SPACE)
+                    n, ancdata, _flags, client = sock.recvmsg_into([batcher.slot()], _CMSG_SPACE)
                 else:
-                    n, client = sock.recvfrom_into(_gather_view[end:])
+                    n, client = sock.recvfrom_into(batcher.slot())
                     ancdata = []
             except BlockingIOError:
                 break
@@ -249,35 +233,15 @@ class UdpListener(Listener):
             stats.datagrams_to_target += 1
             stats.bytes_to_target += n
             flow = flows.get(client)
-            if flow is not None:
-                if count and flow is batch_flow and n <= size and count < GSO_MAX_SEGMENTS \
-                        and end + n <= GSO_MAX_BYTES:
-                    end += n
-                    count += 1
-                    if n < size:  # a shorter datagram can only be a batch's last
-                        self._send(batch_flow, _gather_view[:end], size, count)
-                        batch_flow, end, count = None, 0, 0
-                    continue
-                flows.move_to_end(client)
-            if count:  # the batch so far goes first (also before a new flow may evict its flow)
-                assert batch_flow is not None
-                self._send(batch_flow, _gather_view[:end], size, count)
-                _gather[:n] = _gather[end:end + n]
-                batch_flow, end, count = None, 0, 0
             if flow is None:
-                flow = self._open_flow(client, ancdata)
+                batcher.cut(n)  # the run so far goes first: opening a flow may evict its flow
+                flow = self._open_flow(client, ancdata, now)
                 if flow is None:
-                    end = 0
                     continue
-            flow.last = now
-            if n <= flow.gso_max and self._gso:
-                batch_flow, size, end, count = flow, n, n, 1
-            else:
-                self._send(flow, _gather_view[:n], n, 1)
-                end = 0
-        if count:
-            assert batch_flow is not None
-            self._send(batch_flow, _gather_view[:end], size, count)
+            elif flow is not batcher.flow:
+                flows.touch(client, now)  # (a run's later datagrams share its first one's time)
+            batcher.add(flow, n, self._gso and n <= flow.gso_max)
+        batcher.flush()
 
     def _send(self, flow: UdpFlow, data: memoryview, size: int, count: int) -> None:
         """Send ``count`` datagrams of ``size`` bytes (the last may be shorter) to the target:
@@ -305,10 +269,10 @@ class UdpListener(Listener):
                     self._send(flow, data[offset:offset + size], size, 1)
                 return
 
-    def _open_flow(self, client: tuple, ancdata: list) -> UdpFlow | None:
+    def _open_flow(self, client: tuple, ancdata: list, now: float) -> UdpFlow | None:
         stats = self.stats
-        if len(self.flows) >= self.options.max_udp_flows:
-            _, oldest = self.flows.popitem(last=False)
+        oldest = self.flows.evict_if_full()
+        if oldest is not None:
             oldest.close()
             stats.flows_evicted += 1
             stats.flows_active -= 1
@@ -318,6 +282,8 @@ class UdpListener(Listener):
             stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
             log.warning("%s: cannot open a flow for %s: %s", self.name, client[0], exc.strerror)
             return None
+        if self.source is not None:
+            self.source.bind(up, client)
         try:
             up.connect(self.target)
         except OSError as exc:
@@ -326,8 +292,8 @@ class UdpListener(Listener):
             log.warning("%s: cannot reach target %s: %s", self.name, self.target[0], exc.strerror)
             return None
         flow = UdpFlow(self, client, up, _reply_cmsg(ancdata))
-        self.flows[client] = flow
-        self.loop.add_reader(flow.fd, flow.on_readable)
+        self.flows.add(client, flow, now)
+        self.poller.add_reader(flow.fd, flow.on_readable)
         stats.flows_created += 1
         stats.flows_active += 1
         return flow
@@ -346,23 +312,13 @@ class UdpListener(Listener):
         stats.datagrams_to_client += 1
         stats.bytes_to_client += len(data)
 
-    def touch(self, flow: UdpFlow) -> None:
-        if flow.client in self.flows:
-            self.flows.move_to_end(flow.client)
-
     # --- expiry -------------------------------------------------------------
     def _schedule_sweep(self) -> None:
         interval = min(1.0, self.options.udp_timeout / 4)
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        deadline = self.loop.time() - self.options.udp_timeout
-        flows = self.flows
-        while flows:
-            client, flow = next(iter(flows.items()))
-            if flow.last > deadline:
-                break
-            del flows[client]
+        for flow in self.flows.expire(self.loop.time()):
             flow.close()
             self.stats.flows_expired += 1
             self.stats.flows_active -= 1

@@ -1,0 +1,128 @@
+"""``portproxy-cni``: one CNI command per process (ADD, DEL, CHECK, VERSION, GC, STATUS).
+
+Whatever goes wrong, the runtime gets CNI error JSON on stdout and exit status 1, never
+a traceback. Diagnostics that are not errors go to stderr, which runtimes log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable, TextIO
+
+from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, SUPPORTED_VERSIONS, CniError, Config,
+                       Env, check_version, container_addresses, decode, error_json, mappings_for, owner_of,
+                       parse_config, parse_env, result_for)
+from .versions import version_json
+
+
+def backend_for(conf: Config) -> Any:
+    """Where mappings go. Phase 2 (issue 15): when ``portproxy serve``'s control socket
+    answers, return a backend that POSTs them there with ``owner.controller_owner()``."""
+    from .table import NftBackend, options
+
+    return NftBackend(options(conf))
+
+
+def _chained(conf: Config, what: str) -> dict:
+    if conf.prev_result is None:
+        raise CniError(ERR_INVALID_CONFIG, what)
+    return conf.prev_result
+
+
+def cmd_add(env: Env, conf: Config) -> dict | None:
+    prev = _chained(conf, "must be called as chained plugin")
+    addresses = container_addresses(prev, env.ifname)
+    mappings = mappings_for(conf.port_mappings, addresses)
+    if mappings:
+        backend_for(conf).add(owner_of(env, conf), mappings)
+        _after_add(conf, addresses, mappings)
+    return result_for(prev, conf.cni_version)
+
+
+def _after_add(conf: Config, addresses: list, mappings: list) -> None:
+    """What the rules depend on, as portmap does it: route_localnet towards the container
+    (loopback clients), and no stale UDP conntrack entry left to bypass the new DNAT."""
+    from .table import enable_route_localnet
+
+    if conf.snat:
+        for address in addresses:
+            if address.version == 4:
+                enable_route_localnet(address)
+    udp = sorted({(m.host_port, m.host_port_end) for m in mappings if m.proto == "udp"})
+    if udp:
+        from ..kernel import conntrack
+
+        try:
+            conntrack.delete_udp_flows(udp)
+        except Exception as exc:  # noqa: BLE001 - informative only, as in portmap
+            print(f"portproxy-cni: failed to delete stale UDP conntrack entries: {exc}", file=sys.stderr)
+
+
+def cmd_del(env: Env, conf: Config) -> None:
+    # Needs neither prevResult nor the netns: the table knows what this attachment owns.
+    token = owner_of(env, conf).token()
+    backend_for(conf).delete(lambda t: t == token)
+
+
+def cmd_check(env: Env, conf: Config) -> None:
+    prev = _chained(conf, "required prevResult missing")
+    mappings = mappings_for(conf.port_mappings, container_addresses(prev, env.ifname))
+    if mappings:
+        backend_for(conf).check(owner_of(env, conf), mappings)
+
+
+def cmd_gc(env: Env, conf: Config) -> None:
+    backend_for(conf).gc(conf.name, set(conf.valid_attachments))
+
+
+def cmd_status(env: Env, conf: Config) -> None:
+    try:
+        backend_for(conf)
+    except CniError as exc:
+        raise CniError(ERR_NOT_AVAILABLE, "plugin not available", exc.msg) from None
+
+
+COMMANDS: dict[str, Callable[[Env, Config], dict | None]] = {
+    "ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status,
+}
+
+
+def run(environ: dict[str, str] | os._Environ, stdin: bytes, out: TextIO) -> int:
+    """Run one CNI command; write its result or error to ``out``; return the exit status."""
+    version = SUPPORTED_VERSIONS[-1]
+    try:
+        env = parse_env(environ)
+        if env.command == "VERSION":
+            requested = decode(stdin).get("cniVersion") if stdin.strip() else None
+            json.dump(version_json(requested if isinstance(requested, str) else None), out)
+            return 0
+        raw = decode(stdin)
+        if isinstance(raw.get("cniVersion"), str) and raw["cniVersion"] in SUPPORTED_VERSIONS:
+            version = raw["cniVersion"]
+        check_version(raw)
+        result = COMMANDS[env.command](env, parse_config(raw))
+        if result is not None:
+            json.dump(result, out)
+        return 0
+    except CniError as exc:
+        json.dump(error_json(exc, version), out)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the runtime must get CNI JSON, not a traceback
+        json.dump(error_json(CniError(ERR_INTERNAL, f"unexpected error: {type(exc).__name__}: {exc}"), version), out)
+        return 1
+
+
+def main() -> None:
+    try:
+        stdin = sys.stdin.buffer.read()
+    except OSError:
+        stdin = b""
+    code = run(os.environ, stdin, sys.stdout)
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

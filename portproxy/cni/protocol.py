@@ -1,0 +1,375 @@
+"""The CNI contract, pure: environment and stdin in, result or error JSON out. No I/O.
+
+Facts followed here (CNI spec 1.1 and CONVENTIONS.md, and containernetworking/plugins'
+``portmap``, the plugin this one replaces):
+
+- the command and its arguments come in ``CNI_*`` variables; the network configuration
+  (with ``prevResult`` and ``runtimeConfig.portMappings``) as JSON on stdin;
+- ``portMappings`` entries are ``{"hostPort", "containerPort", "protocol", "hostIP"?}``;
+  a ``hostIP`` of the other family than a container address is skipped for it, an
+  unspecified one (``0.0.0.0``, ``::``) means every address;
+- the container's addresses are the first IPv4 and first IPv6 of ``prevResult.ips``
+  that belong to the sandbox interface ``CNI_IFNAME`` (portmap's rule);
+- ADD passes ``prevResult`` through, in the configuration's ``cniVersion``; ADD without
+  ``prevResult`` is refused ("must be called as chained plugin");
+- errors are ``{"cniVersion", "code", "msg", "details"}`` on stdout with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+from typing import Any, Mapping as EnvMapping
+
+from ..spec import IPAddress, Mapping
+from .conditions import Condition, ConditionError, parse_conditions
+
+from .versions import SUPPORTED_VERSIONS
+
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+
+# Error codes of the spec (0-99 are reserved for it) and this plugin's own (100+).
+ERR_INCOMPATIBLE_VERSION = 1
+ERR_UNSUPPORTED_FIELD = 2
+ERR_INVALID_ENV = 4
+ERR_IO = 5
+ERR_DECODE = 6
+ERR_INVALID_CONFIG = 7
+ERR_TRY_AGAIN = 11
+ERR_NOT_AVAILABLE = 50
+ERR_CHECK_FAILED = 100
+"""CHECK found a mapping missing or altered."""
+ERR_PORT_TAKEN = 101
+"""ADD: a host port is already published by another attachment."""
+ERR_INTERNAL = 999
+"""Anything unexpected (libcni's ErrInternal)."""
+
+COMMENT_MAX = 127
+"""Longest nft element comment (NFTNL_UDATA_COMMENT_MAXLEN 128, with its NUL)."""
+
+
+class CniError(Exception):
+    """A failure reported to the runtime as CNI error JSON."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+
+# --- environment ---------------------------------------------------------------------
+
+_REQUIRED_ENV = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
+    "GC": (),
+    "STATUS": (),
+    "VERSION": (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+    command: str
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
+    args: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def parse_env(environ: EnvMapping[str, str]) -> Env:
+    """The ``CNI_*`` variables, checked for what ``CNI_COMMAND`` needs."""
+    command = environ.get("CNI_COMMAND", "")
+    if command not in COMMANDS:
+        raise CniError(ERR_INVALID_ENV, f"unknown CNI_COMMAND {command!r}", f"expected one of {', '.join(COMMANDS)}")
+    missing = [name for name in _REQUIRED_ENV[command] if not environ.get(name)]
+    if missing:
+        raise CniError(ERR_INVALID_ENV, f"{command} needs {', '.join(missing)}")
+    return Env(command, environ.get("CNI_CONTAINERID", ""), environ.get("CNI_NETNS", ""),
+               environ.get("CNI_IFNAME", ""), parse_cni_args(environ.get("CNI_ARGS", "")))
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    """``IgnoreUnknown=1;K8S_POD_NAME=web`` → a dict (pairs without ``=`` are ignored)."""
+    args: dict[str, str] = {}
+    for pair in text.split(";"):
+        key, eq, value = pair.partition("=")
+        if eq and key:
+            args[key] = value
+    return args
+
+
+# --- configuration -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PortMapping:
+    host_port: int
+    container_port: int
+    protocol: str
+    host_ip: IPAddress | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    cni_version: str
+    name: str
+    prev_result: dict | None
+    port_mappings: tuple[PortMapping, ...]
+    snat: bool = True
+    masq_all: bool = False
+    conditions: tuple[Condition, ...] = ()
+    valid_attachments: tuple[tuple[str, str], ...] = ()
+    """GC: the (containerID, ifname) pairs to keep."""
+
+
+def _obj(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise CniError(ERR_INVALID_CONFIG, f"{what} must be a JSON object")
+    return value
+
+
+def _bool(conf: dict, key: str, default: bool) -> bool:
+    value = conf.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise CniError(ERR_INVALID_CONFIG, f"{key} must be true or false")
+    return value
+
+
+def decode(stdin: bytes) -> dict:
+    """stdin as a JSON object, or a decoding error."""
+    try:
+        conf = json.loads(stdin)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CniError(ERR_DECODE, "failed to parse network configuration", str(exc)) from None
+    if not isinstance(conf, dict):
+        raise CniError(ERR_DECODE, "failed to parse network configuration", "stdin is not a JSON object")
+    return conf
+
+
+def check_version(conf: dict) -> str:
+    version = conf.get("cniVersion")
+    if not isinstance(version, str) or not version:
+        raise CniError(ERR_INVALID_CONFIG, "cniVersion is missing")
+    if version not in SUPPORTED_VERSIONS:
+        raise CniError(ERR_INCOMPATIBLE_VERSION, f"incompatible CNI version {version}",
+                       f"supported: {', '.join(SUPPORTED_VERSIONS)}")
+    return version
+
+
+def parse_config(conf: dict) -> Config:
+    """The network configuration this plugin reads (unknown keys are ignored, as the spec says)."""
+    version = check_version(conf)
+    name = conf.get("name", "")
+    if not isinstance(name, str):
+        raise CniError(ERR_INVALID_CONFIG, "name must be a string")
+    prev = conf.get("prevResult")
+    if prev is not None:
+        _obj(prev, "prevResult")
+    runtime = _obj(conf.get("runtimeConfig") or {}, "runtimeConfig")
+    entries = runtime.get("portMappings") or []
+    if not isinstance(entries, list):
+        raise CniError(ERR_INVALID_CONFIG, "runtimeConfig.portMappings must be a list")
+    try:
+        conditions = parse_conditions(conf.get("conditionsV4"), 4) + parse_conditions(conf.get("conditionsV6"), 6)
+    except ConditionError as exc:
+        raise CniError(ERR_INVALID_CONFIG, str(exc)) from None
+    for key in ("externalSetMarkChain",):
+        if conf.get(key) is not None:
+            raise CniError(ERR_UNSUPPORTED_FIELD, f"{key} is iptables-only; portproxy-cni does not support it")
+    if conf.get("backend") not in (None, "nftables"):
+        raise CniError(ERR_UNSUPPORTED_FIELD, f"backend {conf.get('backend')!r}: portproxy-cni always uses nftables")
+    return Config(
+        cni_version=version, name=name, prev_result=prev,
+        port_mappings=tuple(_port_mapping(e, i) for i, e in enumerate(entries)),
+        snat=_bool(conf, "snat", True), masq_all=_bool(conf, "masqAll", False), conditions=conditions,
+        valid_attachments=_attachments(conf.get("cni.dev/valid-attachments")),
+    )
+
+
+def _port(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise CniError(ERR_INVALID_CONFIG, f"{what} must be a port number 1-65535, not {value!r}")
+    return value
+
+
+def _port_mapping(entry: Any, index: int) -> PortMapping:
+    where = f"runtimeConfig.portMappings[{index}]"
+    entry = _obj(entry, where)
+    proto = entry.get("protocol") or "tcp"
+    if not isinstance(proto, str) or proto.lower() not in ("tcp", "udp"):
+        raise CniError(ERR_INVALID_CONFIG, f"{where}.protocol {proto!r} is not supported (tcp or udp)")
+    host_ip: IPAddress | None = None
+    if entry.get("hostIP"):
+        try:
+            host_ip = ipaddress.ip_address(entry["hostIP"])
+        except (ValueError, TypeError):
+            raise CniError(ERR_INVALID_CONFIG, f"{where}.hostIP {entry['hostIP']!r} is not an IP address") from None
+    return PortMapping(_port(entry.get("hostPort"), f"{where}.hostPort"),
+                       _port(entry.get("containerPort"), f"{where}.containerPort"), proto.lower(), host_ip)
+
+
+def _attachments(value: Any) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise CniError(ERR_INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+    out = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("containerID"), str) \
+                or not isinstance(item.get("ifname"), str):
+            raise CniError(ERR_INVALID_CONFIG, "cni.dev/valid-attachments entries need containerID and ifname strings")
+        out.append((item["containerID"], item["ifname"]))
+    return tuple(out)
+
+
+# --- prevResult ------------------------------------------------------------------------
+
+def container_addresses(prev: dict, ifname: str) -> list[IPAddress]:
+    """The container's first IPv4 and first IPv6 address on ``ifname`` (portmap's choice)."""
+    ips = prev.get("ips") or []
+    interfaces = prev.get("interfaces") or []
+    if not isinstance(ips, list) or not isinstance(interfaces, list):
+        raise CniError(ERR_INVALID_CONFIG, "prevResult: ips and interfaces must be lists")
+    found: dict[int, IPAddress] = {}
+    for ip in ips:
+        if not isinstance(ip, dict) or not isinstance(ip.get("address"), str):
+            raise CniError(ERR_INVALID_CONFIG, "prevResult: an ips entry has no address")
+        try:
+            address = ipaddress.ip_interface(ip["address"]).ip
+        except ValueError:
+            raise CniError(ERR_INVALID_CONFIG, f"prevResult: {ip['address']!r} is not an address/prefix") from None
+        if address.version in found:
+            continue
+        index = ip.get("interface")
+        if isinstance(index, int) and 0 <= index < len(interfaces):
+            iface = interfaces[index] if isinstance(interfaces[index], dict) else {}
+            if iface.get("name") != ifname or not iface.get("sandbox"):
+                continue  # a host-side interface, not the container's
+        found[address.version] = address
+    return [found[v] for v in sorted(found)]
+
+
+def mappings_for(port_mappings: tuple[PortMapping, ...], addresses: list[IPAddress]) -> list[Mapping]:
+    """portproxy mappings for every container address family each entry applies to.
+
+    Consecutive ports (runtimes expand ``-p 8000-8010:8000-8010`` into one entry per port)
+    are joined into one range mapping, so they share one mapping id and counter.
+    """
+    out: list[Mapping] = []
+    for address in addresses:
+        for pm in port_mappings:
+            host_ip = pm.host_ip
+            if host_ip is not None:
+                if host_ip.version != address.version:
+                    continue  # portmap: a hostIP of the other family is skipped
+                if host_ip.is_unspecified:
+                    host_ip = None
+            m = Mapping(pm.protocol, host_ip, pm.host_port, pm.host_port, address, pm.container_port,  # type: ignore[arg-type]
+                        pm.container_port)
+            last = out[-1] if out else None
+            if (last is not None and (last.proto, last.host_ip, last.target_ip) == (m.proto, m.host_ip, m.target_ip)
+                    and last.host_port_end + 1 == m.host_port and last.target_port_end + 1 == m.target_port):
+                out[-1] = dataclasses.replace(last, host_port_end=m.host_port, target_port_end=m.target_port)
+            else:
+                out.append(m)
+    out = list(dict.fromkeys(out))
+    seen: dict[tuple, Mapping] = {}
+    for m in out:
+        for host_port, _ in m.port_pairs():
+            key = (m.family, m.host_ip, m.proto, host_port)
+            if key in seen:
+                raise CniError(ERR_INVALID_CONFIG, f"host port {host_port}/{m.proto} is mapped twice",
+                               f"{seen[key]} and {m}")
+            seen[key] = m
+    return out
+
+
+def result_for(prev: dict, version: str) -> dict:
+    """prevResult passed through in ``version``'s format (0.4.0 has ``ips[].version``, 1.x not)."""
+    result = dict(prev)
+    result["cniVersion"] = version
+    ips = []
+    for ip in prev.get("ips") or []:
+        ip = dict(ip)
+        if version.startswith("0."):
+            ip["version"] = str(ipaddress.ip_interface(ip["address"]).version)
+        else:
+            ip.pop("version", None)
+        ips.append(ip)
+    if "ips" in prev:
+        result["ips"] = ips
+    return result
+
+
+# --- ownership -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """One attachment (network, container, interface): what owns a set of mappings.
+
+    The nft table remembers it as an element comment (see :meth:`token`); phase 2 (a
+    running ``portproxy serve``) will pass :meth:`controller_owner` to the daemon.
+    """
+
+    network: str
+    container_id: str
+    ifname: str
+    pod: str = ""
+    namespace: str = ""
+
+    def token(self) -> str:
+        """``NETWORK CONTAINERID IFNAME``; a network name that would not fit is hashed."""
+        head = f"{self.container_id} {self.ifname}"
+        if len(head) + 1 + len(self.network) <= COMMENT_MAX:
+            return f"{head} {self.network}"
+        tagged = f"{head} {network_hash(self.network)}"
+        if len(tagged) > COMMENT_MAX:
+            raise CniError(ERR_INVALID_ENV, "CNI_CONTAINERID and CNI_IFNAME are too long to record",
+                           f"at most {COMMENT_MAX - 18} characters together")
+        return tagged
+
+    def controller_owner(self) -> dict[str, str]:
+        """The owner object of the controller API (phase 2)."""
+        owner = {"kind": "cni", "id": self.container_id, "ifname": self.ifname, "network": self.network}
+        if self.pod:
+            owner["name"] = self.pod
+        if self.namespace:
+            owner["namespace"] = self.namespace
+        return owner
+
+
+def network_hash(network: str) -> str:
+    return "#" + hashlib.sha256(network.encode()).hexdigest()[:16]
+
+
+def owner_of(env: Env, conf: Config) -> Owner:
+    return Owner(conf.name, env.container_id, env.ifname, env.args.get("K8S_POD_NAME", ""),
+                 env.args.get("K8S_POD_NAMESPACE", ""))
+
+
+def token_network(token: str) -> tuple[str, str, str]:
+    """(container id, ifname, network or its hash) of a token."""
+    parts = token.split(" ", 2)
+    if len(parts) != 3:
+        return "", "", ""
+    return parts[0], parts[1], parts[2]
+
+
+def gc_doomed(token: str, network: str, keep: set[tuple[str, str]]) -> bool:
+    """GC: whether a token belongs to ``network`` and names an attachment not in ``keep``."""
+    cid, ifname, net = token_network(token)
+    if net not in (network, network_hash(network)):
+        return False
+    return (cid, ifname) not in keep
+
+
+# --- output ------------------------------------------------------------------------------
+
+def error_json(err: CniError, version: str) -> dict:
+    return {"cniVersion": version, "code": err.code, "msg": err.msg, "details": err.details}

@@ -1,0 +1,202 @@
+"""Transparent mode's routing, installed while at least one transparent mapping exists.
+
+What is installed and why: see :mod:`transparent_rules`. This module is the I/O edge:
+pyroute2 for the ip rules and routes, libnftables for the marking table. Every
+method blocks on netlink; call it from a worker thread (``asyncio.to_thread``),
+never from the data-plane loop.
+
+Ownership: only the exact rule and route built from :class:`TransparentOptions` are
+ever added or deleted, and the nft table ``portproxy_transparent`` (ours by name).
+Before adding, the routing table is checked: any other rule pointing at it or any
+other route in it means another program uses that table number, and the install is
+refused (pick another ``table``). An identical rule or route left by a crashed run is
+taken over, so a restart works.
+
+The target must route its replies back through this host (its default gateway is
+the host, as for a container on a bridge of this host): a reply that takes another
+way never reaches the proxy's socket.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Any, Callable, Iterable
+
+from ..errors import BadInput, Conflict, PortproxyError, SystemFailure, Unavailable
+from .executor import CAP_NET_ADMIN, Nft, NftError, has_capability
+from .transparent_rules import (FAMILIES, TransparentOptions, delete_commands, install_commands, route_args,
+                                route_is_ours, rule_args, rule_is_ours)
+
+log = logging.getLogger("portproxy.transparent")
+
+
+class TransparentError(SystemFailure):
+    """The routing cannot be installed or removed; the message is one readable line."""
+
+
+class TransparentUnavailable(TransparentError, Unavailable):
+    """No CAP_NET_ADMIN, no policy routing, no nft ``socket`` expression."""
+
+
+class TransparentConflict(TransparentError, Conflict):
+    """The routing table number is used by another program."""
+
+
+def _family_name(family: int) -> str:
+    return "IPv6" if family == socket.AF_INET6 else "IPv4"
+
+
+def _rule_dict(msg: Any) -> dict[str, Any]:
+    return {"table": msg.get_attr("FRA_TABLE") or msg["table"], "priority": msg.get_attr("FRA_PRIORITY"),
+            "fwmark": msg.get_attr("FRA_FWMARK"), "fwmask": msg.get_attr("FRA_FWMASK"),
+            "src_len": msg["src_len"], "dst_len": msg["dst_len"], "iifname": msg.get_attr("FRA_IIFNAME"),
+            "oifname": msg.get_attr("FRA_OIFNAME")}
+
+
+def _route_dict(msg: Any) -> dict[str, Any]:
+    return {"type": msg["type"], "dst_len": msg["dst_len"], "oif": msg.get_attr("RTA_OIF"),
+            "table": msg.get_attr("RTA_TABLE") or msg["table"]}
+
+
+def _scan(items: Iterable[dict[str, Any]], table: int, ours: Callable[[dict[str, Any]], bool],
+          conflict: str) -> tuple[bool, str | None]:
+    """(one of ``items`` pointing at ``table`` is ours, ``conflict`` if another one does)."""
+    found = False
+    for item in items:
+        if item["table"] != table:
+            continue
+        if not ours(item):
+            return False, conflict
+        found = True
+    return found, None
+
+
+class TransparentRouting:
+    """The fwmark rule, the local routes and the marking table of one network namespace."""
+
+    def __init__(self, opts: TransparentOptions | None = None) -> None:
+        self.opts = opts or TransparentOptions()
+        self.installed = False
+        self._families: list[int] = []
+        """Families whose rule and route are ours to remove."""
+
+    # --- reading -------------------------------------------------------------------
+    def _state(self, ipr: Any, family: int, lo: int) -> tuple[bool, bool, str | None]:
+        """(our rule present, our route present, a conflict or None) for one family."""
+        opts = self.opts
+        name = _family_name(family)
+        rule_found, conflict = _scan((_rule_dict(m) for m in ipr.get_rules(family=family)), opts.table,
+                                     lambda rule: rule_is_ours(rule, opts), f"is already used by another {name} ip rule")
+        if conflict is None:
+            route_found, conflict = _scan((_route_dict(m) for m in ipr.get_routes(family=family, table=opts.table)),
+                                          opts.table, lambda route: route_is_ours(route, lo),
+                                          f"already holds {name} routes of another program")
+        if conflict is not None:
+            return False, False, f"routing table {opts.table} {conflict}; choose another table for transparent mode"
+        return rule_found, route_found, None
+
+    def present(self) -> bool:
+        """Are the rules, routes and nft table all there (for reconciling)?"""
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            for family in self._families:
+                rule, route, conflict = self._state(ipr, family, lo)
+                if conflict or not (rule and route):
+                    return False
+        try:
+            return Nft().table_exists("inet", self.opts.nft_table)
+        except NftError:
+            return False
+
+    # --- changes -------------------------------------------------------------------
+    def install(self) -> None:
+        """Install (or complete, after someone deleted a piece) everything; idempotent.
+
+        On failure nothing of what this call added is left, and TransparentError says why."""
+        problem = self.opts.check()
+        if problem:
+            raise BadInput(problem)
+        if not has_capability(CAP_NET_ADMIN):
+            raise TransparentUnavailable("transparent mode needs CAP_NET_ADMIN (ip rules, routes, nftables and "
+                                   "IP_TRANSPARENT sockets); run as root or grant it")
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        added: list[tuple[str, int, dict[str, Any]]] = []
+        families: list[int] = []
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            try:
+                for family in FAMILIES:
+                    try:
+                        rule, route, conflict = self._state(ipr, family, lo)
+                    except NetlinkError as exc:
+                        if family == socket.AF_INET6 and exc.code == errno.EAFNOSUPPORT:
+                            continue  # IPv6 disabled on this host: nothing to route
+                        raise
+                    if conflict:
+                        raise TransparentConflict(conflict)
+                    if not rule:
+                        args = rule_args(self.opts, family)
+                        ipr.rule("add", **args)
+                        added.append(("rule", family, args))
+                    if not route:
+                        args = route_args(self.opts, family, lo)
+                        ipr.route("add", **args)
+                        added.append(("route", family, args))
+                    families.append(family)
+                self._apply_nft()
+            except (NetlinkError, PortproxyError) as exc:
+                for kind, _family, args in reversed(added):
+                    try:
+                        getattr(ipr, kind)("del", **args)
+                    except NetlinkError:
+                        pass
+                if isinstance(exc, PortproxyError):
+                    raise
+                what = "policy routing (ip rule / local routes)"
+                if exc.code in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP, errno.EPERM):
+                    raise TransparentUnavailable(f"transparent mode needs {what}: {exc.args[-1]}") from None
+                raise TransparentError(f"transparent mode cannot install its {what}: {exc.args[-1]}") from None
+        self._families = families
+        self.installed = True
+        if added:
+            log.info("transparent mode: fwmark %#x/%#x -> table %d installed", self.opts.mark, self.opts.mask,
+                     self.opts.table)
+
+    def _apply_nft(self) -> None:
+        try:
+            Nft().apply(install_commands(self.opts))
+        except NftError as exc:
+            raise TransparentUnavailable(f"transparent mode cannot install its marking rule "
+                                   f"(nft 'socket transparent', needs the nft_socket module): {exc}") from None
+
+    def remove(self) -> None:
+        """Delete exactly what install added (the rule, the route, the nft table). Idempotent."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        errors: list[str] = []
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            for family in self._families:
+                for kind, args in (("rule", rule_args(self.opts, family)), ("route", route_args(self.opts, family, lo))):
+                    try:
+                        getattr(ipr, kind)("del", **args)
+                    except NetlinkError as exc:
+                        if exc.code not in (errno.ENOENT, errno.ESRCH):
+                            errors.append(f"{kind}: {exc.args[-1]}")
+        try:
+            nft = Nft()
+            if nft.table_exists("inet", self.opts.nft_table):
+                nft.apply(delete_commands(self.opts))
+        except NftError as exc:
+            errors.append(str(exc))
+        self._families = []
+        self.installed = False
+        if errors:
+            raise TransparentError(f"removing transparent mode's routing failed: {'; '.join(errors)}")

@@ -1,0 +1,131 @@
+"""Real podman (Debian 12's 4.3, CNI backend) publishing ports through portproxy-cni, and through
+Debian's stock portmap as the reference.
+
+podman is extracted, not installed (``apt-get download`` + ``dpkg -x`` into
+/var/cache/portproxy-test/podman/), and every podman call runs in one private mount
+namespace held by a sleeping process, inside the test's host network namespace:
+``/run`` and ``/var/lib`` are fresh tmpfs there (podman's netns files, libcni's cache),
+storage, config and the CNI conflist live in a temporary directory, and the container is
+image-free (``--rootfs`` on a busybox-static tree). Pitfalls of this VM handled here: a
+hybrid cgroup v1/v2 layout makes crun refuse, so the private namespace mounts cgroup2 on
+/sys/fs/cgroup and podman runs with cgroups disabled; crun may not raise RLIMIT_NPROC,
+so the default ulimits are the current ones (nproc capped at pid_max).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from portproxy.cni.testbed import Podman, ReferenceUnavailable, debian_plugins, podman_packages
+from portproxy.netns import seed_topology
+from test_cni import root_unchanged  # noqa: F401 - the autouse root-namespace check, shared
+
+
+@pytest.fixture(scope="module")
+def caches() -> tuple[Path, Path]:
+    try:
+        return podman_packages(), debian_plugins()
+    except ReferenceUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(params=["portmap", "portproxy-cni"])
+def podman(request: pytest.FixtureRequest, caches: tuple[Path, Path], tmp_path: Path) -> Iterator[Podman]:
+    with seed_topology("pcp") as topo:
+        topo.host.sysctl("net/ipv4/ip_forward", "1")
+        p = Podman(topo, tmp_path, caches[0], caches[1], request.param)
+        try:
+            yield p
+        finally:
+            p.close()
+
+
+def http_get(ns, host: str, port: int) -> str:  # type: ignore[no-untyped-def]
+    """The body of GET / from inside ``ns``, or the exception's name."""
+    with ns.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        try:
+            sock.connect((host, port))
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            return data.split(b"\r\n\r\n", 1)[-1].decode()
+        except OSError as exc:
+            return type(exc).__name__
+
+
+def eventually(fn, expected: str, timeout: float = 10) -> str:  # type: ignore[no-untyped-def]
+    """httpd in a fresh container may need a moment to listen; retry until it answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got == expected or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+HELLO = "hello from podman\n"
+
+
+def published(topo, port: int) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the host namespace's nft ruleset (iptables-nft's rules included, as portmap
+    writes them) names ``port``: a stopped container's port must be gone, not merely unanswered."""
+    got = subprocess.run(["ip", "netns", "exec", topo.host.name, "nft", "list", "ruleset"], capture_output=True,
+                         text=True, timeout=30)
+    return re.search(rf"(dport|\.) {port}\b", got.stdout) is not None
+
+
+def test_podman_run_publish(podman: Podman) -> None:
+    topo = podman.topo
+    podman.run_web("web", "9090:8080")
+    assert eventually(lambda: http_get(topo.client, topo.host_ip, 9090), HELLO) == HELLO
+    assert http_get(topo.host, "127.0.0.1", 9090) == HELLO
+    assert http_get(topo.host, topo.host_ip, 9090) == HELLO
+    assert podman.get_from_container(topo.host_ip, 9090) == HELLO  # another container: hairpin
+    assert published(topo, 9090)
+    podman("stop", "-t", "0", "web")
+    assert not published(topo, 9090)
+    assert http_get(topo.client, topo.host_ip, 9090) == "ConnectionRefusedError"
+    assert http_get(topo.host, "127.0.0.1", 9090) == "ConnectionRefusedError"
+
+
+def test_podman_two_containers_and_a_clash(podman: Podman) -> None:
+    topo = podman.topo
+    podman.run_web("a", "10000-10010:8080-8090")
+    podman.run_web("b", "10020:8080")
+    assert eventually(lambda: http_get(topo.client, topo.host_ip, 10000), HELLO) == HELLO
+    assert eventually(lambda: http_get(topo.client, topo.host_ip, 10020), HELLO) == HELLO
+    clash = podman("run", "-d", "--cgroups=disabled", "--name", "c", "-p", "10020:8080", "--rootfs",
+                   str(podman.rootfs), "/bin/httpd", "-f", "-p", "8080", check=False)
+    # podman sets the network up before conmon binds the ports: portproxy-cni refuses the port
+    # held by another container first; with portmap (last writer wins) conmon's bind fails.
+    assert clash.returncode != 0
+    assert "already published" in clash.stderr or "address already in use" in clash.stderr
+    podman("rm", "-f", "-t", "0", "a")
+    assert not published(topo, 10000) and published(topo, 10020)
+    assert http_get(topo.client, topo.host_ip, 10000) == "ConnectionRefusedError"
+    assert http_get(topo.client, topo.host_ip, 10020) == HELLO
+
+
+def test_podman_network_reload(podman: Podman) -> None:
+    """``network reload`` sends DEL then ADD: the mapping is back and still served.
+
+    (A container exiting by itself gets its DEL from conmon's exit command, ``podman container
+    cleanup``; conmon runs it without this test's environment (LD_LIBRARY_PATH for the
+    extracted libraries, CONTAINERS_CONF), so that case needs an installed podman.)"""
+    topo = podman.topo
+    podman.run_web("web", "9090:8080")
+    assert eventually(lambda: http_get(topo.client, topo.host_ip, 9090), HELLO) == HELLO
+    podman("network", "reload", "web")
+    assert published(topo, 9090)
+    assert eventually(lambda: http_get(topo.client, topo.host_ip, 9090), HELLO) == HELLO
+    podman("rm", "-f", "-t", "0", "web")
+    assert not published(topo, 9090)

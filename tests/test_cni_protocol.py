@@ -1,0 +1,305 @@
+"""portproxy-cni's pure parts: the CNI contract, conditions, table bookkeeping. No root, no nft."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from portproxy.cni import main as cni_main
+from portproxy.cni import protocol as p
+from portproxy.cni.conditions import ConditionError, parse_conditions
+from portproxy.cni.table import TABLE, Entry, State, parse_state, removal, routed_interface
+from portproxy.cni.versions import version_json
+from portproxy.kernel import builders
+from portproxy.kernel.builders import KernelOptions
+from portproxy.spec import parse_spec
+
+PREV_100 = {
+    "cniVersion": "1.0.0",
+    "interfaces": [{"name": "cni0", "mac": "aa"}, {"name": "veth1"}, {"name": "eth0", "sandbox": "/run/netns/x"}],
+    "ips": [{"address": "10.88.0.1/16", "interface": 0}, {"address": "10.88.0.2/16", "gateway": "10.88.0.1",
+                                                          "interface": 2},
+            {"address": "10.88.0.3/16", "interface": 2}, {"address": "fd00::2/64", "interface": 2}],
+}
+PREV_040 = {"cniVersion": "0.4.0", "interfaces": PREV_100["interfaces"],
+            "ips": [{"version": "4", "address": "10.88.0.2/16", "interface": 2}]}
+ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/x", "CNI_IFNAME": "eth0",
+       "CNI_PATH": "/opt/cni/bin", "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=web;K8S_POD_NAMESPACE=ns1"}
+
+
+def conf(**extra: object) -> dict:
+    return {"cniVersion": "1.0.0", "name": "net1", "type": "portproxy-cni", **extra}
+
+
+# --- environment and configuration ---------------------------------------------------------
+
+def test_env_requires_what_the_command_needs() -> None:
+    assert p.parse_env(ENV).args["K8S_POD_NAME"] == "web"
+    assert p.parse_env({"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0"}).netns == ""
+    for env in ({"CNI_COMMAND": "ADD"}, {"CNI_COMMAND": "FROB"}, {}):
+        with pytest.raises(p.CniError) as err:
+            p.parse_env(env)
+        assert err.value.code == p.ERR_INVALID_ENV
+
+
+def test_versions() -> None:
+    assert p.check_version(conf(cniVersion="0.4.0")) == "0.4.0"
+    with pytest.raises(p.CniError) as err:
+        p.check_version(conf(cniVersion="0.3.1"))
+    assert err.value.code == p.ERR_INCOMPATIBLE_VERSION
+    assert version_json("1.0.0") == {"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
+
+
+def test_port_mappings_parsed_and_checked() -> None:
+    c = p.parse_config(conf(runtimeConfig={"portMappings": [
+        {"hostPort": 80, "containerPort": 8080, "protocol": "TCP"},
+        {"hostPort": 53, "containerPort": 53, "protocol": "udp", "hostIP": "192.0.2.1"}]}))
+    assert c.port_mappings == (p.PortMapping(80, 8080, "tcp", None),
+                               p.PortMapping(53, 53, "udp", ipaddress.ip_address("192.0.2.1")))
+    assert c.snat and not c.masq_all
+    bad = [{"hostPort": 0, "containerPort": 1}, {"hostPort": "80", "containerPort": 1},
+           {"hostPort": 1, "containerPort": 1, "protocol": "sctp"}, {"hostPort": 1, "containerPort": 1, "hostIP": "x"},
+           {"hostPort": True, "containerPort": 1}, "80:80"]
+    for entry in bad:
+        with pytest.raises(p.CniError) as err:
+            p.parse_config(conf(runtimeConfig={"portMappings": [entry]}))
+        assert err.value.code == p.ERR_INVALID_CONFIG
+    for field in ({"externalSetMarkChain": "X"}, {"backend": "iptables"}):
+        with pytest.raises(p.CniError) as err:
+            p.parse_config(conf(**field))
+        assert err.value.code == p.ERR_UNSUPPORTED_FIELD
+
+
+def test_container_addresses_follow_portmap() -> None:
+    """First IPv4 and first IPv6 of the sandbox interface; host-side interfaces are skipped."""
+    assert p.container_addresses(PREV_100, "eth0") == [ipaddress.ip_address("10.88.0.2"),
+                                                       ipaddress.ip_address("fd00::2")]
+    assert p.container_addresses(PREV_040, "eth0") == [ipaddress.ip_address("10.88.0.2")]
+    assert p.container_addresses(PREV_100, "eth1") == []
+    assert p.container_addresses({"ips": [{"address": "10.0.0.5/8"}]}, "eth0") == [ipaddress.ip_address("10.0.0.5")]
+
+
+def test_mappings_per_family_and_ranges_joined() -> None:
+    entries = tuple(p.PortMapping(8000 + i, 80 + i, "tcp", None) for i in range(3)) + (
+        p.PortMapping(53, 53, "udp", ipaddress.ip_address("192.0.2.1")),
+        p.PortMapping(9000, 90, "tcp", ipaddress.ip_address("::")))
+    got = p.mappings_for(entries, p.container_addresses(PREV_100, "eth0"))
+    assert [str(m) for m in got] == [
+        "8000-8002:10.88.0.2:80-82/tcp", "192.0.2.1:53:10.88.0.2:53/udp",
+        "8000-8002:[fd00::2]:80-82/tcp", "9000:[fd00::2]:90/tcp"]
+
+
+def test_result_converted_to_the_config_version() -> None:
+    assert p.result_for(PREV_100, "0.4.0")["ips"][1]["version"] == "4"
+    assert "version" not in p.result_for(PREV_040, "1.0.0")["ips"][0]
+    assert p.result_for(PREV_040, "1.0.0")["cniVersion"] == "1.0.0"
+
+
+def test_owner_token_and_gc() -> None:
+    owner = p.Owner("net1", "c1", "eth0", "web", "ns1")
+    assert owner.token() == "c1 eth0 net1"
+    assert owner.controller_owner() == {"kind": "cni", "id": "c1", "ifname": "eth0", "network": "net1",
+                                        "name": "web", "namespace": "ns1"}
+    long_net = "n" * 100
+    token = p.Owner(long_net, "c" * 64, "eth0").token()
+    assert len(token) <= p.COMMENT_MAX and token.endswith(p.network_hash(long_net))
+    assert p.gc_doomed(token, long_net, set()) and not p.gc_doomed(token, long_net, {("c" * 64, "eth0")})
+    assert not p.gc_doomed("c1 eth0 net1", "net2", set())
+    with pytest.raises(p.CniError):
+        p.Owner("n", "c" * 200, "eth0").token()
+
+
+# --- conditions -------------------------------------------------------------------------------
+
+def test_conditions_accepted() -> None:
+    assert parse_conditions(["ip saddr != 10.0.0.0/8", "ip daddr 192.0.2.1 ip saddr 192.0.2.0/24"], 4) == (
+        ("ip", "saddr", "!=", "10.0.0.0/8"), ("ip", "daddr", "==", "192.0.2.1/32"),
+        ("ip", "saddr", "==", "192.0.2.0/24"))
+    assert parse_conditions(["ip6 saddr fd00::/8"], 6) == (("ip6", "saddr", "==", "fd00::/8"),)
+    assert parse_conditions(None, 4) == ()
+
+
+@pytest.mark.parametrize("condition", [
+    "ip saddr 1.2.3.4 accept", "tcp dport 22", "-s 1.2.3.4", "ip saddr { 1.2.3.4 }", "ip saddr",
+    "ip6 saddr fd00::1", "ip saddr fd00::1", "ip saddr 1.2.3.4; flush ruleset", "meta mark 1", "",
+])
+def test_conditions_refused(condition: str) -> None:
+    with pytest.raises(ConditionError):
+        parse_conditions([condition], 4)
+
+
+def test_conditions_become_per_family_guards() -> None:
+    opts = KernelOptions(table=TABLE, conditions=(("ip", "saddr", "!=", "10.0.0.0/8"),))
+    rules = [c["add"]["rule"] for c in builders.table_skeleton(opts) if "rule" in c.get("add", {})]
+    pre = [r["expr"] for r in rules if r["chain"] == "prerouting"]
+    assert len(pre) == 2
+    assert {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                      "right": {"prefix": {"addr": "10.0.0.0", "len": 8}}}} in pre[0]
+    assert len(pre[1]) == 3  # IPv6: nfproto, fib, jump
+
+
+def test_masquerade_options() -> None:
+    def masquerades(opts: KernelOptions) -> int:
+        return sum(1 for c in builders.table_skeleton(opts) if c.get("add", {}).get("rule", {}).get("chain")
+                   == "postrouting")
+
+    assert masquerades(KernelOptions()) == 3
+    assert masquerades(KernelOptions(masquerade_published=False)) == 0
+    assert masquerades(KernelOptions(masquerade_all=True)) == 1
+
+
+# --- the table's bookkeeping ---------------------------------------------------------------------
+
+def _listing(opts: KernelOptions, *owned: tuple[str, int, str]) -> dict:
+    """What ``nft -j list table`` returns for these (spec, id, owner) mappings."""
+    sets: dict[str, list] = {}
+    for spec, mapping_id, owner in owned:
+        for name, elem in builders.mapping_elements(parse_spec(spec), mapping_id, owner):
+            if name.startswith("id"):
+                elem = [{"elem": {"val": elem[0], "counter": {"packets": 0}}}, elem[1]]
+            sets.setdefault(name, []).append(elem)
+    items = [{"table": {"family": "inet", "name": opts.table}}]
+    items += [{"set" if not name.startswith(("id", "addr", "port")) else "map": {"name": name, "elem": elems}}
+              for name, elems in sets.items()]
+    return {"nftables": items}
+
+
+def test_state_read_back_and_removal_keeps_shared_targets() -> None:
+    opts = KernelOptions(table=TABLE)
+    listing = _listing(opts, ("9090:10.88.0.2:80", 0x8000, "a eth0 n"), ("8000-8001:10.88.0.2:80-81/udp",
+                                                                          0x8001, "b eth0 n"))
+    state = parse_state(listing)
+    assert state.present and state.owners == {0x8000 << 16: "a eth0 n", 0x8001 << 16: "b eth0 n"}
+    assert sorted(e.key for e in state.entries) == [("tcp", 9090), ("udp", 8000), ("udp", 8001)]
+    doomed, marks = state.owned_by(lambda t: t.startswith("a "))
+    cmds = removal(state, doomed, marks, opts)
+    names = {c["delete"]["element"]["name"] for c in cmds}
+    assert names == {"id4_any", "addr4_any", "port4_any", "to_target", "to_client"}  # target stays: b uses it
+    doomed, marks = state.owned_by(lambda t: True)
+    assert "targets4" in {c["delete"]["element"]["name"] for c in removal(state, doomed, marks, opts)}
+    assert parse_state({"nftables": []}) == State()
+    assert isinstance(state.entries[0], Entry)
+
+
+def test_routed_interface() -> None:
+    table = ("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+             "eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+             "cni0\t0058000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")
+    assert routed_interface(ipaddress.IPv4Address("10.0.88.7"), table) == "cni0"
+    assert routed_interface(ipaddress.IPv4Address("8.8.8.8"), table) == "eth0"
+    assert routed_interface(ipaddress.IPv4Address("8.8.8.8"), table.splitlines()[0]) is None
+
+
+# --- the entry point, with a recording backend in place of nft ------------------------------------
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def add(self, owner: p.Owner, mappings: list) -> None:
+        self.calls.append(("add", owner.token(), [str(m) for m in mappings]))
+
+    def delete(self, doomed) -> int:  # type: ignore[no-untyped-def]
+        self.calls.append(("delete", doomed("c1 eth0 net1"), doomed("c2 eth0 net1")))
+        return 0
+
+    def check(self, owner: p.Owner, mappings: list) -> None:
+        self.calls.append(("check", owner.token()))
+
+    def gc(self, network: str, keep: set) -> int:
+        self.calls.append(("gc", network, keep))
+        return 0
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    rec = Recorder()
+    monkeypatch.setattr(cni_main, "backend_for", lambda conf: rec)
+    monkeypatch.setattr(cni_main, "_after_add", lambda *args: None)
+    return rec
+
+
+def run(env: dict, stdin: bytes) -> tuple[int, dict | None]:
+    out = io.StringIO()
+    rc = cni_main.run(env, stdin, out)
+    return rc, json.loads(out.getvalue()) if out.getvalue() else None
+
+
+def test_add_passes_prev_result_through(recorder: Recorder) -> None:
+    rc, result = run(ENV, json.dumps(conf(prevResult=PREV_040, runtimeConfig={"portMappings": [
+        {"hostPort": 80, "containerPort": 8080, "protocol": "tcp"}]})).encode())
+    assert rc == 0 and result == p.result_for(PREV_040, "1.0.0")
+    assert recorder.calls == [("add", "c1 eth0 net1", ["80:10.88.0.2:8080/tcp"])]
+
+
+def test_commands_reach_the_backend(recorder: Recorder) -> None:
+    assert run({**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}, json.dumps(conf()).encode()) == (0, None)
+    assert run({**ENV, "CNI_COMMAND": "GC"}, json.dumps(conf(**{"cni.dev/valid-attachments": [
+        {"containerID": "c2", "ifname": "eth0"}]})).encode()) == (0, None)
+    assert recorder.calls == [("delete", True, False), ("gc", "net1", {("c2", "eth0")})]
+
+
+def test_unchained_and_malformed(recorder: Recorder) -> None:
+    rc, err = run(ENV, json.dumps(conf()).encode())
+    assert rc == 1 and err["code"] == p.ERR_INVALID_CONFIG and "chained" in err["msg"]
+    rc, err = run({**ENV, "CNI_COMMAND": "CHECK"}, json.dumps(conf()).encode())
+    assert rc == 1 and "prevResult" in err["msg"]
+    for stdin in (b"", b"{", b"\xff", b"null", json.dumps(conf(prevResult=[])).encode()):
+        rc, err = run(ENV, stdin)
+        assert rc == 1 and set(err) == {"cniVersion", "code", "msg", "details"}
+    assert recorder.calls == []
+
+
+def test_version_without_stdin() -> None:
+    assert run({"CNI_COMMAND": "VERSION"}, b"") == (0, version_json(None))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(
+        ["cniVersion", "name", "prevResult", "runtimeConfig", "portMappings", "ips", "address", "hostPort",
+         "containerPort", "protocol", "hostIP", "interfaces", "snat", "conditionsV4"]), children, max_size=5),
+    max_leaves=20).map(lambda v: json.dumps(v).encode())))
+def test_any_stdin_gives_json_never_a_traceback(stdin: bytes) -> None:
+    rec = Recorder()
+    original = cni_main.backend_for, cni_main._after_add
+    cni_main.backend_for, cni_main._after_add = (lambda conf: rec), (lambda *args: None)
+    try:
+        for command in ("ADD", "DEL", "CHECK", "GC", "VERSION"):
+            rc, out = run({**ENV, "CNI_COMMAND": command}, stdin)
+            assert rc in (0, 1)
+            if rc == 1:
+                assert out is not None and isinstance(out["code"], int) and out["code"] != p.ERR_INTERNAL, out
+    finally:
+        cni_main.backend_for, cni_main._after_add = original
+
+
+def test_a_host_port_mapped_twice_is_refused() -> None:
+    entries = (p.PortMapping(80, 8080, "tcp", None), p.PortMapping(80, 8081, "tcp", None))
+    with pytest.raises(p.CniError, match="mapped twice"):
+        p.mappings_for(entries, [ipaddress.ip_address("10.88.0.2")])
+    # the same port for UDP, or on a given address, is another key
+    entries = (p.PortMapping(80, 8080, "tcp", None), p.PortMapping(80, 8080, "udp", None))
+    assert len(p.mappings_for(entries, [ipaddress.ip_address("10.88.0.2")])) == 2
+
+
+def test_version_fast_path_matches_the_full_answer() -> None:
+    """The executable answers VERSION before importing the plugin; the answer is the same."""
+    import subprocess
+    import sys
+
+    entry = [sys.executable, "-m", "portproxy.cni.entry"]
+    for stdin, expected in ((b'{"cniVersion": "0.4.0"}', version_json("0.4.0")), (b"", version_json(None))):
+        got = subprocess.run(entry, input=stdin, env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
+        assert (got.returncode, json.loads(got.stdout)) == (0, expected)
+    got = subprocess.run(entry, input=b"{", env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
+    assert got.returncode == 1 and json.loads(got.stdout)["code"] == p.ERR_DECODE
+    got = subprocess.run([sys.executable, "-X", "importtime", "-m", "portproxy.cni.entry"], input=b"{}",
+                         env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
+    assert b"portproxy.cni.protocol" not in got.stderr and b"nftables" not in got.stderr

@@ -1,0 +1,201 @@
+"""PROXY protocol v1 and v2 judged by real parsers: Debian's nginx and HAProxy in the container.
+
+portproxy runs in the host namespace with ``--proxy-protocol``; the client connects
+from the client namespace; the server, started by the test inside the container
+namespace with every path under a temp dir, reports the address the header carried:
+nginx in its access log (``$proxy_protocol_addr $proxy_protocol_port``), HAProxy in
+the response body (``%[src] %[src_port]`` with ``accept-proxy``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import open_connection
+from portproxy.bench.servers import nginx_conf
+
+CACHE = Path("/var/cache/portproxy-test")
+
+NGINX_HTTP = """\
+    log_format pp '$proxy_protocol_addr $proxy_protocol_port $remote_addr';
+    access_log {dir}/access.log pp;
+    server {{
+        listen 8080 proxy_protocol;
+        listen [::]:8080 proxy_protocol ipv6only=on;
+        location / {{ return 200 "ok\\n"; }}
+    }}"""
+
+HAPROXY_CONF = """\
+global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend pp
+    bind 0.0.0.0:8080 accept-proxy
+    bind [::]:8080 v6only accept-proxy
+    http-request return status 200 content-type text/plain lf-string "%[src] %[src_port]"
+"""
+
+
+def debian_binary(name: str, package: str) -> str:
+    """The system's ``name`` if installed, else one from ``apt-get download`` + ``dpkg -x`` (cached)."""
+    found = shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
+    if found:
+        return found
+    root = CACHE / package
+    binary = root / "x" / "usr" / "sbin" / name
+    if not binary.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run(["apt-get", "download", package], cwd=root, check=True, capture_output=True, timeout=600)
+            deb = next(root.glob(f"{package}_*.deb"))
+            subprocess.run(["dpkg", "-x", str(deb), str(root / "x")], check=True, capture_output=True, timeout=600)
+        except (OSError, subprocess.SubprocessError, StopIteration) as exc:
+            pytest.skip(f"{package} is neither installed nor downloadable: {exc}")
+    return str(binary)
+
+
+def wait_port(ns, port: int, proc: subprocess.Popen, what: str) -> None:
+    import socket
+
+    def up() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    deadline = time.monotonic() + 20
+    while not ns.run(up):
+        assert proc.poll() is None, f"{what} exited {proc.returncode}"
+        assert time.monotonic() < deadline, f"{what} does not listen on {port}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def nginx(topo, tmp_path):
+    binary = debian_binary("nginx", "nginx-light")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(nginx_conf(str(tmp_path), NGINX_HTTP.format(dir=tmp_path)))
+    proc = topo.container.popen([binary, "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
+                                 "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(topo.container, 8080, proc, "nginx")
+        yield tmp_path / "access.log"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture
+def haproxy(topo, tmp_path):
+    binary = debian_binary("haproxy", "haproxy")
+    conf = tmp_path / "haproxy.cfg"
+    conf.write_text(HAPROXY_CONF)
+    proc = topo.container.popen([binary, "-db", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(topo.container, 8080, proc, "haproxy")
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+async def wait_ready(proxy, count: int) -> None:
+    """Wait for ``count`` ready lines (a spec without host address publishes on both families)."""
+    while len(proxy.ready) < count:
+        line = await asyncio.to_thread(proxy.proc.stdout.readline)
+        assert line, proxy.stderr
+        if line.startswith("ready"):
+            proxy.ready.append(line.strip())
+
+
+async def http_get(ns, host: str, port: int) -> tuple[bytes, tuple]:
+    """One HTTP/1.0 GET from ``ns``; (the body, our local address)."""
+    reader, writer = await open_connection(ns, host, port)
+    local = writer.get_extra_info("sockname")
+    writer.write(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+    try:
+        reply = await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], reply
+    return body, local
+
+
+async def access_lines(log: Path, count: int) -> list[str]:
+    deadline = time.monotonic() + 10
+    while True:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_nginx_logs_the_client(topo, nginx, portproxy, version) -> None:
+    proxy = portproxy("map", f"0.0.0.0:9090:{topo.container_ip}:8080", f"9096:[{topo.container_ip6}]:8080",
+                      "--proxy-protocol", version, ready=None)
+    await wait_ready(proxy, 3)
+    _, local4 = await http_get(topo.client, topo.host_ip, 9090)
+    _, local6 = await http_get(topo.client, topo.host_ip6, 9096)
+    # An IPv4 client of the IPv6 target (published on both families) is sent as TCP4.
+    _, local_mapped = await http_get(topo.client, topo.host_ip, 9096)
+    lines = await access_lines(nginx, 3)
+    # $remote_addr stays the proxy's (bridge) address: the client's came in the header alone.
+    assert lines == [f"{topo.client_ip} {local4[1]} {topo.bridge_ip}",
+                     f"{topo.client_ip6} {local6[1]} {topo.bridge_ip6}",
+                     f"{topo.client_ip} {local_mapped[1]} {topo.bridge_ip6}"]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_haproxy_sees_the_client(topo, haproxy, portproxy, version) -> None:
+    portproxy("map", f"9090:{topo.container_ip}:8080", f"[::]:9096:[{topo.container_ip6}]:8080",
+              "--proxy-protocol", version, ready=2)
+    body, local = await http_get(topo.client, topo.host_ip, 9090)
+    assert body.decode() == f"{topo.client_ip} {local[1]}"
+    body, local = await http_get(topo.client, topo.host_ip6, 9096)
+    assert body.decode() == f"{topo.client_ip6} {local[1]}"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--mode", "kernel", "--proxy-protocol", "v1"], "DNAT cannot add a header"),
+    (["5353:172.16.1.1:5353/udp", "--proxy-protocol", "v2"], "for TCP mappings"),
+])
+def test_refused_with_one_line(argv: list[str], line: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "portproxy", "map", "9090:172.16.1.1:8080", *argv],  # nothing runs
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert line in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+async def test_server_speaks_first_gets_header_without_client_data(topo, portproxy) -> None:
+    """A server-first protocol (SMTP, MySQL): the header is sent at once, not held back
+    waiting for client bytes to ride with it."""
+    from conftest import start_server
+
+    async def greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readuntil(b"\r\n")
+        writer.write(b"220 hello " + line)
+        await writer.drain()
+        writer.close()
+
+    server = await start_server(topo.container, 2525, greeter)
+    try:
+        portproxy("map", f"2525:{topo.container_ip}:2525", "--proxy-protocol", "v1")
+        reader, writer = await open_connection(topo.client, topo.host_ip, 2525)
+        local = writer.get_extra_info("sockname")
+        greeting = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+        assert greeting == f"220 hello PROXY TCP4 {topo.client_ip} {topo.host_ip} {local[1]} 2525\r\n".encode()
+    finally:
+        server.close()
