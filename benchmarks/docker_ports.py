@@ -43,13 +43,13 @@ BASE_PORT = 30000
 TARGETS = {"pss_ratio": 0.25, "ready_ms": 25.0}
 
 
-def start_proxy(ns: Namespace, binary: str, port: int, target: str, env: dict[str, str]) -> tuple[subprocess.Popen, float]:
+def start_proxy(ns: Namespace, binary: list[str], port: int, target: str, env: dict[str, str]) -> tuple[subprocess.Popen, float]:
     """One proxy as dockerd starts it; (process, seconds from spawn to ``0\\n``)."""
     read_end, write_end = os.pipe()
     args = ["-proto", "tcp", "-host-ip", "0.0.0.0", "-host-port", str(port), "-container-ip", target,
             "-container-port", "8080"]
     began = time.perf_counter()
-    proc = ns.popen([binary, *args], fds={3: write_end}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = ns.popen([*binary, *args], fds={3: write_end}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     env=env)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as status:
@@ -57,11 +57,11 @@ def start_proxy(ns: Namespace, binary: str, port: int, target: str, env: dict[st
     elapsed = time.perf_counter() - began
     if answer != b"0\n":
         proc.kill()
-        raise RuntimeError(f"{binary} on port {port}: {answer!r}")
+        raise RuntimeError(f"{binary[-1]} on port {port}: {answer!r}")
     return proc, elapsed
 
 
-def measure(name: str, ns: Namespace, binary: str, count: int, target: str, env: dict[str, str],
+def measure(name: str, ns: Namespace, binary: list[str], count: int, target: str, env: dict[str, str],
             daemon: subprocess.Popen | None) -> dict[str, float]:
     procs: list[subprocess.Popen] = []
     times: list[float] = []
@@ -113,7 +113,7 @@ def main() -> int:
     base_env = {k: v for k, v in os.environ.items() if k != "PORTPROXY_SOCKET"}
     docker_proxy = find_docker_proxy()
     with seed_topology("dpb") as topo, tempfile.TemporaryDirectory(prefix="portproxy-docker-bench-") as tmp:
-        variants = [("docker-proxy", docker_proxy), ("drop-in standalone", DROPIN), ("drop-in delegated", DROPIN)]
+        variants = [("docker-proxy", docker_proxy), ("drop-in standalone", [DROPIN]), ("drop-in delegated", [DROPIN])]
         for name, binary in variants:
             if binary is None:
                 print(f"{name}: unavailable, left out", file=sys.stderr)

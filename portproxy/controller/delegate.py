@@ -83,17 +83,25 @@ OTHER_NAMESPACE_ANSWER = {"ok": False, "reason": "namespace"}
 from every network namespace, but this daemon serves only its own."""
 
 
-def check_namespace(sock: socket.socket) -> None:
-    """Refuse a socket of another network namespace: its port is not ours to serve."""
+def check_namespace(sock: socket.socket, peer_pid: int) -> None:
+    """Refuse a socket of another network namespace: its port is not ours to serve.
+
+    SIOCGSKNS needs CAP_NET_ADMIN; without it, the namespace of the process that sent the
+    socket (SO_PEERCRED's pid) stands in for the socket's."""
+    own = os.stat("/proc/self/ns/net").st_ino
     try:
         fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
-    except OSError as exc:
-        raise OtherNamespace(f"cannot tell the socket's network namespace: {exc.strerror}") from None
-    try:
-        same = os.fstat(fd).st_ino == os.stat("/proc/self/ns/net").st_ino
-    finally:
-        os.close(fd)
-    if not same:
+    except OSError:
+        try:
+            theirs = os.stat(f"/proc/{peer_pid}/ns/net").st_ino
+        except OSError as exc:
+            raise OtherNamespace(f"cannot tell the socket's network namespace: {exc.strerror}") from None
+    else:
+        try:
+            theirs = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+    if theirs != own:
         raise OtherNamespace("the socket handed over is in another network namespace than the daemon")
 
 
@@ -188,7 +196,7 @@ class DelegateServer:
         """Take the request, add the mapping, answer; the owner id if a mapping was added."""
         sockets: list[socket.socket] = []
         try:
-            _pid, uid, gid = peer_credentials(conn)
+            pid, uid, gid = peer_credentials(conn)
             if not self.policy.allows(uid, gid):
                 log.warning("refused a delegation from uid %d", uid)
                 raise BadInput(f"uid {uid} may not use this socket")
@@ -205,7 +213,7 @@ class DelegateServer:
             mapping, owner = parse_request(data)
             if len(sockets) != 1:
                 raise BadInput(f"the request must carry exactly one socket, not {len(sockets)}")
-            check_namespace(sockets[0])
+            check_namespace(sockets[0], pid)
             check_socket(mapping, sockets[0])
             if any(e.owner and e.owner.get("id") == owner["id"] for e in self.controller.entries.values()):
                 raise Conflict(f"owner id {shorten(owner['id'], 80)} is in use: each connection needs its own")
