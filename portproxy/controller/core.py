@@ -44,7 +44,8 @@ import socket
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ..errors import BadInput, Conflict, NotFound, PortproxyError, SystemFailure, shorten
-from ..kernel import KernelPath, NftError
+from ..kernel import KernelOptions, KernelPath, NftError
+from ..kernel.builders import why_not_translated
 from ..proxy.options import ProxyOptions
 from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
@@ -77,10 +78,11 @@ def components(mode: Mode) -> set[str]:
     return {"userland": {LISTENER}, "kernel": {KERNEL}, "hybrid": {LISTENER, KERNEL}}[mode]
 
 
-def part_components(part: Mapping, wanted: set[str]) -> set[str]:
-    """What one family of a mapping runs: what its mode asks, except that a family DNAT
-    cannot translate (an IPv6 client to an IPv4 target: no NAT64) is proxied, as Docker does."""
-    if wanted and not part.translatable:
+def part_components(part: Mapping, wanted: set[str], kernel: KernelOptions) -> set[str]:
+    """What one family of a mapping runs: what its mode asks, except that what DNAT cannot
+    serve (an IPv6 client to an IPv4 target: no NAT64; a loopback address) is proxied, as
+    Docker does."""
+    if wanted and why_not_translated(part, kernel):
         return {LISTENER}
     return wanted
 
@@ -154,6 +156,9 @@ class Controller:
             self._kernel = await self._in_worker(KernelPath, self.options.kernel)
         return self._kernel
 
+    def _part_components(self, part: Mapping, wanted: set[str]) -> set[str]:
+        return part_components(part, wanted, self.options.kernel)
+
     def proxy_options(self, settings: Settings) -> ProxyOptions:
         return schema.proxy_options(dict(settings.overrides), self.options.proxy)
 
@@ -214,14 +219,16 @@ class Controller:
         done: list[Mapping] = []
         try:
             for part in m.per_family():
-                if not entry.holds_ports and not part.translatable:
+                if not entry.holds_ports and why_not_translated(part, self.options.kernel):
                     continue  # a CNI runtime publishes each family it has, through DNAT only
-                await self._move_part(part, entry, part_components(part, old), part_components(part, new), sockets)
+                await self._move_part(part, entry, self._part_components(part, old),
+                                      self._part_components(part, new), sockets)
                 done.append(part)
         except PortproxyError:
             for part in reversed(done):
                 try:
-                    await self._move_part(part, entry, part_components(part, new), part_components(part, old))
+                    await self._move_part(part, entry, self._part_components(part, new),
+                                          self._part_components(part, old))
                 except PortproxyError as exc:
                     log.error("undoing the move of %s failed: %s", part, exc)
             raise
@@ -368,6 +375,9 @@ class Controller:
             except SpecError as exc:
                 raise Conflict(str(exc)) from None
             entry = Entry(settings, source, owner)
+            if source == "cni" and entry.mode != "kernel":
+                raise BadInput(f"mapping {mapping}: a CNI runtime's mappings are kernel-path only (mode kernel): "
+                               "the runtime holds their host ports itself")
             self.check_settings(mapping, settings)
             self._warn_if_not_local(mapping)
             await self._move(mapping, entry, set(), components(entry.mode), sockets)
@@ -452,6 +462,10 @@ class Controller:
             await self._record(report, "removed", mapping, self.remove(str(mapping)))
         for mapping, settings in config.mappings.items():
             entry = self.entries.get(mapping)
+            if entry is not None and entry.source != "config":
+                report["errors"].append(f"{mapping}: exists already as a mapping of the {entry.source} "
+                                        "(remove it there first); left as it is")
+                continue
             if entry is None:
                 await self._record(report, "added", mapping, self._add_desired(mapping, settings))
             elif entry.settings.overrides != settings.overrides:
@@ -521,7 +535,8 @@ class Controller:
     async def _install_kernel_table(self) -> None:
         """One batch for every kernel mapping at start (replacing a crashed run's table).
         Mappings that batch cannot take are then tried one by one by ``_realise``."""
-        wanted = [p for m, e in self.entries.items() if e.mode != "userland" for p in m.per_family() if p.translatable]
+        wanted = [p for m, e in self.entries.items() if e.mode != "userland" for p in m.per_family()
+                  if not why_not_translated(p, self.options.kernel)]
         owners = {p: e for m, e in self.entries.items() for p in m.per_family()}
         try:
             kernel = await self._kernel_path()
@@ -730,9 +745,9 @@ class Controller:
                 "bytes_to_client": sum(s.bytes[TO_CLIENT] for s in tcp) + sum(s.bytes_to_client for s in udp),
                 "udp_flows": sum(s.flows_active for s in udp),
             }
-            item["families"] = {f"ipv{p.listen_ip().version}": _served_by(part_components(p, components(entry.mode)))
+            item["families"] = {f"ipv{p.listen_ip().version}": _served_by(self._part_components(p, components(entry.mode)))
                                 for p in parts}
-            translated = [p for p in parts if p.translatable]
+            translated = [p for p in parts if not why_not_translated(p, self.options.kernel)]
             if KERNEL in components(entry.mode) and entry.status == "running" and translated:
                 kernel = counters.get(translated[0])
                 if kernel is not None:
