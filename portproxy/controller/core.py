@@ -355,6 +355,12 @@ class Controller:
             raise Conflict(f"port {name} is ambiguous: {', '.join(str(m) for m in found)}")
         return found[0]
 
+    def _near(self, mapping: Mapping) -> list[Mapping]:
+        """The mappings whose ports meet ``mapping``'s: the pairwise overlap check of all of
+        them made every add O(n²) (~90 ms at 1,000 Docker ports)."""
+        return [m for m in self.entries if m.proto == mapping.proto and m.host_port <= mapping.host_port_end
+                and mapping.host_port <= m.host_port_end]
+
     async def add(self, spec: str | Mapping, settings: Settings | None = None, source: str = "api",
                   owner: dict[str, str] | None = None, sockets: dict[int, socket.socket] | None = None) -> Mapping:
         """Add and start a mapping; refused (nothing kept) when it cannot start now."""
@@ -365,7 +371,7 @@ class Controller:
             if mapping in self.entries:
                 raise Conflict(f"mapping {mapping} exists already")
             try:
-                check_no_overlap([*self.entries, mapping])
+                check_no_overlap([*self._near(mapping), mapping])
             except SpecError as exc:
                 raise Conflict(str(exc)) from None
             entry = Entry(settings, source, owner)
@@ -472,7 +478,7 @@ class Controller:
         """Add a config mapping: kept (as failed, retried) even when it cannot start now."""
         async with self._lock:
             try:
-                check_no_overlap([*self.entries, mapping])
+                check_no_overlap([*self._near(mapping), mapping])
             except SpecError as exc:
                 raise Conflict(str(exc)) from None
             self.check_settings(mapping, settings)
