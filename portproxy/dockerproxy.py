@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 STATUS_FD = 3
 LISTEN_FD = 4
-TARGET_CC_ENV = "PORTPROXY_TARGET_CC"
 SOCKET_ENV = "PORTPROXY_SOCKET"
 DEFAULT_SOCKET = "/run/portproxy/portproxy.sock"  # defaults.DEFAULT_SOCKET; pathlib would cost the lean start
 DELEGATE_TIMEOUT = 15.0  # seconds for the daemon's answer; dockerd gives up on fd 3 after 16
@@ -340,14 +339,22 @@ def adopt_listen_fd(request: Request, fd: int = LISTEN_FD) -> _socket.socket:
     return sock
 
 
-def _check_environment() -> None:
-    target_cc = os.environ.get(TARGET_CC_ENV)
-    if target_cc:
-        from .proxy.options import congestion_control_error
+ENVIRONMENT: dict[str, object] = {}
+"""The per-mapping options dockerd's environment sets (PORTPROXY_TARGET_CC, PORTPROXY_SOURCE,
+PORTPROXY_PROXY_PROTOCOL), checked by the one options schema."""
 
-        error = congestion_control_error(target_cc)
-        if error is not None:
-            raise StartError(f"{TARGET_CC_ENV}: {error}")
+
+def _check_environment() -> None:
+    # The schema (and the re module it brings) is imported only when such a variable is set.
+    if not any(name.startswith("PORTPROXY_") and name != SOCKET_ENV for name in os.environ):
+        return
+    from . import options
+    from .errors import BadInput
+
+    try:
+        ENVIRONMENT.update(options.from_environment(os.environ))
+    except BadInput as exc:
+        raise StartError(str(exc)) from None
 
 
 def start(argv: list[str], status: StatusPipe) -> tuple[Request, _socket.socket] | int:
@@ -419,6 +426,10 @@ def delegation_request(request: Request, pid: int) -> bytes:
     spec = f"{request.host.endpoint(request.host_port)}:{container}/{request.proto}"
     owner = (f'{{"kind": "docker", "id": "docker-proxy-{pid}-{request.where}", "name": "docker-proxy[{pid}]", '
              f'"container": "{container}"}}')
+    if ENVIRONMENT:  # options from dockerd's environment go along (json only then)
+        import json
+
+        return f'{{"spec": "{spec}", "owner": {owner}, "options": {json.dumps(ENVIRONMENT)}}}'.encode()
     return f'{{"spec": "{spec}", "owner": {owner}}}'.encode()
 
 
@@ -486,9 +497,10 @@ def _mapping(request: Request, sock: _socket.socket) -> Mapping:
 
 def _options() -> ProxyOptions:
     """docker-proxy's fixed behaviour plus what the environment asks for (checked in start)."""
+    from .options import proxy_options
     from .proxy.options import ProxyOptions
 
-    return ProxyOptions(drain_timeout=0, target_cc=os.environ.get(TARGET_CC_ENV) or None)
+    return proxy_options(ENVIRONMENT, ProxyOptions(drain_timeout=0))
 
 
 def _idle_while_importing() -> bool:
@@ -521,23 +533,33 @@ async def _serve(request: Request, lean_sock: _socket.socket, idle: bool = False
     import asyncio
     import socket
 
-    from .foreground import stop_signal
+    from .errors import PortproxyError
+    from .foreground import stop_signal, stop_transparent
     from .proxy import ProxyServer
-    from .proxy.server import ProxyError
 
     stop = stop_signal()
     sock = socket.socket(fileno=lean_sock.detach())
-    server = ProxyServer(asyncio.get_running_loop(), _options())
+    options = _options()
+    server = ProxyServer(asyncio.get_running_loop(), options)
+    routing = None
     try:
+        if options.source == "client":
+            # Every drop-in of the namespace shares one routing; the last one removes it.
+            from .foreground import start_transparent
+            from .options import transparent_options
+
+            routing = await start_transparent(transparent_options({}))
         server.add(_mapping(request, sock), {sock.getsockname()[1]: sock})
-    except ProxyError as exc:  # readiness is already reported; say why on stderr and leave
+    except PortproxyError as exc:  # readiness is already reported; say why on stderr and leave
         print(f"portproxy-docker-proxy: {exc}", file=sys.stderr)
+        await stop_transparent(routing)
         return 1
     finally:
         if idle:
             _normal_priority()  # root may always leave SCHED_IDLE; a failure here is a bug to see
     await stop
     await server.stop(drain_timeout=0)
+    await stop_transparent(routing)
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import open_connection
+from conftest import open_connection, start_server
 from portproxy.controller.delegate import delegate_path, parse_request
 from portproxy.dockerproxy import DEFAULT_SOCKET, OTHER_NAMESPACE, Endpoint, Request, delegation_request, \
     parse_answer, parse_go_flags
@@ -34,8 +34,9 @@ def delegated(topo, daemon):
     start, _cli = daemon
     started: list[DockerProxy] = []
 
-    def run(*args: str, ns=None, listen_sock: socket.socket | None = None) -> DockerProxy:
-        proxy = DockerProxy(ns or topo.host, list(args), listen_sock, env={"PORTPROXY_SOCKET": str(start.socket)})
+    def run(*args: str, ns=None, listen_sock: socket.socket | None = None, env: dict | None = None) -> DockerProxy:
+        proxy = DockerProxy(ns or topo.host, list(args), listen_sock,
+                            env={"PORTPROXY_SOCKET": str(start.socket), **(env or {})})
         started.append(proxy)
         return proxy
 
@@ -52,7 +53,7 @@ def _exe(pid: int) -> str:
 def test_the_request_the_dropin_writes_is_the_one_the_daemon_reads() -> None:
     for host, container in (("0.0.0.0", "172.17.0.2"), ("::", "172.17.0.2"), ("::1", "fd00::2")):
         request = Request(parse_go_flags(flags("udp", host, 53, container, 5353)))
-        mapping, owner = parse_request(delegation_request(request, 4242))
+        mapping, owner, _settings = parse_request(delegation_request(request, 4242))
         assert mapping.host_ip is not None and str(mapping.host_ip) == Endpoint.parse(host, "h").text
         assert str(mapping.target_ip) == container and (mapping.host_port, mapping.target_port) == (53, 5353)
         assert owner["kind"] == "docker" and "4242" in owner["id"] and owner["container"].endswith(":5353")
@@ -183,7 +184,7 @@ def test_bad_requests_get_one_line(topo, daemon, delegated) -> None:
     try:
         for data, fds, message in [
             (b"{nope", [], "not JSON"),
-            (b'{"spec": "9094:1.2.3.4:80"}', [], '"spec" and "owner"'),
+            (b'{"spec": "9094:1.2.3.4:80"}', [], '"spec", "owner"'),
             (good, [], "exactly one socket"),
             (good, [wrong_port.fileno(), wrong_port.fileno()], "exactly one socket"),
             (good, [wrong_port.fileno()], "bound to port"),
@@ -225,3 +226,19 @@ def test_docker_ports_benchmark_runs(tmp_path) -> None:
     assert {"drop-in standalone", "drop-in delegated"} <= set(results)
     assert results["drop-in delegated"]["ports_measured"] == 3 and results["drop-in delegated"]["daemon_pss_kib"] > 0
     assert "| drop-in delegated |" in done.stdout
+
+
+async def test_options_from_dockerds_environment_go_along(topo, daemon, delegated) -> None:
+    """PORTPROXY_SOURCE=client in dockerd's environment: the daemon's mapping is transparent."""
+    from test_transparent import peer_reporter, seen_by_target
+
+    start, cli = daemon
+    start()
+    server = await start_server(topo.container, 8080, peer_reporter)
+    try:
+        proxy = delegated(*flags("tcp", "0.0.0.0", 9095, topo.container_ip, 8080), env={"PORTPROXY_SOURCE": "client"})
+        assert proxy.status == b"0\n", proxy.proc.stderr
+        assert ls(cli)[f"0.0.0.0:9095:{topo.container_ip}:8080/tcp"]["options"] == {"source": "client"}
+        assert (await seen_by_target(topo.client, topo.host_ip, 9095))[0] == topo.client_ip
+    finally:
+        server.close()

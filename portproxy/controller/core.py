@@ -142,7 +142,7 @@ class Controller:
         self.kernel_problem: str | None = None
         """What the last check found wrong with the nft table (None: as installed)."""
         self._routing: Any = None
-        """Transparent mode's routing (TransparentRouting), installed while a mapping with
+        """Transparent mode's routing (a SharedRouting), installed while a mapping with
         source = "client" has a listener, and only then."""
         self.on_change: Callable[[], None] | None = None
         """Called after every committed change (the daemon updates systemd's STATUS=)."""
@@ -178,10 +178,10 @@ class Controller:
         """Install the routing before the first transparent listener (its replies need it)."""
         if self._routing is not None:
             return
-        from ..kernel.transparent import TransparentRouting
+        from ..kernel.transparent import SharedRouting
 
-        routing = TransparentRouting(schema.transparent_options(dict(self.options.values)))
-        await self._in_worker(routing.install)
+        routing = SharedRouting(schema.transparent_options(dict(self.options.values)))
+        await self._in_worker(routing.acquire)
         self._routing = routing
         log.info("transparent mode: installed the fwmark rule, routing table %d and the marking rule",
                  routing.opts.table)
@@ -193,7 +193,7 @@ class Controller:
             return
         routing, self._routing = self._routing, None
         try:
-            await self._in_worker(routing.remove)
+            await self._in_worker(routing.release)
             log.info("transparent mode: removed its routing (no transparent mapping left)")
         except PortproxyError as exc:
             log.error("removing transparent mode's routing failed: %s", exc)
@@ -586,7 +586,7 @@ class Controller:
                 log.error("removing the kernel rules failed: %s", exc)
         if self._routing is not None:
             try:
-                await self._in_worker(self._routing.remove)
+                await self._in_worker(self._routing.release)
             except PortproxyError as exc:
                 log.error("removing transparent mode's routing failed: %s", exc)
             self._routing = None

@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import BadInput, Conflict, PortproxyError, shorten
 from ..spec import Mapping, parse_spec
 from .api import PeerPolicy, peer_credentials
+from .. import options as schema
 from .config import Settings
 from .core import Controller
 
@@ -52,14 +53,15 @@ def delegate_path(control_socket: Path) -> Path:
     return control_socket.with_name(control_socket.name + ".delegate")
 
 
-def parse_request(data: bytes) -> tuple[Mapping, dict[str, str]]:
-    """The one request message: a one-family mapping and its docker owner (pure; BadInput)."""
+def parse_request(data: bytes) -> tuple[Mapping, dict[str, str], Settings]:
+    """The one request message: a one-family mapping, its docker owner and the per-mapping
+    options dockerd's environment gave the drop-in (pure; BadInput)."""
     try:
         body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BadInput("the request is not JSON") from None
-    if not isinstance(body, dict) or set(body) != {"spec", "owner"}:
-        raise BadInput('the request must be a JSON object with "spec" and "owner"')
+    if not isinstance(body, dict) or not {"spec", "owner"} <= set(body) <= {"spec", "owner", "options"}:
+        raise BadInput('the request must be a JSON object with "spec", "owner" and maybe "options"')
     if not isinstance(body["spec"], str):
         raise BadInput('"spec" must be a string')
     mapping = parse_spec(body["spec"])
@@ -69,7 +71,10 @@ def parse_request(data: bytes) -> tuple[Mapping, dict[str, str]]:
         raise BadInput('"owner" must be an object with kind "docker" and an id')
     if mapping.host_ip is None or mapping.port_count != 1:
         raise BadInput(f"{mapping}: a delegated mapping is one port with a host address")
-    return mapping, owner
+    options = body.get("options", {})
+    if isinstance(options, dict) and "mode" in options:
+        raise BadInput("a delegated mapping starts on the userland path: no mode in its options")
+    return mapping, owner, Settings.from_values(schema.check_table(options, schema.MAPPING, "options"))
 
 
 class OtherNamespace(BadInput):
@@ -210,19 +215,19 @@ class DelegateServer:
             sockets = [_socket_of(fd) for fd in fds]
             if truncated:
                 raise BadInput(f"the request is larger than {MAX_MESSAGE} bytes or carries more than {MAX_FDS} fds")
-            mapping, owner = parse_request(data)
+            mapping, owner, settings = parse_request(data)
             if len(sockets) != 1:
                 raise BadInput(f"the request must carry exactly one socket, not {len(sockets)}")
             check_namespace(sockets[0], pid)
             check_socket(mapping, sockets[0])
             if any(e.owner and e.owner.get("id") == owner["id"] for e in self.controller.entries.values()):
                 raise Conflict(f"owner id {shorten(owner['id'], 80)} is in use: each connection needs its own")
-            await self.controller.add(mapping, Settings(), source="docker", owner=owner,
+            await self.controller.add(mapping, settings, source="docker", owner=owner,
                                       sockets={mapping.host_port: sockets[0]})
         except PortproxyError as exc:
             for sock in sockets:
                 sock.close()
-            _answer(conn, OTHER_NAMESPACE_ANSWER if isinstance(exc, OtherNamespace) else {"error": shorten(str(exc), 400)})
+            _answer(conn, OTHER_NAMESPACE_ANSWER if isinstance(exc, OtherNamespace) else {"error": str(exc)[:400]})
             return None
         except OSError as exc:  # a peer that went away, an fd that is not a socket
             for sock in sockets:
