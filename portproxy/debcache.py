@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import os
 import subprocess
 import sys
@@ -52,6 +53,9 @@ TOOLS: dict[str, Tool] = {
     "wrk": Tool("wrk", "usr/bin/wrk", ("libluajit-5.1-2", "libluajit-5.1-common")),
     "socat": Tool("socat", "usr/bin/socat", ("libwrap0",)),
     "docker-proxy": Tool("docker.io", "usr/sbin/docker-proxy"),
+    # The real-dockerd tests: dockerd, its containerd and runc, tini for --init, and
+    # busybox-static for an image built without a registry.
+    "dockerd": Tool("docker.io", "usr/sbin/dockerd", ("containerd", "runc", "tini", "busybox-static")),
 }
 """Every program the tests and the benchmark run that portproxy itself does not need."""
 
@@ -60,9 +64,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PORTPROXY_TOOL_CACHE", "/var/cache/portproxy-test/unpacked"))
 
 
+def _packages(tool: Tool) -> list[str]:
+    """The package and every extra package any tool of the same package needs."""
+    return [tool.package, *sorted({lib for t in TOOLS.values() if t.package == tool.package for lib in t.libraries})]
+
+
 def tree(tool: Tool) -> Path:
-    """Where ``tool``'s package and libraries are unpacked."""
-    return cache_dir() / tool.package
+    """Where ``tool``'s package and libraries are unpacked. The name carries a digest of the
+    package list, so a tree unpacked before a package was added is never taken as complete."""
+    digest = hashlib.sha256(" ".join(_packages(tool)).encode()).hexdigest()[:8]
+    return cache_dir() / f"{tool.package}-{digest}"
 
 
 def library_path(root: Path) -> str:
@@ -95,8 +106,7 @@ def _fetch(tool: Tool) -> None:
         if root.is_dir():
             return
         with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{tool.package}-") as tmp:
-            packages = [tool.package, *sorted({lib for t in TOOLS.values() if t.package == tool.package
-                                               for lib in t.libraries})]
+            packages = _packages(tool)
             for attempt in range(2):
                 download = subprocess.run(["apt-get", "download", "-q", *packages], cwd=tmp, capture_output=True,
                                           text=True, timeout=900)

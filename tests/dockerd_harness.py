@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import os
@@ -31,8 +30,6 @@ from typing import Iterator
 
 from portproxy.netns import Namespace
 
-CACHE = Path(os.environ.get("PORTPROXY_DOCKER_CACHE", "/var/cache/portproxy-test/docker"))
-PACKAGES = ("docker.io", "containerd", "runc", "tini", "busybox-static")
 IMAGE = "portproxy-test/busybox:1"
 BRIDGE_CIDR = "10.99.0.1/24"
 BRIDGE_IP = "10.99.0.1"
@@ -76,37 +73,15 @@ class DockerUnavailable(Exception):
 
 
 def docker_root() -> Path:
-    """The unpacked packages (``.../root/usr/sbin/dockerd`` etc.), fetched once per machine.
+    """The unpacked packages (``ROOT/usr/sbin/dockerd`` etc.), fetched once per machine by
+    portproxy's one fetch mechanism (portproxy.debcache: apt-get download + dpkg -x)."""
+    from portproxy import debcache
 
-    A file lock makes concurrent test runs wait for one another instead of unpacking
-    into each other; a stamp file marks a complete unpack.
-    """
-    root, stamp = CACHE / "root", CACHE / "complete"
-    if stamp.exists():
-        return root
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.exists():
-            return root
-        debs = CACHE / "debs"
-        debs.mkdir(exist_ok=True)
-        for attempt in range(2):
-            got = subprocess.run(["apt-get", "download", *PACKAGES], cwd=debs, capture_output=True, text=True,
-                                 timeout=900)
-            if got.returncode == 0:
-                break
-            if attempt == 0:  # a fresh machine may have no package lists yet
-                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=900)
-        else:
-            raise DockerUnavailable(f"apt-get download {' '.join(PACKAGES)}: {got.stderr.strip()[-300:]}")
-        staging = CACHE / "root.new"
-        subprocess.run(["rm", "-rf", str(staging), str(root)], check=True)
-        for deb in sorted(debs.glob("*.deb")):
-            subprocess.run(["dpkg", "-x", str(deb), str(staging)], check=True, capture_output=True, timeout=600)
-        staging.rename(root)
-        stamp.touch()
-    return root
+    try:
+        debcache.command("dockerd")
+    except debcache.ToolUnavailable as exc:
+        raise DockerUnavailable(str(exc)) from None
+    return debcache.tree(debcache.TOOLS["dockerd"])
 
 
 def image_tarball(root: Path) -> bytes:
