@@ -219,7 +219,7 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
-    monkeypatch.setattr(cni_main, "backend_for", lambda conf: rec)
+    monkeypatch.setattr(cni_main, "backend_for", lambda env, conf: rec)
     monkeypatch.setattr(cni_main, "_after_add", lambda *args: None)
     return rec
 
@@ -269,7 +269,7 @@ def test_version_without_stdin() -> None:
 def test_any_stdin_gives_json_never_a_traceback(stdin: bytes) -> None:
     rec = Recorder()
     original = cni_main.backend_for, cni_main._after_add
-    cni_main.backend_for, cni_main._after_add = (lambda conf: rec), (lambda *args: None)
+    cni_main.backend_for, cni_main._after_add = (lambda env, conf: rec), (lambda *args: None)
     try:
         for command in ("ADD", "DEL", "CHECK", "GC", "VERSION"):
             rc, out = run({**ENV, "CNI_COMMAND": command}, stdin)
