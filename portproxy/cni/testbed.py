@@ -203,7 +203,8 @@ class Chain:
 class Podman:
     """podman, conmon and crun from the cache, all state under ``tmp``, in one mount namespace."""
 
-    def __init__(self, topo: SeedTopology, tmp: Path, podman: Path, cni: Path, mapper: str) -> None:
+    def __init__(self, topo: SeedTopology, tmp: Path, podman: Path, cni: Path, mapper: str,
+                 mapper_conf: dict | None = None) -> None:
         self.topo, self.tmp, self.root = topo, tmp, podman
         lib = podman / "usr/lib/x86_64-linux-gnu"
         plugins = tmp / "cnibin"
@@ -217,7 +218,7 @@ class Podman:
                 {"type": "bridge", "bridge": "cni-podman0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
                  "ipam": {"type": "host-local", "dataDir": str(tmp / "ipam"), "routes": [{"dst": "0.0.0.0/0"}],
                           "ranges": [[{"subnet": SUBNET, "gateway": GATEWAY}]]}},
-                {"type": mapper, "capabilities": {"portMappings": True}}]}))
+                {"type": mapper, "capabilities": {"portMappings": True}, **(mapper_conf or {})}]}))
         crun = tmp / "crun"  # conmon does not pass LD_LIBRARY_PATH on
         crun.write_text(f"#!/bin/sh\nLD_LIBRARY_PATH={lib} exec {podman}/usr/bin/crun \"$@\"\n")
         crun.chmod(0o755)
