@@ -198,6 +198,19 @@ def test_refusals(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemo
     assert (status.rc, status.json["code"]) == (1, 50), status
 
 
+def test_a_daemon_of_another_namespace_is_not_used(topo: SeedTopology, tmp_path: Path, daemon: Daemon) -> None:
+    """A socket path is visible from every network namespace; the daemon behind it serves only its own."""
+    from portproxy.cni.daemon import connect
+    from portproxy.cni.protocol import parse_config
+
+    daemon.start()
+    conf = parse_config({"cniVersion": "1.0.0", "name": "pptest"})
+    here = topo.host.run(lambda: connect(str(daemon.socket), conf))
+    assert here is not None
+    here.conn.close()
+    assert connect(str(daemon.socket), conf) is None  # this test process runs in another namespace
+
+
 class Echo:
     """A TCP echo server in a container, for connections that live across a change."""
 

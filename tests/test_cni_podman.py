@@ -24,9 +24,9 @@ from typing import Iterator
 import pytest
 
 from portproxy.cni.testbed import Podman, ReferenceUnavailable, debian_plugins, podman_packages
-from conftest import PortproxyProcess
 from portproxy.netns import seed_topology
 from test_cni import root_unchanged  # noqa: F401 - the autouse root-namespace check, shared
+from test_cni_daemon import Daemon
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +47,16 @@ def podman(request: pytest.FixtureRequest, caches: tuple[Path, Path], tmp_path: 
         topo.host.sysctl("net/ipv4/ip_forward", "1")
         daemon, conf = None, {}
         if request.param == DAEMON:
-            sock = tmp_path / "pp.sock"
-            (tmp_path / "portproxy.toml").write_text("[options]\nroute_localnet = true\nset_sysctls = true\n")
-            daemon = PortproxyProcess(topo.host, ["serve", "--config", str(tmp_path / "portproxy.toml"), "--state-dir",
-                                                  str(tmp_path / "state"), "--socket", str(sock), "--metrics-addr",
-                                                  "off"], 1)
-            conf = {"daemonSocket": str(sock)}
+            daemon = Daemon(topo, tmp_path)
+            daemon.start()
+            conf = {"daemonSocket": str(daemon.socket)}
         p = Podman(topo, tmp_path, caches[0], caches[1], request.param.split("+")[0], conf)
         try:
             yield p
         finally:
             p.close()
             if daemon is not None:
-                assert daemon.stop() == 0, daemon.stderr
+                daemon.stop()
 
 
 def http_get(ns, host: str, port: int) -> str:  # type: ignore[no-untyped-def]

@@ -58,7 +58,7 @@ def _peer_netns_differs(sock: socket.socket) -> bool:
         pid = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4], sys.byteorder)
         if pid <= 0:
             return False  # not visible from this pid namespace: cannot tell, assume ours
-        theirs, ours = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/self/ns/net")
+        theirs, ours = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/thread-self/ns/net")
     except OSError:
         return False
     return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
