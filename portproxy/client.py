@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
@@ -97,4 +98,7 @@ def run_client(args: Any) -> int:
     except ClientError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `portproxy ls | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0

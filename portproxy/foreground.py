@@ -131,6 +131,7 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
                      proxy_options: ProxyOptions = ProxyOptions()) -> int:
     """Install the mappings as nftables rules, hold them until a stop signal, then remove them."""
     from .kernel import KernelPath, NftError
+    from .kernel.builders import why_not_translated
     from .metrics import MappingSnapshot
     from .metrics.snapshot import KernelCounterReader
 
@@ -140,10 +141,10 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     # A family DNAT cannot translate (an IPv6 client to an IPv4 target) is proxied by it.
     holder = ProxyServer(asyncio.get_running_loop(), proxy_options)
     parts = [part for mapping in mappings for part in mapping.per_family()]
-    translated = [part for part in parts if part.translatable]
+    translated = [part for part in parts if not why_not_translated(part, opts)]
     try:
         for part in parts:
-            holder.add(part, serve=not part.translatable)
+            holder.add(part, serve=part not in translated)
         path = await asyncio.to_thread(KernelPath, opts)
         await asyncio.to_thread(
             lambda: path.apply(translated, replace=True, set_sysctls=set_sysctls, forget_udp=True))
@@ -168,8 +169,7 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
         await holder.stop(drain_timeout=0)
         return 1
     for part in parts:
-        print_ready(part, out, " (kernel)" if part.translatable else
-                    f" (userland: DNAT cannot translate IPv{part.listen_ip().version} to IPv{part.family})")
+        print_ready(part, out, " (kernel)" if part in translated else f" (userland: {why_not_translated(part, opts)})")
     await stop
     if metrics is not None:
         metrics.shutdown()  # type: ignore[attr-defined]

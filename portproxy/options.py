@@ -125,7 +125,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("connect_timeout", float, 5.0, "time for the target to accept a TCP connection", BOTH, above=0,
            maximum=3600, metavar="SECONDS"),
     Option("udp_timeout", float, 90.0, "idle time before a UDP flow is forgotten (docker-proxy's value)", BOTH,
-           above=0, maximum=86400, metavar="SECONDS"),
+           minimum=1, maximum=86400, metavar="SECONDS"),
     Option("max_udp_flows", int, 4096, "UDP flows per port; past it the least recently active is evicted", BOTH,
            minimum=1, maximum=1 << 20, metavar="N"),
     Option("drain_timeout", float, 10.0, "on stop, time live connections get to finish", minimum=0, maximum=86400,

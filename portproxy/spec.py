@@ -228,6 +228,10 @@ def parse_spec(spec: str) -> Mapping:
         raise SpecError(f"bad mapping {shorten(spec)}: target address {shorten(target_field)} is unspecified")
     if target_ip.is_multicast or (target_ip.version == 4 and target_ip == ipaddress.IPv4Address("255.255.255.255")):
         raise SpecError(f"bad mapping {shorten(spec)}: target address {shorten(target_field)} is not a unicast address")
+    for ip, what, field in ((host_ip, "host", host_field), (target_ip, "target", target_field)):
+        if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+            raise SpecError(f"bad mapping {shorten(spec)}: {what} address {shorten(field)} is an IPv4-mapped "
+                            f"IPv6 address; write {ip.ipv4_mapped}")
     if host_ip is not None and host_ip.is_multicast:
         raise SpecError(f"bad mapping {shorten(spec)}: host address {shorten(host_field)} is a multicast address")
     return Mapping(proto, host_ip, h_start, h_end, target_ip, t_start, t_end)  # type: ignore[arg-type]

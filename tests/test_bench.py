@@ -4,8 +4,10 @@ timing belongs in the committed results, not in tests)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from portproxy.bench.workloads import WORKLOADS
@@ -14,13 +16,19 @@ OUR_PATHS = ("direct", "kernel", "userland-splice", "userland-copy", "userland-a
 TOOLS = {"socat", "haproxy", "docker-proxy", "iperf3", "sockperf", "nginx", "wrk"}
 
 
+RUN_TOKEN = f"PORTPROXY_TEST_BENCH_RUN={uuid.uuid4().hex}"
+"""Set in the bench's environment, which every program it starts inherits: so the leak
+check counts this run's programs only, not those of other runs on the same machine."""
+
+
 def tool_processes() -> set[int]:
-    """Live (not zombie) processes of the programs the bench starts."""
+    """Live (not zombie) processes of the programs this test's bench run started."""
     found = set()
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and (proc / "comm").read_text().strip() in TOOLS \
-                    and " Z " not in (proc / "stat").read_text().rsplit(")", 1)[1][:3]:
+                    and " Z " not in (proc / "stat").read_text().rsplit(")", 1)[1][:3] \
+                    and RUN_TOKEN.encode() in (proc / "environ").read_bytes().split(b"\0"):
                 found.add(int(proc.name))
         except OSError:
             continue
@@ -28,15 +36,15 @@ def tool_processes() -> set[int]:
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    name, _, value = RUN_TOKEN.partition("=")
     return subprocess.run([sys.executable, "-m", "portproxy", "bench", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, name: value})
 
 
 def test_quick_run_measures_every_path_and_writes_the_report(tmp_path: Path) -> None:
-    before = tool_processes()
     result = bench("--quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert tool_processes() - before == set()  # socat's per-peer children included
+    assert tool_processes() == set()  # socat's per-peer children included
     assert "[1/" in result.stderr  # progress while it runs
     record = json.loads((tmp_path / "bench.json").read_text())
     for workload in WORKLOADS:

@@ -123,7 +123,8 @@ async def test_mixed_wildcard_address_and_family_mappings(topo, tcp_echo, daemon
 # --- 3. the nft table deleted under the daemon -------------------------------------------------
 
 @pytest.mark.parametrize("vandalism", [["delete", "table", "inet", "portproxy"], ["flush", "ruleset"],
-                                       ["flush", "chain", "inet", "portproxy", "dispatch"]])
+                                       ["flush", "chain", "inet", "portproxy", "dispatch"],
+                                       ["flush", "map", "inet", "portproxy", "id4_any"]])
 async def test_deleted_table_is_reinstalled(topo, tcp_echo, daemon, vandalism) -> None:
     start, cli = daemon
     ctr = topo.container_ip
@@ -186,7 +187,7 @@ def test_second_daemon_refuses_and_leaves_the_first_alone(topo, daemon, tmp_path
     out, err = second.communicate(timeout=30)
     assert second.returncode == 1
     assert err.strip().splitlines() == [
-        f"portproxy: another portproxy serve (pid {first.proc.pid}) is using the control socket {start.socket}"]
+        f"portproxy: another portproxy (pid {first.proc.pid}) is using the control socket {start.socket}"]
     assert cli("ls").returncode == 0
 
 
@@ -196,7 +197,7 @@ def test_second_daemon_refuses_and_leaves_the_first_alone(topo, daemon, tmp_path
     ('[options]\nmetrics_addr = "bogus"\n', "metrics_addr 'bogus' is not HOST:PORT", 2),
     ("options = 5\n", "[options]: must be a table", 2),
     ("[options]\nsocket_group = 5\n", "socket_group 5 must be a string", 2),
-    ("[options]\nudp_timeout = 0\n", "udp_timeout 0 must be greater than 0", 2),
+    ("[options]\nudp_timeout = 0\n", "udp_timeout 0 must be at least 1", 2),
     ("[options]\nconnect_timeout = nan\n", "connect_timeout nan must be a finite number", 2),
     ('[[mapping]]\nspec = "9090:172.16.1.1:8080"\nmod = "kernel"\n', "did you mean 'mode'", 2),
 ])
@@ -229,7 +230,10 @@ def test_metrics_port_taken_leaves_no_dnat_and_no_socket(topo, daemon, tmp_path)
     assert tables(topo.host) == [] and not (tmp_path / "s.sock").exists()
 
 
-@pytest.mark.parametrize("content", ["[]", "{", '{"mappings": 5}', '{"mappings": [{"spec": "x"}]}', "[" * 100000])
+@pytest.mark.parametrize("content", [
+    "[]", "{", '{"mappings": 5}', '{"mappings": [{"spec": "x"}]}', "[" * 100000,
+    '{"mappings": [{"spec": "9090:10.0.0.1:80", "options": []}]}', '{"version": 99, "mappings": []}',
+    '{"mappings": [{"spec": "9090:10.0.0.1:80"}, {"spec": "9090:10.0.0.1:80/tcp", "mode": "kernel"}]}'])
 def test_unreadable_state_refused_and_kept(topo, daemon, tmp_path, content) -> None:
     start, cli = daemon
     state = tmp_path / "state" / "state.json"
@@ -350,3 +354,43 @@ async def test_no_host_address_publishes_both_families_ls_says_how(topo, tcp_ech
     assert cli("switch", "9090", "--mode", "userland").returncode == 0
     assert ls(cli)[f"9090:{ctr}:8080/tcp"]["families"] == {"ipv4": "userland", "ipv6": "userland"}
     await roundtrip(topo, 9090, topo.host_ip6)
+
+
+def test_socket_path_that_is_not_a_socket_is_never_replaced(topo, daemon, tmp_path) -> None:
+    start, cli = daemon
+    precious = tmp_path / "precious.toml"
+    precious.write_text("# the operator's config\n")
+    proc = topo.host.popen([sys.executable, "-m", "portproxy", "serve", "--config", str(start.config),
+                            "--state-dir", str(tmp_path / "s"), "--socket", str(precious)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start.config.write_text("")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and err.strip() == f"portproxy: {precious} exists and is not a socket; refusing to replace it"
+    assert precious.read_text() == "# the operator's config\n"
+
+
+def test_one_writer_per_nft_table(topo, daemon, portproxy) -> None:
+    start, cli = daemon
+    start(f'[[mapping]]\nspec = "9090:{topo.container_ip}:8080"\nmode = "kernel"\n')
+    other = portproxy("map", "--mode", "kernel", f"9300:{topo.container_ip}:8080", ready=None)
+    assert other.proc.wait(timeout=30) == 1
+    assert "another portproxy (pid " in other.stderr and "nft table inet portproxy" in other.stderr
+    assert ls(cli)[f"9090:{topo.container_ip}:8080/tcp"]["kernel"] is not None
+
+
+async def test_loopback_address_on_the_kernel_path_is_proxied(topo, tcp_echo, daemon) -> None:
+    """DNAT cannot take 127.0.0.1 without route_localnet: that part is served by the proxy."""
+    start, cli = daemon
+    start(f'[[mapping]]\nspec = "127.0.0.1:9301:{topo.container_ip}:8080"\nmode = "kernel"\n')
+    assert ls(cli)[f"127.0.0.1:9301:{topo.container_ip}:8080/tcp"]["families"] == {"ipv4": "userland"}
+
+    def roundtrip_loopback() -> bytes:
+        sock = topo.host.socket()
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", 9301))
+        sock.sendall(b"lo")
+        data = sock.recv(2)
+        sock.close()
+        return data
+
+    assert await asyncio.to_thread(roundtrip_loopback) == b"lo"

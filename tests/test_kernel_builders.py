@@ -172,3 +172,14 @@ def test_parse_counters_sums_range_ports() -> None:
 def test_cross_family_refused(spec: str) -> None:
     with pytest.raises(KernelMappingError, match="userland"):
         check_mapping(parse_spec(spec))
+
+
+def test_expected_elements_and_skeleton_counts() -> None:
+    from portproxy.kernel.builders import count_elements, expected_id_elements, expected_rule_counts
+
+    ids = {parse_spec("9090-9092:10.0.0.1:80-82"): 1, parse_spec("127.0.0.1:9093:10.0.0.1:80"): 2,
+           parse_spec("9094:[fd00::1]:80/udp"): 3}
+    assert expected_id_elements(ids) == {"id4_any": 3, "id4_addr": 1, "id6_any": 1, "id6_addr": 0}
+    assert count_elements({"nftables": [{"metainfo": {}}, {"map": {"name": "id4_any", "elem": [[1, 2], [3, 4]]}}]}) == 2
+    counts = expected_rule_counts(OPTS)
+    assert counts["dispatch"] == 5 and counts["prerouting"] == 1 and set(counts) >= {"forward", "output_count"}

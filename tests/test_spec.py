@@ -161,3 +161,10 @@ def test_overlapping_mappings(specs: list[str], overlap: bool) -> None:
             parse_specs(specs)
     else:
         assert len(parse_specs(specs)) == 2
+
+
+def test_ipv4_mapped_addresses_are_refused_with_the_plain_form() -> None:
+    with pytest.raises(SpecError, match="IPv4-mapped IPv6 address; write 127.0.0.1"):
+        parse_spec("[::ffff:127.0.0.1]:9090:10.0.0.1:80")
+    with pytest.raises(SpecError, match="write 10.0.0.1"):
+        parse_spec("9090:[::ffff:10.0.0.1]:80")

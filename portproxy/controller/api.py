@@ -30,6 +30,7 @@ import logging
 import os
 import pwd
 import socket
+import stat
 import struct
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -167,7 +168,10 @@ async def serve_api(app: web.Application, path: Path, group: str | None) -> web.
     """Listen on the unix socket ``path`` (mode 0660, root:group)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        path.unlink()
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            # A typo must not cost the operator a file (--socket pointing at the config).
+            raise BadInput(f"{path} exists and is not a socket; refusing to replace it")
+        path.unlink()  # a stale socket (the lock says no live daemon uses it)
     except FileNotFoundError:
         pass
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -44,7 +44,8 @@ import socket
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ..errors import BadInput, Conflict, NotFound, PortproxyError, SystemFailure, shorten
-from ..kernel import KernelPath, NftError
+from ..kernel import KernelOptions, KernelPath, NftError
+from ..kernel.builders import why_not_translated
 from ..proxy.options import ProxyOptions
 from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
@@ -78,10 +79,11 @@ def components(mode: Mode) -> set[str]:
     return {"userland": {LISTENER}, "kernel": {KERNEL}, "hybrid": {LISTENER, KERNEL}}[mode]
 
 
-def part_components(part: Mapping, wanted: set[str]) -> set[str]:
-    """What one family of a mapping runs: what its mode asks, except that a family DNAT
-    cannot translate (an IPv6 client to an IPv4 target: no NAT64) is proxied, as Docker does."""
-    if wanted and not part.translatable:
+def part_components(part: Mapping, wanted: set[str], kernel: KernelOptions) -> set[str]:
+    """What one family of a mapping runs: what its mode asks, except that what DNAT cannot
+    serve (an IPv6 client to an IPv4 target: no NAT64; a loopback address) is proxied, as
+    Docker does."""
+    if wanted and why_not_translated(part, kernel):
         return {LISTENER}
     return wanted
 
@@ -140,6 +142,9 @@ class Controller:
         """Times the nft table was found deleted or altered and reinstalled."""
         self.kernel_problem: str | None = None
         """What the last check found wrong with the nft table (None: as installed)."""
+        self._routing: Any = None
+        """Transparent mode's routing (TransparentRouting), installed while a mapping with
+        source = "client" has a listener, and only then."""
         self.on_change: Callable[[], None] | None = None
         """Called after every committed change (the daemon updates systemd's STATUS=)."""
 
@@ -152,8 +157,47 @@ class Controller:
             self._kernel = await self._in_worker(KernelPath, self.options.kernel)
         return self._kernel
 
+    def _part_components(self, part: Mapping, wanted: set[str]) -> set[str]:
+        return part_components(part, wanted, self.options.kernel)
+
     def proxy_options(self, settings: Settings) -> ProxyOptions:
         return schema.proxy_options(dict(settings.overrides), self.options.proxy)
+
+    def check_settings(self, mapping: Mapping, settings: Settings) -> None:
+        """What no path can do for a mapping: a PROXY header on the kernel path."""
+        from ..proxy.proxy_protocol import refusal
+
+        reason = refusal(mapping.proto, settings.mode, self.proxy_options(settings).proxy_protocol)
+        if reason:
+            raise BadInput(f"mapping {mapping}: {reason}")
+
+    # --- transparent mode's routing -------------------------------------------------------
+    def _transparent(self, entry: Entry, wanted: set[str]) -> bool:
+        return LISTENER in wanted and self.proxy_options(entry.settings).source == "client"
+
+    async def _ensure_routing(self) -> None:
+        """Install the routing before the first transparent listener (its replies need it)."""
+        if self._routing is not None:
+            return
+        from ..kernel.transparent import TransparentRouting
+
+        routing = TransparentRouting(schema.transparent_options(dict(self.options.values)))
+        await self._in_worker(routing.install)
+        self._routing = routing
+        log.info("transparent mode: installed the fwmark rule, routing table %d and the marking rule",
+                 routing.opts.table)
+
+    async def _release_routing(self) -> None:
+        """Remove the routing once no running mapping needs it."""
+        if self._routing is None or any(self._transparent(e, components(e.mode)) for e in self.entries.values()
+                                        if e.status == "running"):
+            return
+        routing, self._routing = self._routing, None
+        try:
+            await self._in_worker(routing.remove)
+            log.info("transparent mode: removed its routing (no transparent mapping left)")
+        except PortproxyError as exc:
+            log.error("removing transparent mode's routing failed: %s", exc)
 
     # --- moves ------------------------------------------------------------------------
     async def _kernel_apply(self, entry: Entry, add: Sequence[Mapping] = (), remove: Sequence[Mapping] = ()) -> None:
@@ -171,17 +215,21 @@ class Controller:
                     sockets: dict[int, socket.socket] | None = None) -> None:
         """Move every family of ``m`` from ``old`` to ``new``; if one fails, the families
         already moved go back, so the mapping stays exactly as it was."""
+        if self._transparent(entry, new):
+            await self._ensure_routing()
         done: list[Mapping] = []
         try:
             for part in m.per_family():
-                if not entry.holds_ports and not part.translatable:
+                if not entry.holds_ports and why_not_translated(part, self.options.kernel):
                     continue  # a CNI runtime publishes each family it has, through DNAT only
-                await self._move_part(part, entry, part_components(part, old), part_components(part, new), sockets)
+                await self._move_part(part, entry, self._part_components(part, old),
+                                      self._part_components(part, new), sockets)
                 done.append(part)
         except PortproxyError:
             for part in reversed(done):
                 try:
-                    await self._move_part(part, entry, part_components(part, new), part_components(part, old))
+                    await self._move_part(part, entry, self._part_components(part, new),
+                                          self._part_components(part, old))
                 except PortproxyError as exc:
                     log.error("undoing the move of %s failed: %s", part, exc)
             raise
@@ -242,6 +290,7 @@ class Controller:
     async def _realise(self, m: Mapping, entry: Entry, sockets: dict[int, socket.socket] | None = None) -> bool:
         """Try to run a mapping that is not running; record the outcome. True if it runs."""
         try:
+            self.check_settings(m, entry.settings)
             await self._move(m, entry, set(), components(entry.mode), sockets)
         except PortproxyError as exc:
             installed = [p for p in m.per_family() if self._kernel is not None and p in self._kernel.ids]
@@ -251,6 +300,7 @@ class Controller:
                 except PortproxyError as undo_exc:
                     log.error("removing the DNAT of %s failed: %s", m, undo_exc)
             self._mark_failed(m, entry, str(exc))
+            await self._release_routing()
             return False
         if entry.status == "failed":
             log.info("%s runs now (%s), after %d failed attempt(s)", m, entry.mode, entry.failures)
@@ -320,6 +370,10 @@ class Controller:
             except SpecError as exc:
                 raise Conflict(str(exc)) from None
             entry = Entry(settings, source, owner)
+            if source == "cni" and entry.mode != "kernel":
+                raise BadInput(f"mapping {mapping}: a CNI runtime's mappings are kernel-path only (mode kernel): "
+                               "the runtime holds their host ports itself")
+            self.check_settings(mapping, settings)
             self._warn_if_not_local(mapping)
             await self._move(mapping, entry, set(), components(entry.mode), sockets)
             entry.status = "running"
@@ -356,6 +410,7 @@ class Controller:
         await self._commit(lambda: self.entries.pop(mapping), lambda: self._move(mapping, entry, set(), running))
         for part in mapping.per_family():
             self.proxy.forget_stats(part)  # its series disappear
+        await self._release_routing()
         log.info("removed %s", mapping)
 
     async def switch(self, name: str, mode: str) -> Mapping:
@@ -367,6 +422,7 @@ class Controller:
             if old_settings.mode == new_mode:
                 return mapping
             new_settings = dataclasses.replace(old_settings, mode=new_mode)
+            self.check_settings(mapping, new_settings)
             if entry.status == "running":
                 await self._move(mapping, entry, components(old_settings.mode), components(new_mode))
 
@@ -379,6 +435,7 @@ class Controller:
                     await self._move(mapping, entry, components(new_mode), components(old_settings.mode))
 
             await self._commit(change, undo)
+            await self._release_routing()
             if entry.status == "failed":
                 entry.retry_at = 0.0  # a failed mapping tries its new mode at once
             log.info("switched %s: %s -> %s", mapping, old_settings.mode, new_mode)
@@ -400,6 +457,10 @@ class Controller:
             await self._record(report, "removed", mapping, self.remove(str(mapping)))
         for mapping, settings in config.mappings.items():
             entry = self.entries.get(mapping)
+            if entry is not None and entry.source != "config":
+                report["errors"].append(f"{mapping}: exists already as a mapping of the {entry.source} "
+                                        "(remove it there first); left as it is")
+                continue
             if entry is None:
                 await self._record(report, "added", mapping, self._add_desired(mapping, settings))
             elif entry.settings.overrides != settings.overrides:
@@ -415,6 +476,7 @@ class Controller:
                 check_no_overlap([*self.entries, mapping])
             except SpecError as exc:
                 raise Conflict(str(exc)) from None
+            self.check_settings(mapping, settings)
             entry = Entry(settings, "config")
             self.entries[mapping] = entry
             ok = await self._realise(mapping, entry)
@@ -471,7 +533,8 @@ class Controller:
     async def _install_kernel_table(self) -> None:
         """One batch for every kernel mapping at start (replacing a crashed run's table).
         Mappings that batch cannot take are then tried one by one by ``_realise``."""
-        wanted = [p for m, e in self.entries.items() if e.mode != "userland" for p in m.per_family() if p.translatable]
+        wanted = [p for m, e in self.entries.items() if e.mode != "userland" for p in m.per_family()
+                  if not why_not_translated(p, self.options.kernel)]
         owners = {p: e for m, e in self.entries.items() for p in m.per_family()}
         try:
             kernel = await self._kernel_path()
@@ -519,6 +582,12 @@ class Controller:
                 await self._in_worker(teardown)
             except NftError as exc:
                 log.error("removing the kernel rules failed: %s", exc)
+        if self._routing is not None:
+            try:
+                await self._in_worker(self._routing.remove)
+            except PortproxyError as exc:
+                log.error("removing transparent mode's routing failed: %s", exc)
+            self._routing = None
         self._worker.shutdown(wait=True)
 
     # --- keeping reality as desired -------------------------------------------------------------
@@ -550,7 +619,9 @@ class Controller:
                 next_deep = self.loop.time() + max(RECONCILE_INTERVAL, 20 * (self.loop.time() - started))
 
     async def reconcile(self, deep: bool = True) -> None:
-        """Reinstall the nft table if someone deleted or altered it (one line, counted)."""
+        """Reinstall the nft table, and transparent mode's routing, if someone deleted or
+        altered them (one line each, counted)."""
+        await self._reconcile_routing()
         kernel = self._kernel
         if kernel is None or not kernel.ids:
             return
@@ -579,6 +650,22 @@ class Controller:
             self.reconciles += 1
             self.kernel_problem = None
             log.warning("%s; reinstalled it with %d mapping(s)", problem, len(mappings))
+
+    async def _reconcile_routing(self) -> None:
+        routing = self._routing
+        if routing is None or await asyncio.to_thread(routing.present):
+            return
+        async with self._lock:
+            if self._routing is not routing:
+                return
+            try:
+                await self._in_worker(routing.install)
+            except PortproxyError as exc:
+                log.error("transparent mode's routing was removed; reinstalling it failed: %s", exc)
+                return
+            self.reconciles += 1
+            log.warning("transparent mode's routing (ip rule, table %d or marking rule) was removed; reinstalled it",
+                        routing.opts.table)
 
     def _persist_quietly(self) -> None:
         try:
@@ -656,9 +743,9 @@ class Controller:
                 "bytes_to_client": sum(s.bytes[TO_CLIENT] for s in tcp) + sum(s.bytes_to_client for s in udp),
                 "udp_flows": sum(s.flows_active for s in udp),
             }
-            item["families"] = {f"ipv{p.listen_ip().version}": _served_by(part_components(p, components(entry.mode)))
+            item["families"] = {f"ipv{p.listen_ip().version}": _served_by(self._part_components(p, components(entry.mode)))
                                 for p in parts}
-            translated = [p for p in parts if p.translatable]
+            translated = [p for p in parts if not why_not_translated(p, self.options.kernel)]
             if KERNEL in components(entry.mode) and entry.status == "running" and translated:
                 kernel = counters.get(translated[0])
                 if kernel is not None:

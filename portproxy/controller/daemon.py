@@ -22,7 +22,7 @@ from ..systemd import Notifier, listen_fds
 from .api import PeerPolicy, build_app, serve_api
 from .config import load_config
 from .core import Controller
-from .lock import take_lock
+from ..lock import take_lock
 from .state import StateStore
 
 log = logging.getLogger("portproxy")
@@ -112,6 +112,14 @@ async def reload(controller: Controller, config_path: Path, notifier: Notifier) 
 
     Whatever happens, RELOADING=1 is followed by READY=1, and every failure is logged
     (a task nobody awaits must not swallow it)."""
+    async with _RELOADS:  # one at a time: SIGHUP storms and concurrent API calls queue up
+        return await _reload(controller, config_path, notifier)
+
+
+_RELOADS = asyncio.Lock()
+
+
+async def _reload(controller: Controller, config_path: Path, notifier: Notifier) -> dict[str, Any]:
     notifier.reloading()
     try:
         new = load_config(config_path, missing_ok=config_path == DEFAULT_CONFIG)
@@ -133,7 +141,7 @@ async def _serve_api(controller: Controller, policy: PeerPolicy, path: Path, gro
     try:
         return await serve_api(build_app(controller, reload_fn, policy), path, group)
     except OSError as exc:
-        raise SystemFailure(f"cannot listen on {path}: {exc.strerror}") from None
+        raise SystemFailure(f"cannot listen on {path}: {exc.strerror or exc}") from None
 
 
 def _start_metrics(addr: str, controller: Controller) -> Any:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, SystemFailure
+from ..errors import BadInput, SystemFailure, shorten
 from ..spec import Mapping
 from .config import Settings, parse_mapping_entry
 
@@ -50,18 +50,29 @@ class StateStore:
             raise StateError(f"{self.path}: cannot read state: {exc}") from None
         if not isinstance(raw, dict) or not isinstance(raw.get("mappings", []), list):
             raise StateError(f"{self.path}: not a portproxy state file (expected an object with 'mappings')")
+        if not isinstance(raw.get("version", 1), int) or raw.get("version", 1) > VERSION:
+            raise StateError(f"{self.path}: state version {shorten(raw.get('version'))} is newer than this "
+                             f"portproxy understands ({VERSION})")
         result = []
+        seen: set[Mapping] = set()
         for i, item in enumerate(raw.get("mappings", [])):
             where = f"{self.path}: entry #{i + 1}"
-            if not isinstance(item, dict):
-                raise StateError(f"{where}: not an object")
+            if not isinstance(item, dict) or not isinstance(item.get("options", {}), dict):
+                raise StateError(f"{where}: not an object with an 'options' object")
             body = {"spec": item.get("spec"), "mode": item.get("mode", "userland"), **item.get("options", {})}
             try:
                 mapping, settings = parse_mapping_entry(body, where)
             except BadInput as exc:
                 raise StateError(str(exc)) from None
+            if mapping in seen:
+                raise StateError(f"{where}: {mapping} is saved twice")
+            seen.add(mapping)
             kernel_id = item.get("id")
-            result.append(SavedEntry(mapping, settings, str(item.get("source", "api")), _owner(item.get("owner")),
+            source = item.get("source", "api")
+            # Entries of the config file (older state files kept them) come from the file
+            # again; anything else is kept as the operator's, whatever it says it is.
+            source = source if source in ("config", "api", "cni") else "api"
+            result.append(SavedEntry(mapping, settings, source, _owner(item.get("owner")),
                                      kernel_id if isinstance(kernel_id, int) else None))
         return result
 

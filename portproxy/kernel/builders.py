@@ -79,13 +79,23 @@ class KernelMappingError(BadInput):
     """A mapping the kernel path cannot express (the message says why)."""
 
 
-def check_mapping(m: Mapping) -> None:
-    """Refuse what DNAT cannot do, rather than install a rule that never matches."""
+def why_not_translated(m: Mapping, opts: KernelOptions) -> str | None:
+    """Why DNAT cannot serve this (one-family) mapping, or None if it can. What it cannot
+    serve the userland proxy serves instead, wherever a mapping is realised."""
     if not m.translatable:
-        raise KernelMappingError(
-            f"mapping {m}: the kernel path cannot translate between IPv{m.listen_ip().version} and IPv{m.family} "
-            "(that family is served by the userland path)"
-        )
+        return f"DNAT cannot translate IPv{m.listen_ip().version} to IPv{m.family}"
+    if m.host_ip is not None and m.host_ip.is_loopback and not (m.host_ip.version == 4 and opts.route_localnet):
+        return ("DNAT cannot take loopback traffic" +
+                (" without route_localnet" if m.host_ip.version == 4 else " (IPv6 has no route_localnet)"))
+    return None
+
+
+def check_mapping(m: Mapping, opts: KernelOptions | None = None) -> None:
+    """Refuse what DNAT cannot do, rather than install a rule that never matches."""
+    reason = why_not_translated(m, opts or KernelOptions(route_localnet=True))
+    if reason:
+        raise KernelMappingError(f"mapping {m}: the kernel path cannot serve it: {reason} "
+                                 "(that part is served by the userland path)")
 
 
 # --- expression helpers --------------------------------------------------------------
@@ -464,6 +474,23 @@ def expected_rule_counts(opts: KernelOptions) -> dict[str, int]:
         if rule is not None:
             counts[rule["chain"]] += 1
     return counts
+
+
+def list_map(opts: KernelOptions, name: str) -> Json:
+    return batch([{"list": {"map": {**_t(opts), "name": name}}}])
+
+
+def expected_id_elements(ids: dict[Mapping, int]) -> dict[str, int]:
+    """How many elements each id map holds for these mappings (one per host port)."""
+    counts = {id_map(kind): 0 for kind in KINDS}
+    for m in ids:
+        counts[id_map(_kind_of(m))] += m.port_count
+    return counts
+
+
+def count_elements(output: dict) -> int:
+    return sum(len(item[kind].get("elem", [])) for item in output.get("nftables", []) for kind in ("map", "set")
+               if kind in item)
 
 
 def count_rules(output: dict) -> int:

@@ -112,6 +112,10 @@ def _delete(ct: object, ports: Ports, wanted: Callable[["ConntrackEntry", str], 
             try:
                 ct.delete(entry)  # type: ignore[attr-defined]
                 deleted += 1
+            except TypeError:
+                # pyroute2 0.7 (Debian 12's) raises this while reading the kernel's
+                # acknowledgement of a delete that took place.
+                deleted += 1
             except Exception as exc:  # noqa: BLE001 - an entry may expire under our feet
                 log.debug("conntrack delete failed: %s", exc)
     return deleted

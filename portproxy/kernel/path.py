@@ -51,8 +51,14 @@ class KernelPath:
     """portproxy's nft table in this namespace, changed only through :meth:`apply`."""
 
     def __init__(self, opts: KernelOptions | None = None, nft: Nft | None = None) -> None:
+        from ..lock import RUN_DIR, netns_id, take_lock
+
         self.opts = opts or KernelOptions()
         self._nft = nft or Nft()
+        # One owner per table and namespace: the table is rewritten whole, so a second
+        # writer (a map --mode kernel beside the daemon) would wipe the first one's DNAT.
+        self._lock = take_lock(RUN_DIR / f"nft-{netns_id()}-{self.opts.table}.lock",
+                               f"the nft table inet {self.opts.table} of this network namespace")
         self.ids: dict[Mapping, int] = {}
         self.repairs = 0
         """Times a change found the table deleted or altered and rewrote it whole."""
@@ -98,7 +104,7 @@ class KernelPath:
         remove_list = [m for m in dict.fromkeys(remove) if m in self.ids]
         add_list = [m for m in dict.fromkeys(add) if m not in self.ids or replace]
         for m in add_list:
-            check_mapping(m)
+            check_mapping(m, self.opts)
         kept = {m: i for m, i in self.ids.items() if m not in remove_list and m not in add_list}
         sysctls.ensure(sysctls.required(add_list, self.opts.route_localnet), set_sysctls)
         new_ids = self._allocate_ids(add_list, set(kept.values()), {**self.ids, **(preferred_ids or {})})
@@ -188,7 +194,18 @@ class KernelPath:
                 found[name] = builders.count_rules(self._nft.query(builders.list_chain(self.opts, name)))
             except NftError:
                 found[name] = None
-        return builders.skeleton_difference(found, self.opts)
+        problem = builders.skeleton_difference(found, self.opts)
+        if problem:
+            return problem
+        # Elements too (someone ran `nft flush map` or deleted one): their number per map.
+        for name, expected in builders.expected_id_elements(self.ids).items():
+            try:
+                count = builders.count_elements(self._nft.query(builders.list_map(self.opts, name)))
+            except NftError:
+                count = -1
+            if count != expected:
+                return f"map {name} of the nft table {self.opts.table} has {max(count, 0)} element(s), not {expected}"
+        return None
 
     # --- side effects the rules need -------------------------------------------------
     @staticmethod

@@ -314,7 +314,7 @@ class UdpListener(Listener):
 
     # --- expiry -------------------------------------------------------------
     def _schedule_sweep(self) -> None:
-        interval = min(1.0, self.options.udp_timeout / 4)
+        interval = min(1.0, max(0.25, self.options.udp_timeout / 4))  # never a busy loop
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:

@@ -1,10 +1,11 @@
-"""One daemon per control socket and per state directory: an flock'ed file beside each.
+"""One owner per control socket, per state directory and per nft table: an flock'ed file for each.
 
 A second ``portproxy serve`` with the same ``--socket`` used to unlink the live
 daemon's socket before failing on something else, leaving the first one running but
-unreachable. Now the lock is taken before anything is touched, and a second daemon
-refuses with one line naming the pid that holds it. The lock goes with the process
-(however it dies), so a stale lock file never blocks a restart.
+unreachable; a ``portproxy map --mode kernel`` beside a daemon rewrote the daemon's nft
+table. Now the lock is taken before anything is touched, and the second process refuses
+with one line naming the pid that holds it. The lock goes with the process (however it
+dies), so a stale lock file never blocks a restart.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import fcntl
 import os
 from pathlib import Path
 
-from ..errors import Conflict, SystemFailure
+RUN_DIR = Path("/run/portproxy")
+
+
+def netns_id() -> str:
+    """This thread's network namespace, as the inode of its nsfs file."""
+    return str(os.stat(f"/proc/thread-self/ns/net").st_ino)
+
+from .errors import Conflict, SystemFailure
 
 
 class AlreadyRunning(Conflict):
@@ -32,7 +40,7 @@ def take_lock(path: Path, what: str) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise AlreadyRunning(f"another portproxy serve (pid {holder}) is using {what}") from None
+        raise AlreadyRunning(f"another portproxy (pid {holder}) is using {what}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
