@@ -82,7 +82,7 @@ def main() -> int:
         ctr = Namespace.create("pcb-ctr")
         topo.extra.append(ctr)
         for mapper in args.mappers.split(",") if counts else []:
-            conf = {}
+            conf = {"daemonSocket": ""}  # daemonless, whatever is at the default socket path
             if mapper.endswith("+daemon"):
                 conf = {"daemonSocket": str(stack.enter_context(portproxy_daemon(topo.host, Path(tmp) / "daemon")))}
             chain = Chain(topo.host, plugins, cache, Path(tmp) / f"ipam-{mapper}", mapper.split("+")[0],

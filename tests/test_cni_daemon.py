@@ -283,3 +283,18 @@ def test_daemon_adopts_what_the_plugin_installed(topo: SeedTopology, cache: Path
         echo.close()
         for s in servers:
             s.close()
+
+
+def test_stale_udp_flow_flushed_on_add(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> None:
+    """A client that sent to the port before it was published gets through from the same source port."""
+    daemon.start()
+    chain = chain_for(topo, cache, tmp_path, daemon)
+    web = container(topo)
+    assert ask_udp(topo.client, topo.host_ip, 9053, source_port=40053) != "web"  # creates the conntrack entry
+    chain.add("ctr-web", web.name, WEB)
+    servers = Servers(web, "web", [], [5353])
+    try:
+        assert ask_udp(topo.client, topo.host_ip, 9053, source_port=40053) == f"web {topo.client_ip}"
+    finally:
+        servers.close()
+    chain.delete("ctr-web", web.name, WEB)
