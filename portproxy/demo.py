@@ -154,7 +154,8 @@ def _userland(topo: SeedTopology, loop: str) -> None:
             _say(line)
         _show_series(topo, "before traffic")
         _fetch_all(topo, [("client", topo.client, topo.host_ip), ("host", topo.host, "127.0.0.1")])
-        _say("          (a proxy: the container sees the host's bridge address, not the client's)")
+        _say("          (a proxy: the container sees the host's bridge address, not the client's;"
+             " the last scene changes that)")
         _show_series(topo, "after two fetches")
     finally:
         _say(f"portproxy stopped on SIGTERM (exit {stop_portproxy(proc)})")
@@ -222,6 +223,27 @@ def _switching(topo: SeedTopology, loop: str) -> None:
             _say(f"portproxy serve stopped on SIGTERM (exit {stop_portproxy(proc)})")
 
 
+def _client_address(topo: SeedTopology, loop: str) -> None:
+    _say(f"\n-- the client's address on every path: {DEMO_SPEC} with source = \"client\" (transparent mode) --")
+    with tempfile.TemporaryDirectory(prefix="portproxy-demo-") as tmp:
+        config = Path(tmp) / "portproxy.toml"
+        config.write_text(f'[[mapping]]\nspec = "{DEMO_SPEC}"\nsource = "client"\n')
+        sock = str(Path(tmp) / "portproxy.sock")
+        proc, _ready = start_portproxy(topo.host, ["serve", "--config", str(config), "--state-dir", tmp,
+                                                   "--socket", sock, "--loop", loop, "--log-level", "warning",
+                                                   "--metrics-addr", "off"])
+        try:
+            for i, mode in enumerate(("userland", "kernel", "hybrid", "userland")):
+                if i:  # it starts on the userland path
+                    subprocess.run([sys.executable, "-m", "portproxy", "switch", "9090", "--mode", mode,
+                                    "--socket", sock], capture_output=True, text=True, timeout=30, check=True)
+                _, body = http_get(topo.client, topo.host_ip, 9090)
+                _say(f"  {mode:<8} the container sees: {body.decode().strip().splitlines()[-1].rsplit(' ', 1)[-1]}")
+            _say(f"  (the client is {topo.client_ip}: the proxy connects from its address, DNAT keeps it)")
+        finally:
+            _say(f"portproxy serve stopped on SIGTERM (exit {stop_portproxy(proc)}); its ip rule and routes are gone")
+
+
 def run_demo(loop: str = "uvloop") -> int:
     with seed_topology("ppdemo") as topo:
         _say("== portproxy demo: the seeds' topology, in namespaces of its own ==")
@@ -233,6 +255,7 @@ def run_demo(loop: str = "uvloop") -> int:
             _userland(topo, loop)
             _kernel(topo)
             _switching(topo, loop)
+            _client_address(topo, loop)
         finally:
             server.shutdown()
             server.server_close()

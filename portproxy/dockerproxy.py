@@ -15,7 +15,12 @@ and waits on fd 3:
 * ``-use-listen-fd`` (newer dockerd): the socket dockerd already bound is fd 4. It must be a
   bound TCP or UDP socket of the flag's protocol; a TCP socket that is not listening yet is
   made to listen; anything else is refused, so no handed socket can make the loop spin;
-* exits on SIGINT/SIGTERM; ``-v``/``-version`` prints the version.
+* exits on SIGINT/SIGTERM; ``-v``/``-version`` prints the version;
+* delegation: when a ``portproxy serve`` answers on its delegate socket
+  (``$PORTPROXY_SOCKET.delegate``, default ``/run/portproxy/portproxy.sock.delegate``), the bound
+  socket is handed to it (SCM_RIGHTS), its answer goes to fd 3, and the process becomes a
+  waiting shell holding the connection, whose end removes the mapping from the daemon
+  (see :mod:`portproxy.controller.delegate`). Without a daemon it serves in-process.
 
 Start-up is lean on purpose: dockerd waits for fd 3 before it starts the next proxy of a
 port range, so the flags are checked, the socket bound and ``0\\n`` written using only
@@ -48,7 +53,16 @@ if TYPE_CHECKING:
 
 STATUS_FD = 3
 LISTEN_FD = 4
-TARGET_CC_ENV = "PORTPROXY_TARGET_CC"
+SOCKET_ENV = "PORTPROXY_SOCKET"
+DEFAULT_SOCKET = "/run/portproxy/portproxy.sock"  # defaults.DEFAULT_SOCKET; pathlib would cost the lean start
+DELEGATE_TIMEOUT = 15.0  # seconds for the daemon's answer; dockerd gives up on fd 3 after 16
+WAITER_SHELL = "/bin/sh"
+WAITER_SCRIPT = (  # the waiting process of a delegated port; its stdin is the connection to the daemon
+    "trap 'exit 0' INT TERM\n"
+    "while read -r _; do :; done\n"
+    "echo \"$0: the portproxy daemon ended the delegation of this port\" >&2\n"
+    "exit 1\n"
+)
 BACKLOG = 4096  # ProxyOptions.listen_backlog; Go's listeners take net.core.somaxconn
 IDLE_LIMIT = 0.3  # seconds at most of SCHED_IDLE after readiness, see _idle_while_importing
 
@@ -325,14 +339,22 @@ def adopt_listen_fd(request: Request, fd: int = LISTEN_FD) -> _socket.socket:
     return sock
 
 
-def _check_environment() -> None:
-    target_cc = os.environ.get(TARGET_CC_ENV)
-    if target_cc:
-        from .proxy.options import congestion_control_error
+ENVIRONMENT: dict[str, object] = {}
+"""The per-mapping options dockerd's environment sets (PORTPROXY_TARGET_CC, PORTPROXY_SOURCE,
+PORTPROXY_PROXY_PROTOCOL), checked by the one options schema."""
 
-        error = congestion_control_error(target_cc)
-        if error is not None:
-            raise StartError(f"{TARGET_CC_ENV}: {error}")
+
+def _check_environment() -> None:
+    # The schema (and the re module it brings) is imported only when such a variable is set.
+    if not any(name.startswith("PORTPROXY_") and name != SOCKET_ENV for name in os.environ):
+        return
+    from . import options
+    from .errors import BadInput
+
+    try:
+        ENVIRONMENT.update(options.from_environment(os.environ))
+    except BadInput as exc:
+        raise StartError(str(exc)) from None
 
 
 def start(argv: list[str], status: StatusPipe) -> tuple[Request, _socket.socket] | int:
@@ -364,8 +386,98 @@ def start(argv: list[str], status: StatusPipe) -> tuple[Request, _socket.socket]
     # over SIGTERM, it ends the process cleanly (exit 0, as docker-proxy's handler).
     _signal.signal(_signal.SIGTERM, _exit_on_signal)
     _signal.signal(_signal.SIGINT, _exit_on_signal)
+    connection = connect_daemon()
+    if connection is not None:
+        error = delegate(connection, request, sock)
+        if error != OTHER_NAMESPACE:  # else: this daemon serves another namespace; serve in-process
+            status.report(error)
+            sock.close()  # the daemon holds the port now (or refused it)
+            if error is not None:
+                print(f"portproxy-docker-proxy: {error}", file=sys.stderr)
+                return 1
+            wait_delegated(connection, argv)
+        connection.close()
     status.report(None)
     return request, sock
+
+
+# --- delegation: the daemon serves the port (still lean) --------------------------------------------
+def delegate_socket_path() -> str:
+    """The daemon's delegate socket, beside its control socket ($PORTPROXY_SOCKET or the default);
+    see portproxy.controller.delegate."""
+    return (os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET) + ".delegate"
+
+
+def connect_daemon(path: str | None = None) -> _socket.socket | None:
+    """A connection to the daemon's delegate socket, or None when no daemon answers there."""
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        conn.connect(path or delegate_socket_path())
+    except OSError:  # no socket, nobody listening, not allowed: serve in-process
+        conn.close()
+        return None
+    return conn
+
+
+def delegation_request(request: Request, pid: int) -> bytes:
+    """The one JSON message. Every value is address text from inet_ntop, digits and the
+    protocol, so nothing needs escaping (and the json module, which imports re, is not needed)."""
+    container = request.container.endpoint(request.container_port)
+    spec = f"{request.host.endpoint(request.host_port)}:{container}/{request.proto}"
+    owner = (f'{{"kind": "docker", "id": "docker-proxy-{pid}-{request.where}", "name": "docker-proxy[{pid}]", '
+             f'"container": "{container}"}}')
+    if ENVIRONMENT:  # options from dockerd's environment go along (json only then)
+        import json
+
+        return f'{{"spec": "{spec}", "owner": {owner}, "options": {json.dumps(ENVIRONMENT)}}}'.encode()
+    return f'{{"spec": "{spec}", "owner": {owner}}}'.encode()
+
+
+OTHER_NAMESPACE = '{"ok": false, "reason": "namespace"}'
+
+
+def parse_answer(data: bytes) -> str | None:
+    """None for ``{"ok": true}``, OTHER_NAMESPACE as is, else the daemon's error line
+    (json.dumps output, ASCII)."""
+    text = data.decode("ascii", errors="replace").strip()
+    if text == '{"ok": true}':
+        return None
+    if text == OTHER_NAMESPACE:
+        return OTHER_NAMESPACE
+    head, tail = '{"error": "', '"}'
+    if text.startswith(head) and text.endswith(tail):
+        return text[len(head):-len(tail)].encode().decode("unicode_escape", errors="replace")
+    return f"the portproxy daemon answered {text[:200]!r}" if text else "the portproxy daemon closed the connection"
+
+
+def delegate(conn: _socket.socket, request: Request, sock: _socket.socket) -> str | None:
+    """Hand ``sock`` to the daemon (SCM_RIGHTS); None when it serves the port, OTHER_NAMESPACE
+    when the daemon serves another network namespace, else why it does not."""
+    fd = sock.fileno().to_bytes(4, sys.byteorder)
+    try:
+        conn.settimeout(DELEGATE_TIMEOUT)
+        conn.sendmsg([delegation_request(request, os.getpid())],
+                     [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd)])
+        answer = conn.recv(4096)
+    except OSError as exc:
+        return f"delegating {request.where} to the portproxy daemon: {exc.strerror or exc}"
+    return parse_answer(answer)
+
+
+def wait_delegated(conn: _socket.socket, argv: list[str]) -> None:
+    """Become the waiting process: a shell (a few hundred KB) whose stdin is the connection.
+    Its end, however it comes (dockerd's SIGINT or SIGTERM, SIGKILL), ends the connection,
+    and the daemon then removes the mapping. It leaves, too, when the daemon goes away."""
+    conn.setblocking(True)
+    os.dup2(conn.fileno(), 0)
+    os.closerange(3, 1 << 16)
+    name = sys.argv[0] if sys.argv and sys.argv[0] else "portproxy-docker-proxy"
+    try:
+        os.execv(WAITER_SHELL, [name, "-c", WAITER_SCRIPT, "portproxy-docker-proxy", *argv])
+    except OSError:  # no shell: wait here, heavier but as sure
+        while os.read(0, 1):
+            pass
+        raise SystemExit(1)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
@@ -385,9 +497,10 @@ def _mapping(request: Request, sock: _socket.socket) -> Mapping:
 
 def _options() -> ProxyOptions:
     """docker-proxy's fixed behaviour plus what the environment asks for (checked in start)."""
+    from .options import proxy_options
     from .proxy.options import ProxyOptions
 
-    return ProxyOptions(drain_timeout=0, target_cc=os.environ.get(TARGET_CC_ENV) or None)
+    return proxy_options(ENVIRONMENT, ProxyOptions(drain_timeout=0))
 
 
 def _idle_while_importing() -> bool:
@@ -420,23 +533,33 @@ async def _serve(request: Request, lean_sock: _socket.socket, idle: bool = False
     import asyncio
     import socket
 
-    from .foreground import stop_signal
+    from .errors import PortproxyError
+    from .foreground import stop_signal, stop_transparent
     from .proxy import ProxyServer
-    from .proxy.server import ProxyError
 
     stop = stop_signal()
     sock = socket.socket(fileno=lean_sock.detach())
-    server = ProxyServer(asyncio.get_running_loop(), _options())
+    options = _options()
+    server = ProxyServer(asyncio.get_running_loop(), options)
+    routing = None
     try:
+        if options.source == "client":
+            # Every drop-in of the namespace shares one routing; the last one removes it.
+            from .foreground import start_transparent
+            from .options import transparent_options
+
+            routing = await start_transparent(transparent_options({}))
         server.add(_mapping(request, sock), {sock.getsockname()[1]: sock})
-    except ProxyError as exc:  # readiness is already reported; say why on stderr and leave
+    except PortproxyError as exc:  # readiness is already reported; say why on stderr and leave
         print(f"portproxy-docker-proxy: {exc}", file=sys.stderr)
+        await stop_transparent(routing)
         return 1
     finally:
         if idle:
             _normal_priority()  # root may always leave SCHED_IDLE; a failure here is a bug to see
     await stop
     await server.stop(drain_timeout=0)
+    await stop_transparent(routing)
     return 0
 
 

@@ -15,7 +15,7 @@ from .spec import Mapping
 
 if TYPE_CHECKING:
     from .kernel import KernelOptions, KernelPath
-    from .kernel.transparent import TransparentRouting
+    from .kernel.transparent import SharedRouting
     from .kernel.transparent_rules import TransparentOptions
     from .metrics import MappingSnapshot
 
@@ -54,21 +54,22 @@ def _start_metrics(addr: str | None, snapshot) -> object | None:  # noqa: ANN001
     return server
 
 
-async def start_transparent(opts: "TransparentOptions") -> "TransparentRouting":
-    """Install transparent mode's routing (off the loop); TransparentError says why not."""
-    from .kernel.transparent import TransparentRouting
+async def start_transparent(opts: "TransparentOptions") -> "SharedRouting":
+    """Take a share of transparent mode's routing, installing it if this process is the
+    first user (off the loop); TransparentError says why not."""
+    from .kernel.transparent import SharedRouting
 
-    routing = TransparentRouting(opts)
-    await asyncio.to_thread(routing.install)
+    routing = SharedRouting(opts)
+    await asyncio.to_thread(routing.acquire)
     return routing
 
 
-async def stop_transparent(routing: "TransparentRouting | None") -> None:
-    """Remove what start_transparent installed; a failure is one line on stderr."""
+async def stop_transparent(routing: "SharedRouting | None") -> None:
+    """Give the share back (the last user removes the routing); a failure is one line on stderr."""
     if routing is None:
         return
     try:
-        await asyncio.to_thread(routing.remove)
+        await asyncio.to_thread(routing.release)
     except PortproxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
 

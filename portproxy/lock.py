@@ -19,7 +19,7 @@ RUN_DIR = Path("/run/portproxy")
 
 def netns_id() -> str:
     """This thread's network namespace, as the inode of its nsfs file."""
-    return str(os.stat(f"/proc/thread-self/ns/net").st_ino)
+    return str(os.stat("/proc/thread-self/ns/net").st_ino)
 
 from .errors import Conflict, SystemFailure
 

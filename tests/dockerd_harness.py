@@ -158,7 +158,7 @@ def root_namespace_snapshot() -> dict[str, str]:
 class Dockerd:
     """One dockerd (with its containerd) inside ``ns``, everything under ``tmp``."""
 
-    def __init__(self, ns: Namespace, tmp: Path, proxy_path: str, ipv6: bool) -> None:
+    def __init__(self, ns: Namespace, tmp: Path, proxy_path: str, ipv6: bool, env: dict[str, str] | None = None) -> None:
         self.ns, self.tmp, self.proxy_path, self.ipv6 = ns, tmp, proxy_path, ipv6
         self.root = docker_root()
         self.socket = tmp / "docker.sock"
@@ -168,6 +168,7 @@ class Dockerd:
         self.env = {
             "PATH": f"{self.root}/usr/bin:{self.root}/usr/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
             "DOCKER_HOST": f"unix://{self.socket}", "DOCKER_CONFIG": str(tmp / "cli"), "HOME": str(tmp),
+            **(env or {}),  # what dockerd passes on to the proxies it starts (PORTPROXY_SOCKET)
         }
 
     def start(self) -> None:
@@ -224,6 +225,9 @@ class Dockerd:
             args += ["-p", p]
         return self.docker(*args, IMAGE, "sh", "-c", cmd, check=False)
 
+    def container_ip(self, name: str) -> str:
+        return self.docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name).stdout.strip()
+
     def probe(self, *targets: str) -> dict[str, str]:
         """Reach each ``proto,host,port`` from another container on the bridge."""
         out = self.docker("run", "--rm", "-v", "/usr:/usr:ro", IMAGE, "/usr/bin/python3", "/probe.py", *targets,
@@ -240,8 +244,9 @@ class Dockerd:
         return found
 
     def proxies(self) -> list[str]:
-        """Command lines of the userland proxies (a script's starts with its interpreter)."""
-        return [cmd for _, cmd in self.processes() if self.proxy_path in cmd.split()[:2]]
+        """Command lines of the userland proxies: docker-proxy's and a delegated drop-in's waiting
+        shell start with the proxy's path, the drop-in's with its interpreter and flags."""
+        return [cmd for _, cmd in self.processes() if self.proxy_path in cmd.split()[:3]]
 
     def stop(self) -> None:
         """Remove the containers, stop dockerd, then kill whatever is left in its mount namespace."""
@@ -274,8 +279,9 @@ class Dockerd:
 
 
 @contextlib.contextmanager
-def running_dockerd(ns: Namespace, tmp: Path, proxy_path: str, ipv6: bool) -> Iterator[Dockerd]:
-    daemon = Dockerd(ns, tmp, proxy_path, ipv6)
+def running_dockerd(ns: Namespace, tmp: Path, proxy_path: str, ipv6: bool,
+                    env: dict[str, str] | None = None) -> Iterator[Dockerd]:
+    daemon = Dockerd(ns, tmp, proxy_path, ipv6, env)
     try:
         daemon.start()
         yield daemon

@@ -94,5 +94,7 @@ def test_demo_runs_and_cleans_up() -> None:
     assert "container GET http://198.51.100.1:9090/ -> HTTP/1.0 200 OK" in result.stdout
     assert "kernel counters of 9090:172.16.1.1:8080: 3 connections" in result.stdout
     assert "ran through 5 switches: 26214400 bytes" in result.stdout and "every byte intact" in result.stdout
+    for mode in ("userland", "kernel", "hybrid"):  # the closing scene: the client's address on every path
+        assert f"  {mode:<8} the container sees: 198.51.100.2\n" in result.stdout, result.stdout
     after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     assert {name for name in after - before if name.startswith("ppdemo-")} == set()  # (others' may come and go)

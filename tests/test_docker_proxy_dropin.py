@@ -193,7 +193,7 @@ async def test_target_cc_from_the_environment(topo, tcp_echo, dockerproxy) -> No
 def test_unknown_target_cc_is_reported_on_fd3(topo, dockerproxy) -> None:
     proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9098, topo.container_ip, 8080),
                         env={"PORTPROXY_TARGET_CC": "no-such-cc"})
-    assert proxy.status == b"1\nPORTPROXY_TARGET_CC: TCP congestion control 'no-such-cc': not available " \
+    assert proxy.status == b"1\nPORTPROXY_TARGET_CC 'no-such-cc' cannot be used: not available " \
                            b"(see /proc/sys/net/ipv4/tcp_available_congestion_control)"
     assert proxy.proc.wait(timeout=10) == 1
     assert "no-such-cc" in proxy.proc.stderr.read()
@@ -360,3 +360,40 @@ async def test_serves_at_normal_priority(topo, tcp_echo, dockerproxy) -> None:
     assert proxy.status == b"0\n"
     await _tcp_echo_check(topo, topo.host_ip, 9116)
     assert os.sched_getscheduler(proxy.proc.pid) == os.SCHED_OTHER
+
+
+@pytest.mark.parametrize("env, message", [({"PORTPROXY_SOURCE": "elsewhere"}, b"PORTPROXY_SOURCE 'elsewhere' must be"),
+                                          ({"PORTPROXY_PROXY_PROTOCOL": "v3"}, b"PORTPROXY_PROXY_PROTOCOL 'v3' must be")])
+def test_environment_checked_by_the_options_schema(topo, dockerproxy, env, message) -> None:
+    proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9098, topo.container_ip, 8080), env=env)
+    assert proxy.status.startswith(b"1\n" + message), proxy.status
+
+
+async def test_transparent_drop_ins_share_one_routing(topo, dockerproxy) -> None:
+    """PORTPROXY_SOURCE=client: the container sees the client; the routing stays while any
+    drop-in of the namespace needs it and goes with the last one."""
+    from test_transparent import host_state, peer_reporter, seen_by_target
+
+    server = await start_server(topo.container, 8080, peer_reporter)
+    try:
+        env = {"PORTPROXY_SOURCE": "client"}
+        first = dockerproxy(*flags("tcp", "0.0.0.0", 9201, topo.container_ip, 8080), env=env)
+        second = dockerproxy(*flags("tcp", "0.0.0.0", 9202, topo.container_ip, 8080), env=env)
+        assert first.status == second.status == b"0\n"
+        for port in (9201, 9202):
+            for _ in range(50):  # the drop-in reports ready before it serves (its lean start)
+                try:
+                    ip, _port, _local = await seen_by_target(topo.client, topo.host_ip, port)
+                    break
+                except (ConnectionRefusedError, ValueError):
+                    await asyncio.sleep(0.1)
+            assert ip == topo.client_ip
+        first.proc.terminate()
+        assert first.proc.wait(timeout=20) == 0
+        assert host_state(topo)["rules"] == [7719, 7719]  # the second still needs it
+        assert (await seen_by_target(topo.client, topo.host_ip, 9202))[0] == topo.client_ip
+        second.proc.terminate()
+        assert second.proc.wait(timeout=20) == 0
+        assert host_state(topo)["rules"] == [] and host_state(topo)["routes"] == []
+    finally:
+        server.close()

@@ -1,5 +1,7 @@
 """The drop-in under a real dockerd (Debian 12's docker.io 20.10), with Debian's docker-proxy as
-the reference: every case runs with both as ``userland-proxy-path``, with IPv6 off and on.
+the reference: every case runs with both as ``userland-proxy-path``, with IPv6 off and on, and
+with the drop-in delegating to a ``portproxy serve`` in dockerd's namespace (PORTPROXY_SOCKET in
+dockerd's environment): then Docker's ports live in the daemon.
 
 dockerd runs in the host namespace of the seeds' topology (see dockerd_harness for how it is
 contained); clients reach the published ports from loopback there, from the client namespace
@@ -9,8 +11,11 @@ docker-proxy itself fails is an xfail for docker-proxy only, with the reason.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +25,7 @@ import pytest
 
 from dockerd_harness import BRIDGE_IP, PAGE, DockerUnavailable, Dockerd, docker_root, root_namespace_snapshot, \
     running_dockerd
+from conftest import PortproxyProcess
 from portproxy.netns import Namespace, SeedTopology, seed_topology
 
 DROPIN = str(Path(sys.executable).parent / "portproxy-docker-proxy")
@@ -41,9 +47,24 @@ def untouched_root_namespace() -> Iterator[None]:
 class Setup:
     """One dockerd with a container publishing PUBLISH, and the namespaces around it."""
 
-    def __init__(self, proxy: str, ipv6: bool, topo: SeedTopology, dockerd: Dockerd) -> None:
+    def __init__(self, proxy: str, ipv6: bool, topo: SeedTopology, dockerd: Dockerd,
+                 control_socket: Path | None = None) -> None:
         self.proxy, self.ipv6, self.topo, self.dockerd = proxy, ipv6, topo, dockerd
+        self.control_socket = control_socket
+        """The portproxy daemon's, when the drop-in delegates."""
         self.probed: dict[str, str] | None = None
+
+    def mappings(self) -> dict[str, dict]:
+        """``portproxy ls --json`` of the daemon, by spec."""
+        done = self.portproxy("ls", "--json")
+        return {m["spec"]: m for m in json.loads(done.stdout)["mappings"]}
+
+    def portproxy(self, *args: str) -> subprocess.CompletedProcess:
+        assert self.control_socket is not None
+        done = subprocess.run([sys.executable, "-m", "portproxy", *args, "--socket", str(self.control_socket)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done
 
     def from_container(self, target: str) -> str:
         """Reach ``proto,host,port`` from another container (one probe container for all targets)."""
@@ -57,8 +78,9 @@ class Setup:
 
 
 @pytest.fixture(scope="module", params=[("docker-proxy", False), ("docker-proxy", True), ("portproxy", False),
-                                        ("portproxy", True)],
-                ids=["docker-proxy-ipv4", "docker-proxy-ipv6", "portproxy-ipv4", "portproxy-ipv6"])
+                                        ("portproxy", True), ("delegated", False), ("delegated", True)],
+                ids=["docker-proxy-ipv4", "docker-proxy-ipv6", "portproxy-ipv4", "portproxy-ipv6", "delegated-ipv4",
+                     "delegated-ipv6"])
 def setup(request, untouched_root_namespace, tmp_path_factory) -> Iterator[Setup]:
     if os.geteuid() != 0:
         pytest.skip("needs root for namespaces and dockerd")
@@ -71,10 +93,22 @@ def setup(request, untouched_root_namespace, tmp_path_factory) -> Iterator[Setup
     proxy, ipv6 = request.param
     path = str(root / "usr" / "sbin" / "docker-proxy") if proxy == "docker-proxy" else DROPIN
     tmp = tmp_path_factory.mktemp("dockerd")
-    with seed_topology("pd") as topo, running_dockerd(topo.host, tmp, path, ipv6) as dockerd:
+    with contextlib.ExitStack() as stack:
+        topo = stack.enter_context(seed_topology("pd"))
+        control_socket, env = None, None
+        if proxy == "delegated":  # a daemon in dockerd's network namespace, found through dockerd's environment
+            control_socket = tmp / "pp.sock"
+            (tmp / "portproxy.toml").write_text("")
+            daemon = PortproxyProcess(topo.host, ["serve", "--config", str(tmp / "portproxy.toml"), "--state-dir",
+                                                  str(tmp / "state"), "--socket", str(control_socket),
+                                                  "--metrics-addr", "off"], ready_lines=1)
+            stack.callback(lambda: daemon.stop() == 0 and "Traceback" not in daemon.stderr or
+                           pytest.fail(f"portproxy serve: {daemon.stderr[-2000:]}"))
+            env = {"PORTPROXY_SOCKET": str(control_socket)}
+        dockerd = stack.enter_context(running_dockerd(topo.host, tmp, path, ipv6, env))
         started = dockerd.run_server(*PUBLISH, name="srv")
         assert started.returncode == 0, started.stderr
-        yield Setup(proxy, ipv6, topo, dockerd)
+        yield Setup(proxy, ipv6, topo, dockerd, control_socket)
     # Nothing of it outside its namespaces: no mount in the root mount namespace, no cgroup.
     assert str(tmp) not in Path("/proc/1/mountinfo").read_text()
     assert not list(Path("/sys/fs/cgroup").glob(f"*/{dockerd.cgroup_parent}"))
@@ -214,3 +248,67 @@ def test_port_in_use_is_a_clear_error(setup: Setup) -> None:
     finally:
         holder.close()
         setup.dockerd.docker("rm", "-f", "busy", check=False)
+
+
+# --- delegated: Docker's ports live in the daemon ------------------------------------------------------
+@pytest.fixture
+def delegated(setup: Setup) -> Setup:
+    if setup.proxy != "delegated":
+        pytest.skip("only with a portproxy daemon")
+    return setup
+
+
+def test_docker_ports_are_in_ls(delegated: Setup) -> None:
+    ip = delegated.dockerd.container_ip("srv")
+    listing = delegated.mappings()
+    for host, target in (("0.0.0.0:9090", "8080/tcp"), ("[::]:9090", "8080/tcp"), ("127.0.0.1:9091", "8080/tcp"),
+                         ("0.0.0.0:5353", "5353/udp"), ("0.0.0.0:9101", "8101/tcp"), ("[::]:9095", "8080/tcp")):
+        found = [m for spec, m in listing.items() if spec.startswith(host + ":") and spec.endswith(":" + target)]
+        assert len(found) == 1, (host, listing)
+        assert found[0]["source"] == "docker" and found[0]["owner"]["kind"] == "docker"
+        # IPv4 container address, or with --ipv6 its IPv6 one for [::] (dockerd's choice)
+        assert found[0]["owner"]["container"].endswith(":" + target.split("/")[0])
+    assert f"0.0.0.0:9090:{ip}:8080/tcp" in listing
+    # The proxies dockerd sees are small waiting shells, one per port and family, not interpreters.
+    waiting = delegated.dockerd.proxies()
+    assert waiting and all(" -c trap " in cmd for cmd in waiting), waiting
+
+
+def _open_then_get(ns: Namespace, host: str, port: int):
+    """A connection opened now, whose request is sent (and answer read) later."""
+    sock = ns.run(socket.socket, _family(host), socket.SOCK_STREAM)
+    sock.settimeout(10)
+    ns.run(sock.connect, (host, port))
+
+    def finish() -> str:
+        with sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data.partition(b"\r\n\r\n")[2].decode()
+
+    return finish
+
+
+def test_a_transfer_survives_kernel_and_back(delegated: Setup) -> None:
+    topo, ip = delegated.topo, delegated.dockerd.container_ip("srv")
+    spec = f"0.0.0.0:9090:{ip}:8080/tcp"
+    on_proxy = _open_then_get(topo.client, topo.host_ip, 9090)
+    delegated.portproxy("switch", spec, "--mode", "kernel")
+    assert delegated.mappings()[spec]["kernel"] is not None
+    on_kernel = _open_then_get(topo.client, topo.host_ip, 9090)
+    assert http_get(topo.client, topo.host_ip, 9090) == PAGE
+    delegated.portproxy("switch", spec, "--mode", "userland")
+    assert http_get(topo.client, topo.host_ip, 9090) == PAGE
+    assert on_proxy() == PAGE and on_kernel() == PAGE
+
+
+def test_docker_rm_removes_the_mapping_from_the_daemon(delegated: Setup) -> None:
+    started = delegated.dockerd.run_server("9220:8080", name="gone")
+    assert started.returncode == 0, started.stderr
+    ip = delegated.dockerd.container_ip("gone")
+    assert f"0.0.0.0:9220:{ip}:8080/tcp" in delegated.mappings()
+    delegated.dockerd.docker("rm", "-f", "gone")
+    assert _wait_for(lambda: not any(":9220:" in spec for spec in delegated.mappings())), delegated.mappings()
+    assert refused(delegated.topo.client, delegated.topo.host_ip, 9220)

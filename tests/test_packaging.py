@@ -23,6 +23,7 @@ own /usr/sbin/policy-rc.d is never touched.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -267,6 +268,9 @@ def test_deb_installs_starts_nothing_runs_and_purges_clean(debian_root: Throwawa
     demo = debian_root.check("portproxy demo", timeout=300)
     assert "-- kernel path" in demo and "HTTP/1.0 200 OK" in demo
     assert debian_root.check("portproxy-docker-proxy -version").startswith("portproxy-docker-proxy")
+    # The CNI plugin where runtimes look for it, answering VERSION as a runtime asks it.
+    version = debian_root.check("echo '{\"cniVersion\": \"1.0.0\"}' | CNI_COMMAND=VERSION /usr/lib/cni/portproxy")
+    assert "1.1.0" in json.loads(version)["supportedVersions"]
     smoke = debian_root.check(SMOKE, timeout=120).splitlines()
     assert smoke[0].startswith("MAPPING") and smoke[1].startswith("added 127.0.0.1:8081")  # nothing served before
     smoke = "\n".join(smoke)

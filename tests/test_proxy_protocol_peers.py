@@ -10,8 +10,6 @@ the response body (``%[src] %[src_port]`` with ``accept-proxy``).
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import open_connection
+from portproxy import debcache
 from portproxy.bench.servers import nginx_conf
 
-CACHE = Path("/var/cache/portproxy-test")
 
 NGINX_HTTP = """\
     log_format pp '$proxy_protocol_addr $proxy_protocol_port $remote_addr';
@@ -48,24 +46,6 @@ frontend pp
 """
 
 
-def debian_binary(name: str, package: str) -> str:
-    """The system's ``name`` if installed, else one from ``apt-get download`` + ``dpkg -x`` (cached)."""
-    found = shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
-    if found:
-        return found
-    root = CACHE / package
-    binary = root / "x" / "usr" / "sbin" / name
-    if not binary.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        try:
-            subprocess.run(["apt-get", "download", package], cwd=root, check=True, capture_output=True, timeout=600)
-            deb = next(root.glob(f"{package}_*.deb"))
-            subprocess.run(["dpkg", "-x", str(deb), str(root / "x")], check=True, capture_output=True, timeout=600)
-        except (OSError, subprocess.SubprocessError, StopIteration) as exc:
-            pytest.skip(f"{package} is neither installed nor downloadable: {exc}")
-    return str(binary)
-
-
 def wait_port(ns, port: int, proc: subprocess.Popen, what: str) -> None:
     import socket
 
@@ -82,10 +62,10 @@ def wait_port(ns, port: int, proc: subprocess.Popen, what: str) -> None:
 
 @pytest.fixture
 def nginx(topo, tmp_path):
-    binary = debian_binary("nginx", "nginx-light")
+    binary = debcache.command("nginx")
     conf = tmp_path / "nginx.conf"
     conf.write_text(nginx_conf(str(tmp_path), NGINX_HTTP.format(dir=tmp_path)))
-    proc = topo.container.popen([binary, "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
+    proc = topo.container.popen([*binary, "-c", str(conf), "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
                                  "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_port(topo.container, 8080, proc, "nginx")
@@ -97,10 +77,10 @@ def nginx(topo, tmp_path):
 
 @pytest.fixture
 def haproxy(topo, tmp_path):
-    binary = debian_binary("haproxy", "haproxy")
+    binary = debcache.command("haproxy")
     conf = tmp_path / "haproxy.cfg"
     conf.write_text(HAPROXY_CONF)
-    proc = topo.container.popen([binary, "-db", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = topo.container.popen([*binary, "-db", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_port(topo.container, 8080, proc, "haproxy")
         yield

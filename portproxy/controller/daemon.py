@@ -23,6 +23,7 @@ from .api import PeerPolicy, build_app, serve_api
 from .config import load_config
 from .core import Controller
 from ..lock import take_lock
+from .delegate import DelegateServer, delegate_path
 from .state import StateStore
 
 log = logging.getLogger("portproxy")
@@ -60,10 +61,12 @@ async def _serve(config_path: Path, state_dir: Path, socket_path: Path, metrics_
     stop = stop_signal()
     controller = Controller(loop, config.options, store)
     runner = metrics = None
+    delegate = DelegateServer(controller, policy, delegate_path(socket_path), config.options.socket_group)
     try:
         # Everything that can refuse for a reason of its own comes before the mappings start.
         runner = await _serve_api(controller, policy, socket_path, config.options.socket_group,
                                   lambda: reload(controller, config_path, notifier))
+        _start_delegate(delegate)
         if metrics_addr:
             metrics = _start_metrics(metrics_addr, controller)
         for sock in listen_fds():
@@ -74,6 +77,7 @@ async def _serve(config_path: Path, state_dir: Path, socket_path: Path, metrics_
         if runner is not None:
             await runner.cleanup()
             socket_path.unlink(missing_ok=True)
+        await delegate.stop()
         if metrics is not None:
             metrics[0].shutdown()
         await controller.stop(keep_kernel_rules=True)
@@ -100,6 +104,7 @@ async def _serve(config_path: Path, state_dir: Path, socket_path: Path, metrics_
     if watchdog is not None:
         watchdog.cancel()
     await runner.cleanup()
+    await delegate.stop()
     if metrics is not None:
         metrics[0].shutdown()
     await controller.stop()
@@ -142,6 +147,13 @@ async def _serve_api(controller: Controller, policy: PeerPolicy, path: Path, gro
         return await serve_api(build_app(controller, reload_fn, policy), path, group)
     except OSError as exc:
         raise SystemFailure(f"cannot listen on {path}: {exc.strerror or exc}") from None
+
+
+def _start_delegate(delegate: DelegateServer) -> None:
+    try:
+        delegate.start()
+    except OSError as exc:
+        raise SystemFailure(f"cannot listen on {delegate.path}: {exc.strerror or exc}") from None
 
 
 def _start_metrics(addr: str, controller: Controller) -> Any:

@@ -200,3 +200,69 @@ class TransparentRouting:
         self.installed = False
         if errors:
             raise TransparentError(f"removing transparent mode's routing failed: {'; '.join(errors)}")
+
+
+class SharedRouting:
+    """The routing as every portproxy process of a namespace shares it: the daemon, a
+    ``map --source client``, each docker-proxy drop-in of a port range.
+
+    Each user holds a shared flock on one file per namespace and routing table while it
+    needs the routing; the first installs it (``install`` is idempotent and takes over
+    what is there), and on release the one that can turn its lock exclusive is the last
+    user and removes it. So one process stopping never pulls the routing from under
+    another's connections, and the last one leaves nothing behind.
+    """
+
+    def __init__(self, opts: TransparentOptions | None = None) -> None:
+        self.routing = TransparentRouting(opts)
+        self.opts = self.routing.opts
+        self._fd: int | None = None
+
+    def _lock_path(self) -> str:
+        from ..lock import RUN_DIR, netns_id
+
+        return str(RUN_DIR / f"transparent-{netns_id()}-{self.opts.table}.lock")
+
+    def acquire(self) -> None:
+        """Take a share (waiting while a last user removes it) and make sure it is installed."""
+        import fcntl
+        import os
+
+        path = self._lock_path()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise TransparentError(f"transparent mode cannot create {path}: {exc.strerror}") from None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            self.routing.install()
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def present(self) -> bool:
+        return self.routing.present()
+
+    def install(self) -> None:
+        """Put back what someone deleted (reconciling)."""
+        self.routing.install()
+
+    def release(self) -> None:
+        """Give the share back; the last user removes the routing."""
+        import fcntl
+        import os
+
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # others still use it
+            return
+        try:
+            self.routing.remove()
+        finally:
+            os.close(fd)
