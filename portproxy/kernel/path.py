@@ -47,6 +47,7 @@ MAX_DAEMON_ID = 0x7FFF
 """This table's mapping ids are 1-0x7FFF: the CNI plugin's table uses 0x8000 up
 (:data:`portproxy.cni.table.ID_MIN`), and a flow's conntrack mark names one of either."""
 
+
 class KernelPath:
     """portproxy's nft table in this namespace, changed only through :meth:`apply`."""
 
