@@ -15,6 +15,7 @@ Writes benchmarks/results/cni_bench.json and .md, and the table on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -22,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from portproxy.cni.testbed import Chain, Podman, debian_plugins, plugin_dir, podman_packages
+from portproxy.cni.testbed import Chain, Podman, debian_plugins, plugin_dir, podman_packages, portproxy_daemon
 from portproxy.netns import Namespace, seed_topology
 
-MAPPERS = ("portmap", "portproxy-cni")
+MAPPERS = ("portmap", "portproxy-cni", "portproxy-cni+daemon")
+"""``+daemon``: portproxy-cni registering the mappings with a ``portproxy serve`` in the same namespace."""
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -46,9 +48,11 @@ def timed(chain: Chain, command: str, netns: str, mappings: list[dict], prev: di
 def podman_run_times(mapper: str, rounds: int, cache: Path) -> list[float]:
     """Wall time of ``podman run -d -p 9090:8080`` (then removed untimed), ``rounds`` times."""
     times = []
-    with tempfile.TemporaryDirectory() as tmp, seed_topology("pcb") as topo:
+    with tempfile.TemporaryDirectory() as tmp, seed_topology("pcb") as topo, contextlib.ExitStack() as stack:
         topo.host.sysctl("net/ipv4/ip_forward", "1")
-        podman = Podman(topo, Path(tmp), podman_packages(), cache, mapper)
+        conf = {"daemonSocket": str(stack.enter_context(portproxy_daemon(topo.host, Path(tmp) / "daemon")))} \
+            if mapper.endswith("+daemon") else {}
+        podman = Podman(topo, Path(tmp), podman_packages(), cache, mapper.split("+")[0], conf)
         try:
             podman.run_web("warmup", "9089:8080")
             for i in range(rounds):
@@ -66,21 +70,26 @@ def main() -> int:
     parser.add_argument("--ports", default="1,100,1000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mappers", default=",".join(MAPPERS))
+    parser.add_argument("--layouts", default="range,scattered")
     parser.add_argument("--podman-rounds", type=int, default=5)
     parser.add_argument("--out", default="cni_bench", help="result file name in benchmarks/results/ (.json, .md)")
     args = parser.parse_args()
     counts = [int(n) for n in args.ports.split(",") if n]
     cache = debian_plugins()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, seed_topology("pcb") as topo:
+    with tempfile.TemporaryDirectory() as tmp, seed_topology("pcb") as topo, contextlib.ExitStack() as stack:
         plugins = plugin_dir(Path(tmp) / "bin", cache)
         ctr = Namespace.create("pcb-ctr")
         topo.extra.append(ctr)
         for mapper in args.mappers.split(",") if counts else []:
-            chain = Chain(topo.host, plugins, cache, Path(tmp) / f"ipam-{mapper}", mapper)
+            conf = {"daemonSocket": ""}  # daemonless, whatever is at the default socket path
+            if mapper.endswith("+daemon"):
+                conf = {"daemonSocket": str(stack.enter_context(portproxy_daemon(topo.host, Path(tmp) / "daemon")))}
+            chain = Chain(topo.host, plugins, cache, Path(tmp) / f"ipam-{mapper}", mapper.split("+")[0],
+                          mapper_conf=conf)
             env = chain.env("ADD", "bench", ctr.name)
             prev = chain.invoke("bridge", env, json.dumps(chain.conf(chain.bridge_conf()))).json
-            for layout in ("range", "scattered"):
+            for layout in args.layouts.split(","):
                 for n in counts:
                     mappings = port_mappings(n, layout)
                     add, delete = [], []

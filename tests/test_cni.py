@@ -58,6 +58,10 @@ def mapper(request: pytest.FixtureRequest) -> str:
 
 def make_chain(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str, version: str = "1.0.0",
                **kwargs: object) -> Chain:
+    if mapper == "portproxy-cni":
+        # Daemonless, whatever this machine has at the default socket path (tests/test_cni_daemon.py
+        # covers the daemon): a socket file that is not there.
+        kwargs["mapper_conf"] = {"daemonSocket": str(tmp_path / "no-daemon.sock"), **kwargs.get("mapper_conf", {})}
     plugins = plugin_dir(tmp_path / "bin", cache)
     return Chain(topo.host, plugins, cache, tmp_path / "ipam", mapper, version, **kwargs)  # type: ignore[arg-type]
 

@@ -48,3 +48,4 @@ def test_conflist_puts_portproxy_where_portmap_was() -> None:
     assert entry["capabilities"] == {"portMappings": True}
     conf = parse_config({"cniVersion": conflist["cniVersion"], "name": conflist["name"], **entry})
     assert conf.snat and conf.port_mappings == ()
+    assert conf.daemon_socket == "/run/portproxy/portproxy.sock"  # where the DaemonSet puts it

@@ -26,6 +26,7 @@ import pytest
 from portproxy.cni.testbed import Podman, ReferenceUnavailable, debian_plugins, podman_packages
 from portproxy.netns import seed_topology
 from test_cni import root_unchanged  # noqa: F401 - the autouse root-namespace check, shared
+from test_cni_daemon import Daemon
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +37,26 @@ def caches() -> tuple[Path, Path]:
         pytest.skip(str(exc))
 
 
-@pytest.fixture(params=["portmap", "portproxy-cni"])
+DAEMON = "portproxy-cni+daemon"
+"""portproxy-cni registering the mappings with a ``portproxy serve`` in the host namespace."""
+
+
+@pytest.fixture(params=["portmap", "portproxy-cni", DAEMON])
 def podman(request: pytest.FixtureRequest, caches: tuple[Path, Path], tmp_path: Path) -> Iterator[Podman]:
     with seed_topology("pcp") as topo:
         topo.host.sysctl("net/ipv4/ip_forward", "1")
-        p = Podman(topo, tmp_path, caches[0], caches[1], request.param)
+        daemon, conf = None, {}
+        if request.param == DAEMON:
+            daemon = Daemon(topo, tmp_path)
+            daemon.start()
+            conf = {"daemonSocket": str(daemon.socket)}
+        p = Podman(topo, tmp_path, caches[0], caches[1], request.param.split("+")[0], conf)
         try:
             yield p
         finally:
             p.close()
+            if daemon is not None:
+                daemon.stop()
 
 
 def http_get(ns, host: str, port: int) -> str:  # type: ignore[no-untyped-def]
@@ -108,7 +120,7 @@ def test_podman_two_containers_and_a_clash(podman: Podman) -> None:
     # podman sets the network up before conmon binds the ports: portproxy-cni refuses the port
     # held by another container first; with portmap (last writer wins) conmon's bind fails.
     assert clash.returncode != 0
-    assert "already published" in clash.stderr or "address already in use" in clash.stderr
+    assert any(why in clash.stderr for why in ("already published", "overlap", "address already in use"))
     podman("rm", "-f", "-t", "0", "a")
     assert not published(topo, 10000) and published(topo, 10020)
     assert http_get(topo.client, topo.host_ip, 10000) == "ConnectionRefusedError"

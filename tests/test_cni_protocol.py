@@ -219,7 +219,7 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
-    monkeypatch.setattr(cni_main, "backend_for", lambda conf: rec)
+    monkeypatch.setattr(cni_main, "backend_for", lambda env, conf: rec)
     monkeypatch.setattr(cni_main, "_after_add", lambda *args: None)
     return rec
 
@@ -269,7 +269,7 @@ def test_version_without_stdin() -> None:
 def test_any_stdin_gives_json_never_a_traceback(stdin: bytes) -> None:
     rec = Recorder()
     original = cni_main.backend_for, cni_main._after_add
-    cni_main.backend_for, cni_main._after_add = (lambda conf: rec), (lambda *args: None)
+    cni_main.backend_for, cni_main._after_add = (lambda env, conf: rec), (lambda *args: None)
     try:
         for command in ("ADD", "DEL", "CHECK", "GC", "VERSION"):
             rc, out = run({**ENV, "CNI_COMMAND": command}, stdin)
@@ -303,3 +303,51 @@ def test_version_fast_path_matches_the_full_answer() -> None:
     got = subprocess.run([sys.executable, "-X", "importtime", "-m", "portproxy.cni.entry"], input=b"{}",
                          env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
     assert b"portproxy.cni.protocol" not in got.stderr and b"nftables" not in got.stderr
+
+
+# --- with a daemon: socket choice, API specs, adoption (pure parts) ---------------------------------
+
+def test_daemon_socket_choice() -> None:
+    from portproxy.cni.daemon import socket_path
+    from portproxy.defaults import DEFAULT_SOCKET
+
+    base = p.parse_config(conf())
+    env = p.parse_env(ENV)
+    assert socket_path(env, base) == str(DEFAULT_SOCKET)
+    env_sock = p.parse_env({**ENV, "PORTPROXY_SOCKET": "/tmp/x.sock"})
+    assert socket_path(env_sock, base) == "/tmp/x.sock"
+    assert socket_path(env_sock, p.parse_config(conf(daemonSocket="/srv/pp.sock"))) == "/srv/pp.sock"
+    assert socket_path(env_sock, p.parse_config(conf(daemonSocket=""))) is None  # daemon mode off
+    with pytest.raises(p.CniError, match="daemonSocket"):
+        p.parse_config(conf(daemonSocket=1))
+
+
+def test_api_mappings_publish_only_the_container_families() -> None:
+    from portproxy.cni.daemon import api_mappings, owner_token
+
+    entries = (p.PortMapping(80, 8080, "tcp", None), p.PortMapping(81, 8081, "tcp", ipaddress.ip_address("10.0.0.1")))
+    mappings = p.mappings_for(entries, [ipaddress.ip_address("10.88.0.2"), ipaddress.ip_address("fd00::2")])
+    assert [str(m) for m in api_mappings(mappings)] == [
+        "0.0.0.0:80:10.88.0.2:8080/tcp", "10.0.0.1:81:10.88.0.2:8081/tcp", "[::]:80:[fd00::2]:8080/tcp"]
+    owner = p.Owner("net1", "c1", "eth0", pod="web")
+    assert owner_token(owner.controller_owner()) == owner.token() == "c1 eth0 net1"
+    assert owner_token({"kind": "docker", "id": "c1"}) is None
+
+
+def test_adoption_reads_back_what_the_plugin_wrote() -> None:
+    """Every element of a mapping, as the table holds it, joins back into that mapping."""
+    from portproxy.cni.adopt import mappings_of, owner_of_token
+    from portproxy.cni.table import Entry, State
+    from portproxy.kernel import builders
+    from portproxy.spec import parse_spec
+
+    written = {0x8000: ("c1 eth0 net1", parse_spec("0.0.0.0:10000-10002:10.88.0.2:7000-7002/tcp")),
+               0x8001: ("c1 eth0 net1", parse_spec("[::]:9090:[fd00::2]:8080/udp")),
+               0x8002: ("c2 eth0 net1", parse_spec("192.0.2.1:9091:10.88.0.3:8080/tcp"))}
+    state = State(present=True)
+    for mark, (token, m) in written.items():
+        state.owners[mark] = token
+        for name, key, target_port in builders.element_keys(m):
+            state.entries.append(Entry(name, "", "", key, mark, str(m.target_ip), target_port, ""))
+    assert mappings_of(state) == [(m, token) for token, m in written.values()]
+    assert owner_of_token("c1 eth0 net1") == {"kind": "cni", "id": "c1", "ifname": "eth0", "network": "net1"}

@@ -17,12 +17,31 @@ from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, SUPP
 from .versions import version_json
 
 
-def backend_for(conf: Config) -> Any:
-    """Where mappings go. Phase 2 (issue 15): when ``portproxy serve``'s control socket
-    answers, return a backend that POSTs them there with ``owner.controller_owner()``."""
+def backend_for(env: Env, conf: Config) -> Any:
+    """Where mappings go: the ``portproxy serve`` of this network namespace when its control
+    socket is there (:mod:`.daemon`), else the plugin's own table (:mod:`.table`)."""
+    from .daemon import connect, socket_path
+
+    daemon = connect(socket_path(env, conf), conf)
+    if daemon is not None:
+        return daemon
     from .table import NftBackend, options
 
     return NftBackend(options(conf))
+
+
+def _everywhere(env: Env, conf: Config, remove: Callable[[Any], Any]) -> None:
+    """DEL and GC with a daemon also clear the plugin's own table: a mapping written there
+    before the daemon ran, or while it was starting (after it read the table to adopt it),
+    would otherwise outlive its container."""
+    from .daemon import DaemonBackend
+
+    backend = backend_for(env, conf)
+    if isinstance(backend, DaemonBackend):
+        from .table import NftBackend, options
+
+        remove(NftBackend(options(conf)))
+    remove(backend)
 
 
 def _chained(conf: Config, what: str) -> dict:
@@ -36,8 +55,12 @@ def cmd_add(env: Env, conf: Config) -> dict | None:
     addresses = container_addresses(prev, env.ifname)
     mappings = mappings_for(conf.port_mappings, addresses)
     if mappings:
-        backend_for(conf).add(owner_of(env, conf), mappings)
-        _after_add(conf, addresses, mappings)
+        from .daemon import DaemonBackend
+
+        backend = backend_for(env, conf)
+        backend.add(owner_of(env, conf), mappings)
+        if not isinstance(backend, DaemonBackend):  # the daemon does both itself
+            _after_add(conf, addresses, mappings)
     return result_for(prev, conf.cni_version)
 
 
@@ -61,25 +84,25 @@ def _after_add(conf: Config, addresses: list, mappings: list) -> None:
 
 
 def cmd_del(env: Env, conf: Config) -> None:
-    # Needs neither prevResult nor the netns: the table knows what this attachment owns.
+    # Needs neither prevResult nor the netns: the table (or the daemon) knows what this attachment owns.
     token = owner_of(env, conf).token()
-    backend_for(conf).delete(lambda t: t == token)
+    _everywhere(env, conf, lambda backend: backend.delete(lambda t: t == token))
 
 
 def cmd_check(env: Env, conf: Config) -> None:
     prev = _chained(conf, "required prevResult missing")
     mappings = mappings_for(conf.port_mappings, container_addresses(prev, env.ifname))
     if mappings:
-        backend_for(conf).check(owner_of(env, conf), mappings)
+        backend_for(env, conf).check(owner_of(env, conf), mappings)
 
 
 def cmd_gc(env: Env, conf: Config) -> None:
-    backend_for(conf).gc(conf.name, set(conf.valid_attachments))
+    _everywhere(env, conf, lambda backend: backend.gc(conf.name, set(conf.valid_attachments)))
 
 
 def cmd_status(env: Env, conf: Config) -> None:
     try:
-        backend_for(conf)
+        backend_for(env, conf)
     except CniError as exc:
         raise CniError(ERR_NOT_AVAILABLE, "plugin not available", exc.msg) from None
 

@@ -79,6 +79,8 @@ class Env:
     netns: str = ""
     ifname: str = ""
     args: dict[str, str] = dataclasses.field(default_factory=dict)
+    portproxy_socket: str = ""
+    """``$PORTPROXY_SOCKET``, if the runtime passed it on."""
 
 
 def parse_env(environ: EnvMapping[str, str]) -> Env:
@@ -90,7 +92,8 @@ def parse_env(environ: EnvMapping[str, str]) -> Env:
     if missing:
         raise CniError(ERR_INVALID_ENV, f"{command} needs {', '.join(missing)}")
     return Env(command, environ.get("CNI_CONTAINERID", ""), environ.get("CNI_NETNS", ""),
-               environ.get("CNI_IFNAME", ""), parse_cni_args(environ.get("CNI_ARGS", "")))
+               environ.get("CNI_IFNAME", ""), parse_cni_args(environ.get("CNI_ARGS", "")),
+               environ.get("PORTPROXY_SOCKET", ""))
 
 
 def parse_cni_args(text: str) -> dict[str, str]:
@@ -124,6 +127,8 @@ class Config:
     conditions: tuple[Condition, ...] = ()
     valid_attachments: tuple[tuple[str, str], ...] = ()
     """GC: the (containerID, ifname) pairs to keep."""
+    daemon_socket: str | None = None
+    """``daemonSocket``: the ``portproxy serve`` control socket; ``""`` turns daemon mode off."""
 
 
 def _obj(value: Any, what: str) -> dict:
@@ -184,11 +189,14 @@ def parse_config(conf: dict) -> Config:
             raise CniError(ERR_UNSUPPORTED_FIELD, f"{key} is iptables-only; portproxy-cni does not support it")
     if conf.get("backend") not in (None, "nftables"):
         raise CniError(ERR_UNSUPPORTED_FIELD, f"backend {conf.get('backend')!r}: portproxy-cni always uses nftables")
+    daemon_socket = conf.get("daemonSocket")
+    if daemon_socket is not None and not isinstance(daemon_socket, str):
+        raise CniError(ERR_INVALID_CONFIG, "daemonSocket must be a path (a string)")
     return Config(
         cni_version=version, name=name, prev_result=prev,
         port_mappings=tuple(_port_mapping(e, i) for i, e in enumerate(entries)),
         snat=_bool(conf, "snat", True), masq_all=_bool(conf, "masqAll", False), conditions=conditions,
-        valid_attachments=_attachments(conf.get("cni.dev/valid-attachments")),
+        valid_attachments=_attachments(conf.get("cni.dev/valid-attachments")), daemon_socket=daemon_socket,
     )
 
 

@@ -31,12 +31,13 @@ from typing import Any, Callable, Iterator
 from ..kernel import builders
 from ..kernel.builders import KernelOptions, kind_maps
 from ..kernel.executor import Nft, NftError
+from ..kernel.path import MAX_DAEMON_ID
 from ..spec import Mapping
 from .protocol import (ERR_CHECK_FAILED, ERR_IO, ERR_PORT_TAKEN, ERR_TRY_AGAIN, CniError, Config, Owner,
                        gc_doomed)
 
 TABLE = "portproxy_cni"
-ID_MIN = 0x8000
+ID_MIN = MAX_DAEMON_ID + 1
 """CNI mapping ids: 0x8000-0xFFFF (the daemon allocates from 1 up)."""
 LOCK_NAME = b"\0portproxy-cni-lock"
 LOCK_TIMEOUT = 30.0

@@ -14,6 +14,7 @@ invoked per the CNI spec inside namespaces of our own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..netns import Namespace, SeedTopology
 
@@ -85,6 +86,29 @@ def root_snapshot() -> tuple[str, ...]:
 
     links = sorted(line.split(":")[1].strip() for line in run("ip", "-o", "link").splitlines())
     return ("\n".join(links), run("ip", "route"), run("ip", "-6", "route"), run("nft", "list", "ruleset"))
+
+
+DAEMON_CONFIG = "[options]\nroute_localnet = true\nset_sysctls = true\n"
+"""A ``portproxy serve`` that serves CNI mappings as portmap does: loopback included."""
+
+
+@contextlib.contextmanager
+def portproxy_daemon(ns: Namespace, where: Path) -> Iterator[Path]:
+    """``portproxy serve`` in ``ns`` with its config, state and socket under ``where``; yields the socket."""
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "portproxy.toml").write_text(DAEMON_CONFIG)
+    sock = where / "pp.sock"
+    proc = ns.popen([sys.executable, "-m", "portproxy", "serve", "--config", str(where / "portproxy.toml"),
+                     "--state-dir", str(where / "state"), "--socket", str(sock), "--metrics-addr", "off"],
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        if not proc.stdout.readline().startswith("ready"):
+            raise RuntimeError(f"portproxy serve exited {proc.wait(timeout=10)}")
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def plugin_dir(where: Path, cache: Path) -> Path:
@@ -203,7 +227,8 @@ class Chain:
 class Podman:
     """podman, conmon and crun from the cache, all state under ``tmp``, in one mount namespace."""
 
-    def __init__(self, topo: SeedTopology, tmp: Path, podman: Path, cni: Path, mapper: str) -> None:
+    def __init__(self, topo: SeedTopology, tmp: Path, podman: Path, cni: Path, mapper: str,
+                 mapper_conf: dict | None = None) -> None:
         self.topo, self.tmp, self.root = topo, tmp, podman
         lib = podman / "usr/lib/x86_64-linux-gnu"
         plugins = tmp / "cnibin"
@@ -217,7 +242,7 @@ class Podman:
                 {"type": "bridge", "bridge": "cni-podman0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
                  "ipam": {"type": "host-local", "dataDir": str(tmp / "ipam"), "routes": [{"dst": "0.0.0.0/0"}],
                           "ranges": [[{"subnet": SUBNET, "gateway": GATEWAY}]]}},
-                {"type": mapper, "capabilities": {"portMappings": True}}]}))
+                {"type": mapper, "capabilities": {"portMappings": True}, **(mapper_conf or {})}]}))
         crun = tmp / "crun"  # conmon does not pass LD_LIBRARY_PATH on
         crun.write_text(f"#!/bin/sh\nLD_LIBRARY_PATH={lib} exec {podman}/usr/bin/crun \"$@\"\n")
         crun.chmod(0o755)

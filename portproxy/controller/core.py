@@ -50,6 +50,7 @@ from ..proxy.options import ProxyOptions
 from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 from .. import options as schema
+from ..cni import adopt as cni_adopt
 from .config import Config, DaemonOptions, Mode, Settings
 from .state import SavedEntry, StateStore
 
@@ -524,10 +525,13 @@ class Controller:
             check_no_overlap(list(desired))
         except SpecError as exc:
             raise Conflict(f"saved and configured mappings conflict: {exc}") from None
+        adopted = cni_adopt.merge(await self._in_worker(cni_adopt.read_all), desired,
+                                  lambda owner: Entry(Settings("kernel"), "cni", owner))
         self.entries = desired
         await self._install_kernel_table()
         for mapping, entry in desired.items():
             await self._realise(mapping, entry)
+        await self._in_worker(cni_adopt.forget_running, adopted)  # after ours are in: no gap
         self._persist()
         self._tasks = [self.loop.create_task(self._retry_loop()), self.loop.create_task(self._reconcile_loop())]
         return [f"{m}: {e.error}" for m, e in desired.items() if e.status == "failed"]

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from ..spec import Mapping
 from . import builders, conntrack, hairpin, sysctls
-from .builders import KernelOptions, MAX_MAPPING_ID, check_mapping
+from .builders import KernelOptions, check_mapping
 from .executor import Nft, NftError
 
 log = logging.getLogger("portproxy.kernel")
@@ -43,6 +43,11 @@ class KernelCounters:
         return self.bytes_to_target + self.bytes_to_client
 
 
+MAX_DAEMON_ID = 0x7FFF
+"""This table's mapping ids are 1-0x7FFF: the CNI plugin's table uses 0x8000 up
+(:data:`portproxy.cni.table.ID_MIN`), and a flow's conntrack mark names one of either."""
+
+
 class KernelPath:
     """portproxy's nft table in this namespace, changed only through :meth:`apply`."""
 
@@ -67,7 +72,7 @@ class KernelPath:
         ids: dict[Mapping, int] = {}
         for m in mappings:
             wanted = (preferred or {}).get(m)
-            if wanted is not None and 0 < wanted <= MAX_MAPPING_ID and wanted not in taken:
+            if wanted is not None and 0 < wanted <= MAX_DAEMON_ID and wanted not in taken:
                 ids[m] = wanted
                 taken.add(wanted)
         next_id = 1
@@ -76,8 +81,8 @@ class KernelPath:
                 continue
             while next_id in taken:
                 next_id += 1
-            if next_id > MAX_MAPPING_ID:
-                raise NftError(f"too many kernel mappings (at most {MAX_MAPPING_ID})")
+            if next_id > MAX_DAEMON_ID:
+                raise NftError(f"too many kernel mappings (at most {MAX_DAEMON_ID})")
             ids[m] = next_id
             taken.add(next_id)
         return ids

@@ -1,0 +1,216 @@
+"""Mappings registered with a running ``portproxy serve`` (issue 15, "with a daemon").
+
+When the daemon's control socket is there, the plugin does not write a table of its own:
+it asks the daemon, which then shows the container's mappings in ``portproxy ls`` and the
+metrics, persists them across its restarts, and keeps them in its one table. Each CNI
+mapping becomes one API mapping per address family (``0.0.0.0:`` or ``[::]:`` when the
+runtime gave no ``hostIP``), mode ``kernel``, owned by
+``{"kind": "cni", "id": CNI_CONTAINERID, "ifname", "network", "name"?, "namespace"?}``.
+
+Which socket: the network configuration's ``daemonSocket`` (``""`` turns daemon mode off),
+else ``$PORTPROXY_SOCKET`` (runtimes pass a small environment, so the conflist is the
+reliable place), else :data:`~portproxy.defaults.DEFAULT_SOCKET`.
+
+- No socket file: daemonless (:class:`~portproxy.cni.table.NftBackend`); a daemon that
+  starts later adopts that table (:mod:`.adopt`).
+- A socket whose daemon runs in another network namespace: not ours to use (its table
+  is elsewhere), so daemonless too.
+- A socket that does not answer: an error (code 11, try again), never a silent fallback:
+  the daemon removes its socket when it stops, so a dead socket means a crashed daemon
+  whose saved state still holds mappings, and writing the other table then would split
+  one container's state between two owners that do not know of each other.
+
+Talks HTTP/1.1 with the stdlib (``http.client`` over a unix socket): the plugin runs for
+every container start and stop, and aiohttp/asyncio would cost more than the request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import os
+import socket
+import stat
+import sys
+from typing import Any, Callable
+from urllib.parse import quote
+
+from ..defaults import DEFAULT_SOCKET
+from ..spec import WILDCARDS, Mapping
+from .protocol import (ERR_CHECK_FAILED, ERR_INVALID_CONFIG, ERR_IO, ERR_PORT_TAKEN, ERR_TRY_AGAIN,
+                       ERR_UNSUPPORTED_FIELD, CniError, Config, Env, Owner, gc_doomed)
+
+TIMEOUT = 60.0
+"""Seconds for one request: a daemon busy with a large change answers late, not never."""
+
+
+def socket_path(env: Env, conf: Config) -> str | None:
+    """The daemon socket to use, or None for daemon mode turned off by ``"daemonSocket": ""``."""
+    if conf.daemon_socket is not None:
+        return conf.daemon_socket or None
+    return env.portproxy_socket or str(DEFAULT_SOCKET)
+
+
+def _peer_netns_differs(sock: socket.socket) -> bool:
+    """Whether the process at the other end runs in another network namespace than this one."""
+    try:
+        pid = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4], sys.byteorder)
+        if pid <= 0:
+            return False  # not visible from this pid namespace: cannot tell, assume ours
+        theirs, ours = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/thread-self/ns/net")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, sock: socket.socket) -> None:
+        super().__init__("portproxy", timeout=TIMEOUT)
+        self.unix_path = path
+        self.sock = sock
+
+    def connect(self) -> None:  # after the server closed a kept-alive connection
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        sock.connect(self.unix_path)
+        self.sock = sock
+
+
+def connect(path: str | None, conf: Config) -> "DaemonBackend | None":
+    """A backend talking to the daemon at ``path``; None when there is none for this namespace."""
+    if path is None:
+        return None
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return None
+    except OSError:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise CniError(ERR_TRY_AGAIN, f"the portproxy daemon at {path} does not answer: {exc.strerror}",
+                       "its socket exists, so it crashed or is starting; start it (or remove the stale socket "
+                       "to go daemonless)") from None
+    if _peer_netns_differs(sock):
+        sock.close()
+        print(f"portproxy-cni: the daemon at {path} runs in another network namespace; "
+              "writing table inet portproxy_cni instead", file=sys.stderr)
+        return None
+    return DaemonBackend(path, sock, conf)
+
+
+def api_mappings(mappings: list[Mapping]) -> list[Mapping]:
+    """Each CNI mapping as the daemon takes it: one family each, with an explicit host address.
+
+    Without a host address the API's spec means Docker's ``-p`` (both families); a CNI
+    runtime publishes only the container's families, and ``mappings_for`` already made
+    one mapping per container address, so each gets its family's wildcard."""
+    return [m if m.host_ip is not None else dataclasses.replace(m, host_ip=WILDCARDS[m.family]) for m in mappings]
+
+
+def owner_token(owner: dict[str, Any]) -> str | None:
+    """The table token of an API owner object, or None if it is not a CNI attachment."""
+    if not isinstance(owner, dict) or owner.get("kind") != "cni":
+        return None
+    return Owner(str(owner.get("network", "")), str(owner.get("id", "")), str(owner.get("ifname", ""))).token()
+
+
+class DaemonBackend:
+    """The four operations of :class:`~portproxy.cni.table.NftBackend`, through the daemon's API."""
+
+    def __init__(self, path: str, sock: socket.socket, conf: Config) -> None:
+        self.path = path
+        self.conf = conf
+        self.conn = _UnixConnection(path, sock)
+
+    def request(self, method: str, target: str, body: dict | None = None) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        try:
+            self.conn.request(method, target, data, headers)
+            response = self.conn.getresponse()
+            text = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise CniError(ERR_TRY_AGAIN, f"talking to the portproxy daemon at {self.path} failed: {exc}") from None
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise CniError(ERR_IO, f"the portproxy daemon answered HTTP {response.status} without JSON")
+        return response.status, answer
+
+    def _ok(self, method: str, target: str, body: dict | None = None, allow: tuple[int, ...] = ()) -> dict:
+        status, answer = self.request(method, target, body)
+        if status >= 400 and status not in allow:
+            code = {409: ERR_PORT_TAKEN, 400: ERR_INVALID_CONFIG}.get(status, ERR_IO)
+            raise CniError(code, f"portproxy daemon: {answer.get('error', f'HTTP {status}')}")
+        return answer
+
+    def listing(self) -> list[dict]:
+        return self._ok("GET", "/v1/mappings").get("mappings", [])
+
+    def owned(self, doomed: Callable[[str], bool]) -> list[dict]:
+        """The daemon's CNI mappings whose owner's token ``doomed`` accepts."""
+        return [m for m in self.listing() if (t := owner_token(m.get("owner"))) is not None and doomed(t)]
+
+    # --- the four operations ----------------------------------------------------------------
+    def add(self, owner: Owner, mappings: list[Mapping]) -> None:
+        """Register ``mappings`` for ``owner`` (replacing what it had); on a refusal, undo this ADD.
+
+        ``snat``, ``masqAll`` and conditions are properties of a whole table: with a daemon,
+        its table's (always masquerading hairpin and host-originated flows, loopback with
+        its ``route_localnet`` option). A network asking for something else is refused
+        rather than silently served differently."""
+        conf = self.conf
+        unsupported = [name for name, off in (("snat: false", not conf.snat), ("masqAll", conf.masq_all),
+                                              ("conditionsV4/V6", bool(conf.conditions))) if off]
+        if unsupported:
+            raise CniError(ERR_UNSUPPORTED_FIELD, f"{', '.join(unsupported)}: with a portproxy daemon "
+                           f"({self.path}) the daemon's table settings apply to every mapping",
+                           "remove the option from the network configuration, or set daemonSocket to \"\"")
+        self._delete_listed(self.owned(lambda t: t == owner.token()))
+        done: list[str] = []
+        try:
+            for m in api_mappings(mappings):
+                answer = self._ok("POST", "/v1/mappings",
+                                  {"spec": str(m), "mode": "kernel", "owner": owner.controller_owner()})
+                done.append(answer.get("spec", str(m)))
+        except CniError:
+            for spec in done:
+                self._ok("DELETE", f"/v1/mappings?name={quote(spec)}", allow=(404,))
+            raise
+
+    def delete(self, doomed: Callable[[str], bool]) -> int:
+        """Remove the mappings of every owner ``doomed`` accepts (none is fine: DEL is idempotent)."""
+        return self._delete_listed(self.owned(doomed))
+
+    def _delete_listed(self, listed: list[dict]) -> int:
+        if not listed:
+            return 0
+        ids = {m["owner"]["id"] for m in listed}
+        everything = self.listing()
+        for cid in ids:
+            of_id = [m for m in everything if (m.get("owner") or {}).get("id") == cid]
+            if all(m in listed for m in of_id):  # the usual case: one request under the daemon's lock
+                self._ok("DELETE", f"/v1/mappings?owner={quote(cid)}")
+            else:  # the container has other attachments: only this one's
+                for m in (m for m in listed if m["owner"]["id"] == cid):
+                    self._ok("DELETE", f"/v1/mappings?name={quote(m['spec'])}", allow=(404,))
+        return len(listed)
+
+    def check(self, owner: Owner, mappings: list[Mapping]) -> None:
+        """Raise unless the daemon runs every mapping of ``owner``, with its DNAT in the table."""
+        have = {m["spec"]: m for m in self.owned(lambda t: t == owner.token())}
+        for m in api_mappings(mappings):
+            got = have.get(str(m))
+            if got is None or got.get("status") != "running" or not got.get("kernel"):
+                why = "missing" if got is None else got.get("error") or got.get("kernel_problem") or got.get("status")
+                raise CniError(ERR_CHECK_FAILED, f"mapping {m} is not running in the portproxy daemon: {why}")
+
+    def gc(self, network: str, keep: set[tuple[str, str]]) -> int:
+        return self.delete(lambda token: gc_doomed(token, network, keep))

@@ -1,0 +1,300 @@
+"""portproxy-cni with a running ``portproxy serve`` (issue 15, "with a daemon"): the plugin
+registers the container's mappings with the daemon, and a daemon starting later adopts
+what the plugin installed without it.
+
+Same testbed as tests/test_cni.py (Debian's ``bridge`` + ``host-local`` invoked per the CNI
+spec, each container in a namespace of its own), plus a real ``portproxy serve`` in the
+runtime's ("host") namespace with its socket and state under the test's temp dir; the
+network configuration names that socket with ``daemonSocket``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import PortproxyProcess
+from portproxy.cni.testbed import Chain
+from portproxy.netns import Namespace, SeedTopology
+from test_cni import (WEB, Servers, addresses, ask_tcp, ask_udp, cache, container, make_chain,  # noqa: F401
+                      root_unchanged, topo)
+
+DAEMON_CONFIG = "[options]\nroute_localnet = true\nset_sysctls = true\n"
+METRICS = "127.0.0.1:9464"
+
+
+class Daemon:
+    """``portproxy serve`` in the host namespace; started, stopped and restarted by the test."""
+
+    def __init__(self, topo: SeedTopology, tmp: Path) -> None:
+        self.topo = topo
+        self.socket = tmp / "pp.sock"
+        self.config = tmp / "portproxy.toml"
+        self.config.write_text(DAEMON_CONFIG)
+        self.state = tmp / "state"
+        self.procs: list[PortproxyProcess] = []
+
+    def start(self) -> PortproxyProcess:
+        proc = PortproxyProcess(self.topo.host, ["serve", "--config", str(self.config), "--state-dir", str(self.state),
+                                                 "--socket", str(self.socket), "--metrics-addr", METRICS], 1)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            assert proc.stop() == 0, proc.stderr
+
+    def ls(self) -> list[dict]:
+        got = subprocess.run([sys.executable, "-m", "portproxy", "ls", "--json", "--socket", str(self.socket)],
+                             capture_output=True, text=True, timeout=60)
+        assert got.returncode == 0, got.stderr
+        return json.loads(got.stdout)["mappings"]
+
+    def metrics(self) -> str:
+        host, port = METRICS.split(":")
+        with self.topo.host.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect((host, int(port)))
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data.decode()
+
+
+@pytest.fixture
+def daemon(topo: SeedTopology, tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(topo, tmp_path)
+    yield d
+    d.stop()
+
+
+def chain_for(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> Chain:
+    return make_chain(topo, cache, tmp_path, "portproxy-cni", mapper_conf={"daemonSocket": str(daemon.socket)})
+
+
+def cni_table(topo: SeedTopology) -> bool:
+    tables = subprocess.run(["ip", "netns", "exec", topo.host.name, "nft", "list", "tables"],
+                            capture_output=True, text=True, check=True).stdout
+    return "portproxy_cni" in tables
+
+
+def owned(mappings: list[dict], cid: str) -> list[dict]:
+    return [m for m in mappings if (m.get("owner") or {}).get("id") == cid]
+
+
+# --- the cases ----------------------------------------------------------------------------------
+
+def test_add_check_delete_through_the_daemon(topo: SeedTopology, cache: Path, tmp_path: Path,
+                                             daemon: Daemon) -> None:
+    daemon.start()
+    chain = chain_for(topo, cache, tmp_path, daemon)
+    web, other = container(topo), container(topo)
+    ip4, ip6 = addresses(chain.add("ctr-web", web.name, WEB))
+    chain.add("ctr-other", other.name, [])
+    listed = daemon.ls()
+    assert sorted(m["spec"] for m in listed) == sorted([
+        f"0.0.0.0:9090:{ip4}:8080/tcp", f"[::]:9090:[{ip6}]:8080/tcp",
+        f"0.0.0.0:9053:{ip4}:5353/udp", f"[::]:9053:[{ip6}]:5353/udp"])
+    for m in listed:
+        assert (m["source"], m["mode"], m["status"]) == ("cni", "kernel", "running"), m
+        assert m["owner"] == {"kind": "cni", "id": "ctr-web", "ifname": "eth0", "network": "pptest", "name": "web"}
+        assert m["families"] == {"ipv6" if "[::]" in m["spec"] else "ipv4": "kernel"}
+        assert m["userland"]["listening"] == []  # DNAT only: the runtime holds the host ports
+    assert not cni_table(topo)
+    servers = Servers(web, "web", [8080], [5353])
+    try:
+        assert ask_tcp(topo.client, topo.host_ip, 9090) == f"web {topo.client_ip}"
+        assert ask_tcp(topo.client, topo.host_ip6, 9090) == f"web {topo.client_ip6}"
+        assert ask_udp(topo.client, topo.host_ip, 9053) == f"web {topo.client_ip}"
+        assert ask_tcp(topo.host, "127.0.0.1", 9090).startswith("web ")
+        assert ask_tcp(topo.host, topo.host_ip, 9090).startswith("web ")
+        assert ask_tcp(web, topo.host_ip, 9090).startswith("web ")  # hairpin, masqueraded
+        assert ask_tcp(web, topo.host_ip, 9090) != f"web {ip4}"
+        assert ask_tcp(other, topo.host_ip, 9090).startswith("web ")
+        got = chain.check("ctr-web", web.name, WEB)
+        assert (got.rc, got.stdout) == (0, ""), got
+        metrics = daemon.metrics()
+        assert 'listen="0.0.0.0:9090"' in metrics and f'target="{ip4}:8080"' in metrics
+    finally:
+        servers.close()
+    chain.delete("ctr-web", web.name, WEB)
+    assert owned(daemon.ls(), "ctr-web") == []
+    assert ask_tcp(topo.client, topo.host_ip, 9090) == "ConnectionRefusedError"
+    chain.delete("ctr-web", web.name, WEB)  # again
+    got = chain.mapper_call("DEL", "ctr-web", "", WEB)  # neither prevResult nor netns
+    assert (got.rc, got.stdout) == (0, ""), got
+    chain.delete("ctr-other", other.name, [])
+
+
+def test_restart_gc_and_independent_deletes(topo: SeedTopology, cache: Path, tmp_path: Path,
+                                            daemon: Daemon) -> None:
+    daemon.start()
+    chain = chain_for(topo, cache, tmp_path, daemon)
+    ports = {"ctr-a": 9090, "ctr-b": 9091, "ctr-c": 9092}
+    spaces = {cid: container(topo) for cid in ports}
+    pm = {cid: [{"hostPort": port, "containerPort": 8080, "protocol": "tcp"}] for cid, port in ports.items()}
+    for cid, ns in spaces.items():
+        chain.add(cid, ns.name, pm[cid])
+    servers = [Servers(ns, cid, [8080], []) for cid, ns in spaces.items()]
+    try:
+        daemon.stop()
+        daemon.procs.clear()
+        daemon.start()
+        assert {m["owner"]["id"] for m in daemon.ls() if m["status"] == "running"} == set(ports)
+        for cid, port in ports.items():
+            assert ask_tcp(topo.client, topo.host_ip, port) == f"{cid} {topo.client_ip}"
+        chain.delete("ctr-a", spaces["ctr-a"].name, pm["ctr-a"])
+        assert ask_tcp(topo.client, topo.host_ip, 9090) == "ConnectionRefusedError"
+        assert ask_tcp(topo.client, topo.host_ip, 9091) == f"ctr-b {topo.client_ip}"
+        got = chain.check("ctr-b", spaces["ctr-b"].name, pm["ctr-b"])
+        assert (got.rc, got.stdout) == (0, ""), got
+        gc = chain.conf(chain.mapper_entry())
+        gc["cniVersion"] = "1.1.0"
+        gc["cni.dev/valid-attachments"] = [{"containerID": "ctr-b", "ifname": "eth0"}]
+        got = chain.invoke("portproxy-cni", chain.env("GC"), json.dumps(gc))
+        assert (got.rc, got.stdout) == (0, ""), got
+        assert {m["owner"]["id"] for m in daemon.ls()} == {"ctr-b"}
+        assert ask_tcp(topo.client, topo.host_ip, 9092) == "ConnectionRefusedError"
+        assert ask_tcp(topo.client, topo.host_ip, 9091) == f"ctr-b {topo.client_ip}"
+        got = chain.check("ctr-c", spaces["ctr-c"].name, pm["ctr-c"])
+        assert (got.rc, json.loads(got.stdout)["code"]) == (1, 100), got
+    finally:
+        for s in servers:
+            s.close()
+
+
+def test_refusals(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> None:
+    daemon.start()
+    chain = chain_for(topo, cache, tmp_path, daemon)
+    a, b = container(topo), container(topo)
+    chain.add("ctr-a", a.name, WEB)
+    with pytest.raises(AssertionError, match=r'"code": 101.*portproxy daemon: .*overlap'):
+        chain.add("ctr-b", b.name, WEB[:1])
+    chain.delete("ctr-b", b.name, WEB[:1])
+    assert {m["owner"]["id"] for m in daemon.ls()} == {"ctr-a"}
+    # a table-wide option the daemon's table does not have: refused, not served differently
+    got = chain.mapper_call("ADD", "ctr-b", b.name, [{**WEB[0], "hostPort": 9191}], chain.results["ctr-a"],
+                            extra={"masqAll": True})
+    assert (got.rc, got.json["code"]) == (1, 2) and "masqAll" in got.json["msg"], got
+    # a socket that exists but does not answer (a crashed daemon): an error, not a silent second table
+    dead = tmp_path / "dead.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(dead))
+    sock.close()
+    got = chain.mapper_call("ADD", "ctr-b", b.name, [{**WEB[0], "hostPort": 9191}], chain.results["ctr-a"],
+                            extra={"daemonSocket": str(dead)})
+    assert (got.rc, got.json["code"]) == (1, 11) and "does not answer" in got.json["msg"], got
+    assert not cni_table(topo)
+    status = chain.invoke("portproxy-cni", chain.env("STATUS"),
+                          json.dumps(chain.conf({**chain.mapper_entry(), "daemonSocket": str(dead)})))
+    assert (status.rc, status.json["code"]) == (1, 50), status
+
+
+def test_a_daemon_of_another_namespace_is_not_used(topo: SeedTopology, tmp_path: Path, daemon: Daemon) -> None:
+    """A socket path is visible from every network namespace; the daemon behind it serves only its own."""
+    from portproxy.cni.daemon import connect
+    from portproxy.cni.protocol import parse_config
+
+    daemon.start()
+    conf = parse_config({"cniVersion": "1.0.0", "name": "pptest"})
+    here = topo.host.run(lambda: connect(str(daemon.socket), conf))
+    assert here is not None
+    here.conn.close()
+    assert connect(str(daemon.socket), conf) is None  # this test process runs in another namespace
+
+
+class Echo:
+    """A TCP echo server in a container, for connections that live across a change."""
+
+    def __init__(self, ns: Namespace, port: int) -> None:
+        self.sock = ns.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("0.0.0.0", port))
+        self.sock.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    return sock.recv(4096)
+
+
+def test_daemon_adopts_what_the_plugin_installed(topo: SeedTopology, cache: Path, tmp_path: Path,
+                                                  daemon: Daemon) -> None:
+    chain = chain_for(topo, cache, tmp_path, daemon)  # the socket is not there yet: daemonless
+    web, other = container(topo), container(topo)
+    ranges = [{"hostPort": 10000 + i, "containerPort": 7000 + i, "protocol": "tcp"} for i in range(3)]
+    ip4, ip6 = addresses(chain.add("ctr-web", web.name, [WEB[0], *ranges]))
+    chain.add("ctr-other", other.name, [{"hostPort": 9091, "containerPort": 8080, "protocol": "tcp"}])
+    assert cni_table(topo)
+    echo = Echo(web, 8080)
+    servers = [Servers(web, "web", [7000, 7001, 7002], []), Servers(other, "other", [8080], [])]
+    live = topo.client.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        live.settimeout(5)
+        live.connect((topo.host_ip, 9090))
+        assert roundtrip(live, b"before") == b"before"
+        daemon.start()
+        listed = daemon.ls()
+        assert sorted((m["spec"], m["owner"]["id"], m["status"]) for m in listed) == sorted([
+            (f"0.0.0.0:9090:{ip4}:8080/tcp", "ctr-web", "running"),
+            (f"[::]:9090:[{ip6}]:8080/tcp", "ctr-web", "running"),
+            (f"0.0.0.0:10000-10002:{ip4}:7000-7002/tcp", "ctr-web", "running"),
+            (f"[::]:10000-10002:[{ip6}]:7000-7002/tcp", "ctr-web", "running"),
+            (f"0.0.0.0:9091:{addresses(chain.results['ctr-other'])[0]}:8080/tcp", "ctr-other", "running"),
+            (f"[::]:9091:[{addresses(chain.results['ctr-other'])[1]}]:8080/tcp", "ctr-other", "running")])
+        assert all(m["source"] == "cni" and m["owner"]["network"] == "pptest" for m in listed)
+        assert not cni_table(topo)
+        assert roundtrip(live, b"after") == b"after"  # the connection made through the plugin's DNAT lives on
+        assert ask_tcp(topo.client, topo.host_ip, 10001) == f"web {topo.client_ip}"
+        assert ask_tcp(topo.client, topo.host_ip6, 9091) == f"other {topo.client_ip6}"
+        assert f"{ip4}:7000-7002" in daemon.metrics()
+        got = chain.check("ctr-web", web.name, [WEB[0], *ranges])
+        assert (got.rc, got.stdout) == (0, ""), got
+        chain.delete("ctr-web", web.name, [WEB[0], *ranges])
+        assert {m["owner"]["id"] for m in daemon.ls()} == {"ctr-other"}
+        assert ask_tcp(topo.client, topo.host_ip, 10001) == "ConnectionRefusedError"
+    finally:
+        live.close()
+        echo.close()
+        for s in servers:
+            s.close()
+
+
+def test_stale_udp_flow_flushed_on_add(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> None:
+    """A client that sent to the port before it was published gets through from the same source port."""
+    daemon.start()
+    chain = chain_for(topo, cache, tmp_path, daemon)
+    web = container(topo)
+    assert ask_udp(topo.client, topo.host_ip, 9053, source_port=40053) != "web"  # creates the conntrack entry
+    chain.add("ctr-web", web.name, WEB)
+    servers = Servers(web, "web", [], [5353])
+    try:
+        assert ask_udp(topo.client, topo.host_ip, 9053, source_port=40053) == f"web {topo.client_ip}"
+    finally:
+        servers.close()
+    chain.delete("ctr-web", web.name, WEB)
