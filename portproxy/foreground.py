@@ -123,8 +123,11 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
 
 
 def _remove_kernel(path: "KernelPath", mappings: list[Mapping]) -> None:
-    path.teardown()
-    path.forget_udp_flows(mappings, translated=False)
+    try:
+        path.teardown()
+        path.forget_udp_flows(mappings, translated=False)
+    finally:
+        path.close()
 
 
 async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls: bool,

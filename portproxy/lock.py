@@ -12,14 +12,26 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
+import struct
 from pathlib import Path
 
 RUN_DIR = Path("/run/portproxy")
 
 
+SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
+
+
 def netns_id() -> str:
-    """This thread's network namespace, as the inode of its nsfs file."""
-    return str(os.stat("/proc/thread-self/ns/net").st_ino)
+    """This thread's network namespace: its cookie (Linux 5.14+), unique until reboot.
+
+    Not the nsfs inode: inodes are reused once a namespace is gone, and a lock left by a
+    process of a deleted namespace would then refuse a new, unrelated one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            return "c" + str(struct.unpack("Q", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0])
+        except OSError:
+            return "i" + str(os.stat("/proc/thread-self/ns/net").st_ino)
 
 from .errors import Conflict, SystemFailure
 
@@ -44,3 +56,12 @@ def take_lock(path: Path, what: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def release_lock(path: Path, fd: int) -> None:
+    """Give a lock up for good: the file goes first (a new owner makes a new one), then the fd."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    os.close(fd)

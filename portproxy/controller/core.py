@@ -513,6 +513,10 @@ class Controller:
         then the listeners. A mapping that cannot start is kept as failed, reported (one
         line each), and retried; the others start. Nothing in the state is ever dropped.
         """
+        async with self._lock:  # the API already answers: an add waits until the start is over
+            return await self._start(config)
+
+    async def _start(self, config: Config) -> list[str]:
         saved = self.store.load() if self.store is not None else []
         desired: dict[Mapping, Entry] = {}
         for item in saved:
@@ -588,6 +592,8 @@ class Controller:
                 await self._in_worker(teardown)
             except NftError as exc:
                 log.error("removing the kernel rules failed: %s", exc)
+        if self._kernel is not None:
+            self._kernel.close()
         if self._routing is not None:
             try:
                 await self._in_worker(self._routing.release)

@@ -58,8 +58,9 @@ class KernelPath:
         self._nft = nft or Nft()
         # One owner per table and namespace: the table is rewritten whole, so a second
         # writer (a map --mode kernel beside the daemon) would wipe the first one's DNAT.
-        self._lock = take_lock(RUN_DIR / f"nft-{netns_id()}-{self.opts.table}.lock",
-                               f"the nft table inet {self.opts.table} of this network namespace")
+        self._lock_path = RUN_DIR / f"nft-{netns_id()}-{self.opts.table}.lock"
+        self._lock: int | None = take_lock(self._lock_path,
+                                           f"the nft table inet {self.opts.table} of this network namespace")
         self.ids: dict[Mapping, int] = {}
         self.repairs = 0
         """Times a change found the table deleted or altered and rewrote it whole."""
@@ -157,6 +158,14 @@ class KernelPath:
         """Delete the table (and everything in it)."""
         self._nft.apply(builders.delete_table(self.opts))
         self.ids = {}
+
+    def close(self) -> None:
+        """Give up the table's lock (the table stays as it is)."""
+        from ..lock import release_lock
+
+        if self._lock is not None:
+            release_lock(self._lock_path, self._lock)
+            self._lock = None
 
     def _ports(self) -> int:
         return sum(m.port_count for m in self.ids)
