@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def main() -> int:
     with seed_topology("ppstream") as topo, tempfile.TemporaryDirectory(prefix="portproxy-stream-") as tmp:
         with open(Path(tmp) / "big", "wb") as f:
             f.truncate(SIZE)
+        os.chmod(tmp, 0o755)  # nginx's workers are not root
+        os.chmod(Path(tmp) / "big", 0o644)
         conf = Path(tmp) / "nginx.conf"
         conf.write_text(nginx_conf(tmp, NGINX.format(root=tmp)))
         nginx = topo.container.popen([*debcache.command("nginx"), "-c", str(conf), "-p", tmp, "-g", "daemon off;"],

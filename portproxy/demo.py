@@ -9,6 +9,7 @@ the host itself, then removes everything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import socket
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 from .netns import Namespace, SeedTopology, seed_topology
 
@@ -181,67 +183,67 @@ def _kernel(topo: SeedTopology) -> None:
         _say(f"portproxy stopped on SIGTERM (exit {stop_portproxy(proc)}); its nftables table is gone")
 
 
-def _switching(topo: SeedTopology, loop: str) -> None:
-    _say(f"\n-- live switching: portproxy serve, {DEMO_SPEC} switched while a download runs --")
+@contextlib.contextmanager
+def _daemon(topo: SeedTopology, loop: str, config_text: str, stopped: str = "") -> Iterator[tuple[str, str]]:
+    """``portproxy serve`` in the host namespace with ``config_text``: yields (its control
+    socket, its ready line); stopped (and said so) at the end."""
     with tempfile.TemporaryDirectory(prefix="portproxy-demo-") as tmp:
         config = Path(tmp) / "portproxy.toml"
-        config.write_text(f'[[mapping]]\nspec = "{DEMO_SPEC}"\nmode = "userland"\n')
+        config.write_text(config_text)
         sock = str(Path(tmp) / "portproxy.sock")
         proc, ready = start_portproxy(topo.host, ["serve", "--config", str(config), "--state-dir", tmp,
                                                   "--socket", sock, "--loop", loop, "--log-level", "warning",
                                                   "--metrics-addr", "off"])
         try:
-            _say(ready[0])
-            result: dict[str, object] = {}
-
-            def download() -> None:
-                t0 = time.monotonic()
-                status, body = http_get(topo.client, topo.host_ip, 9090, timeout=30, path="/stream")
-                result.update(status=status, body=body, seconds=time.monotonic() - t0)
-
-            downloader = threading.Thread(target=download)
-            downloader.start()
-            during = 0
-            for mode in ("kernel", "hybrid", "userland", "kernel", "userland"):
-                time.sleep(0.5)
-                switch = subprocess.run([sys.executable, "-m", "portproxy", "switch", "9090", "--mode", mode,
-                                         "--socket", sock], capture_output=True, text=True, timeout=30)
-                _say(f"  switch -> {mode:<8} {(switch.stdout or switch.stderr).strip()}")
-                status, _ = http_get(topo.client, topo.host_ip, 9090)
-                _say(f"  a new connection now: {status}")
-                during += downloader.is_alive()
-            downloader.join()
-            body = result.get("body", b"")
-            expected = b"".join(stream_chunk(i) for i in range(STREAM_CHUNKS))
-            verdict = "every byte intact" if body == expected else "CORRUPTED OR INCOMPLETE"
-            _say(f"download started on userland and ran through {during} switches: "
-                 f"{len(body)} bytes in {result.get('seconds', 0):.1f} s, {verdict}")  # type: ignore[arg-type]
-            listing = subprocess.run([sys.executable, "-m", "portproxy", "ls", "--socket", sock],
-                                     capture_output=True, text=True, timeout=30)
-            _say(listing.stdout.rstrip())
+            yield sock, ready[0]
         finally:
-            _say(f"portproxy serve stopped on SIGTERM (exit {stop_portproxy(proc)})")
+            _say(f"portproxy serve stopped on SIGTERM (exit {stop_portproxy(proc)}){stopped}")
+
+
+def _switching(topo: SeedTopology, loop: str) -> None:
+    _say(f"\n-- live switching: portproxy serve, {DEMO_SPEC} switched while a download runs --")
+    with _daemon(topo, loop, f'[[mapping]]\nspec = "{DEMO_SPEC}"\nmode = "userland"\n') as (sock, ready):
+        _say(ready)
+        result: dict[str, object] = {}
+
+        def download() -> None:
+            t0 = time.monotonic()
+            status, body = http_get(topo.client, topo.host_ip, 9090, timeout=30, path="/stream")
+            result.update(status=status, body=body, seconds=time.monotonic() - t0)
+
+        downloader = threading.Thread(target=download)
+        downloader.start()
+        during = 0
+        for mode in ("kernel", "hybrid", "userland", "kernel", "userland"):
+            time.sleep(0.5)
+            switch = subprocess.run([sys.executable, "-m", "portproxy", "switch", "9090", "--mode", mode,
+                                     "--socket", sock], capture_output=True, text=True, timeout=30)
+            _say(f"  switch -> {mode:<8} {(switch.stdout or switch.stderr).strip()}")
+            status, _ = http_get(topo.client, topo.host_ip, 9090)
+            _say(f"  a new connection now: {status}")
+            during += downloader.is_alive()
+        downloader.join()
+        body = result.get("body", b"")
+        expected = b"".join(stream_chunk(i) for i in range(STREAM_CHUNKS))
+        verdict = "every byte intact" if body == expected else "CORRUPTED OR INCOMPLETE"
+        _say(f"download started on userland and ran through {during} switches: "
+             f"{len(body)} bytes in {result.get('seconds', 0):.1f} s, {verdict}")  # type: ignore[arg-type]
+        listing = subprocess.run([sys.executable, "-m", "portproxy", "ls", "--socket", sock],
+                                 capture_output=True, text=True, timeout=30)
+        _say(listing.stdout.rstrip())
 
 
 def _client_address(topo: SeedTopology, loop: str) -> None:
     _say(f"\n-- the client's address on every path: {DEMO_SPEC} with source = \"client\" (transparent mode) --")
-    with tempfile.TemporaryDirectory(prefix="portproxy-demo-") as tmp:
-        config = Path(tmp) / "portproxy.toml"
-        config.write_text(f'[[mapping]]\nspec = "{DEMO_SPEC}"\nsource = "client"\n')
-        sock = str(Path(tmp) / "portproxy.sock")
-        proc, _ready = start_portproxy(topo.host, ["serve", "--config", str(config), "--state-dir", tmp,
-                                                   "--socket", sock, "--loop", loop, "--log-level", "warning",
-                                                   "--metrics-addr", "off"])
-        try:
-            for i, mode in enumerate(("userland", "kernel", "hybrid", "userland")):
-                if i:  # it starts on the userland path
-                    subprocess.run([sys.executable, "-m", "portproxy", "switch", "9090", "--mode", mode,
-                                    "--socket", sock], capture_output=True, text=True, timeout=30, check=True)
-                _, body = http_get(topo.client, topo.host_ip, 9090)
-                _say(f"  {mode:<8} the container sees: {body.decode().strip().splitlines()[-1].rsplit(' ', 1)[-1]}")
-            _say(f"  (the client is {topo.client_ip}: the proxy connects from its address, DNAT keeps it)")
-        finally:
-            _say(f"portproxy serve stopped on SIGTERM (exit {stop_portproxy(proc)}); its ip rule and routes are gone")
+    with _daemon(topo, loop, f'[[mapping]]\nspec = "{DEMO_SPEC}"\nsource = "client"\n',
+                 "; its ip rule and routes are gone") as (sock, _ready):
+        for i, mode in enumerate(("userland", "kernel", "hybrid", "userland")):
+            if i:  # it starts on the userland path
+                subprocess.run([sys.executable, "-m", "portproxy", "switch", "9090", "--mode", mode,
+                                "--socket", sock], capture_output=True, text=True, timeout=30, check=True)
+            _, body = http_get(topo.client, topo.host_ip, 9090)
+            _say(f"  {mode:<8} the container sees: {body.decode().strip().splitlines()[-1].rsplit(' ', 1)[-1]}")
+        _say(f"  (the client is {topo.client_ip}: the proxy connects from its address, DNAT keeps it)")
 
 
 def run_demo(loop: str = "uvloop") -> int:
