@@ -56,6 +56,10 @@ TOOLS: dict[str, Tool] = {
     # The real-dockerd tests: dockerd, its containerd and runc, tini for --init, and
     # busybox-static for an image built without a registry.
     "dockerd": Tool("docker.io", "usr/sbin/dockerd", ("containerd", "runc", "tini", "busybox-static")),
+    # The CNI tests: the reference plugins (portmap needs iptables), and podman 4.3.
+    "cni-plugins": Tool("containernetworking-plugins", "usr/lib/cni/portmap", ("iptables",)),
+    "podman": Tool("podman", "usr/bin/podman", ("conmon", "crun", "golang-github-containers-common", "libgpgme11",
+                                                "libsubid4", "libyajl2", "busybox-static")),
 }
 """Every program the tests and the benchmark run that portproxy itself does not need."""
 

@@ -1,8 +1,8 @@
 """Real podman (Debian 12's 4.3, CNI backend) publishing ports through portproxy-cni, and through
 Debian's stock portmap as the reference.
 
-podman is extracted, not installed (``apt-get download`` + ``dpkg -x`` into
-/var/cache/portproxy-test/podman/), and every podman call runs in one private mount
+podman is extracted, not installed (``apt-get download`` + ``dpkg -x`` by portproxy.debcache),
+and every podman call runs in one private mount
 namespace held by a sleeping process, inside the test's host network namespace:
 ``/run`` and ``/var/lib`` are fresh tmpfs there (podman's netns files, libcni's cache),
 storage, config and the CNI conflist live in a temporary directory, and the container is

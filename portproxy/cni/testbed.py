@@ -3,7 +3,7 @@ invoked per the CNI spec inside namespaces of our own.
 
 - :func:`debian_plugins` puts Debian's ``containernetworking-plugins`` (``bridge``,
   ``host-local``, ``portmap``) and ``iptables`` (which ``portmap`` 1.1.1 shells out to) into
-  a cache directory with ``apt-get download`` + ``dpkg -x``: nothing is installed, no
+  portproxy.debcache's cache (``apt-get download`` + ``dpkg -x``): nothing is installed, no
   service starts, and a fresh machine fills the cache on first use.
 - :class:`Chain` runs a two-plugin conflist (``bridge`` then a port-mapping plugin) the way
   libcni does: ADD in order feeding each plugin the previous result, DEL in reverse order
@@ -17,22 +17,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..netns import Namespace, SeedTopology
 
-CACHE = Path(os.environ.get("PORTPROXY_TEST_CACHE", "/var/cache/portproxy-test")) / "cni"
-PACKAGES = ("containernetworking-plugins", "iptables")
 LIBDIR = "usr/lib/x86_64-linux-gnu/xtables"
-PODMAN_PACKAGES = ("podman", "conmon", "crun", "golang-github-containers-common", "libgpgme11", "libsubid4",
-                   "libyajl2", "busybox-static")
 SUBNET = "10.88.0.0/16"
 GATEWAY = "10.88.0.1"
 IPTABLES_NAMES = ("iptables", "ip6tables", "iptables-save", "ip6tables-save", "iptables-restore", "ip6tables-restore")
@@ -42,30 +35,21 @@ class ReferenceUnavailable(RuntimeError):
     """The reference plugins cannot be made available; the message says why."""
 
 
-def debian_packages(cache: Path, packages: tuple[str, ...]) -> Path:
-    """``packages`` downloaded and extracted (not installed) under ``cache``, once."""
-    done = cache / ".complete"
-    if done.exists():
-        return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
-        root = Path(tmp) / "root"
-        for package in packages:
-            got = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
-            debs = list(Path(tmp).glob(f"{package}_*.deb"))
-            if got.returncode != 0 or not debs:
-                raise ReferenceUnavailable(f"apt-get download {package} failed: {got.stderr.strip()[-300:]}")
-            subprocess.run(["dpkg", "-x", str(debs[0]), str(root)], check=True)
-        if cache.exists():
-            shutil.rmtree(cache)
-        root.rename(cache)
-    done.touch()
-    return cache
+def debian_packages(name: str) -> Path:
+    """The tree of portproxy.debcache's program ``name`` (apt-get download + dpkg -x, never
+    installed): the one fetch mechanism of the tests and benchmarks."""
+    from .. import debcache
+
+    try:
+        debcache.command(name)
+    except debcache.ToolUnavailable as exc:
+        raise ReferenceUnavailable(str(exc)) from None
+    return debcache.tree(debcache.TOOLS[name])
 
 
-def debian_plugins(cache: Path = CACHE) -> Path:
-    """The cache root holding the extracted packages (``usr/lib/cni/...``, ``bin/iptables``)."""
-    debian_packages(cache, PACKAGES)
+def debian_plugins() -> Path:
+    """The tree holding Debian's plugins and iptables (``usr/lib/cni/...``, ``bin/iptables``)."""
+    cache = debian_packages("cni-plugins")
     bindir = cache / "bin"
     bindir.mkdir(exist_ok=True)
     for name in IPTABLES_NAMES:  # xtables-nft-multi picks its personality from argv[0]
@@ -74,9 +58,9 @@ def debian_plugins(cache: Path = CACHE) -> Path:
     return cache
 
 
-def podman_packages(cache: Path = CACHE.parent / "podman") -> Path:
+def podman_packages() -> Path:
     """Debian 12's podman 4.3 with conmon, crun and busybox-static, extracted (never installed)."""
-    return debian_packages(cache, PODMAN_PACKAGES)
+    return debian_packages("podman")
 
 
 def root_snapshot() -> tuple[str, ...]:
