@@ -23,8 +23,8 @@ import pytest
 from conftest import PortproxyProcess
 from portproxy.cni.testbed import Chain
 from portproxy.netns import Namespace, SeedTopology
-from test_cni import (WEB, Servers, addresses, ask_tcp, ask_udp, cache, container, make_chain,  # noqa: F401
-                      root_unchanged, topo)
+from test_cni import (WEB, Servers, addresses, ask_tcp, ask_udp, cache, check_stale_udp_flow_flushed,  # noqa: F401
+                      container, make_chain, root_unchanged, topo)
 
 DAEMON_CONFIG = "[options]\nroute_localnet = true\nset_sysctls = true\n"
 METRICS = "127.0.0.1:9464"
@@ -288,13 +288,4 @@ def test_daemon_adopts_what_the_plugin_installed(topo: SeedTopology, cache: Path
 def test_stale_udp_flow_flushed_on_add(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> None:
     """A client that sent to the port before it was published gets through from the same source port."""
     daemon.start()
-    chain = chain_for(topo, cache, tmp_path, daemon)
-    web = container(topo)
-    assert ask_udp(topo.client, topo.host_ip, 9053, source_port=40053) != "web"  # creates the conntrack entry
-    chain.add("ctr-web", web.name, WEB)
-    servers = Servers(web, "web", [], [5353])
-    try:
-        assert ask_udp(topo.client, topo.host_ip, 9053, source_port=40053) == f"web {topo.client_ip}"
-    finally:
-        servers.close()
-    chain.delete("ctr-web", web.name, WEB)
+    check_stale_udp_flow_flushed(topo, chain_for(topo, cache, tmp_path, daemon))
