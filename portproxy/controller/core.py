@@ -263,11 +263,8 @@ class Controller:
             raise
         if KERNEL in new - old and LISTENER in old - new:
             await asyncio.sleep(SWITCH_GRACE)
-        if LISTENER in old - new and m in self.proxy:
-            if new:
-                self.proxy.hold(m)
-            else:
-                self.proxy.remove(m)
+        if LISTENER in old - new and new and m in self.proxy:
+            self.proxy.hold(m)  # the port stays ours while the DNAT serves it
         if not new and m in self.proxy:
             self.proxy.remove(m)
         if KERNEL in old - new:

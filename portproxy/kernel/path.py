@@ -148,12 +148,6 @@ class KernelPath:
         """Replace the whole table with exactly ``mappings`` in one atomic batch."""
         self.apply(mappings, replace=True)
 
-    def add(self, mapping: Mapping) -> None:
-        self.apply([mapping])
-
-    def remove(self, mapping: Mapping) -> None:
-        self.apply(remove=[mapping])
-
     def teardown(self) -> None:
         """Delete the table (and everything in it)."""
         self._nft.apply(builders.delete_table(self.opts))

@@ -196,10 +196,6 @@ class ProxyServer:
                 self.retired.append(listener)
         self.retired = [listener for listener in self.retired if listener.open_connections]
 
-    def retire(self, mapping: Mapping) -> None:
-        """The former name of :meth:`remove`, until every caller uses that."""
-        self.remove(mapping)
-
     def forget_stats(self, mapping: Mapping) -> None:
         """Drop a mapping's counters (it is gone for good: its series should disappear)."""
         self.stats.pop(mapping, None)
