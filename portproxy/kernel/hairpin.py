@@ -57,9 +57,10 @@ def enable_for(mappings: list[Mapping]) -> list[str]:
     changed: list[str] = []
     with IPRoute() as ipr:
         bridges: dict[int, str] = {}
-        for m in mappings:
-            family = socket.AF_INET if m.family == 4 else socket.AF_INET6
-            bridge = _bridge_of_target(ipr, str(m.target_ip), family)
+        # One route lookup per target, not per mapping: a container's ports share one.
+        for target in dict.fromkeys(m.target_ip for m in mappings):
+            family = socket.AF_INET if target.version == 4 else socket.AF_INET6
+            bridge = _bridge_of_target(ipr, str(target), family)
             if bridge is not None:
                 bridges[bridge] = ipr.link("get", index=bridge)[0].get_attr("IFLA_IFNAME")
         for bridge, bridge_name in bridges.items():
