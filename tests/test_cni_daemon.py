@@ -207,7 +207,7 @@ def test_a_daemon_of_another_namespace_is_not_used(topo: SeedTopology, tmp_path:
     conf = parse_config({"cniVersion": "1.0.0", "name": "pptest"})
     here = topo.host.run(lambda: connect(str(daemon.socket), conf))
     assert here is not None
-    here.conn.close()
+    here.sock.close()
     assert connect(str(daemon.socket), conf) is None  # this test process runs in another namespace
 
 

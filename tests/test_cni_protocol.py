@@ -5,6 +5,11 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -289,20 +294,45 @@ def test_a_host_port_mapped_twice_is_refused() -> None:
     assert len(p.mappings_for(entries, [ipaddress.ip_address("10.88.0.2")])) == 2
 
 
-def test_version_fast_path_matches_the_full_answer() -> None:
-    """The executable answers VERSION before importing the plugin; the answer is the same."""
-    import subprocess
-    import sys
+PLUGIN = Path(sys.executable).parent / "portproxy-cni"
+"""The installed plugin: the launcher shared with portproxy-docker-proxy (scripts/)."""
 
-    entry = [sys.executable, "-m", "portproxy.cni.entry"]
-    for stdin, expected in ((b'{"cniVersion": "0.4.0"}', version_json("0.4.0")), (b"", version_json(None))):
-        got = subprocess.run(entry, input=stdin, env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
-        assert (got.returncode, json.loads(got.stdout)) == (0, expected)
-    got = subprocess.run(entry, input=b"{", env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
-    assert got.returncode == 1 and json.loads(got.stdout)["code"] == p.ERR_DECODE
-    got = subprocess.run([sys.executable, "-X", "importtime", "-m", "portproxy.cni.entry"], input=b"{}",
-                         env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
-    assert b"portproxy.cni.protocol" not in got.stderr and b"nftables" not in got.stderr
+
+def run_plugin(path: Path | str, stdin: bytes, command: str = "VERSION") -> subprocess.CompletedProcess:
+    return subprocess.run([str(path)], input=stdin, env={"CNI_COMMAND": command, "PATH": os.environ["PATH"]},
+                          capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("stdin, requested", [
+    (b'{"cniVersion":"1.0.0"}', "1.0.0"),  # libcni's exact request
+    (b'{"cniVersion": "0.4.0"}', "0.4.0"),
+    (b'{\n  "cniVersion" : "1.1.0"\n}\n', "1.1.0"),
+    (b'\t{ "cniVersion":"1.0.0" }', "1.0.0"),
+])
+def test_version_answered_by_the_shell_alone(stdin: bytes, requested: str, tmp_path: Path) -> None:
+    """libcni's VERSION request is answered without starting Python (a ``python3`` next to
+    the launcher that only fails proves it), with exactly Python's answer."""
+    shutil.copy(PLUGIN, tmp_path / "portproxy-cni")
+    (tmp_path / "python3").write_text("#!/bin/sh\necho python started >&2\nexit 99\n")
+    (tmp_path / "python3").chmod(0o755)
+    got = run_plugin(tmp_path / "portproxy-cni", stdin)
+    assert (got.returncode, got.stderr) == (0, b"")
+    assert json.loads(got.stdout) == version_json(requested)
+
+
+@pytest.mark.parametrize("stdin", [b'{"cniVersion":"0.3.1"}', b"", b'{"cniVersion":"1.0.0","x":1}', b"[]",
+                                   b'{"cniVersion":"1.0.0"', b"{\\n}"])
+def test_version_otherwise_answered_by_python(stdin: bytes, tmp_path: Path) -> None:
+    """Anything but the exact request goes to Python with the same stdin: same answer as
+    the plugin's own ``run`` gives it, errors included."""
+    got = run_plugin(PLUGIN, stdin)
+    out = io.StringIO()
+    code = cni_main.run({"CNI_COMMAND": "VERSION"}, stdin, out)
+    assert (got.returncode, json.loads(got.stdout)) == (code, json.loads(out.getvalue()))
+    shutil.copy(PLUGIN, tmp_path / "portproxy-cni")
+    (tmp_path / "python3").write_text("#!/bin/sh\nexit 99\n")
+    (tmp_path / "python3").chmod(0o755)
+    assert run_plugin(tmp_path / "portproxy-cni", stdin).returncode == 99  # not the shell's answer
 
 
 # --- with a daemon: socket choice, API specs, adoption (pure parts) ---------------------------------

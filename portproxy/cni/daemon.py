@@ -20,14 +20,16 @@ reliable place), else :data:`~portproxy.defaults.DEFAULT_SOCKET`.
   whose saved state still holds mappings, and writing the other table then would split
   one container's state between two owners that do not know of each other.
 
-Talks HTTP/1.1 with the stdlib (``http.client`` over a unix socket): the plugin runs for
-every container start and stop, and aiohttp/asyncio would cost more than the request.
+Talks HTTP/1.1 over the unix socket with a dozen lines of its own (:func:`exchange`), not
+``http.client``: the plugin starts for every container, and importing ``http.client``
+(it brings the ``email`` package) took 20 ms, more than the request. That is enough here
+because the other end is always portproxy's own API: one request per connection
+(``Connection: close``), JSON answers with a Content-Length, read to the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 import os
 import socket
@@ -36,7 +38,6 @@ import sys
 from typing import Any, Callable
 from urllib.parse import quote
 
-from ..defaults import DEFAULT_SOCKET
 from ..spec import WILDCARDS, Mapping
 from .protocol import (ERR_CHECK_FAILED, ERR_INVALID_CONFIG, ERR_IO, ERR_PORT_TAKEN, ERR_TRY_AGAIN,
                        ERR_UNSUPPORTED_FIELD, CniError, Config, Env, Owner, gc_doomed)
@@ -49,7 +50,11 @@ def socket_path(env: Env, conf: Config) -> str | None:
     """The daemon socket to use, or None for daemon mode turned off by ``"daemonSocket": ""``."""
     if conf.daemon_socket is not None:
         return conf.daemon_socket or None
-    return env.portproxy_socket or str(DEFAULT_SOCKET)
+    if env.portproxy_socket:
+        return env.portproxy_socket
+    from ..defaults import DEFAULT_SOCKET  # pathlib: 2-7 ms of a start that rarely needs it
+
+    return str(DEFAULT_SOCKET)
 
 
 def _peer_netns_differs(sock: socket.socket) -> bool:
@@ -64,17 +69,30 @@ def _peer_netns_differs(sock: socket.socket) -> bool:
     return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, sock: socket.socket) -> None:
-        super().__init__("portproxy", timeout=TIMEOUT)
-        self.unix_path = path
-        self.sock = sock
+MAX_ANSWER = 64 * 1024 * 1024
+"""A listing of 65,535 mappings is a few tens of MB; anything larger is not an answer."""
 
-    def connect(self) -> None:  # after the server closed a kept-alive connection
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(TIMEOUT)
-        sock.connect(self.unix_path)
-        self.sock = sock
+
+def exchange(sock: socket.socket, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a fresh connection to portproxy's API: (status, body)."""
+    head = f"{method} {target} HTTP/1.1\r\nHost: portproxy\r\nConnection: close\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    sock.sendall(head.encode() + b"\r\n" + (body or b""))
+    chunks, size = [], 0
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_ANSWER:
+            raise OSError("the answer is too large")
+    status_line, _, rest = b"".join(chunks).partition(b"\r\n")
+    headers, _, payload = rest.partition(b"\r\n\r\n")
+    fields = status_line.split(b" ", 2)
+    if len(fields) < 2 or not fields[0].startswith(b"HTTP/1.") or not fields[1].isdigit():
+        raise OSError(f"not an HTTP answer: {status_line[:60]!r}")
+    if b"transfer-encoding: chunked" in headers.lower():
+        raise OSError("a chunked answer (not portproxy's API?)")
+    return int(fields[1]), payload
 
 
 def connect(path: str | None, conf: Config) -> "DaemonBackend | None":
@@ -125,24 +143,28 @@ class DaemonBackend:
     def __init__(self, path: str, sock: socket.socket, conf: Config) -> None:
         self.path = path
         self.conf = conf
-        self.conn = _UnixConnection(path, sock)
+        self.sock: socket.socket | None = sock
+        """The connection made to check the peer's namespace: the first request's."""
 
     def request(self, method: str, target: str, body: dict | None = None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        sock, self.sock = self.sock, None
         try:
-            self.conn.request(method, target, data, headers)
-            response = self.conn.getresponse()
-            text = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+            if sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(TIMEOUT)
+                sock.connect(self.path)
+            with sock:
+                status, text = exchange(sock, method, target, data)
+        except OSError as exc:
             raise CniError(ERR_TRY_AGAIN, f"talking to the portproxy daemon at {self.path} failed: {exc}") from None
         try:
             answer = json.loads(text)
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise CniError(ERR_IO, f"the portproxy daemon answered HTTP {response.status} without JSON")
-        return response.status, answer
+            raise CniError(ERR_IO, f"the portproxy daemon answered HTTP {status} without JSON")
+        return status, answer
 
     def _ok(self, method: str, target: str, body: dict | None = None, allow: tuple[int, ...] = ()) -> dict:
         status, answer = self.request(method, target, body)

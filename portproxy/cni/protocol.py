@@ -18,7 +18,6 @@ Facts followed here (CNI spec 1.1 and CONVENTIONS.md, and containernetworking/pl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import ipaddress
 import json
 from typing import Any, Mapping as EnvMapping
@@ -353,6 +352,8 @@ class Owner:
 
 
 def network_hash(network: str) -> str:
+    import hashlib  # rarely needed (long network names); 3 ms of every start otherwise
+
     return "#" + hashlib.sha256(network.encode()).hexdigest()[:16]
 
 

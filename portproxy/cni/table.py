@@ -29,9 +29,8 @@ import time
 from typing import Any, Callable, Iterator
 
 from ..kernel import builders
-from ..kernel.builders import KernelOptions, kind_maps
+from ..kernel.builders import MAX_DAEMON_ID, KernelOptions, kind_maps
 from ..kernel.executor import Nft, NftError
-from ..kernel.path import MAX_DAEMON_ID
 from ..spec import Mapping
 from .protocol import (ERR_CHECK_FAILED, ERR_IO, ERR_PORT_TAKEN, ERR_TRY_AGAIN, CniError, Config, Owner,
                        gc_doomed)

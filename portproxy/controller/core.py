@@ -44,7 +44,9 @@ import socket
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ..errors import BadInput, Conflict, NotFound, PortproxyError, SystemFailure, shorten
-from ..kernel import KernelOptions, KernelPath, NftError
+from ..kernel.builders import KernelOptions
+from ..kernel.executor import NftError
+from ..kernel.path import KernelPath
 from ..kernel.builders import why_not_translated
 from ..proxy.options import ProxyOptions
 from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats

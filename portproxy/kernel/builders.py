@@ -46,6 +46,10 @@ from typing import Any, Iterable, Iterator
 from ..errors import BadInput
 from ..spec import Mapping
 
+MAX_DAEMON_ID = 0x7FFF
+"""The daemon's table's mapping ids are 1-0x7FFF: the CNI plugin's table uses 0x8000 up
+(:data:`portproxy.cni.table.ID_MIN`), and a flow's conntrack mark names one of either."""
+
 TABLE = "portproxy"
 FAMILY = "inet"
 CT_MARK_SHIFT = 16
