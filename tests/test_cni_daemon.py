@@ -268,6 +268,7 @@ def test_daemon_adopts_what_the_plugin_installed(topo: SeedTopology, cache: Path
             (f"0.0.0.0:9091:{addresses(chain.results['ctr-other'])[0]}:8080/tcp", "ctr-other", "running"),
             (f"[::]:9091:[{addresses(chain.results['ctr-other'])[1]}]:8080/tcp", "ctr-other", "running")])
         assert all(m["source"] == "cni" and m["owner"]["network"] == "pptest" for m in listed)
+        assert {m["owner"].get("name") for m in listed} == {"web"}  # the pod's name, kept in the table
         assert not cni_table(topo)
         assert roundtrip(live, b"after") == b"after"  # the connection made through the plugin's DNAT lives on
         assert ask_tcp(topo.client, topo.host_ip, 10001) == f"web {topo.client_ip}"

@@ -164,7 +164,7 @@ def _listing(opts: KernelOptions, *owned: tuple[str, int, str]) -> dict:
     """What ``nft -j list table`` returns for these (spec, id, owner) mappings."""
     sets: dict[str, list] = {}
     for spec, mapping_id, owner in owned:
-        for name, elem in builders.mapping_elements(parse_spec(spec), mapping_id, owner):
+        for name, elem in builders.mapping_elements(parse_spec(spec), mapping_id, owner, f"ns/{owner[0]}"):
             if name.startswith("id"):
                 elem = [{"elem": {"val": elem[0], "counter": {"packets": 0}}}, elem[1]]
             sets.setdefault(name, []).append(elem)
@@ -180,6 +180,7 @@ def test_state_read_back_and_removal_keeps_shared_targets() -> None:
                                                                           0x8001, "b eth0 n"))
     state = parse_state(listing)
     assert state.present and state.owners == {0x8000 << 16: "a eth0 n", 0x8001 << 16: "b eth0 n"}
+    assert state.labels == {0x8000 << 16: "ns/a", 0x8001 << 16: "ns/b"}
     assert sorted(e.key for e in state.entries) == [("tcp", 9090), ("udp", 8000), ("udp", 8001)]
     doomed, marks = state.owned_by(lambda t: t.startswith("a "))
     cmds = removal(state, doomed, marks, opts)
@@ -374,10 +375,17 @@ def test_adoption_reads_back_what_the_plugin_wrote() -> None:
     written = {0x8000: ("c1 eth0 net1", parse_spec("0.0.0.0:10000-10002:10.88.0.2:7000-7002/tcp")),
                0x8001: ("c1 eth0 net1", parse_spec("[::]:9090:[fd00::2]:8080/udp")),
                0x8002: ("c2 eth0 net1", parse_spec("192.0.2.1:9091:10.88.0.3:8080/tcp"))}
-    state = State(present=True)
+    state = State(present=True, labels={0x8000: "ns1/web"})
     for mark, (token, m) in written.items():
         state.owners[mark] = token
         for name, key, target_port in builders.element_keys(m):
             state.entries.append(Entry(name, "", "", key, mark, str(m.target_ip), target_port, ""))
-    assert mappings_of(state) == [(m, token) for token, m in written.values()]
+    assert mappings_of(state) == [(m, token, "ns1/web" if mark == 0x8000 else None)
+                                  for mark, (token, m) in written.items()]
     assert owner_of_token("c1 eth0 net1") == {"kind": "cni", "id": "c1", "ifname": "eth0", "network": "net1"}
+    assert owner_of_token("c1 eth0 net1", "ns1/web") == {"kind": "cni", "id": "c1", "ifname": "eth0",
+                                                         "network": "net1", "name": "web", "namespace": "ns1"}
+    assert owner_of_token("c1 eth0 net1", "web")["name"] == "web"
+    assert p.Owner("net1", "c1", "eth0", pod="web", namespace="ns1").label() == "ns1/web"
+    assert p.Owner("net1", "c1", "eth0").label() is None
+    assert len(p.Owner("net1", "c1", "eth0", pod="w" * 300).label()) == p.COMMENT_MAX

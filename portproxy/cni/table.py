@@ -97,6 +97,8 @@ class State:
     entries: list[Entry] = dataclasses.field(default_factory=list)
     owners: dict[int, str] = dataclasses.field(default_factory=dict)
     """mark → owner token, from the @to_target comments."""
+    labels: dict[int, str] = dataclasses.field(default_factory=dict)
+    """mark → ``NAMESPACE/POD``, from the @to_client comments (display only)."""
 
     def owned_by(self, doomed: Callable[[str], bool]) -> tuple[list[Entry], set[int]]:
         marks = {mark for mark, token in self.owners.items() if doomed(token)}
@@ -122,9 +124,10 @@ def parse_state(listing: dict) -> State:
         if body:
             sets[body["name"]] = body.get("elem", [])
     state = State(present=present)
-    for elem in sets.get("to_target", []):
-        if isinstance(elem, dict) and "comment" in elem.get("elem", {}):
-            state.owners[elem["elem"]["val"]] = elem["elem"]["comment"]
+    for name, found in (("to_target", state.owners), ("to_client", state.labels)):
+        for elem in sets.get(name, []):
+            if isinstance(elem, dict) and "comment" in elem.get("elem", {}):
+                found[elem["elem"]["val"]] = elem["elem"]["comment"]
     for family, with_address in KINDS:
         id_name, addr_name, port_name = kind_maps(family, with_address)
         addrs = {_key(k): v for k, v in sets.get(addr_name, [])}
@@ -224,7 +227,7 @@ class NftBackend:
                 commands = removal(state, mine, my_marks, self.opts) if mine or my_marks else []
             else:
                 commands = builders.full_table([], self.opts)
-            commands += builders.add_mappings(zip(mappings, ids), self.opts, comment=token)
+            commands += builders.add_mappings(zip(mappings, ids), self.opts, comment=token, label=owner.label())
             self._apply(commands)
 
     def delete(self, doomed: Callable[[str], bool]) -> int:
