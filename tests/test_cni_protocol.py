@@ -210,9 +210,8 @@ class Recorder:
     def add(self, owner: p.Owner, mappings: list) -> None:
         self.calls.append(("add", owner.token(), [str(m) for m in mappings]))
 
-    def delete(self, doomed) -> int:  # type: ignore[no-untyped-def]
-        self.calls.append(("delete", doomed("c1 eth0 net1"), doomed("c2 eth0 net1")))
-        return 0
+    def remove(self, owner: p.Owner) -> None:
+        self.calls.append(("remove", owner.token()))
 
     def check(self, owner: p.Owner, mappings: list) -> None:
         self.calls.append(("check", owner.token()))
@@ -247,7 +246,7 @@ def test_commands_reach_the_backend(recorder: Recorder) -> None:
     assert run({**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}, json.dumps(conf()).encode()) == (0, None)
     assert run({**ENV, "CNI_COMMAND": "GC"}, json.dumps(conf(**{"cni.dev/valid-attachments": [
         {"containerID": "c2", "ifname": "eth0"}]})).encode()) == (0, None)
-    assert recorder.calls == [("delete", True, False), ("gc", "net1", {("c2", "eth0")})]
+    assert recorder.calls == [("remove", "c1 eth0 net1"), ("gc", "net1", {("c2", "eth0")})]
 
 
 def test_unchained_and_malformed(recorder: Recorder) -> None:

@@ -6,6 +6,9 @@ metrics, persists them across its restarts, and keeps them in its one table. Eac
 mapping becomes one API mapping per address family (``0.0.0.0:`` or ``[::]:`` when the
 runtime gave no ``hostIP``), mode ``kernel``, owned by
 ``{"kind": "cni", "id": CNI_CONTAINERID, "ifname", "network", "name"?, "namespace"?}``.
+ADD and DEL are one request each whatever the number of ports: ``PUT /v1/owners/mappings``
+declares the attachment's whole set (``[]`` on DEL), which the daemon applies in one nft
+transaction, all or nothing, so a refused ADD needs no undo here.
 
 Which socket: the network configuration's ``daemonSocket`` (``""`` turns daemon mode off),
 else ``$PORTPROXY_SOCKET`` (runtimes pass a small environment, so the conflist is the
@@ -36,7 +39,6 @@ import socket
 import stat
 import sys
 from typing import Any, Callable
-from urllib.parse import quote
 
 from ..spec import WILDCARDS, Mapping
 from .protocol import (ERR_CHECK_FAILED, ERR_INVALID_CONFIG, ERR_IO, ERR_PORT_TAKEN, ERR_TRY_AGAIN,
@@ -166,9 +168,9 @@ class DaemonBackend:
             raise CniError(ERR_IO, f"the portproxy daemon answered HTTP {status} without JSON")
         return status, answer
 
-    def _ok(self, method: str, target: str, body: dict | None = None, allow: tuple[int, ...] = ()) -> dict:
+    def _ok(self, method: str, target: str, body: dict | None = None) -> dict:
         status, answer = self.request(method, target, body)
-        if status >= 400 and status not in allow:
+        if status >= 400:
             code = {409: ERR_PORT_TAKEN, 400: ERR_INVALID_CONFIG}.get(status, ERR_IO)
             raise CniError(code, f"portproxy daemon: {answer.get('error', f'HTTP {status}')}")
         return answer
@@ -180,9 +182,15 @@ class DaemonBackend:
         """The daemon's CNI mappings whose owner's token ``doomed`` accepts."""
         return [m for m in self.listing() if (t := owner_token(m.get("owner"))) is not None and doomed(t)]
 
-    # --- the four operations ----------------------------------------------------------------
+    def declare(self, owner: dict[str, Any], mappings: list[Mapping]) -> None:
+        """Make ``mappings`` the whole set of ``owner`` in the daemon: one request, one nft
+        transaction, all or nothing (``PUT /v1/owners/mappings``; a refusal changes nothing)."""
+        self._ok("PUT", "/v1/owners/mappings",
+                 {"owner": owner, "mappings": [{"spec": str(m), "mode": "kernel"} for m in mappings]})
+
+    # --- the operations of both backends ------------------------------------------------------
     def add(self, owner: Owner, mappings: list[Mapping]) -> None:
-        """Register ``mappings`` for ``owner`` (replacing what it had); on a refusal, undo this ADD.
+        """Register ``mappings`` for ``owner``, replacing what it had.
 
         ``snat``, ``masqAll`` and conditions are properties of a whole table: with a daemon,
         its table's (always masquerading hairpin and host-originated flows, loopback with
@@ -195,35 +203,11 @@ class DaemonBackend:
             raise CniError(ERR_UNSUPPORTED_FIELD, f"{', '.join(unsupported)}: with a portproxy daemon "
                            f"({self.path}) the daemon's table settings apply to every mapping",
                            "remove the option from the network configuration, or set daemonSocket to \"\"")
-        self._delete_listed(self.owned(lambda t: t == owner.token()))
-        done: list[str] = []
-        try:
-            for m in api_mappings(mappings):
-                answer = self._ok("POST", "/v1/mappings",
-                                  {"spec": str(m), "mode": "kernel", "owner": owner.controller_owner()})
-                done.append(answer.get("spec", str(m)))
-        except CniError:
-            for spec in done:
-                self._ok("DELETE", f"/v1/mappings?name={quote(spec)}", allow=(404,))
-            raise
+        self.declare(owner.controller_owner(), api_mappings(mappings))
 
-    def delete(self, doomed: Callable[[str], bool]) -> int:
-        """Remove the mappings of every owner ``doomed`` accepts (none is fine: DEL is idempotent)."""
-        return self._delete_listed(self.owned(doomed))
-
-    def _delete_listed(self, listed: list[dict]) -> int:
-        if not listed:
-            return 0
-        ids = {m["owner"]["id"] for m in listed}
-        everything = self.listing()
-        for cid in ids:
-            of_id = [m for m in everything if (m.get("owner") or {}).get("id") == cid]
-            if all(m in listed for m in of_id):  # the usual case: one request under the daemon's lock
-                self._ok("DELETE", f"/v1/mappings?owner={quote(cid)}")
-            else:  # the container has other attachments: only this one's
-                for m in (m for m in listed if m["owner"]["id"] == cid):
-                    self._ok("DELETE", f"/v1/mappings?name={quote(m['spec'])}", allow=(404,))
-        return len(listed)
+    def remove(self, owner: Owner) -> None:
+        """DEL: the attachment's mappings go (none is fine: DEL is idempotent)."""
+        self.declare(owner.controller_owner(), [])
 
     def check(self, owner: Owner, mappings: list[Mapping]) -> None:
         """Raise unless the daemon runs every mapping of ``owner``, with its DNAT in the table."""
@@ -235,4 +219,9 @@ class DaemonBackend:
                 raise CniError(ERR_CHECK_FAILED, f"mapping {m} is not running in the portproxy daemon: {why}")
 
     def gc(self, network: str, keep: set[tuple[str, str]]) -> int:
-        return self.delete(lambda token: gc_doomed(token, network, keep))
+        """Remove every attachment of ``network`` not in ``keep``: one request per attachment."""
+        doomed = {json.dumps(m["owner"], sort_keys=True): m["owner"]
+                  for m in self.owned(lambda token: gc_doomed(token, network, keep))}
+        for owner in doomed.values():
+            self.declare(owner, [])
+        return len(doomed)

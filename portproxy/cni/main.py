@@ -94,8 +94,8 @@ def _after_add(conf: Config, addresses: list, mappings: list) -> None:
 
 def cmd_del(env: Env, conf: Config) -> None:
     # Needs neither prevResult nor the netns: the table (or the daemon) knows what this attachment owns.
-    token = owner_of(env, conf).token()
-    _everywhere(env, conf, lambda backend: backend.delete(lambda t: t == token))
+    owner = owner_of(env, conf)
+    _everywhere(env, conf, lambda backend: backend.remove(owner))
 
 
 def cmd_check(env: Env, conf: Config) -> None:

@@ -230,6 +230,11 @@ class NftBackend:
             commands += builders.add_mappings(zip(mappings, ids), self.opts, comment=token, label=owner.label())
             self._apply(commands)
 
+    def remove(self, owner: Owner) -> None:
+        """DEL: the attachment's mappings go (none is fine: DEL is idempotent)."""
+        token = owner.token()
+        self.delete(lambda t: t == token)
+
     def delete(self, doomed: Callable[[str], bool]) -> int:
         """Remove every mapping whose owner token ``doomed`` accepts; the table goes with the last one."""
         with namespace_lock():
