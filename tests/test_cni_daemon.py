@@ -80,10 +80,19 @@ def chain_for(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -
     return make_chain(topo, cache, tmp_path, "portproxy-cni", mapper_conf={"daemonSocket": str(daemon.socket)})
 
 
-def cni_table(topo: SeedTopology) -> bool:
+def cni_table(topo: SeedTopology, name: str = "portproxy_cni") -> bool:
     tables = subprocess.run(["ip", "netns", "exec", topo.host.name, "nft", "list", "tables"],
                             capture_output=True, text=True, check=True).stdout
-    return "portproxy_cni" in tables
+    return f"table inet {name}" in tables.splitlines()
+
+
+def departures(topo: SeedTopology) -> list[str]:
+    """The owner tokens recorded in the DEL-while-away table (see portproxy.cni.departures)."""
+    from portproxy.cni import departures as words
+
+    got = subprocess.run(["ip", "netns", "exec", topo.host.name, "nft", "-j", "list", "set", "inet", words.TABLE,
+                          words.SET], capture_output=True, text=True, check=True).stdout
+    return sorted(words.parse(json.loads(got)).values())
 
 
 def owned(mappings: list[dict], cid: str) -> list[dict]:
@@ -166,6 +175,58 @@ def test_restart_gc_and_independent_deletes(topo: SeedTopology, cache: Path, tmp
         assert ask_tcp(topo.client, topo.host_ip, 9091) == f"ctr-b {topo.client_ip}"
         got = chain.check("ctr-c", spaces["ctr-c"].name, pm["ctr-c"])
         assert (got.rc, json.loads(got.stdout)["code"]) == (1, 100), got
+    finally:
+        for s in servers:
+            s.close()
+
+
+def test_a_delete_while_the_daemon_is_away_reaches_it(topo: SeedTopology, cache: Path, tmp_path: Path,
+                                                     daemon: Daemon) -> None:
+    """A container deleted while the daemon is stopped, or crashed (its socket dead), does not
+    come back with the daemon: its DNAT would reach whoever has that address next."""
+    daemon.start()
+    chain = chain_for(topo, cache, tmp_path, daemon)
+    ports = {"ctr-a": 9090, "ctr-b": 9091, "ctr-c": 9092, "ctr-d": 9093}
+    spaces = {cid: container(topo) for cid in ports}
+    pm = {cid: [{"hostPort": port, "containerPort": 8080, "protocol": "tcp"}] for cid, port in ports.items()}
+    for cid, ns in spaces.items():
+        chain.add(cid, ns.name, pm[cid])
+    assert cni_table(topo, "portproxy_cni_departures") and departures(topo) == []
+    servers = [Servers(ns, cid, [8080], []) for cid, ns in spaces.items()]
+    try:
+        daemon.stop()  # stopped: its socket is gone, DELs go daemonless
+        daemon.procs.clear()
+        chain.delete("ctr-a", spaces["ctr-a"].name, pm["ctr-a"])
+        # a network reload while it is away: DEL then ADD of one attachment takes the word back
+        chain.delete("ctr-b", spaces["ctr-b"].name, pm["ctr-b"])
+        chain.add("ctr-b", spaces["ctr-b"].name, pm["ctr-b"])
+        assert departures(topo) == ["ctr-a eth0 pptest"]
+        daemon.start()
+        assert sorted(m["owner"]["id"] for m in daemon.ls()) == ["ctr-b", "ctr-b", "ctr-c", "ctr-c", "ctr-d", "ctr-d"]
+        assert departures(topo) == []
+        assert ask_tcp(topo.client, topo.host_ip, 9090) == "ConnectionRefusedError"
+        assert ask_tcp(topo.client, topo.host_ip, 9091) == f"ctr-b {topo.client_ip}"
+        # crashed: the socket stays and does not answer; DEL is recorded (and succeeds), ADD is refused
+        daemon.procs[-1].proc.kill()
+        daemon.procs[-1].proc.wait()
+        daemon.procs.clear()
+        got = chain.mapper_call("DEL", "ctr-c", spaces["ctr-c"].name, pm["ctr-c"], chain.results["ctr-c"])
+        assert (got.rc, got.stdout) == (0, "") and "does not answer" in got.stderr, got
+        got = chain.mapper_call("ADD", "ctr-e", spaces["ctr-c"].name, [{**pm["ctr-c"][0], "hostPort": 9094}],
+                                chain.results["ctr-c"])
+        assert (got.rc, got.json["code"]) == (1, 11), got
+        assert departures(topo) == ["ctr-c eth0 pptest"]
+        daemon.start()
+        assert sorted({m["owner"]["id"] for m in daemon.ls()}) == ["ctr-b", "ctr-d"]
+        assert ask_tcp(topo.client, topo.host_ip, 9092) == "ConnectionRefusedError"
+        assert ask_tcp(topo.client, topo.host_ip, 9093) == f"ctr-d {topo.client_ip}"
+        for cid in ("ctr-b", "ctr-d"):
+            chain.delete(cid, spaces[cid].name, pm[cid])
+        daemon.stop()  # holding no CNI mapping, it expects no word: the table goes
+        daemon.procs.clear()
+        assert not cni_table(topo, "portproxy_cni_departures")
+        chain.delete("ctr-d", spaces["ctr-d"].name, pm["ctr-d"])  # daemonless, nobody to tell: nothing recorded
+        assert not cni_table(topo, "portproxy_cni_departures")
     finally:
         for s in servers:
             s.close()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 from ..kernel.builders import KernelOptions
 from ..kernel.executor import Nft, NftError
 from ..spec import WILDCARDS, Mapping, SpecError, check_no_overlap
+from . import departures
 from .protocol import CniError, Owner, token_network
 from .table import TABLE, NftBackend, State, _host_port, read_state
 
@@ -110,3 +111,33 @@ def forget_running(adopted: list[tuple[Mapping, Any]]) -> None:
         forget([e.owner for _, e in adopted if e.owner["id"] not in failed])
     except (CniError, NftError) as exc:
         log.error("removing adopted mappings from table inet %s failed: %s", TABLE, exc.args[0])
+
+
+# --- departures: DELs the daemon missed while it was away (see .departures) --------------------------
+
+def read_departures() -> dict[int, str]:
+    """key → owner token of every DEL no daemon answered (none when there is no table)."""
+    try:
+        return departures.read(Nft()) or {}
+    except NftError:
+        return {}
+
+
+def drop_departed(desired: dict[Mapping, Any], tokens: set[str]) -> list[Mapping]:
+    """Remove from ``desired`` the CNI entries whose attachment was deleted meanwhile (pure)."""
+    gone = [m for m, e in desired.items()
+            if e.source == "cni" and e.owner and Owner(e.owner.get("network", ""), e.owner.get("id", ""),
+                                                      e.owner.get("ifname", "")).token() in tokens]
+    for m in gone:
+        del desired[m]
+        log.info("dropping %s: its container was deleted while the daemon was away", m)
+    return gone
+
+
+def settle_departures(consumed: Iterable[int], expect: bool) -> None:
+    """After the daemon acted on ``consumed`` words: delete them, and keep the table while
+    the daemon holds CNI mappings (``expect``) so DELs made in its absence reach it."""
+    try:
+        departures.settle(Nft(), consumed, expect)
+    except NftError as exc:
+        log.error("updating table inet %s failed: %s", departures.TABLE, exc.args[0])

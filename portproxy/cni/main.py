@@ -11,7 +11,8 @@ import os
 import sys
 from typing import Any, Callable, TextIO
 
-from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, SUPPORTED_VERSIONS, CniError, Config,
+from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, ERR_TRY_AGAIN, SUPPORTED_VERSIONS, CniError,
+                       Config,
                        Env, check_version, container_addresses, decode, error_json, mappings_for, owner_of,
                        parse_config, parse_env, result_for)
 from .versions import version_json
@@ -37,20 +38,25 @@ def backend_for(env: Env, conf: Config) -> Any:
     return backend
 
 
-def _everywhere(env: Env, conf: Config, remove: Callable[[Any], Any]) -> None:
+def own_table(conf: Config) -> Any:
+    from .table import NftBackend, options
+
+    table = NftBackend(options(conf))
+    OPENED.append(table)
+    return table
+
+
+def _everywhere(env: Env, conf: Config, remove: Callable[[Any], Any]) -> Any:
     """DEL and GC with a daemon also clear the plugin's own table: a mapping written there
     before the daemon ran, or while it was starting (after it read the table to adopt it),
-    would otherwise outlive its container."""
+    would otherwise outlive its container. Returns the backend that was asked."""
     from .daemon import DaemonBackend
 
     backend = backend_for(env, conf)
     if isinstance(backend, DaemonBackend):
-        from .table import NftBackend, options
-
-        table = NftBackend(options(conf))
-        OPENED.append(table)
-        remove(table)
+        remove(own_table(conf))
     remove(backend)
+    return backend
 
 
 def _chained(conf: Config, what: str) -> dict:
@@ -93,9 +99,26 @@ def _after_add(conf: Config, addresses: list, mappings: list) -> None:
 
 
 def cmd_del(env: Env, conf: Config) -> None:
-    # Needs neither prevResult nor the netns: the table (or the daemon) knows what this attachment owns.
+    """Needs neither prevResult nor the netns: the table (or the daemon) knows what this
+    attachment owns. When no daemon takes the DEL, a daemon that saved mappings here is
+    told when it is back (:mod:`.departures`); a crashed one's dead socket is then no error."""
+    from .table import NftBackend
+
     owner = owner_of(env, conf)
-    _everywhere(env, conf, lambda backend: backend.remove(owner))
+    try:
+        backend = _everywhere(env, conf, lambda backend: backend.remove(owner))
+    except CniError as exc:
+        if exc.code != ERR_TRY_AGAIN:
+            raise
+        table = own_table(conf)
+        table.remove(owner)
+        if not table.leave_word(owner):
+            raise
+        print(f"portproxy-cni: {exc.msg}; the daemon will drop {owner.container_id[:12]}'s mappings "
+              "when it starts", file=sys.stderr)
+        return
+    if isinstance(backend, NftBackend):
+        backend.leave_word(owner)
 
 
 def cmd_check(env: Env, conf: Config) -> None:

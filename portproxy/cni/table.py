@@ -32,6 +32,7 @@ from ..kernel import builders
 from ..kernel.builders import MAX_DAEMON_ID, KernelOptions, kind_maps
 from ..kernel.executor import Nft, NftError
 from ..spec import Mapping
+from . import departures
 from .protocol import (ERR_CHECK_FAILED, ERR_IO, ERR_PORT_TAKEN, ERR_TRY_AGAIN, CniError, Config, Owner,
                        gc_doomed)
 
@@ -229,11 +230,24 @@ class NftBackend:
                 commands = builders.full_table([], self.opts)
             commands += builders.add_mappings(zip(mappings, ids), self.opts, comment=token, label=owner.label())
             self._apply(commands)
+            try:
+                departures.take_back(self.nft, token)
+            except NftError as exc:
+                raise CniError(ERR_IO, str(exc)) from None
 
     def remove(self, owner: Owner) -> None:
         """DEL: the attachment's mappings go (none is fine: DEL is idempotent)."""
         token = owner.token()
         self.delete(lambda t: t == token)
+
+    def leave_word(self, owner: Owner) -> bool:
+        """Tell an absent daemon that this attachment is gone (:mod:`.departures`); False
+        when no daemon expects word (it never held CNI mappings here)."""
+        with namespace_lock():
+            try:
+                return departures.record(self.nft, owner.token())
+            except NftError as exc:
+                raise CniError(ERR_IO, str(exc)) from None
 
     def delete(self, doomed: Callable[[str], bool]) -> int:
         """Remove every mapping whose owner token ``doomed`` accepts; the table goes with the last one."""

@@ -41,7 +41,7 @@ import dataclasses
 import errno
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
 
 from ..errors import BadInput, Conflict, NotFound, PortproxyError, SystemFailure, shorten
 from ..kernel.builders import KernelOptions
@@ -147,6 +147,8 @@ class Controller:
         self._routing: Any = None
         """Transparent mode's routing (a SharedRouting), installed while a mapping with
         source = "client" has a listener, and only then."""
+        self._departures_expected = False
+        """Whether the DEL-while-away table is kept (this daemon holds CNI mappings)."""
         self.on_change: Callable[[], None] | None = None
         """Called after every committed change (the daemon updates systemd's STATUS=)."""
 
@@ -327,7 +329,16 @@ class Controller:
         except OSError as exc:
             await undo()
             raise SystemFailure(f"cannot save state: {exc.strerror}") from None
+        await self._expect_departures()
         self._changed()
+
+    async def _expect_departures(self, consumed: Iterable[int] = (), force: bool = False) -> None:
+        """Keep the table where a DEL made while this daemon is away is recorded
+        (:mod:`portproxy.cni.departures`) while it holds CNI mappings, and only then."""
+        expect = any(e.source == "cni" for e in self.entries.values())
+        if force or consumed or expect != self._departures_expected:
+            await self._in_worker(cni_adopt.settle_departures, consumed, expect)
+            self._departures_expected = expect
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -528,6 +539,8 @@ class Controller:
             check_no_overlap(list(desired))
         except SpecError as exc:
             raise Conflict(f"saved and configured mappings conflict: {exc}") from None
+        departed = await self._in_worker(cni_adopt.read_departures)
+        cni_adopt.drop_departed(desired, set(departed.values()))
         adopted = cni_adopt.merge(await self._in_worker(cni_adopt.read_all), desired,
                                   lambda owner: Entry(Settings("kernel"), "cni", owner))
         self.entries = desired
@@ -536,6 +549,7 @@ class Controller:
             await self._realise(mapping, entry)
         await self._in_worker(cni_adopt.forget_running, adopted)  # after ours are in: no gap
         self._persist()
+        await self._expect_departures(consumed=departed, force=True)
         self._tasks = [self.loop.create_task(self._retry_loop()), self.loop.create_task(self._reconcile_loop())]
         return [f"{m}: {e.error}" for m, e in desired.items() if e.status == "failed"]
 
