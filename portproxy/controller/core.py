@@ -41,13 +41,12 @@ import dataclasses
 import errno
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Sequence, TypeVar
 
 from ..errors import BadInput, Conflict, NotFound, PortproxyError, SystemFailure, shorten
-from ..kernel.builders import KernelOptions
+from ..kernel.builders import KernelOptions, why_not_translated
 from ..kernel.executor import NftError
 from ..kernel.path import KernelPath
-from ..kernel.builders import why_not_translated
 from ..proxy.options import ProxyOptions
 from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
@@ -114,6 +113,52 @@ class Entry:
         """Whether the mapping binds its host ports itself. A CNI runtime (podman's conmon)
         reserves the ports of its containers, so their mappings are DNAT only."""
         return self.source != "cni"
+
+
+def source_of(owner: dict[str, str] | None) -> str:
+    """The source of a mapping a request adds: the container engine that owns it, else the API."""
+    return owner["kind"] if owner and owner.get("kind") in ("docker", "cni") else "api"
+
+
+OWNER_IDENTITY = ("kind", "id", "ifname", "network")
+"""What names the owner of a declared set (one CNI attachment); its other fields (the pod's
+name and namespace) are for display, and a declaration updates them."""
+
+
+def same_owner(a: dict[str, str] | None, b: dict[str, str]) -> bool:
+    return a is not None and all(a.get(k, "") == b.get(k, "") for k in OWNER_IDENTITY)
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnedPlan:
+    """What declaring an owner's set of mappings changes: whole mappings, then the per-family
+    parts that go in and out of the nft table."""
+
+    add: list[Mapping]
+    remove: list[Mapping]
+    keep: list[Mapping]
+    kernel_add: list[Mapping]
+    kernel_remove: list[Mapping]
+
+
+def plan_owned(current: dict[Mapping, Settings], wanted: dict[Mapping, Settings],
+               installed: Collection[Mapping], kernel: KernelOptions) -> OwnedPlan:
+    """From the owner's ``current`` mappings to ``wanted`` (pure).
+
+    A mapping with the same spec and settings is kept, untouched. One whose options
+    changed is removed and added again, and its DNAT, the same, stays where it is. The
+    kernel parts of an added mapping are the families DNAT can serve: the others are
+    skipped, as :meth:`Controller._move` skips them for a mapping that holds no ports (a
+    CNI runtime publishes each family its container has). A removed mapping's parts go
+    out only if ``installed``."""
+    keep = [m for m, settings in wanted.items() if current.get(m) == settings]
+    kept = set(keep)
+    add = [m for m in wanted if m not in kept]
+    remove = [m for m in current if m not in kept]
+    add_parts = [p for m in add for p in m.per_family() if not why_not_translated(p, kernel)]
+    adding = set(add_parts)
+    return OwnedPlan(add, remove, keep, [p for p in add_parts if p not in installed],
+                     [p for m in remove for p in m.per_family() if p in installed and p not in adding])
 
 
 def validate_owner(owner: Any) -> dict[str, str] | None:
@@ -204,16 +249,24 @@ class Controller:
             log.error("removing transparent mode's routing failed: %s", exc)
 
     # --- moves ------------------------------------------------------------------------
-    async def _kernel_apply(self, entry: Entry, add: Sequence[Mapping] = (), remove: Sequence[Mapping] = ()) -> None:
+    async def _kernel_batch(self, add: Sequence[Mapping], remove: Sequence[Mapping],
+                            preferred: dict[Mapping, int]) -> KernelPath | None:
+        """DNAT in and out in one kernel transaction (none at all, and None, when there is
+        nothing to do)."""
+        if not add and not remove:
+            return None
         kernel = await self._kernel_path()
-        preferred = {m: entry.kernel_id for m in add if entry.kernel_id}
 
         def apply() -> None:
-            kernel.apply(add, remove, set_sysctls=self.options.set_sysctls, preferred_ids=preferred)  # type: ignore[arg-type]
+            kernel.apply(add, remove, set_sysctls=self.options.set_sysctls, preferred_ids=preferred)
 
         await self._in_worker(apply)
-        for m in add:
-            entry.kernel_id = kernel.ids.get(m, entry.kernel_id)
+        return kernel
+
+    async def _kernel_apply(self, entry: Entry, add: Sequence[Mapping] = (), remove: Sequence[Mapping] = ()) -> None:
+        kernel = await self._kernel_batch(add, remove, {m: entry.kernel_id for m in add if entry.kernel_id})
+        if kernel is not None:
+            _note_kernel_id(entry, add, kernel)
 
     async def _move(self, m: Mapping, entry: Entry, old: set[str], new: set[str],
                     sockets: dict[int, socket.socket] | None = None) -> None:
@@ -418,6 +471,84 @@ class Controller:
             for mapping in owned:
                 await self._remove(mapping)
             return owned
+
+    async def declare_owned(self, owner: Any, wanted: list[tuple[Mapping, Settings]]) -> dict[str, list[str]]:
+        """Make the mappings of one owner exactly ``wanted`` (a CNI ADD, or DEL with none).
+
+        All or nothing, in one kernel transaction and one state write: what is kept is
+        not touched (its DNAT, kernel id and counters stay), the rest of the owner's go
+        out and the new ones in through a single :meth:`KernelPath.apply`. Everything is
+        checked first (owner, modes, options, overlaps within ``wanted`` and with every
+        other mapping), so a refusal changes nothing, and a failed nft batch or state
+        write leaves the kernel and the state as they were.
+
+        Scope: kernel mappings of a CNI owner only. A CNI runtime holds its containers'
+        host ports itself, so there is no port to hold and no listener to open, and
+        nothing can fail half-way outside the one kernel transaction; userland and
+        hybrid mappings (and Docker's, which hold their ports) are added one by one with
+        :meth:`add`."""
+        owner = validate_owner(owner)
+        if owner is None or source_of(owner) != "cni":
+            raise BadInput("owner must be an object with kind cni and id: a declared set is a CNI attachment's "
+                           "(add other mappings one by one with POST /v1/mappings)")
+        for mapping, settings in wanted:
+            if settings.mode != "kernel":
+                raise BadInput(f"mapping {mapping}: mode {settings.mode}: a declared set takes kernel mappings "
+                               "only (the runtime holds the ports); add userland or hybrid mappings one by one "
+                               "with POST /v1/mappings")
+            self.check_settings(mapping, settings)
+        try:
+            check_no_overlap([m for m, _ in wanted])
+        except SpecError as exc:
+            raise BadInput(f"the request's {exc}") from None
+        async with self._lock:
+            mine = {m: e for m, e in self.entries.items() if same_owner(e.owner, owner)}
+            installed = self._kernel.ids if self._kernel is not None else {}
+            plan = plan_owned({m: e.settings for m, e in mine.items()}, dict(wanted), installed, self.options.kernel)
+            try:
+                check_no_overlap([*(m for m in self.entries if m not in mine), *plan.add])
+            except SpecError as exc:
+                raise Conflict(str(exc)) from None
+            for mapping in plan.add:
+                self._warn_if_not_local(mapping)
+            adding = set(plan.add)
+            added = {m: Entry(settings, "cni", owner, "running", kernel_id=mine[m].kernel_id if m in mine else None)
+                     for m, settings in wanted if m in adding}
+            old_ids = dict(installed)
+            preferred = {p: e.kernel_id for m, e in added.items() if e.kernel_id for p in m.per_family()}
+            kernel = await self._kernel_batch(plan.kernel_add, plan.kernel_remove, preferred)
+            for m, entry in added.items():
+                if kernel is not None:
+                    _note_kernel_id(entry, m.per_family(), kernel)
+            old_owners = {m: mine[m].owner for m in plan.keep}
+
+            def change() -> None:
+                for m in plan.remove:
+                    del self.entries[m]
+                self.entries.update(added)
+                for m in plan.keep:
+                    self.entries[m].owner = owner
+
+            async def undo() -> None:
+                for m in plan.add:
+                    self.entries.pop(m, None)
+                self.entries.update({m: mine[m] for m in plan.remove})
+                for m, old in old_owners.items():
+                    self.entries[m].owner = old
+                await self._kernel_batch(plan.kernel_remove, plan.kernel_add, old_ids)
+
+            if plan.add or plan.remove or any(old != owner for old in old_owners.values()):
+                await self._commit(change, undo)
+            for m in plan.remove:
+                if m not in added:
+                    for part in m.per_family():
+                        self.proxy.forget_stats(part)  # its series disappear
+            await self._forget_udp_flows(plan.kernel_add, translated=True)
+            await self._forget_udp_flows(plan.kernel_remove, translated=False)
+            log.info("owner %s %s: +%d -%d (=%d)", owner["kind"], owner["id"][:12], len(plan.add),
+                     len(plan.remove), len(plan.keep))
+            return {"added": [str(m) for m in plan.add], "removed": [str(m) for m in plan.remove],
+                    "kept": [str(m) for m in plan.keep]}
 
     async def _remove(self, mapping: Mapping) -> None:
         entry = self.entries[mapping]
@@ -781,6 +912,12 @@ class Controller:
                     item["kernel_problem"] = self.kernel_problem or "not in the nft table"
             result.append(item)
         return result
+
+
+def _note_kernel_id(entry: Entry, parts: Sequence[Mapping], kernel: KernelPath) -> None:
+    """Record the id the nft table gave the mapping (kept across restarts)."""
+    for m in parts:
+        entry.kernel_id = kernel.ids.get(m, entry.kernel_id)
 
 
 def _served_by(parts: set[str]) -> str:

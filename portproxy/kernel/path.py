@@ -117,9 +117,12 @@ class KernelPath:
             self._nft.apply(builders.full_table(desired.items(), self.opts))
         else:
             commands = []
+            # A target leaves @targets once, with the last of its mappings (deleting an
+            # element twice in one batch fails it whole).
+            kept_targets = {other.target_ip for other in desired}
             for m in remove_list:
-                shared = any(other.target_ip == m.target_ip for other in desired)
-                commands += builders.remove_mapping(m, old[m], self.opts, target_still_used=shared)
+                commands += builders.remove_mapping(m, old[m], self.opts, target_still_used=m.target_ip in kept_targets)
+                kept_targets.add(m.target_ip)
             for m in add_list:
                 commands += builders.add_mapping(m, new_ids[m], self.opts)
             if commands:
