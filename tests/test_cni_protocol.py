@@ -388,3 +388,34 @@ def test_adoption_reads_back_what_the_plugin_wrote() -> None:
     assert p.Owner("net1", "c1", "eth0", pod="web", namespace="ns1").label() == "ns1/web"
     assert p.Owner("net1", "c1", "eth0").label() is None
     assert len(p.Owner("net1", "c1", "eth0", pod="w" * 300).label()) == p.COMMENT_MAX
+
+
+def test_departures_commands_and_read_back() -> None:
+    """The DEL-while-away table: one set of random keys whose comments are owner tokens."""
+    from portproxy.cni import departures as d
+
+    assert d.create_commands() == [{"add": {"table": {"family": "inet", "name": d.TABLE}}},
+                                   {"add": {"set": {"family": "inet", "table": d.TABLE, "name": d.SET,
+                                                    "type": "mark"}}}]
+    (record,) = d.record_commands(7, "c1 eth0 net1")
+    assert record["add"]["element"]["elem"] == [{"elem": {"val": 7, "comment": "c1 eth0 net1"}}]
+    assert d.forget_commands([]) == []
+    assert d.forget_commands([9, 7])[0]["delete"]["element"]["elem"] == [7, 9]
+    listing = {"nftables": [{"metainfo": {}}, {"set": {"name": d.SET, "elem": [
+        {"elem": {"val": 7, "comment": "c1 eth0 net1"}}, {"elem": {"val": 9, "comment": "c2 eth0 net1"}}, 11]}}]}
+    assert d.parse(listing) == {7: "c1 eth0 net1", 9: "c2 eth0 net1"}
+    assert d.parse({"nftables": [{"set": {"name": d.SET}}]}) == {}
+
+
+def test_departed_attachments_leave_the_saved_state() -> None:
+    from types import SimpleNamespace
+
+    from portproxy.cni.adopt import drop_departed
+
+    def entry(source: str, cid: str) -> SimpleNamespace:
+        return SimpleNamespace(source=source, owner={"kind": source, "id": cid, "ifname": "eth0", "network": "net1"})
+
+    a, b, c = (parse_spec(f"0.0.0.0:{port}:10.88.0.2:80") for port in (9090, 9091, 9092))
+    desired = {a: entry("cni", "c1"), b: entry("cni", "c2"), c: entry("docker", "c1")}
+    assert drop_departed(desired, {"c1 eth0 net1"}) == [a]
+    assert list(desired) == [b, c]  # another attachment's, and a Docker container's of the same id, stay

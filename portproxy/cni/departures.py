@@ -9,9 +9,11 @@ So a daemon holding CNI mappings keeps a small table, ``inet portproxy_cni_depar
 with one set; a DEL that no daemon answers records there the attachment's owner token
 (:meth:`~portproxy.cni.protocol.Owner.token`, as an element comment under a random key),
 and the daemon, when it starts, drops those owners' saved mappings before installing
-anything, then deletes the words it read. A later ADD of the same attachment (``podman
-network reload`` is DEL then ADD) takes its word back. Where no daemon ever held CNI
-mappings the table does not exist and the plugin records nothing, so nothing grows.
+anything, then deletes the words it read. The word is about the saved mappings only: an
+ADD of the same attachment made later, while the daemon is still away (``podman network
+reload`` is DEL then ADD), went into the plugin's table, which the daemon adopts after
+dropping the old ones. Where no daemon ever held CNI mappings the table does not exist
+and the plugin records nothing, so nothing grows.
 
 A table of its own: the plugin's ``inet portproxy_cni`` is created and deleted with its
 mappings, and the daemon's ``inet portproxy`` is rewritten whole at every start.
@@ -76,14 +78,6 @@ def record(nft: Nft, token: str) -> bool:
         return False
     nft.apply(record_commands(int.from_bytes(os.urandom(4), "little"), token))
     return True
-
-
-def take_back(nft: Nft, token: str) -> None:
-    """An ADD of ``token``'s attachment: a departure recorded before no longer holds."""
-    words = read(nft) or {}
-    mine = [key for key, word in words.items() if word == token]
-    if mine:
-        nft.apply(forget_commands(mine))
 
 
 def settle(nft: Nft, consumed: Iterable[int], expect: bool) -> None:

@@ -230,10 +230,6 @@ class NftBackend:
                 commands = builders.full_table([], self.opts)
             commands += builders.add_mappings(zip(mappings, ids), self.opts, comment=token, label=owner.label())
             self._apply(commands)
-            try:
-                departures.take_back(self.nft, token)
-            except NftError as exc:
-                raise CniError(ERR_IO, str(exc)) from None
 
     def remove(self, owner: Owner) -> None:
         """DEL: the attachment's mappings go (none is fine: DEL is idempotent)."""
