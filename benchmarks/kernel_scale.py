@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
-from portproxy.kernel import KernelOptions, KernelPath  # noqa: E402
+from portproxy.kernel.builders import KernelOptions  # noqa: E402
+from portproxy.kernel.path import KernelPath  # noqa: E402
 from portproxy.spec import Mapping, parse_spec  # noqa: E402
 
 

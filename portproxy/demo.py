@@ -121,7 +121,7 @@ def _fetch_all(topo: SeedTopology, who: list[tuple[str, Namespace, str]]) -> Non
 
 
 def _kernel_counters(topo: SeedTopology) -> str:
-    from .kernel import KernelOptions
+    from .kernel.builders import KernelOptions
     from .kernel.executor import Nft
     from .kernel.path import read_counters
 

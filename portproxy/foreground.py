@@ -14,7 +14,8 @@ from .proxy.server import ProxyError, listener_name
 from .spec import Mapping
 
 if TYPE_CHECKING:
-    from .kernel import KernelOptions, KernelPath
+    from .kernel.builders import KernelOptions
+    from .kernel.path import KernelPath
     from .kernel.transparent import SharedRouting
     from .kernel.transparent_rules import TransparentOptions
     from .metrics import MappingSnapshot
@@ -134,7 +135,8 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
                      out: TextIO = sys.stdout, metrics_addr: str | None = None,
                      proxy_options: ProxyOptions = ProxyOptions()) -> int:
     """Install the mappings as nftables rules, hold them until a stop signal, then remove them."""
-    from .kernel import KernelPath, NftError
+    from .kernel.executor import NftError
+    from .kernel.path import KernelPath
     from .kernel.builders import why_not_translated
     from .metrics import MappingSnapshot
     from .metrics.snapshot import KernelCounterReader

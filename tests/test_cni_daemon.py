@@ -80,10 +80,19 @@ def chain_for(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -
     return make_chain(topo, cache, tmp_path, "portproxy-cni", mapper_conf={"daemonSocket": str(daemon.socket)})
 
 
-def cni_table(topo: SeedTopology) -> bool:
+def cni_table(topo: SeedTopology, name: str = "portproxy_cni") -> bool:
     tables = subprocess.run(["ip", "netns", "exec", topo.host.name, "nft", "list", "tables"],
                             capture_output=True, text=True, check=True).stdout
-    return "portproxy_cni" in tables
+    return f"table inet {name}" in tables.splitlines()
+
+
+def departures(topo: SeedTopology) -> list[str]:
+    """The owner tokens recorded in the DEL-while-away table (see portproxy.cni.departures)."""
+    from portproxy.cni import departures as words
+
+    got = subprocess.run(["ip", "netns", "exec", topo.host.name, "nft", "-j", "list", "set", "inet", words.TABLE,
+                          words.SET], capture_output=True, text=True, check=True).stdout
+    return sorted(words.parse(json.loads(got)).values())
 
 
 def owned(mappings: list[dict], cid: str) -> list[dict]:
@@ -171,6 +180,59 @@ def test_restart_gc_and_independent_deletes(topo: SeedTopology, cache: Path, tmp
             s.close()
 
 
+def test_a_delete_while_the_daemon_is_away_reaches_it(topo: SeedTopology, cache: Path, tmp_path: Path,
+                                                     daemon: Daemon) -> None:
+    """A container deleted while the daemon is stopped, or crashed (its socket dead), does not
+    come back with the daemon: its DNAT would reach whoever has that address next."""
+    daemon.start()
+    chain = chain_for(topo, cache, tmp_path, daemon)
+    ports = {"ctr-a": 9090, "ctr-b": 9091, "ctr-c": 9092, "ctr-d": 9093}
+    spaces = {cid: container(topo) for cid in ports}
+    pm = {cid: [{"hostPort": port, "containerPort": 8080, "protocol": "tcp"}] for cid, port in ports.items()}
+    for cid, ns in spaces.items():
+        chain.add(cid, ns.name, pm[cid])
+    assert cni_table(topo, "portproxy_cni_departures") and departures(topo) == []
+    servers = [Servers(ns, cid, [8080], []) for cid, ns in spaces.items()]
+    try:
+        daemon.stop()  # stopped: its socket is gone, DELs go daemonless
+        daemon.procs.clear()
+        chain.delete("ctr-a", spaces["ctr-a"].name, pm["ctr-a"])
+        # a network reload while it is away (DEL, then ADD into the plugin's table): the saved
+        # mappings go, the new ones (to the address the container has now) are adopted
+        chain.delete("ctr-b", spaces["ctr-b"].name, pm["ctr-b"])
+        chain.add("ctr-b", spaces["ctr-b"].name, pm["ctr-b"])
+        assert departures(topo) == ["ctr-a eth0 pptest", "ctr-b eth0 pptest"]
+        daemon.start()
+        assert sorted(m["owner"]["id"] for m in daemon.ls()) == ["ctr-b", "ctr-b", "ctr-c", "ctr-c", "ctr-d", "ctr-d"]
+        assert departures(topo) == []
+        assert ask_tcp(topo.client, topo.host_ip, 9090) == "ConnectionRefusedError"
+        assert ask_tcp(topo.client, topo.host_ip, 9091) == f"ctr-b {topo.client_ip}"
+        # crashed: the socket stays and does not answer; DEL is recorded (and succeeds), ADD is refused
+        daemon.procs[-1].proc.kill()
+        daemon.procs[-1].proc.wait()
+        daemon.procs.clear()
+        got = chain.mapper_call("DEL", "ctr-c", spaces["ctr-c"].name, pm["ctr-c"], chain.results["ctr-c"])
+        assert (got.rc, got.stdout) == (0, "") and "does not answer" in got.stderr, got
+        got = chain.mapper_call("ADD", "ctr-e", spaces["ctr-c"].name, [{**pm["ctr-c"][0], "hostPort": 9094}],
+                                chain.results["ctr-c"])
+        assert (got.rc, got.json["code"]) == (1, 11), got
+        assert departures(topo) == ["ctr-c eth0 pptest"]
+        daemon.start()
+        assert sorted({m["owner"]["id"] for m in daemon.ls()}) == ["ctr-b", "ctr-d"]
+        assert ask_tcp(topo.client, topo.host_ip, 9092) == "ConnectionRefusedError"
+        assert ask_tcp(topo.client, topo.host_ip, 9093) == f"ctr-d {topo.client_ip}"
+        for cid in ("ctr-b", "ctr-d"):
+            chain.delete(cid, spaces[cid].name, pm[cid])
+        daemon.stop()  # holding no CNI mapping, it expects no word: the table goes
+        daemon.procs.clear()
+        assert not cni_table(topo, "portproxy_cni_departures")
+        chain.delete("ctr-d", spaces["ctr-d"].name, pm["ctr-d"])  # daemonless, nobody to tell: nothing recorded
+        assert not cni_table(topo, "portproxy_cni_departures")
+    finally:
+        for s in servers:
+            s.close()
+
+
 def test_refusals(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> None:
     daemon.start()
     chain = chain_for(topo, cache, tmp_path, daemon)
@@ -207,7 +269,7 @@ def test_a_daemon_of_another_namespace_is_not_used(topo: SeedTopology, tmp_path:
     conf = parse_config({"cniVersion": "1.0.0", "name": "pptest"})
     here = topo.host.run(lambda: connect(str(daemon.socket), conf))
     assert here is not None
-    here.conn.close()
+    here.sock.close()
     assert connect(str(daemon.socket), conf) is None  # this test process runs in another namespace
 
 
@@ -268,6 +330,7 @@ def test_daemon_adopts_what_the_plugin_installed(topo: SeedTopology, cache: Path
             (f"0.0.0.0:9091:{addresses(chain.results['ctr-other'])[0]}:8080/tcp", "ctr-other", "running"),
             (f"[::]:9091:[{addresses(chain.results['ctr-other'])[1]}]:8080/tcp", "ctr-other", "running")])
         assert all(m["source"] == "cni" and m["owner"]["network"] == "pptest" for m in listed)
+        assert {m["owner"].get("name") for m in listed} == {"web"}  # the pod's name, kept in the table
         assert not cni_table(topo)
         assert roundtrip(live, b"after") == b"after"  # the connection made through the plugin's DNAT lives on
         assert ask_tcp(topo.client, topo.host_ip, 10001) == f"web {topo.client_ip}"

@@ -2,14 +2,23 @@
 Debian's stock portmap as the reference.
 
 podman is extracted, not installed (``apt-get download`` + ``dpkg -x`` by portproxy.debcache),
-and every podman call runs in one private mount
-namespace held by a sleeping process, inside the test's host network namespace:
-``/run`` and ``/var/lib`` are fresh tmpfs there (podman's netns files, libcni's cache),
-storage, config and the CNI conflist live in a temporary directory, and the container is
-image-free (``--rootfs`` on a busybox-static tree). Pitfalls of this VM handled here: a
-hybrid cgroup v1/v2 layout makes crun refuse, so the private namespace mounts cgroup2 on
-/sys/fs/cgroup and podman runs with cgroups disabled; crun may not raise RLIMIT_NPROC,
-so the default ulimits are the current ones (nproc capped at pid_max).
+and every podman call runs in one private mount namespace held by a sleeping process, inside
+the test's host network namespace: ``/run`` and ``/var/lib`` are fresh tmpfs there (podman's
+netns files, its runroot, libcni's cache), storage, config and the CNI conflist live in a
+temporary directory, and the container is image-free (``--rootfs`` on a busybox-static
+tree). Pitfalls of this VM handled here: a hybrid cgroup v1/v2 layout makes crun refuse, so
+the private namespace mounts cgroup2 on /sys/fs/cgroup and podman runs with cgroups
+disabled; crun may not raise RLIMIT_NPROC, so the default ulimits are the current ones
+(nproc capped at pid_max).
+
+A container exiting by itself gets its CNI DEL from conmon, which runs podman's exit
+command ``podman --root .. --runroot .. --tmpdir .. --network-config-dir .. --network-backend
+cni --runtime crun --storage-driver vfs --events-backend none ... container cleanup <id>``
+with conmon's own environment (podman gives conmon PATH, HOME, CONTAINERS_CONF,
+XDG_RUNTIME_DIR and LC_* only). The testbed's conmon is a wrapper adding LD_LIBRARY_PATH (the
+extracted podman needs libsubid and libgpgme) and XTABLES_LIBDIR (portmap's iptables), so
+that command runs unchanged, in the same mount and network namespace; the runroot is
+short (podman refuses a ``--runroot`` flag over 50 characters).
 """
 
 from __future__ import annotations
@@ -41,6 +50,10 @@ DAEMON = "portproxy-cni+daemon"
 """portproxy-cni registering the mappings with a ``portproxy serve`` in the host namespace."""
 
 
+DAEMON_OF = pytest.StashKey["Daemon | None"]()
+"""The test's ``portproxy serve`` (with the DAEMON mapper), None otherwise."""
+
+
 @pytest.fixture(params=["portmap", "portproxy-cni", DAEMON])
 def podman(request: pytest.FixtureRequest, caches: tuple[Path, Path], tmp_path: Path) -> Iterator[Podman]:
     with seed_topology("pcp") as topo:
@@ -50,6 +63,7 @@ def podman(request: pytest.FixtureRequest, caches: tuple[Path, Path], tmp_path: 
             daemon = Daemon(topo, tmp_path)
             daemon.start()
             conf = {"daemonSocket": str(daemon.socket)}
+        request.node.stash[DAEMON_OF] = daemon
         p = Podman(topo, tmp_path, caches[0], caches[1], request.param.split("+")[0], conf)
         try:
             yield p
@@ -128,11 +142,7 @@ def test_podman_two_containers_and_a_clash(podman: Podman) -> None:
 
 
 def test_podman_network_reload(podman: Podman) -> None:
-    """``network reload`` sends DEL then ADD: the mapping is back and still served.
-
-    (A container exiting by itself gets its DEL from conmon's exit command, ``podman container
-    cleanup``; conmon runs it without this test's environment (LD_LIBRARY_PATH for the
-    extracted libraries, CONTAINERS_CONF), so that case needs an installed podman.)"""
+    """``network reload`` sends DEL then ADD: the mapping is back and still served."""
     topo = podman.topo
     podman.run_web("web", "9090:8080")
     assert eventually(lambda: http_get(topo.client, topo.host_ip, 9090), HELLO) == HELLO
@@ -141,3 +151,29 @@ def test_podman_network_reload(podman: Podman) -> None:
     assert eventually(lambda: http_get(topo.client, topo.host_ip, 9090), HELLO) == HELLO
     podman("rm", "-f", "-t", "0", "web")
     assert not published(topo, 9090)
+
+
+SERVE_ONCE = ("/bin/nc", "-l", "-p", "8080", "-e", "/bin/httpd", "-i", "-h", "/www")
+"""Serve one HTTP request (busybox httpd in inetd mode behind ``nc -l``), then exit."""
+
+
+def test_podman_self_exit(podman: Podman, request: pytest.FixtureRequest) -> None:
+    """A container whose process exits by itself loses its mapping: conmon's exit command
+    (``podman container cleanup``) sends the DEL, and the port can be published again."""
+    topo, daemon = podman.topo, request.node.stash[DAEMON_OF]
+    cid = podman("run", "-d", "--cgroups=disabled", "--name", "once", "-p", "9090:8080", "--rootfs",
+                 str(podman.rootfs), *SERVE_ONCE).stdout.strip()
+    if daemon is not None:
+        assert {m["owner"]["id"] for m in daemon.ls()} == {cid}
+    assert eventually(lambda: http_get(topo.client, topo.host_ip, 9090), HELLO) == HELLO
+    # podman says "stopped" once it sees the exit and "exited" once cleanup tore the network down
+    state = eventually(lambda: podman("inspect", "--format", "{{.State.Status}}", "once").stdout.strip(), "exited",
+                       timeout=120)
+    assert state == "exited"
+    assert not published(topo, 9090)
+    if daemon is not None:
+        assert daemon.ls() == []
+    assert http_get(topo.client, topo.host_ip, 9090) == "ConnectionRefusedError"
+    podman.run_web("again", "9090:8080")
+    assert eventually(lambda: http_get(topo.client, topo.host_ip, 9090), HELLO) == HELLO
+    assert published(topo, 9090)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -159,7 +164,7 @@ def _listing(opts: KernelOptions, *owned: tuple[str, int, str]) -> dict:
     """What ``nft -j list table`` returns for these (spec, id, owner) mappings."""
     sets: dict[str, list] = {}
     for spec, mapping_id, owner in owned:
-        for name, elem in builders.mapping_elements(parse_spec(spec), mapping_id, owner):
+        for name, elem in builders.mapping_elements(parse_spec(spec), mapping_id, owner, f"ns/{owner[0]}"):
             if name.startswith("id"):
                 elem = [{"elem": {"val": elem[0], "counter": {"packets": 0}}}, elem[1]]
             sets.setdefault(name, []).append(elem)
@@ -175,6 +180,7 @@ def test_state_read_back_and_removal_keeps_shared_targets() -> None:
                                                                           0x8001, "b eth0 n"))
     state = parse_state(listing)
     assert state.present and state.owners == {0x8000 << 16: "a eth0 n", 0x8001 << 16: "b eth0 n"}
+    assert state.labels == {0x8000 << 16: "ns/a", 0x8001 << 16: "ns/b"}
     assert sorted(e.key for e in state.entries) == [("tcp", 9090), ("udp", 8000), ("udp", 8001)]
     doomed, marks = state.owned_by(lambda t: t.startswith("a "))
     cmds = removal(state, doomed, marks, opts)
@@ -204,9 +210,8 @@ class Recorder:
     def add(self, owner: p.Owner, mappings: list) -> None:
         self.calls.append(("add", owner.token(), [str(m) for m in mappings]))
 
-    def delete(self, doomed) -> int:  # type: ignore[no-untyped-def]
-        self.calls.append(("delete", doomed("c1 eth0 net1"), doomed("c2 eth0 net1")))
-        return 0
+    def remove(self, owner: p.Owner) -> None:
+        self.calls.append(("remove", owner.token()))
 
     def check(self, owner: p.Owner, mappings: list) -> None:
         self.calls.append(("check", owner.token()))
@@ -241,7 +246,7 @@ def test_commands_reach_the_backend(recorder: Recorder) -> None:
     assert run({**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}, json.dumps(conf()).encode()) == (0, None)
     assert run({**ENV, "CNI_COMMAND": "GC"}, json.dumps(conf(**{"cni.dev/valid-attachments": [
         {"containerID": "c2", "ifname": "eth0"}]})).encode()) == (0, None)
-    assert recorder.calls == [("delete", True, False), ("gc", "net1", {("c2", "eth0")})]
+    assert recorder.calls == [("remove", "c1 eth0 net1"), ("gc", "net1", {("c2", "eth0")})]
 
 
 def test_unchained_and_malformed(recorder: Recorder) -> None:
@@ -289,20 +294,45 @@ def test_a_host_port_mapped_twice_is_refused() -> None:
     assert len(p.mappings_for(entries, [ipaddress.ip_address("10.88.0.2")])) == 2
 
 
-def test_version_fast_path_matches_the_full_answer() -> None:
-    """The executable answers VERSION before importing the plugin; the answer is the same."""
-    import subprocess
-    import sys
+PLUGIN = Path(sys.executable).parent / "portproxy-cni"
+"""The installed plugin: the launcher shared with portproxy-docker-proxy (scripts/)."""
 
-    entry = [sys.executable, "-m", "portproxy.cni.entry"]
-    for stdin, expected in ((b'{"cniVersion": "0.4.0"}', version_json("0.4.0")), (b"", version_json(None))):
-        got = subprocess.run(entry, input=stdin, env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
-        assert (got.returncode, json.loads(got.stdout)) == (0, expected)
-    got = subprocess.run(entry, input=b"{", env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
-    assert got.returncode == 1 and json.loads(got.stdout)["code"] == p.ERR_DECODE
-    got = subprocess.run([sys.executable, "-X", "importtime", "-m", "portproxy.cni.entry"], input=b"{}",
-                         env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=30)
-    assert b"portproxy.cni.protocol" not in got.stderr and b"nftables" not in got.stderr
+
+def run_plugin(path: Path | str, stdin: bytes, command: str = "VERSION") -> subprocess.CompletedProcess:
+    return subprocess.run([str(path)], input=stdin, env={"CNI_COMMAND": command, "PATH": os.environ["PATH"]},
+                          capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("stdin, requested", [
+    (b'{"cniVersion":"1.0.0"}', "1.0.0"),  # libcni's exact request
+    (b'{"cniVersion": "0.4.0"}', "0.4.0"),
+    (b'{\n  "cniVersion" : "1.1.0"\n}\n', "1.1.0"),
+    (b'\t{ "cniVersion":"1.0.0" }', "1.0.0"),
+])
+def test_version_answered_by_the_shell_alone(stdin: bytes, requested: str, tmp_path: Path) -> None:
+    """libcni's VERSION request is answered without starting Python (a ``python3`` next to
+    the launcher that only fails proves it), with exactly Python's answer."""
+    shutil.copy(PLUGIN, tmp_path / "portproxy-cni")
+    (tmp_path / "python3").write_text("#!/bin/sh\necho python started >&2\nexit 99\n")
+    (tmp_path / "python3").chmod(0o755)
+    got = run_plugin(tmp_path / "portproxy-cni", stdin)
+    assert (got.returncode, got.stderr) == (0, b"")
+    assert json.loads(got.stdout) == version_json(requested)
+
+
+@pytest.mark.parametrize("stdin", [b'{"cniVersion":"0.3.1"}', b"", b'{"cniVersion":"1.0.0","x":1}', b"[]",
+                                   b'{"cniVersion":"1.0.0"', b"{\\n}"])
+def test_version_otherwise_answered_by_python(stdin: bytes, tmp_path: Path) -> None:
+    """Anything but the exact request goes to Python with the same stdin: same answer as
+    the plugin's own ``run`` gives it, errors included."""
+    got = run_plugin(PLUGIN, stdin)
+    out = io.StringIO()
+    code = cni_main.run({"CNI_COMMAND": "VERSION"}, stdin, out)
+    assert (got.returncode, json.loads(got.stdout)) == (code, json.loads(out.getvalue()))
+    shutil.copy(PLUGIN, tmp_path / "portproxy-cni")
+    (tmp_path / "python3").write_text("#!/bin/sh\nexit 99\n")
+    (tmp_path / "python3").chmod(0o755)
+    assert run_plugin(tmp_path / "portproxy-cni", stdin).returncode == 99  # not the shell's answer
 
 
 # --- with a daemon: socket choice, API specs, adoption (pure parts) ---------------------------------
@@ -344,10 +374,48 @@ def test_adoption_reads_back_what_the_plugin_wrote() -> None:
     written = {0x8000: ("c1 eth0 net1", parse_spec("0.0.0.0:10000-10002:10.88.0.2:7000-7002/tcp")),
                0x8001: ("c1 eth0 net1", parse_spec("[::]:9090:[fd00::2]:8080/udp")),
                0x8002: ("c2 eth0 net1", parse_spec("192.0.2.1:9091:10.88.0.3:8080/tcp"))}
-    state = State(present=True)
+    state = State(present=True, labels={0x8000: "ns1/web"})
     for mark, (token, m) in written.items():
         state.owners[mark] = token
         for name, key, target_port in builders.element_keys(m):
             state.entries.append(Entry(name, "", "", key, mark, str(m.target_ip), target_port, ""))
-    assert mappings_of(state) == [(m, token) for token, m in written.values()]
+    assert mappings_of(state) == [(m, token, "ns1/web" if mark == 0x8000 else None)
+                                  for mark, (token, m) in written.items()]
     assert owner_of_token("c1 eth0 net1") == {"kind": "cni", "id": "c1", "ifname": "eth0", "network": "net1"}
+    assert owner_of_token("c1 eth0 net1", "ns1/web") == {"kind": "cni", "id": "c1", "ifname": "eth0",
+                                                         "network": "net1", "name": "web", "namespace": "ns1"}
+    assert owner_of_token("c1 eth0 net1", "web")["name"] == "web"
+    assert p.Owner("net1", "c1", "eth0", pod="web", namespace="ns1").label() == "ns1/web"
+    assert p.Owner("net1", "c1", "eth0").label() is None
+    assert len(p.Owner("net1", "c1", "eth0", pod="w" * 300).label()) == p.COMMENT_MAX
+
+
+def test_departures_commands_and_read_back() -> None:
+    """The DEL-while-away table: one set of random keys whose comments are owner tokens."""
+    from portproxy.cni import departures as d
+
+    assert d.create_commands() == [{"add": {"table": {"family": "inet", "name": d.TABLE}}},
+                                   {"add": {"set": {"family": "inet", "table": d.TABLE, "name": d.SET,
+                                                    "type": "mark"}}}]
+    (record,) = d.record_commands(7, "c1 eth0 net1")
+    assert record["add"]["element"]["elem"] == [{"elem": {"val": 7, "comment": "c1 eth0 net1"}}]
+    assert d.forget_commands([]) == []
+    assert d.forget_commands([9, 7])[0]["delete"]["element"]["elem"] == [7, 9]
+    listing = {"nftables": [{"metainfo": {}}, {"set": {"name": d.SET, "elem": [
+        {"elem": {"val": 7, "comment": "c1 eth0 net1"}}, {"elem": {"val": 9, "comment": "c2 eth0 net1"}}, 11]}}]}
+    assert d.parse(listing) == {7: "c1 eth0 net1", 9: "c2 eth0 net1"}
+    assert d.parse({"nftables": [{"set": {"name": d.SET}}]}) == {}
+
+
+def test_departed_attachments_leave_the_saved_state() -> None:
+    from types import SimpleNamespace
+
+    from portproxy.cni.adopt import drop_departed
+
+    def entry(source: str, cid: str) -> SimpleNamespace:
+        return SimpleNamespace(source=source, owner={"kind": source, "id": cid, "ifname": "eth0", "network": "net1"})
+
+    a, b, c = (parse_spec(f"0.0.0.0:{port}:10.88.0.2:80") for port in (9090, 9091, 9092))
+    desired = {a: entry("cni", "c1"), b: entry("cni", "c2"), c: entry("docker", "c1")}
+    assert drop_departed(desired, {"c1 eth0 net1"}) == [a]
+    assert list(desired) == [b, c]  # another attachment's, and a Docker container's of the same id, stay

@@ -13,7 +13,9 @@ import sys
 import pytest
 
 from conftest import echo_roundtrip, open_connection, start_server, start_udp_echo, udp_endpoint
-from portproxy.kernel import KernelOptions, KernelPath, NftError
+from portproxy.kernel.builders import KernelOptions
+from portproxy.kernel.executor import NftError
+from portproxy.kernel.path import KernelPath
 from portproxy.kernel import builders
 from portproxy.spec import parse_spec
 

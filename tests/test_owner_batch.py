@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import open_connection
 from portproxy.controller.config import Settings
 from portproxy.controller.core import plan_owned
-from portproxy.kernel import KernelOptions
+from portproxy.kernel.builders import KernelOptions
 from portproxy.spec import SpecError, _listen_key_overlaps, check_no_overlap, parse_spec
 from test_control_plane import curl, nft, roundtrip, wait_for
 from test_controller import _table_elements, ls

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 from ..kernel.builders import KernelOptions
 from ..kernel.executor import Nft, NftError
 from ..spec import WILDCARDS, Mapping, SpecError, check_no_overlap
+from . import departures
 from .protocol import CniError, Owner, token_network
 from .table import TABLE, NftBackend, State, _host_port, read_state
 
@@ -24,7 +25,7 @@ OPTIONS = KernelOptions(table=TABLE)
 log = logging.getLogger("portproxy.controller")
 
 
-def mappings_of(state: State) -> list[tuple[Mapping, str]]:
+def mappings_of(state: State) -> list[tuple[Mapping, str, str | None]]:
     """Every mapping of a table as (mapping, owner token), ranges joined again (pure).
 
     Each mapping the plugin wrote has one id (mark) and one element per host port, so
@@ -32,7 +33,7 @@ def mappings_of(state: State) -> list[tuple[Mapping, str]]:
     by_mark: dict[tuple[int, str], list] = {}
     for e in state.entries:
         by_mark.setdefault((e.mark, e.id_map), []).append(e)
-    out: list[tuple[Mapping, str]] = []
+    out: list[tuple[Mapping, str, str | None]] = []
     for (mark, _), entries in sorted(by_mark.items()):
         token = state.owners.get(mark)
         ports = sorted(((_host_port(e.id_map, e.key), e.target_port, e.target) for e in entries),
@@ -43,14 +44,17 @@ def mappings_of(state: State) -> list[tuple[Mapping, str]]:
             continue  # not something this plugin wrote
         host_ip = ipaddress.ip_address(address) if address is not None else WILDCARDS[family]
         out.append((Mapping(proto, host_ip, first, last, ipaddress.ip_address(ports[0][2]),  # type: ignore[arg-type]
-                            ports[0][1], ports[-1][1]), token))
+                            ports[0][1], ports[-1][1]), token, state.labels.get(mark)))
     return out
 
 
-def owner_of_token(token: str) -> dict[str, str]:
-    """The controller's owner object for a table token (a pod name was never recorded there)."""
+def owner_of_token(token: str, label: str | None = None) -> dict[str, str]:
+    """The controller's owner object for a table token and label (``NAMESPACE/POD`` or ``POD``)."""
     cid, ifname, network = token_network(token)
-    return {"kind": "cni", "id": cid, "ifname": ifname, "network": network}
+    owner = {"kind": "cni", "id": cid, "ifname": ifname, "network": network}
+    namespace, _, pod = (label or "").rpartition("/")
+    owner.update({k: v for k, v in (("name", pod), ("namespace", namespace)) if v})
+    return owner
 
 
 def read_all() -> list[tuple[Mapping, dict[str, str]]]:
@@ -59,7 +63,7 @@ def read_all() -> list[tuple[Mapping, dict[str, str]]]:
         state = read_state(Nft(), OPTIONS)
     except NftError:
         return []
-    return [(m, owner_of_token(token)) for m, token in mappings_of(state)]
+    return [(m, owner_of_token(token, label)) for m, token, label in mappings_of(state)]
 
 
 def forget(owners: Iterable[dict[str, str]]) -> int:
@@ -107,3 +111,33 @@ def forget_running(adopted: list[tuple[Mapping, Any]]) -> None:
         forget([e.owner for _, e in adopted if e.owner["id"] not in failed])
     except (CniError, NftError) as exc:
         log.error("removing adopted mappings from table inet %s failed: %s", TABLE, exc.args[0])
+
+
+# --- departures: DELs the daemon missed while it was away (see .departures) --------------------------
+
+def read_departures() -> dict[int, str]:
+    """key → owner token of every DEL no daemon answered (none when there is no table)."""
+    try:
+        return departures.read(Nft()) or {}
+    except NftError:
+        return {}
+
+
+def drop_departed(desired: dict[Mapping, Any], tokens: set[str]) -> list[Mapping]:
+    """Remove from ``desired`` the CNI entries whose attachment was deleted meanwhile (pure)."""
+    gone = [m for m, e in desired.items()
+            if e.source == "cni" and e.owner and Owner(e.owner.get("network", ""), e.owner.get("id", ""),
+                                                      e.owner.get("ifname", "")).token() in tokens]
+    for m in gone:
+        del desired[m]
+        log.info("dropping %s: its container was deleted while the daemon was away", m)
+    return gone
+
+
+def settle_departures(consumed: Iterable[int], expect: bool) -> None:
+    """After the daemon acted on ``consumed`` words: delete them, and keep the table while
+    the daemon holds CNI mappings (``expect``) so DELs made in its absence reach it."""
+    try:
+        departures.settle(Nft(), consumed, expect)
+    except NftError as exc:
+        log.error("updating table inet %s failed: %s", departures.TABLE, exc.args[0])

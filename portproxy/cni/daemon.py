@@ -6,6 +6,9 @@ metrics, persists them across its restarts, and keeps them in its one table. Eac
 mapping becomes one API mapping per address family (``0.0.0.0:`` or ``[::]:`` when the
 runtime gave no ``hostIP``), mode ``kernel``, owned by
 ``{"kind": "cni", "id": CNI_CONTAINERID, "ifname", "network", "name"?, "namespace"?}``.
+ADD and DEL are one request each whatever the number of ports: ``PUT /v1/owners/mappings``
+declares the attachment's whole set (``[]`` on DEL), which the daemon applies in one nft
+transaction, all or nothing, so a refused ADD needs no undo here.
 
 Which socket: the network configuration's ``daemonSocket`` (``""`` turns daemon mode off),
 else ``$PORTPROXY_SOCKET`` (runtimes pass a small environment, so the conflist is the
@@ -20,23 +23,23 @@ reliable place), else :data:`~portproxy.defaults.DEFAULT_SOCKET`.
   whose saved state still holds mappings, and writing the other table then would split
   one container's state between two owners that do not know of each other.
 
-Talks HTTP/1.1 with the stdlib (``http.client`` over a unix socket): the plugin runs for
-every container start and stop, and aiohttp/asyncio would cost more than the request.
+Talks HTTP/1.1 over the unix socket with a dozen lines of its own (:func:`exchange`), not
+``http.client``: the plugin starts for every container, and importing ``http.client``
+(it brings the ``email`` package) took 20 ms, more than the request. That is enough here
+because the other end is always portproxy's own API: one request per connection
+(``Connection: close``), JSON answers with a Content-Length, read to the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 import os
 import socket
 import stat
 import sys
 from typing import Any, Callable
-from urllib.parse import quote
 
-from ..defaults import DEFAULT_SOCKET
 from ..spec import WILDCARDS, Mapping
 from .protocol import (ERR_CHECK_FAILED, ERR_INVALID_CONFIG, ERR_IO, ERR_PORT_TAKEN, ERR_TRY_AGAIN,
                        ERR_UNSUPPORTED_FIELD, CniError, Config, Env, Owner, gc_doomed)
@@ -49,7 +52,11 @@ def socket_path(env: Env, conf: Config) -> str | None:
     """The daemon socket to use, or None for daemon mode turned off by ``"daemonSocket": ""``."""
     if conf.daemon_socket is not None:
         return conf.daemon_socket or None
-    return env.portproxy_socket or str(DEFAULT_SOCKET)
+    if env.portproxy_socket:
+        return env.portproxy_socket
+    from ..defaults import DEFAULT_SOCKET  # pathlib: 2-7 ms of a start that rarely needs it
+
+    return str(DEFAULT_SOCKET)
 
 
 def _peer_netns_differs(sock: socket.socket) -> bool:
@@ -64,17 +71,30 @@ def _peer_netns_differs(sock: socket.socket) -> bool:
     return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, sock: socket.socket) -> None:
-        super().__init__("portproxy", timeout=TIMEOUT)
-        self.unix_path = path
-        self.sock = sock
+MAX_ANSWER = 64 * 1024 * 1024
+"""A listing of 65,535 mappings is a few tens of MB; anything larger is not an answer."""
 
-    def connect(self) -> None:  # after the server closed a kept-alive connection
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(TIMEOUT)
-        sock.connect(self.unix_path)
-        self.sock = sock
+
+def exchange(sock: socket.socket, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a fresh connection to portproxy's API: (status, body)."""
+    head = f"{method} {target} HTTP/1.1\r\nHost: portproxy\r\nConnection: close\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    sock.sendall(head.encode() + b"\r\n" + (body or b""))
+    chunks, size = [], 0
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_ANSWER:
+            raise OSError("the answer is too large")
+    status_line, _, rest = b"".join(chunks).partition(b"\r\n")
+    headers, _, payload = rest.partition(b"\r\n\r\n")
+    fields = status_line.split(b" ", 2)
+    if len(fields) < 2 or not fields[0].startswith(b"HTTP/1.") or not fields[1].isdigit():
+        raise OSError(f"not an HTTP answer: {status_line[:60]!r}")
+    if b"transfer-encoding: chunked" in headers.lower():
+        raise OSError("a chunked answer (not portproxy's API?)")
+    return int(fields[1]), payload
 
 
 def connect(path: str | None, conf: Config) -> "DaemonBackend | None":
@@ -125,28 +145,32 @@ class DaemonBackend:
     def __init__(self, path: str, sock: socket.socket, conf: Config) -> None:
         self.path = path
         self.conf = conf
-        self.conn = _UnixConnection(path, sock)
+        self.sock: socket.socket | None = sock
+        """The connection made to check the peer's namespace: the first request's."""
 
     def request(self, method: str, target: str, body: dict | None = None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        sock, self.sock = self.sock, None
         try:
-            self.conn.request(method, target, data, headers)
-            response = self.conn.getresponse()
-            text = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+            if sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(TIMEOUT)
+                sock.connect(self.path)
+            with sock:
+                status, text = exchange(sock, method, target, data)
+        except OSError as exc:
             raise CniError(ERR_TRY_AGAIN, f"talking to the portproxy daemon at {self.path} failed: {exc}") from None
         try:
             answer = json.loads(text)
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise CniError(ERR_IO, f"the portproxy daemon answered HTTP {response.status} without JSON")
-        return response.status, answer
+            raise CniError(ERR_IO, f"the portproxy daemon answered HTTP {status} without JSON")
+        return status, answer
 
-    def _ok(self, method: str, target: str, body: dict | None = None, allow: tuple[int, ...] = ()) -> dict:
+    def _ok(self, method: str, target: str, body: dict | None = None) -> dict:
         status, answer = self.request(method, target, body)
-        if status >= 400 and status not in allow:
+        if status >= 400:
             code = {409: ERR_PORT_TAKEN, 400: ERR_INVALID_CONFIG}.get(status, ERR_IO)
             raise CniError(code, f"portproxy daemon: {answer.get('error', f'HTTP {status}')}")
         return answer
@@ -158,9 +182,15 @@ class DaemonBackend:
         """The daemon's CNI mappings whose owner's token ``doomed`` accepts."""
         return [m for m in self.listing() if (t := owner_token(m.get("owner"))) is not None and doomed(t)]
 
-    # --- the four operations ----------------------------------------------------------------
+    def declare(self, owner: dict[str, Any], mappings: list[Mapping]) -> None:
+        """Make ``mappings`` the whole set of ``owner`` in the daemon: one request, one nft
+        transaction, all or nothing (``PUT /v1/owners/mappings``; a refusal changes nothing)."""
+        self._ok("PUT", "/v1/owners/mappings",
+                 {"owner": owner, "mappings": [{"spec": str(m), "mode": "kernel"} for m in mappings]})
+
+    # --- the operations of both backends ------------------------------------------------------
     def add(self, owner: Owner, mappings: list[Mapping]) -> None:
-        """Register ``mappings`` for ``owner`` (replacing what it had); on a refusal, undo this ADD.
+        """Register ``mappings`` for ``owner``, replacing what it had.
 
         ``snat``, ``masqAll`` and conditions are properties of a whole table: with a daemon,
         its table's (always masquerading hairpin and host-originated flows, loopback with
@@ -173,35 +203,11 @@ class DaemonBackend:
             raise CniError(ERR_UNSUPPORTED_FIELD, f"{', '.join(unsupported)}: with a portproxy daemon "
                            f"({self.path}) the daemon's table settings apply to every mapping",
                            "remove the option from the network configuration, or set daemonSocket to \"\"")
-        self._delete_listed(self.owned(lambda t: t == owner.token()))
-        done: list[str] = []
-        try:
-            for m in api_mappings(mappings):
-                answer = self._ok("POST", "/v1/mappings",
-                                  {"spec": str(m), "mode": "kernel", "owner": owner.controller_owner()})
-                done.append(answer.get("spec", str(m)))
-        except CniError:
-            for spec in done:
-                self._ok("DELETE", f"/v1/mappings?name={quote(spec)}", allow=(404,))
-            raise
+        self.declare(owner.controller_owner(), api_mappings(mappings))
 
-    def delete(self, doomed: Callable[[str], bool]) -> int:
-        """Remove the mappings of every owner ``doomed`` accepts (none is fine: DEL is idempotent)."""
-        return self._delete_listed(self.owned(doomed))
-
-    def _delete_listed(self, listed: list[dict]) -> int:
-        if not listed:
-            return 0
-        ids = {m["owner"]["id"] for m in listed}
-        everything = self.listing()
-        for cid in ids:
-            of_id = [m for m in everything if (m.get("owner") or {}).get("id") == cid]
-            if all(m in listed for m in of_id):  # the usual case: one request under the daemon's lock
-                self._ok("DELETE", f"/v1/mappings?owner={quote(cid)}")
-            else:  # the container has other attachments: only this one's
-                for m in (m for m in listed if m["owner"]["id"] == cid):
-                    self._ok("DELETE", f"/v1/mappings?name={quote(m['spec'])}", allow=(404,))
-        return len(listed)
+    def remove(self, owner: Owner) -> None:
+        """DEL: the attachment's mappings go (none is fine: DEL is idempotent)."""
+        self.declare(owner.controller_owner(), [])
 
     def check(self, owner: Owner, mappings: list[Mapping]) -> None:
         """Raise unless the daemon runs every mapping of ``owner``, with its DNAT in the table."""
@@ -213,4 +219,9 @@ class DaemonBackend:
                 raise CniError(ERR_CHECK_FAILED, f"mapping {m} is not running in the portproxy daemon: {why}")
 
     def gc(self, network: str, keep: set[tuple[str, str]]) -> int:
-        return self.delete(lambda token: gc_doomed(token, network, keep))
+        """Remove every attachment of ``network`` not in ``keep``: one request per attachment."""
+        doomed = {json.dumps(m["owner"], sort_keys=True): m["owner"]
+                  for m in self.owned(lambda token: gc_doomed(token, network, keep))}
+        for owner in doomed.values():
+            self.declare(owner, [])
+        return len(doomed)

@@ -11,10 +11,17 @@ import os
 import sys
 from typing import Any, Callable, TextIO
 
-from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, SUPPORTED_VERSIONS, CniError, Config,
+from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, ERR_TRY_AGAIN, SUPPORTED_VERSIONS, CniError,
+                       Config,
                        Env, check_version, container_addresses, decode, error_json, mappings_for, owner_of,
                        parse_config, parse_env, result_for)
 from .versions import version_json
+
+
+OPENED: list[Any] = []
+"""Every backend this process opened, kept until it exits: :func:`main` ends with
+``os._exit`` right after the answer, so neither libnftables' context (~11 ms to free its
+cache) nor the interpreter (~14 ms) is torn down while the runtime waits for the exit."""
 
 
 def backend_for(env: Env, conf: Config) -> Any:
@@ -22,26 +29,34 @@ def backend_for(env: Env, conf: Config) -> Any:
     socket is there (:mod:`.daemon`), else the plugin's own table (:mod:`.table`)."""
     from .daemon import connect, socket_path
 
-    daemon = connect(socket_path(env, conf), conf)
-    if daemon is not None:
-        return daemon
+    backend = connect(socket_path(env, conf), conf)
+    if backend is None:
+        from .table import NftBackend, options
+
+        backend = NftBackend(options(conf))
+    OPENED.append(backend)
+    return backend
+
+
+def own_table(conf: Config) -> Any:
     from .table import NftBackend, options
 
-    return NftBackend(options(conf))
+    table = NftBackend(options(conf))
+    OPENED.append(table)
+    return table
 
 
-def _everywhere(env: Env, conf: Config, remove: Callable[[Any], Any]) -> None:
+def _everywhere(env: Env, conf: Config, remove: Callable[[Any], Any]) -> Any:
     """DEL and GC with a daemon also clear the plugin's own table: a mapping written there
     before the daemon ran, or while it was starting (after it read the table to adopt it),
-    would otherwise outlive its container."""
+    would otherwise outlive its container. Returns the backend that was asked."""
     from .daemon import DaemonBackend
 
     backend = backend_for(env, conf)
     if isinstance(backend, DaemonBackend):
-        from .table import NftBackend, options
-
-        remove(NftBackend(options(conf)))
+        remove(own_table(conf))
     remove(backend)
+    return backend
 
 
 def _chained(conf: Config, what: str) -> dict:
@@ -84,9 +99,26 @@ def _after_add(conf: Config, addresses: list, mappings: list) -> None:
 
 
 def cmd_del(env: Env, conf: Config) -> None:
-    # Needs neither prevResult nor the netns: the table (or the daemon) knows what this attachment owns.
-    token = owner_of(env, conf).token()
-    _everywhere(env, conf, lambda backend: backend.delete(lambda t: t == token))
+    """Needs neither prevResult nor the netns: the table (or the daemon) knows what this
+    attachment owns. When no daemon takes the DEL, a daemon that saved mappings here is
+    told when it is back (:mod:`.departures`); a crashed one's dead socket is then no error."""
+    from .table import NftBackend
+
+    owner = owner_of(env, conf)
+    try:
+        backend = _everywhere(env, conf, lambda backend: backend.remove(owner))
+    except CniError as exc:
+        if exc.code != ERR_TRY_AGAIN:
+            raise
+        table = own_table(conf)
+        table.remove(owner)
+        if not table.leave_word(owner):
+            raise
+        print(f"portproxy-cni: {exc.msg}; the daemon will drop {owner.container_id[:12]}'s mappings "
+              "when it starts", file=sys.stderr)
+        return
+    if isinstance(backend, NftBackend):
+        backend.leave_word(owner)
 
 
 def cmd_check(env: Env, conf: Config) -> None:
@@ -144,7 +176,8 @@ def main() -> None:
         stdin = b""
     code = run(os.environ, stdin, sys.stdout)
     sys.stdout.flush()
-    sys.exit(code)
+    sys.stderr.flush()
+    os._exit(code)  # see OPENED
 
 
 if __name__ == "__main__":

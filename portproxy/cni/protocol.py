@@ -18,7 +18,6 @@ Facts followed here (CNI spec 1.1 and CONVENTIONS.md, and containernetworking/pl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import ipaddress
 import json
 from typing import Any, Mapping as EnvMapping
@@ -342,6 +341,12 @@ class Owner:
                            f"at most {COMMENT_MAX - 18} characters together")
         return tagged
 
+    def label(self) -> str | None:
+        """``NAMESPACE/POD`` (or ``POD``) for the table, so a daemon adopting the mappings can
+        show who they are for; cut to what a comment holds (it is only for display)."""
+        name = "/".join(part for part in (self.namespace, self.pod) if part)
+        return name[:COMMENT_MAX] or None
+
     def controller_owner(self) -> dict[str, str]:
         """The owner object of the controller API (phase 2)."""
         owner = {"kind": "cni", "id": self.container_id, "ifname": self.ifname, "network": self.network}
@@ -353,6 +358,8 @@ class Owner:
 
 
 def network_hash(network: str) -> str:
+    import hashlib  # rarely needed (long network names); 3 ms of every start otherwise
+
     return "#" + hashlib.sha256(network.encode()).hexdigest()[:16]
 
 

@@ -29,10 +29,10 @@ import time
 from typing import Any, Callable, Iterator
 
 from ..kernel import builders
-from ..kernel.builders import KernelOptions, kind_maps
+from ..kernel.builders import MAX_DAEMON_ID, KernelOptions, kind_maps
 from ..kernel.executor import Nft, NftError
-from ..kernel.path import MAX_DAEMON_ID
 from ..spec import Mapping
+from . import departures
 from .protocol import (ERR_CHECK_FAILED, ERR_IO, ERR_PORT_TAKEN, ERR_TRY_AGAIN, CniError, Config, Owner,
                        gc_doomed)
 
@@ -98,6 +98,8 @@ class State:
     entries: list[Entry] = dataclasses.field(default_factory=list)
     owners: dict[int, str] = dataclasses.field(default_factory=dict)
     """mark → owner token, from the @to_target comments."""
+    labels: dict[int, str] = dataclasses.field(default_factory=dict)
+    """mark → ``NAMESPACE/POD``, from the @to_client comments (display only)."""
 
     def owned_by(self, doomed: Callable[[str], bool]) -> tuple[list[Entry], set[int]]:
         marks = {mark for mark, token in self.owners.items() if doomed(token)}
@@ -123,9 +125,10 @@ def parse_state(listing: dict) -> State:
         if body:
             sets[body["name"]] = body.get("elem", [])
     state = State(present=present)
-    for elem in sets.get("to_target", []):
-        if isinstance(elem, dict) and "comment" in elem.get("elem", {}):
-            state.owners[elem["elem"]["val"]] = elem["elem"]["comment"]
+    for name, found in (("to_target", state.owners), ("to_client", state.labels)):
+        for elem in sets.get(name, []):
+            if isinstance(elem, dict) and "comment" in elem.get("elem", {}):
+                found[elem["elem"]["val"]] = elem["elem"]["comment"]
     for family, with_address in KINDS:
         id_name, addr_name, port_name = kind_maps(family, with_address)
         addrs = {_key(k): v for k, v in sets.get(addr_name, [])}
@@ -225,8 +228,22 @@ class NftBackend:
                 commands = removal(state, mine, my_marks, self.opts) if mine or my_marks else []
             else:
                 commands = builders.full_table([], self.opts)
-            commands += builders.add_mappings(zip(mappings, ids), self.opts, comment=token)
+            commands += builders.add_mappings(zip(mappings, ids), self.opts, comment=token, label=owner.label())
             self._apply(commands)
+
+    def remove(self, owner: Owner) -> None:
+        """DEL: the attachment's mappings go (none is fine: DEL is idempotent)."""
+        token = owner.token()
+        self.delete(lambda t: t == token)
+
+    def leave_word(self, owner: Owner) -> bool:
+        """Tell an absent daemon that this attachment is gone (:mod:`.departures`); False
+        when no daemon expects word (it never held CNI mappings here)."""
+        with namespace_lock():
+            try:
+                return departures.record(self.nft, owner.token())
+            except NftError as exc:
+                raise CniError(ERR_IO, str(exc)) from None
 
     def delete(self, doomed: Callable[[str], bool]) -> int:
         """Remove every mapping whose owner token ``doomed`` accepts; the table goes with the last one."""

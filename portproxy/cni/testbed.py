@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import resource
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,14 @@ class Chain:
         self.results.pop(container_id, None)
 
 
+def _wrapper(path: Path, program: Path, env: dict[str, str]) -> Path:
+    """An executable ``path`` that runs ``program`` with ``env`` added to its environment."""
+    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+    path.write_text(f"#!/bin/sh\n{exports}exec {shlex.quote(str(program))} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
 class Podman:
     """podman, conmon and crun from the cache, all state under ``tmp``, in one mount namespace."""
 
@@ -227,9 +236,14 @@ class Podman:
                  "ipam": {"type": "host-local", "dataDir": str(tmp / "ipam"), "routes": [{"dst": "0.0.0.0/0"}],
                           "ranges": [[{"subnet": SUBNET, "gateway": GATEWAY}]]}},
                 {"type": mapper, "capabilities": {"portMappings": True}, **(mapper_conf or {})}]}))
-        crun = tmp / "crun"  # conmon does not pass LD_LIBRARY_PATH on
-        crun.write_text(f"#!/bin/sh\nLD_LIBRARY_PATH={lib} exec {podman}/usr/bin/crun \"$@\"\n")
-        crun.chmod(0o755)
+        # podman hands conmon a fixed environment (PATH, HOME, CONTAINERS_CONF, XDG_RUNTIME_DIR):
+        # no LD_LIBRARY_PATH for the extracted libraries, no XTABLES_LIBDIR for portmap's
+        # iptables. conmon passes its own environment to crun and to podman's exit command
+        # (``podman ... container cleanup <id>``, the CNI DEL of a container exiting by
+        # itself), so wrappers that set both make those children work unchanged.
+        wrapped = {"LD_LIBRARY_PATH": str(lib), "XTABLES_LIBDIR": str(cni / LIBDIR)}
+        crun = _wrapper(tmp / "crun", podman / "usr/bin/crun", wrapped)
+        conmon = _wrapper(tmp / "conmon", podman / "usr/bin/conmon", wrapped)
         soft_n, hard_n = resource.getrlimit(resource.RLIMIT_NOFILE)
         pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
         nproc = [pid_max if v == resource.RLIM_INFINITY else min(v, pid_max)
@@ -247,14 +261,16 @@ default_network = "podman"
 [engine]
 cgroup_manager = "cgroupfs"
 events_logger = "none"
-conmon_path = ["{podman}/usr/bin/conmon"]
+conmon_path = ["{conmon}"]
 runtime = "crun"
 tmp_dir = "{tmp / 'tmpdir'}"
 [engine.runtimes]
 crun = ["{crun}"]
 """)
+        # runroot on the private /run tmpfs: the exit command repeats it as ``--runroot``, and
+        # podman refuses a --runroot longer than 50 characters (a temp dir's path often is)
         (tmp / "storage.conf").write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{tmp / "storage"}"\n'
-                                          f'runroot = "{tmp / "runroot"}"\n')
+                                          'runroot = "/run/containers/storage"\n')
         rootfs = tmp / "rootfs"
         for d in ("bin", "www", "proc", "sys", "dev", "etc", "tmp"):
             (rootfs / d).mkdir(parents=True)

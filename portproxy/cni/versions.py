@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
+"""Also in the launcher (scripts/portproxy-docker-proxy), which answers VERSION by itself;
+tests/test_cni_protocol.py checks that the two agree."""
 
 
 def version_json(requested: str | None) -> dict:

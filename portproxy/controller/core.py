@@ -41,11 +41,12 @@ import dataclasses
 import errno
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Sequence, TypeVar
 
 from ..errors import BadInput, Conflict, NotFound, PortproxyError, SystemFailure, shorten
-from ..kernel import KernelOptions, KernelPath, NftError
-from ..kernel.builders import why_not_translated
+from ..kernel.builders import KernelOptions, why_not_translated
+from ..kernel.executor import NftError
+from ..kernel.path import KernelPath
 from ..proxy.options import ProxyOptions
 from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
@@ -191,6 +192,8 @@ class Controller:
         self._routing: Any = None
         """Transparent mode's routing (a SharedRouting), installed while a mapping with
         source = "client" has a listener, and only then."""
+        self._departures_expected = False
+        """Whether the DEL-while-away table is kept (this daemon holds CNI mappings)."""
         self.on_change: Callable[[], None] | None = None
         """Called after every committed change (the daemon updates systemd's STATUS=)."""
 
@@ -379,7 +382,16 @@ class Controller:
         except OSError as exc:
             await undo()
             raise SystemFailure(f"cannot save state: {exc.strerror}") from None
+        await self._expect_departures()
         self._changed()
+
+    async def _expect_departures(self, consumed: Iterable[int] = (), force: bool = False) -> None:
+        """Keep the table where a DEL made while this daemon is away is recorded
+        (:mod:`portproxy.cni.departures`) while it holds CNI mappings, and only then."""
+        expect = any(e.source == "cni" for e in self.entries.values())
+        if force or consumed or expect != self._departures_expected:
+            await self._in_worker(cni_adopt.settle_departures, consumed, expect)
+            self._departures_expected = expect
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -658,6 +670,8 @@ class Controller:
             check_no_overlap(list(desired))
         except SpecError as exc:
             raise Conflict(f"saved and configured mappings conflict: {exc}") from None
+        departed = await self._in_worker(cni_adopt.read_departures)
+        cni_adopt.drop_departed(desired, set(departed.values()))
         adopted = cni_adopt.merge(await self._in_worker(cni_adopt.read_all), desired,
                                   lambda owner: Entry(Settings("kernel"), "cni", owner))
         self.entries = desired
@@ -666,6 +680,7 @@ class Controller:
             await self._realise(mapping, entry)
         await self._in_worker(cni_adopt.forget_running, adopted)  # after ours are in: no gap
         self._persist()
+        await self._expect_departures(consumed=departed, force=True)
         self._tasks = [self.loop.create_task(self._retry_loop()), self.loop.create_task(self._reconcile_loop())]
         return [f"{m}: {e.error}" for m, e in desired.items() if e.status == "failed"]
 

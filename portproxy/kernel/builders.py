@@ -46,6 +46,10 @@ from typing import Any, Iterable, Iterator
 from ..errors import BadInput
 from ..spec import Mapping
 
+MAX_DAEMON_ID = 0x7FFF
+"""The daemon's table's mapping ids are 1-0x7FFF: the CNI plugin's table uses 0x8000 up
+(:data:`portproxy.cni.table.ID_MIN`), and a flow's conntrack mark names one of either."""
+
 TABLE = "portproxy"
 FAMILY = "inet"
 CT_MARK_SHIFT = 16
@@ -300,11 +304,13 @@ def _keys(m: Mapping) -> Iterator[tuple[Any, int]]:
         yield {"concat": parts}, target_port
 
 
-def mapping_elements(m: Mapping, mapping_id: int, comment: str | None = None) -> list[tuple[str, Any]]:
+def mapping_elements(m: Mapping, mapping_id: int, comment: str | None = None,
+                     label: str | None = None) -> list[tuple[str, Any]]:
     """(map or set name, element) pairs that make up one mapping.
 
     ``comment`` goes on the mapping's @to_target element: a table shared by short-lived
-    writers (the CNI plugin) records there who owns the mapping id.
+    writers (the CNI plugin) records there who owns the mapping id; ``label`` (for people:
+    the pod's name) on its @to_client element.
     """
     check_mapping(m)
     kind = _kind_of(m)
@@ -314,7 +320,8 @@ def mapping_elements(m: Mapping, mapping_id: int, comment: str | None = None) ->
     for key, target_port in _keys(m):
         elements += [(id_map(kind), [key, mark]), (_addr_map(kind), [key, target]), (_port_map(kind), [key, target_port])]
     owned: Any = mark if comment is None else {"elem": {"val": mark, "comment": comment}}
-    elements += [("to_target", owned), ("to_client", mark), (_targets_set(m), target)]
+    shown: Any = mark if label is None else {"elem": {"val": mark, "comment": label}}
+    elements += [("to_target", owned), ("to_client", shown), (_targets_set(m), target)]
     return elements
 
 
@@ -336,11 +343,12 @@ def add_mapping(m: Mapping, mapping_id: int, opts: KernelOptions, comment: str |
     return _element_commands("add", opts, mapping_elements(m, mapping_id, comment))
 
 
-def add_mappings(mappings: Iterable[tuple[Mapping, int]], opts: KernelOptions, comment: str | None = None) -> list[Json]:
+def add_mappings(mappings: Iterable[tuple[Mapping, int]], opts: KernelOptions, comment: str | None = None,
+                 label: str | None = None) -> list[Json]:
     """Commands that add several mappings: still one command per map or set."""
     elements: list[tuple[str, Any]] = []
     for m, mapping_id in mappings:
-        elements += mapping_elements(m, mapping_id, comment)
+        elements += mapping_elements(m, mapping_id, comment, label)
     return _element_commands("add", opts, elements)
 
 

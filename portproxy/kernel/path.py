@@ -14,7 +14,7 @@ from typing import Iterable
 
 from ..spec import Mapping
 from . import builders, conntrack, hairpin, sysctls
-from .builders import KernelOptions, check_mapping
+from .builders import MAX_DAEMON_ID, KernelOptions, check_mapping
 from .executor import Nft, NftError
 
 log = logging.getLogger("portproxy.kernel")
@@ -43,9 +43,6 @@ class KernelCounters:
         return self.bytes_to_target + self.bytes_to_client
 
 
-MAX_DAEMON_ID = 0x7FFF
-"""This table's mapping ids are 1-0x7FFF: the CNI plugin's table uses 0x8000 up
-(:data:`portproxy.cni.table.ID_MIN`), and a flow's conntrack mark names one of either."""
 
 
 class KernelPath:
