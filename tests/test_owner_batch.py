@@ -10,15 +10,16 @@ import threading
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from conftest import open_connection
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_control_plane import curl, nft, roundtrip, wait_for
+from test_controller import _table_elements, ls
+
 from portproxy.controller.config import Settings
 from portproxy.controller.core import plan_owned
 from portproxy.kernel.builders import KernelOptions
 from portproxy.spec import SpecError, _listen_key_overlaps, check_no_overlap, parse_spec
-from test_control_plane import curl, nft, roundtrip, wait_for
-from test_controller import _table_elements, ls
 
 OWNER = {"kind": "cni", "id": "1a2b3c4d5e6f7a8b9c0d", "ifname": "eth0", "network": "podman", "name": "web"}
 OTHER = {"kind": "cni", "id": "ffffeeeeddddccccbbbb", "ifname": "eth0", "network": "podman"}
