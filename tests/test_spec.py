@@ -118,7 +118,7 @@ def test_round_trip(host, host_port, span, target, target_port, proto) -> None:
     if host is not None and host.is_multicast:
         return
     if any(getattr(a, "ipv4_mapped", None) for a in (host, target)):
-        return  # refused on purpose, naming the plain IPv4 form (test_ipv4_mapped_addresses_are_refused_with_the_plain_form)
+        return  # refused on purpose (test_ipv4_mapped_addresses_are_refused_with_the_plain_form)
     span = min(span, 65535 - host_port, 65535 - target_port)
     m = Mapping(proto, host, host_port, host_port + span, target, target_port, target_port + span)
     assert parse_spec(format_spec(m)) == m
