@@ -271,6 +271,12 @@ def test_deb_installs_starts_nothing_runs_and_purges_clean(debian_root: Throwawa
     # The CNI plugin where runtimes look for it, answering VERSION as a runtime asks it.
     version = debian_root.check("echo '{\"cniVersion\": \"1.0.0\"}' | CNI_COMMAND=VERSION /usr/lib/cni/portproxy")
     assert "1.1.0" in json.loads(version)["supportedVersions"]
+    # ... and the Python half of its launcher, from Debian's python3 and dist-packages: a version
+    # the shell does not answer, and an ADD without its CNI_* variables (CNI error 4, exit 1).
+    version = debian_root.check("echo '{\"cniVersion\": \"0.3.1\"}' | CNI_COMMAND=VERSION /usr/lib/cni/portproxy")
+    assert json.loads(version)["cniVersion"] == "1.1.0"
+    refused = debian_root.run("echo '{}' | CNI_COMMAND=ADD /usr/lib/cni/portproxy")
+    assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == 4, refused
     smoke = debian_root.check(SMOKE, timeout=120).splitlines()
     assert smoke[0].startswith("MAPPING") and smoke[1].startswith("added 127.0.0.1:8081")  # nothing served before
     smoke = "\n".join(smoke)
