@@ -123,6 +123,31 @@ def test_podman_run_publish(podman: Podman) -> None:
     assert http_get(topo.host, "127.0.0.1", 9090) == "ConnectionRefusedError"
 
 
+def udp_ask(ns, host: str, port: int) -> str:  # type: ignore[no-untyped-def]
+    """The answer to one datagram sent from inside ``ns``, or the exception's name."""
+    with ns.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1)
+        try:
+            sock.sendto(b"?", (host, port))
+            return sock.recv(512).decode()
+        except OSError as exc:
+            return type(exc).__name__
+
+
+def test_podman_run_publish_udp(podman: Podman) -> None:
+    """``-p 9053:5353/udp``: datagrams from a client namespace and from the host reach the
+    container with the sender's address, and the replies come back; stop removes it."""
+    topo = podman.topo
+    podman.run_udp("dns", "9053:5353/udp")
+    assert eventually(lambda: udp_ask(topo.client, topo.host_ip, 9053), f"udp {topo.client_ip}",
+                      timeout=30) == f"udp {topo.client_ip}"
+    assert udp_ask(topo.host, topo.host_ip, 9053).startswith("udp ")
+    assert published(topo, 9053)
+    podman("stop", "-t", "0", "dns")
+    assert not published(topo, 9053)
+    assert udp_ask(topo.client, topo.host_ip, 9053) != f"udp {topo.client_ip}"
+
+
 def test_podman_two_containers_and_a_clash(podman: Podman) -> None:
     topo = podman.topo
     podman.run_web("a", "10000-10010:8080-8090")

@@ -279,6 +279,8 @@ crun = ["{crun}"]
         for applet in ("sh", "httpd", "nc", "printf", "sleep"):
             (rootfs / "bin" / applet).symlink_to("busybox")
         (rootfs / "www/index.html").write_text("hello from podman\n")
+        for merged in ("lib", "lib64"):  # the host's /usr, mounted read-only, runs as in Debian
+            (rootfs / merged).symlink_to(f"usr/{merged}")
         self.rootfs = rootfs
         self.env = {
             "CONTAINERS_CONF": str(tmp / "containers.conf"), "CONTAINERS_STORAGE_CONF": str(tmp / "storage.conf"),
@@ -303,6 +305,15 @@ crun = ["{crun}"]
         ports = [arg for p in publish for arg in ("-p", p)]
         self("run", "-d", "--cgroups=disabled", "--name", name, *ports, "--rootfs", str(self.rootfs),
              "/bin/httpd", "-f", "-p", "8080", "-h", "/www")
+
+    UDP_REPLY = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('', 5353))\n"
+                 "while True:\n    data, peer = s.recvfrom(512)\n    s.sendto(b'udp ' + peer[0].encode(), peer)\n")
+    """A UDP service answering each datagram with the address it came from (busybox has none:
+    the host's python3, its /usr mounted read-only into the container)."""
+
+    def run_udp(self, name: str, publish: str) -> None:
+        self("run", "-d", "--cgroups=disabled", "--name", name, "-p", publish, "-v", "/usr:/usr:ro",
+             "--rootfs", str(self.rootfs), "/usr/bin/python3", "-c", self.UDP_REPLY)
 
     def get_from_container(self, host: str, port: int) -> str:
         """GET / from a second container (busybox nc: the static wget crashes resolving names)."""
