@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -298,9 +299,24 @@ PLUGIN = Path(sys.executable).parent / "portproxy-cni"
 """The installed plugin: the launcher shared with portproxy-docker-proxy (scripts/)."""
 
 
-def run_plugin(path: Path | str, stdin: bytes, command: str = "VERSION") -> subprocess.CompletedProcess:
-    return subprocess.run([str(path)], input=stdin, env={"CNI_COMMAND": command, "PATH": os.environ["PATH"]},
-                          capture_output=True, timeout=30)
+SHELLS = ["/bin/sh", "/bin/bash"]
+"""Debian's /bin/sh is dash; the launcher must mean the same to bash (other distributions)."""
+
+
+def run_plugin(path: Path | str, stdin: bytes, command: str = "VERSION", shell: str = "/bin/sh",
+               args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([shell, str(path), *args], input=stdin,
+                          env={"CNI_COMMAND": command, "PATH": os.environ["PATH"]}, capture_output=True, timeout=30)
+
+
+def test_launcher_is_valid_python_without_warnings() -> None:
+    """Its shell lines are one Python string: an escape Python does not know would warn at
+    every start (3.12+) and become a syntax error later."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compile(PLUGIN.read_text(), str(PLUGIN), "exec")
 
 
 @pytest.mark.parametrize("stdin, requested", [
@@ -309,30 +325,40 @@ def run_plugin(path: Path | str, stdin: bytes, command: str = "VERSION") -> subp
     (b'{\n  "cniVersion" : "1.1.0"\n}\n', "1.1.0"),
     (b'\t{ "cniVersion":"1.0.0" }', "1.0.0"),
 ])
-def test_version_answered_by_the_shell_alone(stdin: bytes, requested: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shell", SHELLS)
+def test_version_answered_by_the_shell_alone(stdin: bytes, requested: str, shell: str, tmp_path: Path) -> None:
     """libcni's VERSION request is answered without starting Python (a ``python3`` next to
     the launcher that only fails proves it), with exactly Python's answer."""
     shutil.copy(PLUGIN, tmp_path / "portproxy-cni")
     (tmp_path / "python3").write_text("#!/bin/sh\necho python started >&2\nexit 99\n")
     (tmp_path / "python3").chmod(0o755)
-    got = run_plugin(tmp_path / "portproxy-cni", stdin)
+    got = run_plugin(tmp_path / "portproxy-cni", stdin, shell=shell)
     assert (got.returncode, got.stderr) == (0, b"")
     assert json.loads(got.stdout) == version_json(requested)
 
 
 @pytest.mark.parametrize("stdin", [b'{"cniVersion":"0.3.1"}', b"", b'{"cniVersion":"1.0.0","x":1}', b"[]",
-                                   b'{"cniVersion":"1.0.0"', b"{\\n}"])
-def test_version_otherwise_answered_by_python(stdin: bytes, tmp_path: Path) -> None:
+                                   b'{"cniVersion":"1.0.0"', b"{\\n}", b'{"cni Version":"1.0.0"}',
+                                   b'{"cniVersion":"1.0 .0"}', b'{"cniVersion":"1.1.0"}x', b'{"cniVersion":"1.0.0"}\r\n'])
+@pytest.mark.parametrize("shell", SHELLS)
+def test_version_otherwise_answered_by_python(stdin: bytes, shell: str, tmp_path: Path) -> None:
     """Anything but the exact request goes to Python with the same stdin: same answer as
     the plugin's own ``run`` gives it, errors included."""
-    got = run_plugin(PLUGIN, stdin)
+    got = run_plugin(PLUGIN, stdin, shell=shell)
     out = io.StringIO()
     code = cni_main.run({"CNI_COMMAND": "VERSION"}, stdin, out)
     assert (got.returncode, json.loads(got.stdout)) == (code, json.loads(out.getvalue()))
     shutil.copy(PLUGIN, tmp_path / "portproxy-cni")
     (tmp_path / "python3").write_text("#!/bin/sh\nexit 99\n")
     (tmp_path / "python3").chmod(0o755)
-    assert run_plugin(tmp_path / "portproxy-cni", stdin).returncode == 99  # not the shell's answer
+    assert run_plugin(tmp_path / "portproxy-cni", stdin, shell=shell).returncode == 99  # not the shell's answer
+
+
+def test_arguments_mean_docker_proxy_whatever_the_environment() -> None:
+    """dockerd always passes arguments, a CNI runtime never: a dockerd that inherited
+    CNI_COMMAND still starts proxies."""
+    got = run_plugin(PLUGIN, b'{"cniVersion":"1.0.0"}', args=("-version",))
+    assert got.returncode == 0 and got.stdout.startswith(b"portproxy-docker-proxy (portproxy "), got
 
 
 # --- with a daemon: socket choice, API specs, adoption (pure parts) ---------------------------------
@@ -419,3 +445,30 @@ def test_departed_attachments_leave_the_saved_state() -> None:
     desired = {a: entry("cni", "c1"), b: entry("cni", "c2"), c: entry("docker", "c1")}
     assert drop_departed(desired, {"c1 eth0 net1"}) == [a]
     assert list(desired) == [b, c]  # another attachment's, and a Docker container's of the same id, stay
+    long = {a: entry("cni", "x" * 200)}  # no token fits it: never recorded, never a crash
+    assert drop_departed(long, {"c1 eth0 net1"}) == [] and list(long) == [a]
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", (200, b"{}")),
+    (b"HTTP/1.1 409 Conflict\r\ncontent-length: 11\r\n\r\n{\"error\":1}", (409, b'{"error":1}')),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{\"mappings\": [", "cut short"),  # the daemon died
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", "Content-Length"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "not an HTTP answer"),
+    (b"", "not an HTTP answer"),
+])
+def test_the_plugins_http_exchange(answer: bytes, expected: tuple | str) -> None:
+    """One request per connection to portproxy's own API; anything else is an OSError (CNI code 11)."""
+    from portproxy.cni.daemon import exchange
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(answer)
+        theirs.shutdown(socket.SHUT_WR)
+        if isinstance(expected, tuple):
+            assert exchange(ours, "PUT", "/v1/owners/mappings", b"{}") == expected
+            request = theirs.recv(4096)
+            assert request.startswith(b"PUT /v1/owners/mappings HTTP/1.1\r\n") and b"Content-Length: 2\r\n" in request
+        else:
+            with pytest.raises(OSError, match=expected):
+                exchange(ours, "GET", "/v1/mappings", None)

@@ -68,7 +68,7 @@ def read_all() -> list[tuple[Mapping, dict[str, str]]]:
 
 def forget(owners: Iterable[dict[str, str]]) -> int:
     """Delete these owners' mappings from the plugin's table (the table goes with its last)."""
-    tokens = {Owner(o["network"], o["id"], o["ifname"]).token() for o in owners}
+    tokens = {Owner.from_controller(o).token() for o in owners}
     if not tokens:
         return 0
     return NftBackend(OPTIONS).delete(lambda token: token in tokens)
@@ -125,9 +125,13 @@ def read_departures() -> dict[int, str]:
 
 def drop_departed(desired: dict[Mapping, Any], tokens: set[str]) -> list[Mapping]:
     """Remove from ``desired`` the CNI entries whose attachment was deleted meanwhile (pure)."""
-    gone = [m for m, e in desired.items()
-            if e.source == "cni" and e.owner and Owner(e.owner.get("network", ""), e.owner.get("id", ""),
-                                                      e.owner.get("ifname", "")).token() in tokens]
+    def departed(owner: dict[str, str]) -> bool:
+        try:
+            return Owner.from_controller(owner).token() in tokens
+        except CniError:  # an id too long for a token: no DEL could have recorded it
+            return False
+
+    gone = [m for m, e in desired.items() if e.source == "cni" and e.owner and departed(e.owner)]
     for m in gone:
         del desired[m]
         log.info("dropping %s: its container was deleted while the daemon was away", m)

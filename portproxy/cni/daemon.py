@@ -21,7 +21,8 @@ reliable place), else :data:`~portproxy.defaults.DEFAULT_SOCKET`.
 - A socket that does not answer: an error (code 11, try again), never a silent fallback:
   the daemon removes its socket when it stops, so a dead socket means a crashed daemon
   whose saved state still holds mappings, and writing the other table then would split
-  one container's state between two owners that do not know of each other.
+  one container's state between two owners that do not know of each other. A DEL is the
+  exception: it leaves word for the daemon (:mod:`.departures`) and succeeds.
 
 Talks HTTP/1.1 over the unix socket with a dozen lines of its own (:func:`exchange`), not
 ``http.client``: the plugin starts for every container, and importing ``http.client``
@@ -92,9 +93,19 @@ def exchange(sock: socket.socket, method: str, target: str, body: bytes | None) 
     fields = status_line.split(b" ", 2)
     if len(fields) < 2 or not fields[0].startswith(b"HTTP/1.") or not fields[1].isdigit():
         raise OSError(f"not an HTTP answer: {status_line[:60]!r}")
-    if b"transfer-encoding: chunked" in headers.lower():
-        raise OSError("a chunked answer (not portproxy's API?)")
+    lengths = [line.split(b":", 1)[1].strip() for line in headers.lower().split(b"\r\n")
+               if line.startswith(b"content-length:")]
+    if len(lengths) != 1 or not lengths[0].isdigit():
+        raise OSError("an answer without one Content-Length (not portproxy's API?)")
+    if int(lengths[0]) != len(payload):
+        raise OSError(f"the answer was cut short ({len(payload)} of {int(lengths[0])} bytes)")
     return int(fields[1]), payload
+
+
+class DaemonAway(CniError):
+    """The daemon's socket is there and nobody answers it: the daemon crashed (it removes
+    its socket when it stops). Only this, not a busy daemon or a lock, lets a DEL succeed
+    by leaving word for it (:mod:`.departures`)."""
 
 
 def connect(path: str | None, conf: Config) -> "DaemonBackend | None":
@@ -112,7 +123,7 @@ def connect(path: str | None, conf: Config) -> "DaemonBackend | None":
         sock.connect(path)
     except OSError as exc:
         sock.close()
-        raise CniError(ERR_TRY_AGAIN, f"the portproxy daemon at {path} does not answer: {exc.strerror}",
+        raise DaemonAway(ERR_TRY_AGAIN, f"the portproxy daemon at {path} does not answer: {exc.strerror}",
                        "its socket exists, so it crashed or is starting; start it (or remove the stale socket "
                        "to go daemonless)") from None
     if _peer_netns_differs(sock):
@@ -136,7 +147,7 @@ def owner_token(owner: dict[str, Any]) -> str | None:
     """The table token of an API owner object, or None if it is not a CNI attachment."""
     if not isinstance(owner, dict) or owner.get("kind") != "cni":
         return None
-    return Owner(str(owner.get("network", "")), str(owner.get("id", "")), str(owner.get("ifname", ""))).token()
+    return Owner.from_controller(owner).token()
 
 
 class DaemonBackend:

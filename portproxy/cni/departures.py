@@ -16,7 +16,11 @@ dropping the old ones. Where no daemon ever held CNI mappings the table does not
 and the plugin records nothing, so nothing grows.
 
 A table of its own: the plugin's ``inet portproxy_cni`` is created and deleted with its
-mappings, and the daemon's ``inet portproxy`` is rewritten whole at every start.
+mappings, and the daemon's ``inet portproxy`` is rewritten whole at every start. The daemon
+creates it (a transaction of its own, after the change that gave it its first CNI mapping;
+a failure is logged) and removes it once it holds none. A random 32-bit key per word: two
+DELs drawing the same key would keep one word (nft's ``add`` leaves an element as it is),
+which at a handful of words is negligible.
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ import os
 import sys
 from typing import Any, Callable, TextIO
 
-from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, ERR_TRY_AGAIN, SUPPORTED_VERSIONS, CniError,
-                       Config,
+from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, SUPPORTED_VERSIONS, CniError, Config,
                        Env, check_version, container_addresses, decode, error_json, mappings_for, owner_of,
                        parse_config, parse_env, result_for)
 from .versions import version_json
@@ -101,15 +100,16 @@ def _after_add(conf: Config, addresses: list, mappings: list) -> None:
 def cmd_del(env: Env, conf: Config) -> None:
     """Needs neither prevResult nor the netns: the table (or the daemon) knows what this
     attachment owns. When no daemon takes the DEL, a daemon that saved mappings here is
-    told when it is back (:mod:`.departures`); a crashed one's dead socket is then no error."""
+    told when it is back (:mod:`.departures`): when its socket is gone (stopped), or there
+    and dead (crashed; the DEL then succeeds). Not for a daemon that is merely busy, one
+    of another namespace, or a network with daemon mode off."""
+    from .daemon import DaemonAway, socket_path
     from .table import NftBackend
 
     owner = owner_of(env, conf)
     try:
         backend = _everywhere(env, conf, lambda backend: backend.remove(owner))
-    except CniError as exc:
-        if exc.code != ERR_TRY_AGAIN:
-            raise
+    except DaemonAway as exc:
         table = own_table(conf)
         table.remove(owner)
         if not table.leave_word(owner):
@@ -117,7 +117,8 @@ def cmd_del(env: Env, conf: Config) -> None:
         print(f"portproxy-cni: {exc.msg}; the daemon will drop {owner.container_id[:12]}'s mappings "
               "when it starts", file=sys.stderr)
         return
-    if isinstance(backend, NftBackend):
+    path = socket_path(env, conf)
+    if isinstance(backend, NftBackend) and path is not None and not os.path.lexists(path):
         backend.leave_word(owner)
 
 
@@ -175,8 +176,11 @@ def main() -> None:
     except OSError:
         stdin = b""
     code = run(os.environ, stdin, sys.stdout)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # the runtime closed the pipe: nobody is left to tell
+            code = code or 1
     os._exit(code)  # see OPENED
 
 

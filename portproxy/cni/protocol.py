@@ -347,6 +347,11 @@ class Owner:
         name = "/".join(part for part in (self.namespace, self.pod) if part)
         return name[:COMMENT_MAX] or None
 
+    @classmethod
+    def from_controller(cls, owner: dict[str, Any]) -> "Owner":
+        """The attachment an API owner object names (the inverse of :meth:`controller_owner`)."""
+        return cls(*(str(owner.get(key, "")) for key in ("network", "id", "ifname", "name", "namespace")))
+
     def controller_owner(self) -> dict[str, str]:
         """The owner object of the controller API (phase 2)."""
         owner = {"kind": "cni", "id": self.container_id, "ifname": self.ifname, "network": self.network}

@@ -7,7 +7,8 @@ mapping ids from :data:`ID_MIN` up so a flow's conntrack mark never names a daem
 
 The plugin lives for one command, so every piece of bookkeeping is in the table itself:
 each mapping id's @to_target element carries a comment naming its owner (network,
-container id, ifname, see :class:`~portproxy.cni.protocol.Owner`), and the id maps say
+container id, ifname, see :class:`~portproxy.cni.protocol.Owner`), its @to_client element
+one naming the pod (``NAMESPACE/POD``, for a daemon that adopts it), and the id maps say
 which keys belong to which id. DEL, CHECK and GC read the table, pick the owner's
 elements, and delete exactly those in one atomic batch; another container's elements
 are never touched. Writers in the same network namespace are serialised by a lock that

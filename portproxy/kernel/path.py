@@ -117,15 +117,16 @@ class KernelPath:
                 log.warning("%s; reinstalled it with %d mapping(s)", problem, len(desired))
             self._nft.apply(builders.full_table(desired.items(), self.opts))
         else:
-            commands = []
             # A target leaves @targets once, with the last of its mappings (deleting an
             # element twice in one batch fails it whole).
             kept_targets = {other.target_ip for other in desired}
+            removed = []
             for m in remove_list:
-                commands += builders.remove_mapping(m, old[m], self.opts, target_still_used=m.target_ip in kept_targets)
+                removed.append((m, old[m], m.target_ip in kept_targets))
                 kept_targets.add(m.target_ip)
-            for m in add_list:
-                commands += builders.add_mapping(m, new_ids[m], self.opts)
+            commands = builders.remove_mappings(removed, self.opts) if removed else []
+            if add_list:
+                commands += builders.add_mappings(((m, new_ids[m]) for m in add_list), self.opts)
             if commands:
                 self._nft.apply(commands)
         self.ids = desired
