@@ -182,8 +182,10 @@ def test_restart_gc_and_independent_deletes(topo: SeedTopology, cache: Path, tmp
 
 def test_a_delete_while_the_daemon_is_away_reaches_it(topo: SeedTopology, cache: Path, tmp_path: Path,
                                                      daemon: Daemon) -> None:
-    """A container deleted while the daemon is stopped, or crashed (its socket dead), does not
-    come back with the daemon: its DNAT would reach whoever has that address next."""
+    """A container deleted while the daemon is stopped, or crashed (its socket dead), loses its
+    DNAT at once and does not come back with the daemon: it would reach whoever has that
+    address next. The daemon keeps its rules while stopped (as the DaemonSet does)."""
+    daemon.config.write_text(DAEMON_CONFIG + "keep_kernel_rules = true\n")
     daemon.start()
     chain = chain_for(topo, cache, tmp_path, daemon)
     ports = {"ctr-a": 9090, "ctr-b": 9091, "ctr-c": 9092, "ctr-d": 9093}
@@ -194,14 +196,28 @@ def test_a_delete_while_the_daemon_is_away_reaches_it(topo: SeedTopology, cache:
     assert cni_table(topo, "portproxy_cni_departures") and departures(topo) == []
     servers = [Servers(ns, cid, [8080], []) for cid, ns in spaces.items()]
     try:
-        daemon.stop()  # stopped: its socket is gone, DELs go daemonless
+        daemon.stop()  # stopped: its socket is gone, DELs go daemonless; its rules stay
         daemon.procs.clear()
+        assert ask_tcp(topo.client, topo.host_ip, 9090) == f"ctr-a {topo.client_ip}"
         chain.delete("ctr-a", spaces["ctr-a"].name, pm["ctr-a"])
+        assert ask_tcp(topo.client, topo.host_ip, 9090) == "ConnectionRefusedError"  # now, not at the start
+        assert ask_tcp(topo.client, topo.host_ip, 9092) == f"ctr-c {topo.client_ip}"  # others' kept rules stay
+        # the port of a kept mapping is taken: another container asking for it is refused
+        other = container(topo)
+        with pytest.raises(AssertionError, match=r'"code": 101.*9092.*portproxy daemon'):
+            chain.add("ctr-x", other.name, pm["ctr-c"])
+        chain.delete("ctr-x", other.name, pm["ctr-c"])  # a word the daemon will find nothing for
+        # a GC cannot collect what only the absent daemon knows: try again later
+        gc = chain.conf(chain.mapper_entry())
+        gc["cniVersion"] = "1.1.0"
+        gc["cni.dev/valid-attachments"] = []
+        got = chain.invoke("portproxy-cni", chain.env("GC"), json.dumps(gc))
+        assert (got.rc, got.json["code"]) == (1, 11), got
         # a network reload while it is away (DEL, then ADD into the plugin's table): the saved
         # mappings go, the new ones (to the address the container has now) are adopted
         chain.delete("ctr-b", spaces["ctr-b"].name, pm["ctr-b"])
         chain.add("ctr-b", spaces["ctr-b"].name, pm["ctr-b"])
-        assert departures(topo) == ["ctr-a eth0 pptest", "ctr-b eth0 pptest"]
+        assert departures(topo) == ["ctr-a eth0 pptest", "ctr-b eth0 pptest", "ctr-x eth0 pptest"]
         daemon.start()
         assert sorted(m["owner"]["id"] for m in daemon.ls()) == ["ctr-b", "ctr-b", "ctr-c", "ctr-c", "ctr-d", "ctr-d"]
         assert departures(topo) == []
@@ -211,8 +227,11 @@ def test_a_delete_while_the_daemon_is_away_reaches_it(topo: SeedTopology, cache:
         daemon.procs[-1].proc.kill()
         daemon.procs[-1].proc.wait()
         daemon.procs.clear()
+        assert ask_tcp(topo.client, topo.host_ip, 9092) == f"ctr-c {topo.client_ip}"  # a crash keeps the rules
         got = chain.mapper_call("DEL", "ctr-c", spaces["ctr-c"].name, pm["ctr-c"], chain.results["ctr-c"])
         assert (got.rc, got.stdout) == (0, "") and "does not answer" in got.stderr, got
+        assert ask_tcp(topo.client, topo.host_ip, 9092) == "ConnectionRefusedError"
+        assert ask_tcp(topo.client, topo.host_ip, 9093) == f"ctr-d {topo.client_ip}"
         got = chain.mapper_call("ADD", "ctr-e", spaces["ctr-c"].name, [{**pm["ctr-c"][0], "hostPort": 9094}],
                                 chain.results["ctr-c"])
         assert (got.rc, got.json["code"]) == (1, 11), got

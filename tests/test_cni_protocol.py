@@ -472,3 +472,32 @@ def test_the_plugins_http_exchange(answer: bytes, expected: tuple | str) -> None
         else:
             with pytest.raises(OSError, match=expected):
                 exchange(ours, "GET", "/v1/mappings", None)
+
+
+def test_the_plugins_http_exchange_has_one_deadline() -> None:
+    """A peer trickling bytes (or silent) ends the exchange at the deadline, not per read."""
+    from portproxy.cni.daemon import exchange
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"HTTP/1.1 200 OK\r\n")  # and then nothing more, connection open
+        with pytest.raises(TimeoutError, match="no complete answer within 0.3 s"):
+            exchange(ours, "GET", "/v1/mappings", None, timeout=0.3)
+
+
+def test_withdrawal_takes_exactly_the_mappings_elements_from_another_table() -> None:
+    """A deleted container's DNAT leaves the absent daemon's table; another container's
+    mapping of the same port (other address) and its other mappings stay."""
+    from portproxy.cni.table import DAEMON, withdrawal
+
+    listing = _listing(DAEMON, ("198.51.100.1:9090:10.88.0.2:8080", 1, "-"), ("198.51.100.2:9090:10.88.0.3:8080", 2, "-"),
+                       ("9091-9092:10.88.0.2:81-82", 3, "-"))
+    state = parse_state(listing)
+    gone = parse_spec("198.51.100.1:9090:10.88.0.2:8080")
+    cmds = withdrawal(state, [gone, parse_spec("9091:10.88.0.2:81")], DAEMON)
+    deleted = {c["delete"]["element"]["name"]: c["delete"]["element"]["elem"] for c in cmds}
+    assert deleted["id4_addr"] == [{"concat": ["198.51.100.1", "tcp", 9090]}]
+    assert deleted["id4_any"] == [{"concat": ["tcp", 9091]}]
+    assert deleted["to_target"] == [1 << 16]  # mapping 3 keeps its mark: port 9092 is still there
+    assert "targets4" not in deleted  # 10.88.0.2 is still a target of 9092
+    assert withdrawal(state, [parse_spec("198.51.100.1:9090:10.88.0.9:8080")], DAEMON) == []  # another target

@@ -173,7 +173,7 @@ async def test_a_refused_set_changes_nothing(topo, tcp_echo, daemon) -> None:
         assert status == 400 and message in answer["error"], (body, answer)
         assert len(answer["error"]) < 400 and "\n" not in answer["error"]
     unchanged()
-    status, answer = put(start, json.dumps({"owner": OWNER, "mappings": declared(ctr, 9092)}) + " " * (1 << 20))
+    status, answer = put(start, json.dumps({"owner": OWNER, "mappings": declared(ctr, 9092)}) + " " * (16 << 20))
     assert status == 413 and "error" in answer
     unchanged()
     for port in (9090, 9091, 9095, 9096):

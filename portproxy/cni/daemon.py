@@ -39,6 +39,7 @@ import os
 import socket
 import stat
 import sys
+import time
 from typing import Any, Callable
 
 from ..spec import WILDCARDS, Mapping
@@ -76,18 +77,32 @@ MAX_ANSWER = 64 * 1024 * 1024
 """A listing of 65,535 mappings is a few tens of MB; anything larger is not an answer."""
 
 
-def exchange(sock: socket.socket, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
-    """One HTTP/1.1 request on a fresh connection to portproxy's API: (status, body)."""
+def exchange(sock: socket.socket, method: str, target: str, body: bytes | None,
+             timeout: float = TIMEOUT) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a fresh connection to portproxy's API: (status, body), all of
+    it within ``timeout`` seconds (a peer trickling bytes must not hold a container's start)."""
     head = f"{method} {target} HTTP/1.1\r\nHost: portproxy\r\nConnection: close\r\n"
     if body is not None:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-    sock.sendall(head.encode() + b"\r\n" + (body or b""))
-    chunks, size = [], 0
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_ANSWER:
-            raise OSError("the answer is too large")
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(head.encode() + b"\r\n" + (body or b""))
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                raise OSError("the answer is too large")
+        else:
+            raise TimeoutError
+    except TimeoutError:
+        raise TimeoutError(f"no complete answer within {timeout:g} s") from None
     status_line, _, rest = b"".join(chunks).partition(b"\r\n")
     headers, _, payload = rest.partition(b"\r\n\r\n")
     fields = status_line.split(b" ", 2)
@@ -196,8 +211,11 @@ class DaemonBackend:
     def declare(self, owner: dict[str, Any], mappings: list[Mapping]) -> None:
         """Make ``mappings`` the whole set of ``owner`` in the daemon: one request, one nft
         transaction, all or nothing (``PUT /v1/owners/mappings``; a refusal changes nothing)."""
-        self._ok("PUT", "/v1/owners/mappings",
-                 {"owner": owner, "mappings": [{"spec": str(m), "mode": "kernel"} for m in mappings]})
+        answer = self._ok("PUT", "/v1/owners/mappings",
+                          {"owner": owner, "mappings": [{"spec": str(m), "mode": "kernel"} for m in mappings]})
+        if not all(isinstance(answer.get(key), list) for key in ("added", "removed", "kept")):
+            raise CniError(ERR_IO, f"the server at {self.path} answered without a declared set: not a portproxy "
+                           "daemon (or one too old for this plugin)")
 
     # --- the operations of both backends ------------------------------------------------------
     def add(self, owner: Owner, mappings: list[Mapping]) -> None:

@@ -11,8 +11,8 @@ import os
 import sys
 from typing import Any, Callable, TextIO
 
-from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, SUPPORTED_VERSIONS, CniError, Config,
-                       Env, check_version, container_addresses, decode, error_json, mappings_for, owner_of,
+from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, ERR_TRY_AGAIN, SUPPORTED_VERSIONS, CniError,
+                       Config, Env, check_version, container_addresses, decode, error_json, mappings_for, owner_of,
                        parse_config, parse_env, result_for)
 from .versions import version_json
 
@@ -112,14 +112,34 @@ def cmd_del(env: Env, conf: Config) -> None:
     except DaemonAway as exc:
         table = own_table(conf)
         table.remove(owner)
-        if not table.leave_word(owner):
+        if not _tell_the_absent_daemon(env, conf, owner, table):
             raise
         print(f"portproxy-cni: {exc.msg}; the daemon will drop {owner.container_id[:12]}'s mappings "
               "when it starts", file=sys.stderr)
         return
     path = socket_path(env, conf)
     if isinstance(backend, NftBackend) and path is not None and not os.path.lexists(path):
-        backend.leave_word(owner)
+        _tell_the_absent_daemon(env, conf, owner, backend)
+
+
+def _tell_the_absent_daemon(env: Env, conf: Config, owner: Any, table: Any) -> bool:
+    """Leave word for a daemon holding CNI mappings that is away (False: there is none), and
+    take this attachment's DNAT out of its table if it was kept meanwhile: the runtime gives
+    the address to the next container now, not when the daemon is back. That needs
+    ``prevResult`` (the container's addresses), which runtimes pass to DEL."""
+    if not table.leave_word(owner):
+        return False
+    if conf.prev_result is not None and conf.port_mappings:
+        from .daemon import api_mappings
+
+        try:
+            addresses = container_addresses(conf.prev_result, env.ifname)
+        except CniError:
+            return True
+        if table.withdraw_kept(api_mappings(mappings_for(conf.port_mappings, addresses))):
+            print(f"portproxy-cni: took {owner.container_id[:12]}'s DNAT out of the absent daemon's table",
+                  file=sys.stderr)
+    return True
 
 
 def cmd_check(env: Env, conf: Config) -> None:
@@ -130,7 +150,18 @@ def cmd_check(env: Env, conf: Config) -> None:
 
 
 def cmd_gc(env: Env, conf: Config) -> None:
-    _everywhere(env, conf, lambda backend: backend.gc(conf.name, set(conf.valid_attachments)))
+    """GC needs the daemon: its saved attachments are known to it alone. While it is away
+    (stopped: socket gone; crashed: DaemonAway) the plugin's own table is collected, and
+    the runtime is told to try again (code 11) rather than that everything was collected."""
+    from .daemon import socket_path
+    from .table import NftBackend
+
+    backend = _everywhere(env, conf, lambda backend: backend.gc(conf.name, set(conf.valid_attachments)))
+    path = socket_path(env, conf)
+    if (isinstance(backend, NftBackend) and path is not None and not os.path.lexists(path)
+            and backend.daemon_expects_word()):
+        raise CniError(ERR_TRY_AGAIN, f"the portproxy daemon ({path}) is away: its mappings were not collected",
+                       "GC again once it runs")
 
 
 def cmd_status(env: Env, conf: Config) -> None:

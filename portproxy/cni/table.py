@@ -167,6 +167,21 @@ def removal(state: State, doomed: list[Entry], marks: set[int], opts: KernelOpti
     return builders.delete_elements(opts, elements)
 
 
+DAEMON = KernelOptions()
+"""The daemon's table (``inet portproxy``), as its builders name it: the plugin reads it (and,
+while the daemon is away, withdraws a deleted container's DNAT from it), never writes it."""
+
+
+def withdrawal(state: State, mappings: list[Mapping], opts: KernelOptions) -> list[dict]:
+    """Commands deleting from ``state`` (another table) exactly the elements of ``mappings``:
+    the same key *and* the same target, so another container's mapping of the port stays (pure)."""
+    wanted = {(name, key): (str(m.target_ip), port) for m in mappings for name, key, port in builders.element_keys(m)}
+    doomed = [e for e in state.entries if wanted.get((e.id_map, e.key)) == (e.target, e.target_port)]
+    gone = set(id(e) for e in doomed)
+    marks = {e.mark for e in doomed} - {e.mark for e in state.entries if id(e) not in gone}
+    return removal(state, doomed, marks, opts) if doomed else []
+
+
 def _host_port(id_map: str, key: tuple[Any, ...]) -> tuple[tuple[int, str, int], Any]:
     """((family, protocol, port), host address or None) of an element key of ``id_map``."""
     family = 4 if id_map.startswith("id4") else 6
@@ -215,6 +230,13 @@ class NftBackend:
             for e in state.entries:
                 port, address = _host_port(e.id_map, e.key)
                 held.setdefault(port, []).append((address, state.owners.get(e.mark)))
+            # The daemon's table: its own mappings, and those of a daemon that is away (its
+            # rules kept, or crashed) -- but not this very target, which is this container's.
+            targets = {(str(m.target_ip), port) for m in mappings for _, _, port in builders.element_keys(m)}
+            for e in read_state(self.nft, DAEMON).entries:
+                if (e.target, e.target_port) not in targets:
+                    port, address = _host_port(e.id_map, e.key)
+                    held.setdefault(port, []).append((address, "the portproxy daemon's table"))
             for m in mappings:
                 for name, key, _ in builders.element_keys(m):
                     port, address = _host_port(name, key)
@@ -236,6 +258,24 @@ class NftBackend:
         """DEL: the attachment's mappings go (none is fine: DEL is idempotent)."""
         token = owner.token()
         self.delete(lambda t: t == token)
+
+    def withdraw_kept(self, mappings: list[Mapping]) -> bool:
+        """While the daemon is away, its table may still DNAT a deleted container's ports
+        (``keep_kernel_rules``, or a crash), towards an address the runtime will give to
+        the next container: take exactly those elements out now (the daemon rewrites its
+        table whole when it starts). Whether anything was there to take out."""
+        with namespace_lock():
+            commands = withdrawal(read_state(self.nft, DAEMON), mappings, DAEMON)
+            if commands:
+                self._apply(commands)
+            return bool(commands)
+
+    def daemon_expects_word(self) -> bool:
+        """Whether a daemon that held CNI mappings here keeps its departures table (:mod:`.departures`)."""
+        try:
+            return departures.read(self.nft) is not None
+        except NftError as exc:
+            raise CniError(ERR_IO, str(exc)) from None
 
     def leave_word(self, owner: Owner) -> bool:
         """Tell an absent daemon that this attachment is gone (:mod:`.departures`); False
