@@ -277,6 +277,36 @@ def test_refusals(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemo
     status = chain.invoke("portproxy-cni", chain.env("STATUS"),
                           json.dumps(chain.conf({**chain.mapper_entry(), "daemonSocket": str(dead)})))
     assert (status.rc, status.json["code"]) == (1, 50), status
+    status = chain.invoke("portproxy-cni", chain.env("STATUS"), json.dumps(chain.conf(chain.mapper_entry())))
+    assert (status.rc, status.stdout) == (0, ""), status
+    # a server that accepts and answers HTTP 200 "{}" is not a portproxy daemon: STATUS says so,
+    # and an ADD is refused rather than reported done with no DNAT anywhere
+    other = tmp_path / "other.sock"
+    server = topo.host.popen([sys.executable, "-c", NOT_PORTPROXY, str(other)], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"listening\n"
+        conf = {**chain.mapper_entry(), "daemonSocket": str(other)}
+        status = chain.invoke("portproxy-cni", chain.env("STATUS"), json.dumps(chain.conf(conf)))
+        assert (status.rc, status.json["code"]) == (1, 50) and "portproxy" in status.json["details"], status
+        got = chain.mapper_call("ADD", "ctr-b", b.name, [{**WEB[0], "hostPort": 9191}], chain.results["ctr-a"],
+                                extra={"daemonSocket": str(other)})
+        assert (got.rc, got.json["code"]) == (1, 5) and "not a portproxy daemon" in got.json["msg"], got
+    finally:
+        server.kill()
+        server.wait()
+
+
+NOT_PORTPROXY = """import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(8)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(65536)
+    c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n{}")
+    c.close()
+"""
 
 
 def test_a_daemon_of_another_namespace_is_not_used(topo: SeedTopology, tmp_path: Path, daemon: Daemon) -> None:

@@ -201,6 +201,12 @@ class DaemonBackend:
             raise CniError(code, f"portproxy daemon: {answer.get('error', f'HTTP {status}')}")
         return answer
 
+    def ready(self) -> None:
+        """STATUS: a server that accepts connections is not enough; it must answer as portproxy."""
+        answer = self._ok("GET", "/v1/health")
+        if not isinstance(answer.get("mappings"), int):
+            raise CniError(ERR_IO, f"the server at {self.path} does not answer as a portproxy daemon")
+
     def listing(self) -> list[dict]:
         return self._ok("GET", "/v1/mappings").get("mappings", [])
 

@@ -165,8 +165,10 @@ def cmd_gc(env: Env, conf: Config) -> None:
 
 
 def cmd_status(env: Env, conf: Config) -> None:
+    """Ready for ADDs: the daemon (if one is configured and there) answers as portproxy does,
+    or libnftables can be used for the plugin's own table."""
     try:
-        backend_for(env, conf)
+        backend_for(env, conf).ready()
     except CniError as exc:
         raise CniError(ERR_NOT_AVAILABLE, "plugin not available", exc.msg) from None
 

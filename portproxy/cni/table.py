@@ -214,6 +214,9 @@ class NftBackend:
         except NftError as exc:
             raise CniError(ERR_IO, str(exc)) from None
 
+    def ready(self) -> None:
+        """STATUS: the libnftables context was made (CAP_NET_ADMIN, the library): nothing more to ask."""
+
     def _apply(self, commands: list[dict]) -> None:
         try:
             self.nft.apply(commands)

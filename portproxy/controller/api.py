@@ -10,6 +10,8 @@ POST     /v1/mappings/switch          {"name": "...", "mode": "kernel"}
 PUT      /v1/owners/mappings          {"owner": {...}, "mappings": [...]}: a CNI
                                       owner's whole set, one kernel transaction
 POST     /v1/reload                   re-read the config file, apply the difference
+GET      /v1/health                   cheap: mapping counts, failed ones, the
+                                      last problem found with the nft table
 =======  ===========================  =========================================
 
 A POST body takes the same keys as a ``[[mapping]]`` table of the config (``spec``,
@@ -134,6 +136,12 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
                 raise
             return _error(exc.status, exc.reason)
 
+    async def health(request: web.Request) -> web.Response:
+        """What a probe needs without the listing's cost (no kernel counters are read)."""
+        entries = controller.entries.values()
+        return web.json_response({"mappings": len(entries), "failed": sum(e.status == "failed" for e in entries),
+                                  "kernel_problem": controller.kernel_problem})
+
     async def list_mappings(request: web.Request) -> web.Response:
         return web.json_response({"mappings": await controller.describe()})
 
@@ -185,6 +193,7 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
         return web.json_response(report)
 
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+    app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/mappings", list_mappings)
     app.router.add_post("/v1/mappings", add_mapping)
     app.router.add_delete("/v1/mappings", remove_mapping)
