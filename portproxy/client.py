@@ -52,6 +52,15 @@ def _human_bytes(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
+def owner_cell(owner: dict) -> str:
+    """``KIND:NAME`` (or the id's first 12 characters); ``KIND:NAMESPACE/NAME`` for a pod, as
+    two pods of one name in two namespaces are two owners."""
+    name = owner.get("name")
+    if name and owner.get("namespace"):
+        name = f"{owner['namespace']}/{name}"
+    return f"{owner.get('kind')}:{name or owner.get('id', '')[:12]}"
+
+
 def format_table(mappings: list[dict]) -> str:
     rows = [("MAPPING", "MODE", "STATUS", "OWNER", "CONNS", "BYTES IN", "BYTES OUT", "KERNEL CONNS", "KERNEL BYTES")]
     notes = []
@@ -67,7 +76,7 @@ def format_table(mappings: list[dict]) -> str:
             notes.append(f"{m['spec']}: {m.get('kernel_problem', 'not in the nft table')}")
         rows.append((
             m["spec"], m["mode"], status,
-            f"{owner.get('kind')}:{owner.get('name') or owner.get('id', '')[:12]}" if owner else m.get("source", "-"),
+            owner_cell(owner) if owner else m.get("source", "-"),
             str(u.get("connections", 0)),
             _human_bytes(u.get("bytes_to_target", 0)), _human_bytes(u.get("bytes_to_client", 0)),
             str(k["connections"]) if k else "-", _human_bytes(k["bytes"]) if k else "-",

@@ -229,12 +229,22 @@ def parse_spec(spec: str) -> Mapping:
     if target_ip.is_multicast or (target_ip.version == 4 and target_ip == ipaddress.IPv4Address("255.255.255.255")):
         raise SpecError(f"bad mapping {shorten(spec)}: target address {shorten(target_field)} is not a unicast address")
     for ip, what, field in ((host_ip, "host", host_field), (target_ip, "target", target_field)):
-        if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
-            raise SpecError(f"bad mapping {shorten(spec)}: {what} address {shorten(field)} is an IPv4-mapped "
-                            f"IPv6 address; write {ip.ipv4_mapped}")
+        if ip is not None and (why := ipv4_mapped_problem(ip)):
+            raise SpecError(f"bad mapping {shorten(spec)}: {what} address {shorten(field)} {why}")
     if host_ip is not None and host_ip.is_multicast:
         raise SpecError(f"bad mapping {shorten(spec)}: host address {shorten(host_field)} is a multicast address")
     return Mapping(proto, host_ip, h_start, h_end, target_ip, t_start, t_end)  # type: ignore[arg-type]
+
+
+def ipv4_mapped_problem(ip: IPAddress) -> str | None:
+    """Why ``ip`` is refused if it is an IPv4-mapped IPv6 address (``::ffff:192.0.2.1``), else None.
+
+    It names an IPv4 host in IPv6 notation, so the mapping's family would be ambiguous; every
+    place that takes an address from a user (specs, the CNI plugin's ``hostIP``) refuses it
+    with the plain IPv4 form to write instead."""
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return f"is an IPv4-mapped IPv6 address; write {ip.ipv4_mapped}"
+    return None
 
 
 def parse_specs(specs: list[str]) -> list[Mapping]:

@@ -53,6 +53,56 @@ def test_env_requires_what_the_command_needs() -> None:
         assert err.value.code == p.ERR_INVALID_ENV
 
 
+@pytest.mark.parametrize("command", ["ADD", "CHECK", "DEL"])
+@pytest.mark.parametrize("name, value, why", [
+    ("CNI_CONTAINERID", "a b", "invalid characters"),  # the owner token is space-separated
+    ("CNI_CONTAINERID", "-abc", "invalid characters"), ("CNI_CONTAINERID", "a/b", "invalid characters"),
+    ("CNI_CONTAINERID", "abc\n", "invalid characters"), ("CNI_CONTAINERID", "c\u00e9", "invalid characters"),
+    ("CNI_IFNAME", ".", ". or .."), ("CNI_IFNAME", "..", ". or .."), ("CNI_IFNAME", "e/0", "/ or :"),
+    ("CNI_IFNAME", "e:0", "/ or :"), ("CNI_IFNAME", "e 0", "whitespace"), ("CNI_IFNAME", "e\u30000", "whitespace"),
+    ("CNI_IFNAME", "x" * 16, "too long"), ("CNI_IFNAME", "\u00e9" * 8, "16 bytes"),  # 8 characters, 16 bytes
+    ("CNI_IFNAME", "eth\udcff", "not UTF-8"),  # an undecodable byte, as os.environ holds it
+])
+def test_ids_validated_like_the_go_skel(command: str, name: str, value: str, why: str) -> None:
+    """libcni's ValidateContainerID / ValidateInterfaceName, where skel applies them: code 4."""
+    with pytest.raises(p.CniError, match=why) as err:
+        p.parse_env({**ENV, "CNI_COMMAND": command, name: value})
+    assert err.value.code == p.ERR_INVALID_ENV
+
+
+def test_valid_ids_and_commands_that_take_none() -> None:
+    for cid, ifname in (("c1", "eth0"), ("a.b_c-D9", "x" * 15), ("0" * 64, "\u00e9" * 7), ("x", "e\u00a1")):
+        env = p.parse_env({**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": "", "CNI_CONTAINERID": cid, "CNI_IFNAME": ifname})
+        assert (env.container_id, env.ifname, env.netns) == (cid, ifname, "")  # DEL needs no netns
+    for command in ("VERSION", "GC", "STATUS"):  # skel validates them only where they are required
+        assert p.parse_env({"CNI_COMMAND": command, "CNI_CONTAINERID": "a b", "CNI_IFNAME": "."}).command == command
+    with pytest.raises(p.CniError, match="needs CNI_IFNAME") as err:
+        p.parse_env({**ENV, "CNI_IFNAME": ""})
+    assert err.value.code == p.ERR_INVALID_ENV
+
+
+@pytest.mark.parametrize("name, why", [
+    (None, "missing"), ("", "missing"), ("a b", "invalid characters"), ("-net", "invalid characters"),
+    ("net/1", "invalid characters"), (7, "invalid characters"), ("n" * 257, "too long"),
+])
+def test_network_name_validated(name: object, why: str) -> None:
+    """libcni's ValidateNetworkName, for every command but VERSION: code 7."""
+    raw = conf(name=name) if name is not None else {k: v for k, v in conf().items() if k != "name"}
+    with pytest.raises(p.CniError, match=why) as err:
+        p.parse_config(raw)
+    assert err.value.code == p.ERR_INVALID_CONFIG
+    assert p.parse_config(conf(name="cni-podman1.x_y")).name == "cni-podman1.x_y"
+    assert p.parse_config(conf(name="n" * 256)).name == "n" * 256
+
+
+def test_invalid_input_answered_as_cni_error_json(recorder: Recorder) -> None:
+    rc, err = run({**ENV, "CNI_COMMAND": "DEL", "CNI_CONTAINERID": "a b"}, json.dumps(conf()).encode())
+    assert (rc, err["code"], err["msg"]) == (1, 4, "invalid characters in CNI_CONTAINERID 'a b'")
+    rc, err = run({**ENV, "CNI_COMMAND": "GC"}, json.dumps(conf(name="my net")).encode())
+    assert (rc, err["code"]) == (1, 7) and "network name" in err["msg"]
+    assert recorder.calls == []
+
+
 def test_versions() -> None:
     assert p.check_version(conf(cniVersion="0.4.0")) == "0.4.0"
     with pytest.raises(p.CniError) as err:
@@ -118,6 +168,89 @@ def test_owner_token_and_gc() -> None:
     assert not p.gc_doomed("c1 eth0 net1", "net2", set())
     with pytest.raises(p.CniError):
         p.Owner("n", "c" * 200, "eth0").token()
+
+
+def test_comments_and_tokens_measured_in_bytes() -> None:
+    """nft limits a comment to 127 bytes: 64 four-byte emoji made libnftables abort."""
+    for pod in ("\U0001F600" * 64, "a" + "\U0001F600" * 40, "\u00e9" * 100, "w\udcff" * 80):
+        label = p.Owner("net1", "c1", "eth0", pod=pod, namespace="ns").label()
+        assert label is not None and len(label.encode()) <= p.COMMENT_MAX
+        assert ("ns/" + pod.replace("\udcff", "?")).startswith(label)  # cut on a character boundary
+        assert len(label.encode()) > p.COMMENT_MAX - 4  # and no more than the last character lost
+    # 122 characters but 128 bytes: too long unhashed, and hashed still too long
+    with pytest.raises(p.CniError) as err:
+        p.Owner("n" * 10, "c" * 104, "\u00e9" * 6).token()
+    assert err.value.code == p.ERR_INVALID_ENV
+    token = p.Owner("n" * 20, "c" * 95, "\u00e9" * 6).token()  # 123 characters, 129 bytes: hashed
+    assert token.endswith(p.network_hash("n" * 20)) and len(token.encode()) <= p.COMMENT_MAX
+
+
+def test_controller_owner_fits_what_the_daemon_takes() -> None:
+    owner = p.Owner("net1", "c1", "eth0", pod="w" * 300, namespace="n" * 300).controller_owner()
+    assert (owner["name"], owner["namespace"]) == ("w" * 256, "n" * 256)
+
+
+@pytest.mark.parametrize("host_ip, why", [
+    ("::ffff:198.51.100.1", "IPv4-mapped IPv6 address; write 198.51.100.1"),
+    ("fe80::1%eth0", "has a zone"), (3232235777, "not an IP address"), ("10.0.0.1/8", "not an IP address"),
+])
+def test_host_ip_refused_as_the_daemon_would(host_ip: object, why: str) -> None:
+    """The daemon refuses a mapped address in a spec; daemonless must refuse it too (code 7)."""
+    with pytest.raises(p.CniError, match=why) as err:
+        p.parse_config(conf(runtimeConfig={"portMappings": [{"hostPort": 80, "containerPort": 80,
+                                                             "hostIP": host_ip}]}))
+    assert err.value.code == p.ERR_INVALID_CONFIG
+    with pytest.raises(ValueError, match="write 198.51.100.1"):
+        parse_spec("[::ffff:198.51.100.1]:80:10.0.0.2:80")  # the same rule, in the spec grammar
+
+
+@pytest.mark.parametrize("value, why", [
+    (1, "must be a path"), (["/x"], "must be a path"), ("run/pp.sock", "not an absolute path"),
+    ("/run/pp\0.sock", "NUL byte"), ("/" + "x" * 107, "longer than a unix socket path"),
+    ("/" + "\u00e9" * 54, "longer than a unix socket path"),  # 55 characters, 109 bytes
+])
+def test_daemon_socket_refused(value: object, why: str) -> None:
+    with pytest.raises(p.CniError, match=why) as err:
+        p.parse_config(conf(daemonSocket=value))
+    assert err.value.code == p.ERR_INVALID_CONFIG
+
+
+def test_daemon_socket_accepted() -> None:
+    for value in (None, "", "/run/portproxy/control.sock", "/" + "x" * 106):
+        assert p.parse_config(conf(daemonSocket=value)).daemon_socket == value
+
+
+def test_something_else_at_the_socket_path_means_daemonless(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from portproxy.cni.daemon import connect
+
+    regular, fifo = tmp_path / "file", tmp_path / "fifo"
+    regular.write_text("")
+    os.mkfifo(fifo)
+    base = p.parse_config(conf())
+    for path in (regular, fifo, tmp_path):
+        assert connect(str(path), base) is None
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{path} is not a socket" in err
+    assert connect(str(tmp_path / "absent"), base) is None and capsys.readouterr().err == ""
+
+
+def test_ls_owner_column_names_the_pods_namespace() -> None:
+    from portproxy.client import format_table
+
+    def row(spec: str, owner: dict) -> dict:
+        return {"spec": spec, "mode": "kernel", "status": "running", "owner": owner}
+
+    table = format_table([
+        row("0.0.0.0:9090:10.88.0.2:80/tcp", {"kind": "cni", "id": "c1", "ifname": "eth0", "network": "n",
+                                              "name": "web", "namespace": "ns1"}),
+        row("0.0.0.0:9091:10.88.0.3:80/tcp", {"kind": "cni", "id": "c2", "ifname": "eth0", "network": "n",
+                                              "name": "web", "namespace": "ns2"}),
+        row("0.0.0.0:9092:10.88.0.4:80/tcp", {"kind": "cni", "id": "c3" * 10, "ifname": "eth0", "network": "n",
+                                              "name": "db"}),
+        row("0.0.0.0:9093:10.88.0.5:80/tcp", {"kind": "docker", "id": "d" * 64})])
+    owners = [line.split()[3] for line in table.splitlines()[1:]]
+    assert owners == ["cni:ns1/web", "cni:ns2/web", "cni:db", "docker:" + "d" * 12]
 
 
 # --- conditions -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Which socket: the network configuration's ``daemonSocket`` (``""`` turns daemon 
 else ``$PORTPROXY_SOCKET`` (runtimes pass a small environment, so the conflist is the
 reliable place), else :data:`~portproxy.defaults.DEFAULT_SOCKET`.
 
-- No socket file: daemonless (:class:`~portproxy.cni.table.NftBackend`); a daemon that
+- No socket file (or something else at that path, said on stderr): daemonless (:class:`~portproxy.cni.table.NftBackend`); a daemon that
   starts later adopts that table (:mod:`.adopt`).
 - A socket whose daemon runs in another network namespace: not ours to use (its table
   is elsewhere), so daemonless too.
@@ -129,6 +129,8 @@ def connect(path: str | None, conf: Config) -> "DaemonBackend | None":
         return None
     try:
         if not stat.S_ISSOCK(os.stat(path).st_mode):
+            print(f"portproxy-cni: {path} is not a socket; writing table inet portproxy_cni instead "
+                  "(no portproxy daemon there)", file=sys.stderr)
             return None
     except OSError:
         return None

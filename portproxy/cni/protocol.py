@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import re
 from typing import Any, Mapping as EnvMapping
 
-from ..spec import IPAddress, Mapping
+from ..spec import IPAddress, Mapping, ipv4_mapped_problem
 from .conditions import Condition, ConditionError, parse_conditions
 
 from .versions import SUPPORTED_VERSIONS
@@ -46,7 +47,13 @@ ERR_INTERNAL = 999
 """Anything unexpected (libcni's ErrInternal)."""
 
 COMMENT_MAX = 127
-"""Longest nft element comment (NFTNL_UDATA_COMMENT_MAXLEN 128, with its NUL)."""
+"""Longest nft element comment in bytes (NFTNL_UDATA_COMMENT_MAXLEN 128, with its NUL)."""
+
+OWNER_FIELD_MAX = 256
+"""Longest owner field ``portproxy serve`` takes (``validate_owner`` in controller/core.py)."""
+
+SUN_PATH_MAX = 107
+"""Longest unix socket path in bytes (``sun_path`` is 108, with its NUL)."""
 
 
 class CniError(Exception):
@@ -83,16 +90,51 @@ class Env:
 
 
 def parse_env(environ: EnvMapping[str, str]) -> Env:
-    """The ``CNI_*`` variables, checked for what ``CNI_COMMAND`` needs."""
+    """The ``CNI_*`` variables, checked for what ``CNI_COMMAND`` needs.
+
+    ``CNI_CONTAINERID`` and ``CNI_IFNAME`` are validated where they are required (ADD,
+    CHECK, DEL), as the Go ``skel`` does: they go into the space-separated owner token,
+    so an ID with a space would make mappings that no DEL could find again."""
     command = environ.get("CNI_COMMAND", "")
     if command not in COMMANDS:
         raise CniError(ERR_INVALID_ENV, f"unknown CNI_COMMAND {command!r}", f"expected one of {', '.join(COMMANDS)}")
     missing = [name for name in _REQUIRED_ENV[command] if not environ.get(name)]
     if missing:
         raise CniError(ERR_INVALID_ENV, f"{command} needs {', '.join(missing)}")
+    if "CNI_CONTAINERID" in _REQUIRED_ENV[command]:
+        if not _NAME.fullmatch(environ["CNI_CONTAINERID"]):
+            raise CniError(ERR_INVALID_ENV, f"invalid characters in CNI_CONTAINERID {environ['CNI_CONTAINERID']!r}",
+                           _NAME_RULE)
+        check_ifname(environ["CNI_IFNAME"])
     return Env(command, environ.get("CNI_CONTAINERID", ""), environ.get("CNI_NETNS", ""),
                environ.get("CNI_IFNAME", ""), parse_cni_args(environ.get("CNI_ARGS", "")),
                environ.get("PORTPROXY_SOCKET", ""))
+
+
+_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
+"""A container ID or network name (libcni's ``cniValidNameChars``)."""
+_NAME_RULE = "a letter or digit, then letters, digits, '_', '.' or '-'"
+
+_GO_SPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+                      "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+"""What Go's ``unicode.IsSpace`` calls whitespace (Python's ``isspace`` differs a little)."""
+
+IFNAME_MAX = 15
+"""Longest interface name in bytes (IFNAMSIZ 16, with its NUL)."""
+
+
+def check_ifname(ifname: str) -> None:
+    """``CNI_IFNAME`` by libcni's ``ValidateInterfaceName`` (the kernel's ``dev_valid_name``),
+    and UTF-8, since it is recorded as text in the owner token."""
+    try:
+        size = len(ifname.encode())
+    except UnicodeEncodeError:  # undecodable bytes in the environment (surrogateescape)
+        raise CniError(ERR_INVALID_ENV, "CNI_IFNAME is not UTF-8") from None
+    why = ("is empty" if not ifname else f"is too long ({size} bytes, at most {IFNAME_MAX})" if size > IFNAME_MAX
+           else "is . or .." if ifname in (".", "..")
+           else "contains / or : or whitespace" if any(c in "/:" or c in _GO_SPACE for c in ifname) else "")
+    if why:
+        raise CniError(ERR_INVALID_ENV, f"CNI_IFNAME {ifname!r} {why}")
 
 
 def parse_cni_args(text: str) -> dict[str, str]:
@@ -169,9 +211,14 @@ def check_version(conf: dict) -> str:
 def parse_config(conf: dict) -> Config:
     """The network configuration this plugin reads (unknown keys are ignored, as the spec says)."""
     version = check_version(conf)
-    name = conf.get("name", "")
-    if not isinstance(name, str):
-        raise CniError(ERR_INVALID_CONFIG, "name must be a string")
+    name = conf.get("name")
+    if not name:
+        raise CniError(ERR_INVALID_CONFIG, "missing network name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise CniError(ERR_INVALID_CONFIG, f"invalid characters found in network name {name!r}", _NAME_RULE)
+    if len(name) > OWNER_FIELD_MAX:  # not libcni's rule: portproxy serve would refuse it as an owner
+        raise CniError(ERR_INVALID_CONFIG, f"network name is too long ({len(name)} characters, "
+                       f"at most {OWNER_FIELD_MAX})")
     prev = conf.get("prevResult")
     if prev is not None:
         _obj(prev, "prevResult")
@@ -188,15 +235,28 @@ def parse_config(conf: dict) -> Config:
             raise CniError(ERR_UNSUPPORTED_FIELD, f"{key} is iptables-only; portproxy-cni does not support it")
     if conf.get("backend") not in (None, "nftables"):
         raise CniError(ERR_UNSUPPORTED_FIELD, f"backend {conf.get('backend')!r}: portproxy-cni always uses nftables")
-    daemon_socket = conf.get("daemonSocket")
-    if daemon_socket is not None and not isinstance(daemon_socket, str):
-        raise CniError(ERR_INVALID_CONFIG, "daemonSocket must be a path (a string)")
+    daemon_socket = _daemon_socket(conf.get("daemonSocket"))
     return Config(
         cni_version=version, name=name, prev_result=prev,
         port_mappings=tuple(_port_mapping(e, i) for i, e in enumerate(entries)),
         snat=_bool(conf, "snat", True), masq_all=_bool(conf, "masqAll", False), conditions=conditions,
         valid_attachments=_attachments(conf.get("cni.dev/valid-attachments")), daemon_socket=daemon_socket,
     )
+
+
+def _daemon_socket(value: Any) -> str | None:
+    """``daemonSocket``: None (not given), ``""`` (daemon mode off) or a path a unix socket can have."""
+    if value is None or value == "":
+        return value
+    if not isinstance(value, str):
+        raise CniError(ERR_INVALID_CONFIG, "daemonSocket must be a path (a string)")
+    why = ("is not an absolute path" if not value.startswith("/") else "contains a NUL byte" if "\0" in value
+           else f"is longer than a unix socket path can be ({SUN_PATH_MAX} bytes)"
+           if len(value.encode(errors="surrogatepass")) > SUN_PATH_MAX else "")
+    if why:
+        raise CniError(ERR_INVALID_CONFIG, f"daemonSocket {value[:SUN_PATH_MAX + 1]!r} {why}",
+                       "give the path of portproxy serve's control socket, or \"\" for no daemon")
+    return value
 
 
 def _port(value: Any, what: str) -> int:
@@ -213,12 +273,25 @@ def _port_mapping(entry: Any, index: int) -> PortMapping:
         raise CniError(ERR_INVALID_CONFIG, f"{where}.protocol {proto!r} is not supported (tcp or udp)")
     host_ip: IPAddress | None = None
     if entry.get("hostIP"):
-        try:
-            host_ip = ipaddress.ip_address(entry["hostIP"])
-        except (ValueError, TypeError):
-            raise CniError(ERR_INVALID_CONFIG, f"{where}.hostIP {entry['hostIP']!r} is not an IP address") from None
+        host_ip = _host_ip(entry["hostIP"], f"{where}.hostIP")
     return PortMapping(_port(entry.get("hostPort"), f"{where}.hostPort"),
                        _port(entry.get("containerPort"), f"{where}.containerPort"), proto.lower(), host_ip)
+
+
+def _host_ip(value: Any, what: str) -> IPAddress:
+    """A ``hostIP``: a plain address, as ``portproxy serve`` takes it in a spec."""
+    try:
+        if not isinstance(value, str):  # ip_address() takes integers too
+            raise ValueError
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise CniError(ERR_INVALID_CONFIG, f"{what} {value!r} is not an IP address") from None
+    if getattr(ip, "scope_id", None):
+        raise CniError(ERR_INVALID_CONFIG, f"{what} {value!r} has a zone (%{ip.scope_id}); nftables matches "
+                       "addresses without one: give the address alone")
+    if why := ipv4_mapped_problem(ip):
+        raise CniError(ERR_INVALID_CONFIG, f"{what} {value!r} {why}")
+    return ip
 
 
 def _attachments(value: Any) -> tuple[tuple[str, str], ...]:
@@ -331,21 +404,23 @@ class Owner:
     namespace: str = ""
 
     def token(self) -> str:
-        """``NETWORK CONTAINERID IFNAME``; a network name that would not fit is hashed."""
+        """``CONTAINERID IFNAME NETWORK``; a network name that would not fit is hashed.
+        Measured in bytes, as nft limits a comment."""
         head = f"{self.container_id} {self.ifname}"
-        if len(head) + 1 + len(self.network) <= COMMENT_MAX:
+        if _size(head) + 1 + _size(self.network) <= COMMENT_MAX:
             return f"{head} {self.network}"
         tagged = f"{head} {network_hash(self.network)}"
-        if len(tagged) > COMMENT_MAX:
+        if _size(tagged) > COMMENT_MAX:
             raise CniError(ERR_INVALID_ENV, "CNI_CONTAINERID and CNI_IFNAME are too long to record",
-                           f"at most {COMMENT_MAX - 18} characters together")
+                           f"at most {COMMENT_MAX - 18} bytes together")
         return tagged
 
     def label(self) -> str | None:
         """``NAMESPACE/POD`` (or ``POD``) for the table, so a daemon adopting the mappings can
-        show who they are for; cut to what a comment holds (it is only for display)."""
+        show who they are for; cut to what a comment holds, in bytes on a character boundary
+        (it is only for display; libnftables aborts on a longer comment)."""
         name = "/".join(part for part in (self.namespace, self.pod) if part)
-        return name[:COMMENT_MAX] or None
+        return name.encode(errors="replace")[:COMMENT_MAX].decode(errors="ignore") or None
 
     @classmethod
     def from_controller(cls, owner: dict[str, Any]) -> "Owner":
@@ -355,11 +430,16 @@ class Owner:
     def controller_owner(self) -> dict[str, str]:
         """The owner object of the controller API (phase 2)."""
         owner = {"kind": "cni", "id": self.container_id, "ifname": self.ifname, "network": self.network}
-        if self.pod:
-            owner["name"] = self.pod
+        if self.pod:  # display only: cut to what the daemon takes rather than be refused
+            owner["name"] = self.pod[:OWNER_FIELD_MAX]
         if self.namespace:
-            owner["namespace"] = self.namespace
+            owner["namespace"] = self.namespace[:OWNER_FIELD_MAX]
         return owner
+
+
+def _size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (undecodable environment bytes counted as 3, never an error)."""
+    return len(text.encode(errors="surrogatepass"))
 
 
 def network_hash(network: str) -> str:
