@@ -193,6 +193,7 @@ def test_controller_owner_fits_what_the_daemon_takes() -> None:
 @pytest.mark.parametrize("host_ip, why", [
     ("::ffff:198.51.100.1", "IPv4-mapped IPv6 address; write 198.51.100.1"),
     ("fe80::1%eth0", "has a zone"), (3232235777, "not an IP address"), ("10.0.0.1/8", "not an IP address"),
+    ("224.0.0.1", "multicast"), ("ff02::1", "multicast"),
 ])
 def test_host_ip_refused_as_the_daemon_would(host_ip: object, why: str) -> None:
     """The daemon refuses a mapped address in a spec; daemonless must refuse it too (code 7)."""

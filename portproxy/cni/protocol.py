@@ -291,6 +291,8 @@ def _host_ip(value: Any, what: str) -> IPAddress:
                        "addresses without one: give the address alone")
     if why := ipv4_mapped_problem(ip):
         raise CniError(ERR_INVALID_CONFIG, f"{what} {value!r} {why}")
+    if ip.is_multicast:  # as spec.py refuses it for the daemon
+        raise CniError(ERR_INVALID_CONFIG, f"{what} {value!r} is a multicast address")
     return ip
 
 
