@@ -45,23 +45,29 @@ def timed(chain: Chain, command: str, netns: str, mappings: list[dict], prev: di
     return elapsed
 
 
-def podman_run_times(mapper: str, rounds: int, cache: Path) -> list[float]:
-    """Wall time of ``podman run -d -p 9090:8080`` (then removed untimed), ``rounds`` times."""
-    times = []
-    with tempfile.TemporaryDirectory() as tmp, seed_topology("pcb") as topo, contextlib.ExitStack() as stack:
-        topo.host.sysctl("net/ipv4/ip_forward", "1")
-        conf = {"daemonSocket": str(stack.enter_context(portproxy_daemon(topo.host, Path(tmp) / "daemon")))} \
-            if mapper.endswith("+daemon") else {}
-        podman = Podman(topo, Path(tmp), podman_packages(), cache, mapper.split("+")[0], conf)
-        try:
+def podman_run_times(mappers: list[str], rounds: int, cache: Path) -> dict[str, list[float]]:
+    """Wall time of ``podman run -d -p 9090:8080`` (then removed untimed), ``rounds`` times per
+    mapper, the mappers taking turns within each round (each in a topology and podman of its
+    own), so a busy moment of the machine falls on all of them alike."""
+    times: dict[str, list[float]] = {mapper: [] for mapper in mappers}
+    with contextlib.ExitStack() as stack:
+        podmans = {}
+        for n, mapper in enumerate(mappers):
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            topo = stack.enter_context(seed_topology(f"pcb{n}"))
+            topo.host.sysctl("net/ipv4/ip_forward", "1")
+            conf = {"daemonSocket": str(stack.enter_context(portproxy_daemon(topo.host, tmp / "daemon")))} \
+                if mapper.endswith("+daemon") else {}
+            podman = Podman(topo, tmp, podman_packages(), cache, mapper.split("+")[0], conf)
+            stack.callback(podman.close)
             podman.run_web("warmup", "9089:8080")
-            for i in range(rounds):
+            podmans[mapper] = podman
+        for i in range(rounds):
+            for mapper, podman in podmans.items():
                 t0 = time.perf_counter()
                 podman.run_web(f"web{i}", "9090:8080")
-                times.append(time.perf_counter() - t0)
+                times[mapper].append(time.perf_counter() - t0)
                 podman("rm", "-f", "-t", "0", f"web{i}")
-        finally:
-            podman.close()
     return times
 
 
@@ -103,10 +109,10 @@ def main() -> int:
                           f"DEL {row['del_median_s']:.3f} s", file=sys.stderr)
             chain.invoke("bridge", chain.env("DEL", "bench", ctr.name), json.dumps(chain.conf(chain.bridge_conf(), prev)))
     podman_rows = []
-    for mapper in args.mappers.split(",") if args.podman_rounds else []:
-        times = podman_run_times(mapper, args.podman_rounds, cache)
-        podman_rows.append({"mapper": mapper, "run_s": times, "run_median_s": statistics.median(times)})
-        print(f"{mapper}: podman run -d -p 9090:8080 {podman_rows[-1]['run_median_s']:.3f} s", file=sys.stderr)
+    if args.podman_rounds:
+        for mapper, times in podman_run_times(args.mappers.split(","), args.podman_rounds, cache).items():
+            podman_rows.append({"mapper": mapper, "run_s": times, "run_median_s": statistics.median(times)})
+            print(f"{mapper}: podman run -d -p 9090:8080 {podman_rows[-1]['run_median_s']:.3f} s", file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows,
                                                         "podman": podman_rows}, indent=2) + "\n")

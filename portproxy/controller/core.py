@@ -250,7 +250,7 @@ class Controller:
 
     # --- moves ------------------------------------------------------------------------
     async def _kernel_batch(self, add: Sequence[Mapping], remove: Sequence[Mapping],
-                            preferred: dict[Mapping, int]) -> KernelPath | None:
+                            preferred: dict[Mapping, int], set_hairpin: bool = True) -> KernelPath | None:
         """DNAT in and out in one kernel transaction (none at all, and None, when there is
         nothing to do)."""
         if not add and not remove:
@@ -258,7 +258,8 @@ class Controller:
         kernel = await self._kernel_path()
 
         def apply() -> None:
-            kernel.apply(add, remove, set_sysctls=self.options.set_sysctls, preferred_ids=preferred)
+            kernel.apply(add, remove, set_sysctls=self.options.set_sysctls, preferred_ids=preferred,
+                         set_hairpin=set_hairpin)
 
         await self._in_worker(apply)
         return kernel
@@ -387,9 +388,12 @@ class Controller:
 
     async def _expect_departures(self, consumed: Iterable[int] = (), force: bool = False) -> None:
         """Keep the table where a DEL made while this daemon is away is recorded
-        (:mod:`portproxy.cni.departures`) while it holds CNI mappings, and only then."""
+        (:mod:`portproxy.cni.departures`) from its first CNI mapping on; at the start, and
+        at the stop (:meth:`stop`), remove it if the daemon holds none. Not on every last
+        mapping's removal: one container coming and going would create and delete it on
+        each ``podman run``."""
         expect = any(e.source == "cni" for e in self.entries.values())
-        if force or consumed or expect != self._departures_expected:
+        if force or consumed or (expect and not self._departures_expected):
             await self._in_worker(cni_adopt.settle_departures, consumed, expect)
             self._departures_expected = expect
 
@@ -516,7 +520,8 @@ class Controller:
                      for m, settings in wanted if m in adding}
             old_ids = dict(installed)
             preferred = {p: e.kernel_id for m, e in added.items() if e.kernel_id for p in m.per_family()}
-            kernel = await self._kernel_batch(plan.kernel_add, plan.kernel_remove, preferred)
+            # hairpin is the CNI bridge plugin's (hairpinMode), as with portmap
+            kernel = await self._kernel_batch(plan.kernel_add, plan.kernel_remove, preferred, set_hairpin=False)
             for m, entry in added.items():
                 if kernel is not None:
                     _note_kernel_id(entry, m.per_family(), kernel)
@@ -535,7 +540,7 @@ class Controller:
                 self.entries.update({m: mine[m] for m in plan.remove})
                 for m, old in old_owners.items():
                     self.entries[m].owner = old
-                await self._kernel_batch(plan.kernel_remove, plan.kernel_add, old_ids)
+                await self._kernel_batch(plan.kernel_remove, plan.kernel_add, old_ids, set_hairpin=False)
 
             if plan.add or plan.remove or any(old != owner for old in old_owners.values()):
                 await self._commit(change, undo)
@@ -724,6 +729,8 @@ class Controller:
             task.cancel()
         keep = self.options.keep_kernel_rules if keep_kernel_rules is None else keep_kernel_rules
         await self.proxy.stop()
+        if self._departures_expected and not any(e.source == "cni" for e in self.entries.values()):
+            await self._expect_departures(force=True)  # no CNI mapping to keep word for
         if self._kernel is not None and not keep:
             kernel = self._kernel
             mappings = list(kernel.ids)
