@@ -207,6 +207,11 @@ def test_a_delete_while_the_daemon_is_away_reaches_it(topo: SeedTopology, cache:
         with pytest.raises(AssertionError, match=r'"code": 101.*9092.*portproxy daemon'):
             chain.add("ctr-x", other.name, pm["ctr-c"])
         chain.delete("ctr-x", other.name, pm["ctr-c"])  # a word the daemon will find nothing for
+        # a DEL whose ports cannot be worked out (mapped twice) still succeeds: the word is left
+        twice = [pm["ctr-c"][0], {**pm["ctr-c"][0], "containerPort": 8081}]
+        got = chain.mapper_call("DEL", "ctr-x", other.name, twice, chain.results["ctr-c"])
+        assert (got.rc, got.stdout) == (0, "") and "mapped twice" in got.stderr, got
+        assert ask_tcp(topo.client, topo.host_ip, 9092) == f"ctr-c {topo.client_ip}"
         # a GC cannot collect what only the absent daemon knows: try again later
         gc = chain.conf(chain.mapper_entry())
         gc["cniVersion"] = "1.1.0"
@@ -217,7 +222,7 @@ def test_a_delete_while_the_daemon_is_away_reaches_it(topo: SeedTopology, cache:
         # mappings go, the new ones (to the address the container has now) are adopted
         chain.delete("ctr-b", spaces["ctr-b"].name, pm["ctr-b"])
         chain.add("ctr-b", spaces["ctr-b"].name, pm["ctr-b"])
-        assert departures(topo) == ["ctr-a eth0 pptest", "ctr-b eth0 pptest", "ctr-x eth0 pptest"]
+        assert departures(topo) == ["ctr-a eth0 pptest", "ctr-b eth0 pptest", "ctr-x eth0 pptest", "ctr-x eth0 pptest"]
         daemon.start()
         assert sorted(m["owner"]["id"] for m in daemon.ls()) == ["ctr-b", "ctr-b", "ctr-c", "ctr-c", "ctr-d", "ctr-d"]
         assert departures(topo) == []
@@ -250,6 +255,29 @@ def test_a_delete_while_the_daemon_is_away_reaches_it(topo: SeedTopology, cache:
     finally:
         for s in servers:
             s.close()
+
+
+def test_a_dead_socket_of_a_daemon_without_cni_mappings(topo: SeedTopology, cache: Path, tmp_path: Path) -> None:
+    """A crashed daemon that held no CNI mapping (no departures table) has nothing of a
+    container: DEL completes; GC collects the plugin's own table and still says try again."""
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(dead))
+    chain = make_chain(topo, cache, tmp_path, "portproxy-cni", mapper_conf={"daemonSocket": ""})
+    a, b = container(topo), container(topo)
+    chain.add("ctr-a", a.name, WEB[:1])
+    chain.add("ctr-b", b.name, [{**WEB[0], "hostPort": 9091}])
+    on_dead = {**chain.mapper_entry(), "daemonSocket": str(dead)}
+    got = chain.invoke("portproxy-cni", chain.env("DEL", "ctr-a", a.name),
+                       json.dumps(chain.conf(on_dead, chain.results["ctr-a"], WEB[:1])))
+    assert (got.rc, got.stdout) == (0, "") and "held no CNI mapping" in got.stderr, got
+    assert ask_tcp(topo.client, topo.host_ip, 9090) == "ConnectionRefusedError"
+    gc = chain.conf(on_dead)
+    gc["cniVersion"] = "1.1.0"
+    gc["cni.dev/valid-attachments"] = []
+    got = chain.invoke("portproxy-cni", chain.env("GC"), json.dumps(gc))
+    assert (got.rc, got.json["code"]) == (1, 11), got
+    assert not cni_table(topo)  # ctr-b's mapping was collected all the same
 
 
 def test_refusals(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> None:

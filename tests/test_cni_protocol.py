@@ -635,3 +635,13 @@ def test_withdrawal_takes_exactly_the_mappings_elements_from_another_table() -> 
     assert deleted["to_target"] == [1 << 16]  # mapping 3 keeps its mark: port 9092 is still there
     assert "targets4" not in deleted  # 10.88.0.2 is still a target of 9092
     assert withdrawal(state, [parse_spec("198.51.100.1:9090:10.88.0.9:8080")], DAEMON) == []  # another target
+
+
+def test_del_goes_through_port_mappings_it_would_refuse(recorder: Recorder) -> None:
+    """A container ADDed by an older, laxer build (or half-refused) must still be deleted:
+    DEL and GC need the owner, not the ports. ADD and CHECK keep refusing them."""
+    bad = {"portMappings": [{"hostPort": 80, "containerPort": 8080, "protocol": "tcp", "hostIP": "224.0.0.1"}]}
+    rc, _ = run({**ENV, "CNI_COMMAND": "DEL"}, json.dumps(conf(runtimeConfig=bad)).encode())
+    assert rc == 0 and recorder.calls == [("remove", "c1 eth0 net1")]
+    rc, result = run(ENV, json.dumps(conf(prevResult=PREV_040, runtimeConfig=bad)).encode())
+    assert rc == 1 and result["code"] == 7 and "multicast" in result["msg"]

@@ -112,10 +112,11 @@ def cmd_del(env: Env, conf: Config) -> None:
     except DaemonAway as exc:
         table = own_table(conf)
         table.remove(owner)
-        if not _tell_the_absent_daemon(env, conf, owner, table):
-            raise
-        print(f"portproxy-cni: {exc.msg}; the daemon will drop {owner.container_id[:12]}'s mappings "
-              "when it starts", file=sys.stderr)
+        if _tell_the_absent_daemon(env, conf, owner, table):
+            print(f"portproxy-cni: {exc.msg}; the daemon will drop {owner.container_id[:12]}'s mappings "
+                  "when it starts", file=sys.stderr)
+        else:  # it never held CNI mappings (no departures table): nothing of this container is there
+            print(f"portproxy-cni: {exc.msg}; it held no CNI mapping, the DEL is complete", file=sys.stderr)
         return
     path = socket_path(env, conf)
     if isinstance(backend, NftBackend) and path is not None and not os.path.lexists(path):
@@ -126,19 +127,31 @@ def _tell_the_absent_daemon(env: Env, conf: Config, owner: Any, table: Any) -> b
     """Leave word for a daemon holding CNI mappings that is away (False: there is none), and
     take this attachment's DNAT out of its table if it was kept meanwhile: the runtime gives
     the address to the next container now, not when the daemon is back. That needs
-    ``prevResult`` (the container's addresses), which runtimes pass to DEL."""
+    ``prevResult`` (the container's addresses), which runtimes pass to DEL.
+
+    A daemon that came back meanwhile (its socket is there again, and it holds its table's
+    lock from before it reads the words) is left alone and the runtime told to try again,
+    which then reaches it. Nothing else here fails the DEL: the word is left, and the
+    daemon acts on it when it starts."""
+    from .daemon import socket_path
+
     if not table.leave_word(owner):
         return False
-    if conf.prev_result is not None and conf.port_mappings:
-        from .daemon import api_mappings
+    if table.daemon_table_locked():
+        path = socket_path(env, conf)
+        if path is not None and os.path.lexists(path):
+            raise CniError(ERR_TRY_AGAIN, f"the portproxy daemon at {path} is starting", "try the DEL again")
+        return True  # another holder (a foreground `portproxy map`): not ours to edit
+    try:
+        if conf.prev_result is not None and conf.port_mappings:
+            from .daemon import api_mappings
 
-        try:
-            addresses = container_addresses(conf.prev_result, env.ifname)
-        except CniError:
-            return True
-        if table.withdraw_kept(api_mappings(mappings_for(conf.port_mappings, addresses))):
-            print(f"portproxy-cni: took {owner.container_id[:12]}'s DNAT out of the absent daemon's table",
-                  file=sys.stderr)
+            mappings = mappings_for(conf.port_mappings, container_addresses(conf.prev_result, env.ifname))
+            if table.withdraw_kept(api_mappings(mappings)):
+                print(f"portproxy-cni: took {owner.container_id[:12]}'s DNAT out of the absent daemon's table",
+                      file=sys.stderr)
+    except CniError as exc:
+        print(f"portproxy-cni: leaving the DNAT in the absent daemon's table to it: {exc.msg}", file=sys.stderr)
     return True
 
 
@@ -153,10 +166,15 @@ def cmd_gc(env: Env, conf: Config) -> None:
     """GC needs the daemon: its saved attachments are known to it alone. While it is away
     (stopped: socket gone; crashed: DaemonAway) the plugin's own table is collected, and
     the runtime is told to try again (code 11) rather than that everything was collected."""
-    from .daemon import socket_path
+    from .daemon import DaemonAway, socket_path
     from .table import NftBackend
 
-    backend = _everywhere(env, conf, lambda backend: backend.gc(conf.name, set(conf.valid_attachments)))
+    collect: Callable[[Any], Any] = lambda backend: backend.gc(conf.name, set(conf.valid_attachments))  # noqa: E731
+    try:
+        backend = _everywhere(env, conf, collect)
+    except DaemonAway:
+        collect(own_table(conf))
+        raise
     path = socket_path(env, conf)
     if (isinstance(backend, NftBackend) and path is not None and not os.path.lexists(path)
             and backend.daemon_expects_word()):
@@ -178,6 +196,20 @@ COMMANDS: dict[str, Callable[[Env, Config], dict | None]] = {
 }
 
 
+def _config_for(command: str, raw: dict) -> Config:
+    """The configuration; for DEL and GC without port mappings it refuses: they need the
+    owner, not the ports, and a container ADDed by an older, laxer build must still go."""
+    try:
+        return parse_config(raw)
+    except CniError as exc:
+        runtime = raw.get("runtimeConfig")
+        if command not in ("DEL", "GC") or not isinstance(runtime, dict) or "portMappings" not in runtime:
+            raise
+        conf = parse_config({**raw, "runtimeConfig": {k: v for k, v in runtime.items() if k != "portMappings"}})
+        print(f"portproxy-cni: {command} without the port mappings: {exc.msg}", file=sys.stderr)
+        return conf
+
+
 def run(environ: dict[str, str] | os._Environ, stdin: bytes, out: TextIO) -> int:
     """Run one CNI command; write its result or error to ``out``; return the exit status."""
     version = SUPPORTED_VERSIONS[-1]
@@ -191,7 +223,7 @@ def run(environ: dict[str, str] | os._Environ, stdin: bytes, out: TextIO) -> int
         if isinstance(raw.get("cniVersion"), str) and raw["cniVersion"] in SUPPORTED_VERSIONS:
             version = raw["cniVersion"]
         check_version(raw)
-        result = COMMANDS[env.command](env, parse_config(raw))
+        result = COMMANDS[env.command](env, _config_for(env.command, raw))
         if result is not None:
             json.dump(result, out)
         return 0

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import errno
 import ipaddress
+import os
 import socket
 import time
 from typing import Any, Callable, Iterator
@@ -168,8 +169,9 @@ def removal(state: State, doomed: list[Entry], marks: set[int], opts: KernelOpti
 
 
 DAEMON = KernelOptions()
-"""The daemon's table (``inet portproxy``), as its builders name it: the plugin reads it (and,
-while the daemon is away, withdraws a deleted container's DNAT from it), never writes it."""
+"""The daemon's table (``inet portproxy``), as its builders name it. The plugin reads it (the
+ports it publishes are taken) and adds nothing to it; its one change there is withdrawing a
+deleted container's DNAT while the daemon is away (:meth:`NftBackend.withdraw_kept`)."""
 
 
 def withdrawal(state: State, mappings: list[Mapping], opts: KernelOptions) -> list[dict]:
@@ -201,10 +203,11 @@ def _allocate(count: int, taken: set[int]) -> list[int]:
 
 
 class NftBackend:
-    """Mappings written straight into the kernel (no daemon): phase 1 of issue 15.
+    """Mappings written straight into the kernel (no daemon).
 
-    Phase 2 adds a backend with the same four methods that talks to ``portproxy serve``
-    over its control socket; :func:`portproxy.cni.main.backend_for` picks one.
+    :class:`~portproxy.cni.daemon.DaemonBackend` has the same operations (add, remove,
+    check, gc, ready) through ``portproxy serve``'s API; :func:`portproxy.cni.main.backend_for`
+    picks one. The methods after those are this table's part while a daemon is away.
     """
 
     def __init__(self, opts: KernelOptions) -> None:
@@ -272,6 +275,29 @@ class NftBackend:
             if commands:
                 self._apply(commands)
             return bool(commands)
+
+    def daemon_table_locked(self) -> bool:
+        """Whether a daemon holds its table's lock (:mod:`portproxy.lock`): it does from before
+        it reads the departures at its start, so a plugin seeing it free may still withdraw.
+
+        Read, never flocked: the daemon's take is non-blocking, and a probe holding the lock
+        for a moment would make a starting daemon give its kernel path up. The file names
+        its holder's pid and goes when the lock is released; a crash leaves a dead pid."""
+        from ..lock import RUN_DIR, netns_id
+
+        try:
+            text = (RUN_DIR / f"nft-{netns_id()}-{DAEMON.table}.lock").read_text().strip()
+        except OSError:
+            return False
+        if not text.isdigit():
+            return True  # being taken: the pid is written right after the flock
+        try:
+            os.kill(int(text), 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+        return True
 
     def daemon_expects_word(self) -> bool:
         """Whether a daemon that held CNI mappings here keeps its departures table (:mod:`.departures`)."""

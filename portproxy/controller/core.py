@@ -675,6 +675,10 @@ class Controller:
             check_no_overlap(list(desired))
         except SpecError as exc:
             raise Conflict(f"saved and configured mappings conflict: {exc}") from None
+        try:  # its lock first: a plugin then leaves the table alone until this start is over
+            await self._kernel_path()
+        except PortproxyError:
+            pass  # reported by _install_kernel_table, which needs it
         departed = await self._in_worker(cni_adopt.read_departures)
         cni_adopt.drop_departed(desired, set(departed.values()))
         adopted = cni_adopt.merge(await self._in_worker(cni_adopt.read_all), desired,
