@@ -197,8 +197,9 @@ COMMANDS: dict[str, Callable[[Env, Config], dict | None]] = {
 
 
 def _config_for(command: str, raw: dict) -> Config:
-    """The configuration; for DEL and GC without port mappings it refuses: they need the
-    owner, not the ports, and a container ADDed by an older, laxer build must still go."""
+    """The configuration. DEL and GC drop port mappings that would be refused, with a line on
+    stderr: they need the owner, not the ports, and a container an older, laxer build
+    ADDed must still go."""
     try:
         return parse_config(raw)
     except CniError as exc:
