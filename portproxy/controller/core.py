@@ -193,7 +193,7 @@ class Controller:
         """Transparent mode's routing (a SharedRouting), installed while a mapping with
         source = "client" has a listener, and only then."""
         self._departures_expected = False
-        """Whether the DEL-while-away table is kept (this daemon holds CNI mappings)."""
+        """Whether the DEL-while-away table is kept (from this daemon's first CNI mapping on)."""
         self.on_change: Callable[[], None] | None = None
         """Called after every committed change (the daemon updates systemd's STATUS=)."""
 
