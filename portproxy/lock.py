@@ -58,6 +58,31 @@ def take_lock(path: Path, what: str) -> int:
     return fd
 
 
+def table_lock_path(table: str) -> Path:
+    """The lock of nft table ``inet TABLE`` in this thread's network namespace."""
+    return RUN_DIR / f"nft-{netns_id()}-{table}.lock"
+
+
+def held(path: Path) -> bool:
+    """Whether a live process holds the lock at ``path``, by reading it, never flocking it: a
+    taker's flock is non-blocking, and a probe holding it for a moment would fail them. The
+    file names its holder's pid (written right after the flock) and goes on release; a
+    crash leaves a dead pid."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return False
+    if not text.isdigit():
+        return True  # being taken
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def release_lock(path: Path, fd: int) -> None:
     """Give a lock up for good: the file goes first (a new owner makes a new one), then the fd."""
     try:

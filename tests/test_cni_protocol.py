@@ -645,3 +645,20 @@ def test_del_goes_through_port_mappings_it_would_refuse(recorder: Recorder) -> N
     assert rc == 0 and recorder.calls == [("remove", "c1 eth0 net1")]
     rc, result = run(ENV, json.dumps(conf(prevResult=PREV_040, runtimeConfig=bad)).encode())
     assert rc == 1 and result["code"] == 7 and "multicast" in result["msg"]
+
+
+def test_a_lock_is_held_while_its_file_names_a_live_pid(tmp_path: Path) -> None:
+    """How a plugin tells a daemon's table lock is held without taking it (portproxy.lock.held)."""
+    from portproxy.lock import held, release_lock, take_lock
+
+    path = tmp_path / "nft.lock"
+    assert not held(path)  # never taken
+    fd = take_lock(path, "the test's table")
+    assert held(path)
+    release_lock(path, fd)
+    assert not held(path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(dead.stdout)
+    assert not held(path)  # a crash leaves a dead pid
+    path.write_text("")
+    assert held(path)  # being taken: the pid comes right after the flock

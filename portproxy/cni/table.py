@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import errno
 import ipaddress
-import os
 import socket
 import time
 from typing import Any, Callable, Iterator
@@ -278,26 +277,10 @@ class NftBackend:
 
     def daemon_table_locked(self) -> bool:
         """Whether a daemon holds its table's lock (:mod:`portproxy.lock`): it does from before
-        it reads the departures at its start, so a plugin seeing it free may still withdraw.
+        it reads the departures at its start, so a plugin seeing it free may still withdraw."""
+        from ..lock import held, table_lock_path
 
-        Read, never flocked: the daemon's take is non-blocking, and a probe holding the lock
-        for a moment would make a starting daemon give its kernel path up. The file names
-        its holder's pid and goes when the lock is released; a crash leaves a dead pid."""
-        from ..lock import RUN_DIR, netns_id
-
-        try:
-            text = (RUN_DIR / f"nft-{netns_id()}-{DAEMON.table}.lock").read_text().strip()
-        except OSError:
-            return False
-        if not text.isdigit():
-            return True  # being taken: the pid is written right after the flock
-        try:
-            os.kill(int(text), 0)
-        except ProcessLookupError:
-            return False
-        except OSError:
-            return True
-        return True
+        return held(table_lock_path(DAEMON.table))
 
     def daemon_expects_word(self) -> bool:
         """Whether a daemon that held CNI mappings here keeps its departures table (:mod:`.departures`)."""

@@ -49,13 +49,13 @@ class KernelPath:
     """portproxy's nft table in this namespace, changed only through :meth:`apply`."""
 
     def __init__(self, opts: KernelOptions | None = None, nft: Nft | None = None) -> None:
-        from ..lock import RUN_DIR, netns_id, take_lock
+        from ..lock import table_lock_path, take_lock
 
         self.opts = opts or KernelOptions()
         self._nft = nft or Nft()
         # One owner per table and namespace: the table is rewritten whole, so a second
         # writer (a map --mode kernel beside the daemon) would wipe the first one's DNAT.
-        self._lock_path = RUN_DIR / f"nft-{netns_id()}-{self.opts.table}.lock"
+        self._lock_path = table_lock_path(self.opts.table)
         self._lock: int | None = take_lock(self._lock_path,
                                            f"the nft table inet {self.opts.table} of this network namespace")
         self.ids: dict[Mapping, int] = {}
