@@ -9,13 +9,13 @@ from portproxy.kernel.builders import (
     KINDS,
     KernelMappingError,
     KernelOptions,
-    add_mapping,
+    add_mappings,
     batch,
     check_mapping,
     delete_table,
     full_table,
     parse_counters,
-    remove_mapping,
+    remove_mappings,
 )
 from portproxy.spec import parse_spec
 
@@ -32,7 +32,7 @@ def _rules(cmds: list[dict], chain: str) -> list[list[dict]]:
 
 
 def test_mapping_is_elements_only() -> None:
-    cmds = add_mapping(parse_spec("9090:172.16.1.1:8080"), 7, OPTS)
+    cmds = add_mappings([(parse_spec("9090:172.16.1.1:8080"), 7)], OPTS)
     assert all(set(c) == {"add"} and set(c["add"]) == {"element"} for c in cmds)
     key = {"concat": ["tcp", 9090]}
     assert _elements(cmds) == {
@@ -46,7 +46,7 @@ def test_mapping_is_elements_only() -> None:
 
 
 def test_host_address_uses_the_address_maps() -> None:
-    cmds = add_mapping(parse_spec("[fd00::fe]:9092:[fd00::1]:80/udp"), 1, OPTS)
+    cmds = add_mappings([(parse_spec("[fd00::fe]:9092:[fd00::1]:80/udp"), 1)], OPTS)
     key = {"concat": ["fd00::fe", "udp", 9092]}
     elements = _elements(cmds)
     assert elements["id6_addr"] == [[key, 1 << 16]]
@@ -56,7 +56,7 @@ def test_host_address_uses_the_address_maps() -> None:
 
 
 def test_range_maps_port_to_port() -> None:
-    elements = _elements(add_mapping(parse_spec("8000-8002:10.0.0.1:9000-9002/udp"), 1, OPTS))
+    elements = _elements(add_mappings([(parse_spec("8000-8002:10.0.0.1:9000-9002/udp"), 1)], OPTS))
     assert elements["port4_any"] == [[{"concat": ["udp", 8000 + i]}, 9000 + i] for i in range(3)]
     assert elements["to_target"] == elements["to_client"] == [1 << 16]
 
@@ -140,10 +140,10 @@ def test_user_input_is_data_never_syntax() -> None:
 def test_remove_deletes_the_same_elements_by_key() -> None:
     m = parse_spec("9090:172.16.1.1:8080")
     key = {"concat": ["tcp", 9090]}
-    removed = _elements(remove_mapping(m, 3, OPTS), "delete")
+    removed = _elements(remove_mappings([(m, 3, False)], OPTS), "delete")
     assert removed == {"id4_any": [key], "addr4_any": [key], "port4_any": [key], "to_target": [3 << 16],
                        "to_client": [3 << 16], "targets4": ["172.16.1.1"]}
-    shared = _elements(remove_mapping(m, 3, OPTS, target_still_used=True), "delete")
+    shared = _elements(remove_mappings([(m, 3, True)], OPTS), "delete")
     assert "targets4" not in shared
 
 

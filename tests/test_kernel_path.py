@@ -183,7 +183,7 @@ def test_failed_batch_changes_nothing(topo) -> None:
         path = KernelPath(KernelOptions())
         path.install([parse_spec(f"9090:{topo.container_ip}:8080")])
         before = nftables.Nftables().cmd("list ruleset")[1]
-        bad = builders.add_mapping(parse_spec(f"9091:{topo.container_ip}:8080"), 2, path.opts)
+        bad = builders.add_mappings([(parse_spec(f"9091:{topo.container_ip}:8080"), 2)], path.opts)
         assert bad[0]["add"]["element"]["name"] == "id4_any"
         bad.append({"add": {"element": {"family": "inet", "table": "portproxy", "name": "no-such-map",
                                         "elem": [1]}}})

@@ -338,14 +338,10 @@ def _element_commands(verb: str, opts: KernelOptions, elements: Iterable[tuple[s
     return [{verb: {"element": {**_t(opts), "name": name, "elem": elems}}} for name, elems in by_name.items()]
 
 
-def add_mapping(m: Mapping, mapping_id: int, opts: KernelOptions, comment: str | None = None) -> list[Json]:
-    """Commands that add one mapping, identified by ``mapping_id`` (1-65535), to the table."""
-    return _element_commands("add", opts, mapping_elements(m, mapping_id, comment))
-
-
 def add_mappings(mappings: Iterable[tuple[Mapping, int]], opts: KernelOptions, comment: str | None = None,
                  label: str | None = None) -> list[Json]:
-    """Commands that add several mappings: still one command per map or set."""
+    """Commands that add mappings, each identified by its id (1-65535): one command per map
+    or set, however many mappings."""
     elements: list[tuple[str, Any]] = []
     for m, mapping_id in mappings:
         elements += mapping_elements(m, mapping_id, comment, label)
@@ -374,17 +370,10 @@ def list_table(opts: KernelOptions) -> Json:
     return batch([{"list": {"table": {"family": FAMILY, "name": opts.table}}}])
 
 
-def remove_mapping(m: Mapping, mapping_id: int, opts: KernelOptions, target_still_used: bool = False) -> list[Json]:
-    """Commands that remove one mapping.
-
-    ``target_still_used``: another mapping has the same target, so it stays in @targets.
-    """
-    return remove_mappings([(m, mapping_id, target_still_used)], opts)
-
-
 def remove_mappings(mappings: Iterable[tuple[Mapping, int, bool]], opts: KernelOptions) -> list[Json]:
-    """Commands that remove several (mapping, id, target still used) at once: still one
-    command per map or set (1,000 mappings one by one were ~7,000 commands to parse)."""
+    """Commands that remove (mapping, id, target still used) triples: one command per map or
+    set (1,000 mappings one by one were ~7,000 commands to parse). A target still used by
+    another mapping stays in @targets."""
     keys_only = []
     for m, mapping_id, target_still_used in mappings:
         for name, element in mapping_elements(m, mapping_id):
