@@ -75,15 +75,18 @@ def container(topo: SeedTopology) -> Namespace:
 # --- servers in containers, clients elsewhere -------------------------------------------------
 
 class Servers:
-    """Dual-stack TCP and UDP servers in a container that answer ``TAG PEER``."""
+    """Dual-stack TCP and UDP servers in a container that answer ``TAG PEER``, and TCP echo
+    servers (``echo``) for connections that must live across a change."""
 
-    def __init__(self, ns: Namespace, tag: str, tcp: list[int], udp: list[int]) -> None:
+    def __init__(self, ns: Namespace, tag: str, tcp: list[int], udp: list[int], echo: tuple[int, ...] = ()) -> None:
         self.tag = tag
         self.socks: list[socket.socket] = []
         for port in tcp:
             self._start(ns, socket.SOCK_STREAM, port, self._serve_tcp)
         for port in udp:
             self._start(ns, socket.SOCK_DGRAM, port, self._serve_udp)
+        for port in echo:
+            self._start(ns, socket.SOCK_STREAM, port, self._serve_echo)
 
     def _start(self, ns: Namespace, kind: int, port: int, loop) -> None:  # type: ignore[no-untyped-def]
         sock = ns.socket(socket.AF_INET6, kind)
@@ -106,6 +109,20 @@ class Servers:
             with conn:
                 conn.recv(64)
                 conn.sendall(self._answer(peer[0]))
+
+    def _serve_echo(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data)
 
     def _serve_udp(self, sock: socket.socket) -> None:
         while True:

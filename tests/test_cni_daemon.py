@@ -14,7 +14,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +21,7 @@ import pytest
 
 from conftest import PortproxyProcess
 from portproxy.cni.testbed import Chain
-from portproxy.netns import Namespace, SeedTopology
+from portproxy.netns import SeedTopology
 from test_cni import (WEB, Servers, addresses, ask_tcp, ask_udp, cache, check_stale_udp_flow_flushed,  # noqa: F401
                       container, make_chain, root_unchanged, topo)
 
@@ -350,33 +349,6 @@ def test_a_daemon_of_another_namespace_is_not_used(topo: SeedTopology, tmp_path:
     assert connect(str(daemon.socket), conf) is None  # this test process runs in another namespace
 
 
-class Echo:
-    """A TCP echo server in a container, for connections that live across a change."""
-
-    def __init__(self, ns: Namespace, port: int) -> None:
-        self.sock = ns.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("0.0.0.0", port))
-        self.sock.listen(16)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(4096):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
     sock.sendall(payload)
     return sock.recv(4096)
@@ -390,8 +362,7 @@ def test_daemon_adopts_what_the_plugin_installed(topo: SeedTopology, cache: Path
     ip4, ip6 = addresses(chain.add("ctr-web", web.name, [WEB[0], *ranges]))
     chain.add("ctr-other", other.name, [{"hostPort": 9091, "containerPort": 8080, "protocol": "tcp"}])
     assert cni_table(topo)
-    echo = Echo(web, 8080)
-    servers = [Servers(web, "web", [7000, 7001, 7002], []), Servers(other, "other", [8080], [])]
+    servers = [Servers(web, "web", [7000, 7001, 7002], [], echo=(8080,)), Servers(other, "other", [8080], [])]
     live = topo.client.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         live.settimeout(5)
@@ -420,7 +391,6 @@ def test_daemon_adopts_what_the_plugin_installed(topo: SeedTopology, cache: Path
         assert ask_tcp(topo.client, topo.host_ip, 10001) == "ConnectionRefusedError"
     finally:
         live.close()
-        echo.close()
         for s in servers:
             s.close()
 
