@@ -44,7 +44,8 @@ def rss_with_mappings(topo: SeedTopology, path: PathDef, count: int) -> dict[str
         pids = [p.pid for p in running.procs]
         gone = [p.pid for p in running.procs if p.poll() is not None]
         if gone:
-            raise Unmeasured(f"{path.key}: {len(gone)} of its {len(pids)} processes exited before their memory was read")
+            raise Unmeasured(f"{path.key}: {len(gone)} of its {len(pids)} processes exited before their memory "
+                             "was read")
         total_kib = procfs.rss_tree_kib(pids)
     finally:
         running.stop()

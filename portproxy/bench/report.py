@@ -141,7 +141,8 @@ def targets(results: Results, summary: dict) -> list[dict[str, Any]]:
     idle = results.get("memory", {}).get("idle", {})
     slow = results.get("memory", {}).get("slow_readers", {})
     rows: list[tuple[str, Figure, str, Callable[[float], bool], str]] = [
-        ("userland single-stream throughput vs docker-proxy", vs_dp("tcp-1"), "≥ 1.5×", lambda v: v >= 1.5, "{:.2f}×"),
+        ("userland single-stream throughput vs docker-proxy", vs_dp("tcp-1"), "≥ 1.5×", lambda v: v >= 1.5,
+         "{:.2f}×"),
         ("userland single-stream throughput vs kernel path", ratio_of(f("tcp-1", SPLICE), f("tcp-1", KERNEL)),
          "≥ 0.9×", lambda v: v >= 0.9, "{:.2f}×"),
         ("userland connection rate vs docker-proxy", vs_dp("conn-rate"), "≥ 1.5×", lambda v: v >= 1.5, "{:.2f}×"),
@@ -163,7 +164,8 @@ def targets(results: Results, summary: dict) -> list[dict[str, Any]]:
          lambda v: v <= 5, "{:.2f} %"),
         (f"kernel memory pinned by {slow.get('count', 200)} never-reading clients vs direct routing",
          ratio_of(memory_figure(results, "slow_readers", SPLICE, "total_mib"),
-                  memory_figure(results, "slow_readers", DIRECT, "total_mib")), "≤ 2×", lambda v: v <= 2, "{:.2f}×"),
+                  memory_figure(results, "slow_readers", DIRECT, "total_mib")), "≤ 2×", lambda v: v <= 2,
+         "{:.2f}×"),
     ]
     if SPLICE_CUBIC in results.get("paths", {}):  # run only where the system default is not cubic
         rows[2:2] = [
@@ -348,7 +350,7 @@ def chart_panels(results: Results) -> list[Panel]:
                        if (e := summary.get(workload.key, {}).get(p, {}).get(metric.key))}
             if spreads:
                 arrow = "↑" if metric.higher_is_better else "↓"
-                title = workload.label if metric is workload.metrics[0] else f"{workload.label}: {metric.label}"
+                title = workload.label if metric is workload.metrics[0] else f"{workload.key}: {metric.label} per unit"
                 panels.append((title, f"{metric.unit} {arrow}", spreads, False))
     memory = results.get("memory", {})
     for part, key, unit in (("mappings", "rss_mib", "MiB ↓"), ("idle", "kib_per_connection", "KiB ↓"),
@@ -371,6 +373,7 @@ def chart(results: Results, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return False
     panels = chart_panels(results)
@@ -385,12 +388,18 @@ def chart(results: Results, path: Path) -> bool:
         keys = list(spreads)
         medians = [spreads[k][0] for k in keys]
         # Error bars: each median's min–max over the rounds.
-        xerr = [[spreads[k][0] - spreads[k][1] for k in keys], [spreads[k][2] - spreads[k][0] for k in keys]]
-        bars = ax.barh([labels[k] for k in keys], medians, color=[colours[k] for k in keys],
-                       xerr=xerr, error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "black"})
-        ax.bar_label(bars, labels=[_num(m) for m in medians], fontsize=7, padding=4)
+        xerr: list[list[float]] | None = [[spreads[k][0] - spreads[k][1] for k in keys],
+                                          [spreads[k][2] - spreads[k][0] for k in keys]]
+        if not any(xerr[0] + xerr[1]):
+            xerr = None  # one measurement (memory, or a single round): no range to draw
+        ax.barh([labels[k] for k in keys], medians, color=[colours[k] for k in keys],
+                xerr=xerr, error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "black"})
+        for y, k in enumerate(keys):  # the median's figure, past its whisker
+            ax.annotate(_num(spreads[k][0]), xy=(spreads[k][2], y), xytext=(4, 0), textcoords="offset points",
+                        va="center", fontsize=7)
         if log:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: the minor labels overlap
         ax.margins(x=0.15)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
@@ -400,7 +409,7 @@ def chart(results: Results, path: Path) -> bool:
         ax.axis("off")
     fig.suptitle(f"portproxy bench — {results['time']} — {results['machine']['cpus']} CPUs — "
                  "bars: medians; whiskers: min–max over the rounds", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.2 * rows_n)))  # room for the suptitle
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
