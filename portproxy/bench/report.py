@@ -190,7 +190,8 @@ CPU_NOTE = ("\nRelay CPU: user + system time of the relaying processes over the 
             "which have no process. Machine CPU: the whole machine's busy time (/proc/stat user + nice + "
             "system + irq + softirq, every CPU) per unit: load generator, servers and relay together, and "
             "the only figure for the kernel path, whose NAT runs in softirq context; its excess over "
-            "direct routing is what the path costs. Both count in 10 ms clock ticks.")
+            "direct routing is what the path costs; it also counts whatever else the machine runs, so "
+            "it means something only on a quiet machine. Both count in 10 ms clock ticks.")
 
 
 def _md(text: str) -> str:
