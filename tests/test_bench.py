@@ -86,3 +86,10 @@ def test_unknown_path_is_one_clear_line() -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == ["portproxy: bench: unknown or unavailable path(s): warp-drive"]
+
+
+def test_unknown_workload_is_one_clear_line() -> None:
+    result = bench("--workloads", "tcp-1,warp-drive", "--no-memory")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("portproxy: bench: unknown workload(s): warp-drive (known: tcp-1,")

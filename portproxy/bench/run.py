@@ -58,6 +58,11 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"portproxy: bench: unknown or unavailable path(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    unknown = set(opts.workloads or []) - {w.key for w in WORKLOADS}
+    if unknown:
+        print(f"portproxy: bench: unknown workload(s): {', '.join(sorted(unknown))} "
+              f"(known: {', '.join(w.key for w in WORKLOADS)})", file=sys.stderr)
+        return 2
     results: report.Results = {
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": report.machine(),
