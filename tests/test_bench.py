@@ -57,13 +57,27 @@ def test_quick_run_measures_every_path_and_writes_the_report(tmp_path: Path) -> 
     for path in record["paths"]:
         tried = [w for w in record["workloads"].values() if path in w["runs"] or path in w["errors"]]
         assert tried, path
+    # CPU per unit of work: the relay's for every relaying path, the machine's for every path.
+    for path in OUR_PATHS:
+        for workload, unit in (("conn-rate", "connection"), ("udp-1g", "datagram")):
+            run = record["workloads"][workload]["runs"][path][0]
+            assert run[f"machine_cpu_us_per_{unit}"] > 0, (workload, path)
+            assert (run.get(f"cpu_us_per_{unit}", 0) > 0) == path.startswith("userland"), (workload, path, run)
     memory = record["memory"]
     assert memory["mappings"]["results"]["userland-splice"]["rss_mib"] > 0
-    assert memory["idle"]["results"]["userland-splice"]["kib_per_connection"] > 0
+    for path, idle in memory["idle"]["results"].items():  # each relay held what it was measured on
+        assert "error" in idle or idle["relay_sockets_opened"] >= 2 * idle["connections"], (path, idle)
+    idle = memory["idle"]["results"]["userland-splice"]
+    assert idle["kib_per_connection"] > 0 and idle["relay_sockets_opened"] >= 2 * idle["connections"]
     assert {t["target"] for t in record["targets"]} and all(t["value"] is not None for t in record["targets"]
                                                               if "docker-proxy" not in t["target"])
+    # No failed measurement is reported as met (or missed): a verdict only on a figure.
+    for t in record["targets"]:
+        assert (t["met"] is None) == (t["value"] is None) == (t["why"] is not None), t
     markdown = (tmp_path / "bench.md").read_text()
     assert "## Targets" in markdown and "× docker-proxy" in markdown and "![chart](bench.png)" in markdown
+    for row in markdown.split("## Targets", 1)[1].split("\n## ", 1)[0].splitlines():
+        assert "not measured" not in row or row.endswith("| **not measured** |"), row
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -72,3 +86,10 @@ def test_unknown_path_is_one_clear_line() -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == ["portproxy: bench: unknown or unavailable path(s): warp-drive"]
+
+
+def test_unknown_workload_is_one_clear_line() -> None:
+    result = bench("--workloads", "tcp-1,warp-drive", "--no-memory")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("portproxy: bench: unknown workload(s): warp-drive (known: tcp-1,")

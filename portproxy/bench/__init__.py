@@ -9,6 +9,7 @@ The rooms, in the order a run uses them:
   kernel path, portproxy's userland variants, docker-proxy, HAProxy, socat;
 * ``tools``     — the field's load generators (iperf3, sockperf, wrk) and their output;
 * ``workloads`` — one measurement each, run round by round over every path;
+* ``checks``    — a figure from what happened, or the reason it did not (never a zero);
 * ``memory``    — RSS with many mappings and per idle connection;
 * ``report``    — JSON, Markdown with medians and ratios, the chart;
 * ``run``       — the command itself.

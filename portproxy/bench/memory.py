@@ -13,6 +13,7 @@ import time
 
 from ..netns import SeedTopology
 from . import procfs
+from .checks import Unmeasured, held_through_relay, rss_per_connection_kib
 from .paths import Forward, PathDef, PathError
 from .servers import SINK
 
@@ -41,9 +42,15 @@ def rss_with_mappings(topo: SeedTopology, path: PathDef, count: int) -> dict[str
     try:
         time.sleep(0.5)
         pids = [p.pid for p in running.procs]
+        gone = [p.pid for p in running.procs if p.poll() is not None]
+        if gone:
+            raise Unmeasured(f"{path.key}: {len(gone)} of its {len(pids)} processes exited before their memory "
+                             "was read")
         total_kib = procfs.rss_tree_kib(pids)
     finally:
         running.stop()
+    if total_kib <= 0:
+        raise Unmeasured(f"{path.key}: no resident memory could be read")
     return {"rss_mib": total_kib * count / sampled / 1024, "processes": float(len(pids) * count // sampled),
             "sampled": float(sampled)}
 
@@ -87,7 +94,10 @@ class IdleSink:
 
 
 def rss_per_idle_connection(topo: SeedTopology, sink: IdleSink, path: PathDef, count: int) -> dict[str, float]:
-    """Open ``count`` connections through the path, all idle, and divide the RSS growth."""
+    """Open ``count`` connections through the path, all idle, and divide the RSS growth.
+
+    The server counting ``count`` connections is not enough: the relay itself must
+    hold them (a socket pair each), or the RSS difference is of nothing."""
     assert path.start is not None
     host_port = MAPPING_BASE_PORT
     running = path.start(topo, [(host_port, SINK.port, "tcp")])
@@ -96,6 +106,7 @@ def rss_per_idle_connection(topo: SeedTopology, sink: IdleSink, path: PathDef, c
         time.sleep(0.3)
         pids = [p.pid for p in running.procs]
         before = procfs.rss_tree_kib(pids)
+        sockets_before = procfs.socket_count(pids)
         batch = 500
         for start in range(0, count, batch):
             n = min(batch, count - start)
@@ -108,13 +119,15 @@ def rss_per_idle_connection(topo: SeedTopology, sink: IdleSink, path: PathDef, c
                       f"{path.key}: only {len(sink.accepted)} of {start + n} connections reached the sink")
         time.sleep(1.0)
         after = procfs.rss_tree_kib(pids)
+        held = procfs.socket_count(pids) - sockets_before
     finally:
         for s in clients:
             s.close()
         sink.drop_all()  # both ends gone: the proxy has nothing left to drain when it stops
         running.stop()
-    return {"kib_per_connection": (after - before) / count, "rss_before_mib": before / 1024,
-            "rss_after_mib": after / 1024, "connections": float(count)}
+    held_through_relay(path.key, held, count)
+    return {"kib_per_connection": rss_per_connection_kib(before, after, count), "rss_before_mib": before / 1024,
+            "rss_after_mib": after / 1024, "connections": float(count), "relay_sockets_opened": float(held)}
 
 
 def _wait_for(condition, timeout: float, message: str) -> None:  # type: ignore[no-untyped-def]

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from .. import debcache
+from ..kernel.builders import FAMILY, KernelOptions, delete_table
+from ..kernel.executor import Nft
 from ..netns import Namespace, SeedTopology
 from ..proxy.options import congestion_control_error
 from .procfs import default_congestion_control, descendants
@@ -153,10 +155,37 @@ def portproxy_starter(*extra: str, kernel: bool = False, ports: dict[int, int] |
         for _ in specs:
             if not proc.stdout.readline().startswith("ready"):
                 proc.kill()
-                raise PathError(f"portproxy did not start: {proc.communicate()[1].strip()[-300:]}")
-        return Running([proc], [] if kernel else [proc.pid])
+                why = proc.communicate()[1].strip()[-300:]
+                if kernel and remove_leftover_table(topo):
+                    why += " (it left its nftables table behind; removed)"
+                raise PathError(f"portproxy did not start: {why}")
+        if not kernel:
+            return Running([proc], [proc.pid])
+        return Running([proc], [], [lambda: _warn_if_left(remove_leftover_table(topo))])
 
     return start
+
+
+def remove_leftover_table(topo: SeedTopology) -> bool:
+    """Delete the kernel path's nftables table from the host namespace if a process left it.
+
+    A ``portproxy map --mode kernel`` that dies (an abort, SIGKILL) leaves its DNAT rules
+    in place, and every later path published on the same host ports would be bypassed
+    by them: the server would see its connections, the relay none. True if one was there."""
+    def remove() -> bool:
+        nft = Nft()
+        opts = KernelOptions()
+        if not nft.table_exists(FAMILY, opts.table):
+            return False
+        nft.apply(delete_table(opts))
+        return True
+
+    return topo.host.run(remove)
+
+
+def _warn_if_left(left: bool) -> None:
+    if left:
+        print("portproxy bench: the kernel path left its nftables table behind on exit; removed", file=sys.stderr)
 
 
 # --- docker-proxy ---------------------------------------------------------------------------------

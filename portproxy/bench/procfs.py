@@ -1,4 +1,5 @@
-"""CPU time and resident memory of the relaying processes, and the TCP default, read from /proc."""
+"""CPU time, resident memory and open sockets of the relaying processes, and the TCP default,
+read from /proc."""
 
 from __future__ import annotations
 
@@ -6,17 +7,54 @@ import os
 from pathlib import Path
 
 
+def _tree(pids: list[int]) -> set[int]:
+    """These processes and every live descendant (socat forks per connection)."""
+    return {p for pid in pids for p in (pid, *descendants(pid))}
+
+
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes so far, their reaped children included
-    (socat's per-connection children are charged to their parent once they exit)."""
+    """User + system CPU of these processes and their live descendants so far, reaped
+    children included (socat's per-connection children are charged to their parent once
+    they exit, and counted as themselves while they live: a child reaped between two
+    readings moves from one term to the other, so a difference of two readings is exact)."""
     total = 0
-    for pid in pids:
+    for pid in _tree(pids):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU-seconds the whole machine has spent busy so far, summed over every CPU: user,
+    nice, system, irq and softirq of /proc/stat (not idle, iowait or steal).
+
+    The kernel path has no process to charge: its NAT and forwarding run in softirq
+    context, on whichever CPU the packet is, often inside the load generator's own
+    syscalls. Only the whole machine sees that cost (and everything else it runs)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def socket_count(pids: list[int]) -> int:
+    """Sockets held open by these processes and their live descendants (each counted once)."""
+    seen: set[str] = set()
+    for pid in _tree(pids):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:"):
+                seen.add(link)
+    return len(seen)
 
 
 def _kib_field(path: str, key: str) -> int:

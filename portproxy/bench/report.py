@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from .paths import DIRECT, DOCKER_PROXY, KERNEL, SPLICE, SPLICE_CUBIC
 from .procfs import default_congestion_control
-from .workloads import WORKLOADS
+from .workloads import CPU_PER_CONNECTION, CPU_PER_DATAGRAM, CPU_PER_GB, WORKLOADS
 
 Results = dict[str, Any]
 
@@ -49,16 +50,61 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def summaries(results: Results) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """workload → path → metric → median/min/max over the rounds."""
+    """workload → path → metric → median/min/max over the rounds that succeeded."""
     out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for workload in WORKLOADS:
         runs = results["workloads"].get(workload.key, {}).get("runs", {})
         for path, samples in runs.items():
             for metric in workload.metrics:
-                values = [s[metric.key] for s in samples if metric.key in s]
+                values = [v for s in samples if isinstance(v := s.get(metric.key), (int, float)) and math.isfinite(v)]
                 if values:
                     out.setdefault(workload.key, {}).setdefault(path, {})[metric.key] = summarize(values)
     return out
+
+
+def errors_of(record: dict, path: str) -> list[str]:
+    """Why the runs of one path failed (a list, one entry per failed round)."""
+    found = record.get("errors", {}).get(path) or []
+    return [found] if isinstance(found, str) else list(found)
+
+
+def _why(reasons: list[str]) -> str:
+    unique = list(dict.fromkeys(reasons))
+    return "; ".join(unique[:2]) + (f" (and {len(unique) - 2} more)" if len(unique) > 2 else "")
+
+
+Figure = tuple[float | None, str | None]
+"""A measured value, or None and why there is none."""
+
+
+def figure(results: Results, summary: dict, workload_key: str, path: str, metric_key: str | None = None) -> Figure:
+    """The median of one metric of one path, or why it was not measured."""
+    workload = next(w for w in WORKLOADS if w.key == workload_key)
+    key = metric_key or workload.metrics[0].key
+    entry = summary.get(workload_key, {}).get(path, {}).get(key)
+    if entry:
+        return entry["median"], None
+    record = results.get("workloads", {}).get(workload_key)
+    label = results.get("paths", {}).get(path, path)
+    if record is None:
+        return None, f"{workload_key} not run"
+    if path not in results.get("paths", {}):
+        return None, f"{path} not run"
+    failed = errors_of(record, path)
+    if failed:
+        return None, f"{label}: failed: {_why(failed)}"
+    return None, f"{label}: no {key} in its runs"
+
+
+def memory_figure(results: Results, part: str, path: str, key: str) -> Figure:
+    """One memory figure of one path, or why it was not measured."""
+    entry = results.get("memory", {}).get(part, {}).get("results", {}).get(path)
+    if entry is None:
+        return None, f"{path}: not measured"
+    if "error" in entry:
+        return None, f"{path}: failed: {entry['error']}"
+    value = entry.get(key)
+    return (value, None) if isinstance(value, (int, float)) and math.isfinite(value) else (None, f"{path}: no {key}")
 
 
 def headline(summary: dict, workload_key: str, path: str) -> float | None:
@@ -71,48 +117,88 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
 
-def targets(results: Results, summary: dict) -> list[dict[str, Any]]:
-    """The issue's targets, each with what this run measured (None: not measured)."""
-    def h(workload: str, path: str) -> float | None:
-        return headline(summary, workload, path)
+def ratio_of(a: Figure, b: Figure) -> Figure:
+    """a / b, or why not (either missing; a base of zero is not a base)."""
+    if a[0] is None or b[0] is None:
+        return None, "; ".join(dict.fromkeys(why for value, why in (a, b) if value is None and why))
+    if not b[0]:
+        return None, "the base of the ratio is zero"
+    return a[0] / b[0], None
 
-    loss = summary.get("udp-1g", {}).get(SPLICE, {}).get("loss_percent", {}).get("median")
+
+def targets(results: Results, summary: dict) -> list[dict[str, Any]]:
+    """The targets, each with what this run measured, or "not measured" and why.
+
+    A target is met or missed only on a figure that was measured; a failed or missing
+    measurement is never met (``met`` is None, ``shown`` says why)."""
+    def f(workload: str, path: str, metric: str | None = None) -> Figure:
+        return figure(results, summary, workload, path, metric)
+
+    def vs_dp(workload: str, metric: str | None = None) -> Figure:
+        return ratio_of(f(workload, SPLICE, metric), f(workload, DOCKER_PROXY, metric))
+
     mappings = results.get("memory", {}).get("mappings", {})
     idle = results.get("memory", {}).get("idle", {})
-    rss = mappings.get("results", {}).get(SPLICE, {}).get("rss_mib")
-    per_conn = idle.get("results", {}).get(SPLICE, {}).get("kib_per_connection")
     slow = results.get("memory", {}).get("slow_readers", {})
-    pinned = {key: slow.get("results", {}).get(key, {}).get("total_mib") for key in (SPLICE, DIRECT)}
-    rows = [
-        ("userland single-stream throughput vs docker-proxy", _ratio(h("tcp-1", SPLICE), h("tcp-1", DOCKER_PROXY)),
-         "≥ 1.5×", lambda v: v >= 1.5, "{:.2f}×"),
-        ("userland single-stream throughput vs kernel path", _ratio(h("tcp-1", SPLICE), h("tcp-1", KERNEL)),
+    rows: list[tuple[str, Figure, str, Callable[[float], bool], str]] = [
+        ("userland single-stream throughput vs docker-proxy", vs_dp("tcp-1"), "≥ 1.5×", lambda v: v >= 1.5,
+         "{:.2f}×"),
+        ("userland single-stream throughput vs kernel path", ratio_of(f("tcp-1", SPLICE), f("tcp-1", KERNEL)),
          "≥ 0.9×", lambda v: v >= 0.9, "{:.2f}×"),
-        ("userland connection rate vs docker-proxy", _ratio(h("conn-rate", SPLICE), h("conn-rate", DOCKER_PROXY)),
-         "≥ 1.0×", lambda v: v >= 1.0, "{:.2f}×"),
-        (f"RSS of one process with {mappings.get('count', 1000)} mappings", rss, "≤ 64 MB",
-         lambda v: v * 1.048576 <= 64, "{:.1f} MiB"),
-        (f"memory per idle connection at {idle.get('count', 8000)} connections", per_conn, "≤ 6 KB",
-         lambda v: v * 1.024 <= 6, "{:.2f} KiB"),
-        ("UDP loss at 1 Gbit/s offered, 1400 B datagrams", loss, "≤ 5 %", lambda v: v <= 5, "{:.2f} %"),
+        ("userland connection rate vs docker-proxy", vs_dp("conn-rate"), "≥ 1.5×", lambda v: v >= 1.5, "{:.2f}×"),
+        ("userland relay CPU per connection (wrk, Connection: close) vs docker-proxy",
+         vs_dp("conn-rate", CPU_PER_CONNECTION.key), "≤ 0.5×", lambda v: v <= 0.5, "{:.2f}×"),
+        ("userland relay CPU per UDP datagram delivered (1 Gbit/s offered) vs docker-proxy",
+         vs_dp("udp-1g", CPU_PER_DATAGRAM.key), "≤ 0.5×", lambda v: v <= 0.5, "{:.2f}×"),
+        ("userland relay CPU per GB (1 stream) vs docker-proxy", vs_dp("tcp-1", CPU_PER_GB.key), "≤ 0.5×",
+         lambda v: v <= 0.5, "{:.2f}×"),
+        ("userland UDP request/response p50 vs docker-proxy", vs_dp("udp-rr"), "≤ 1.0×", lambda v: v <= 1.0,
+         "{:.2f}×"),
+        (f"RSS of one process with {mappings.get('count', 1000)} mappings",
+         memory_figure(results, "mappings", SPLICE, "rss_mib"), "≤ 64 MB", lambda v: v * 1.048576 <= 64,
+         "{:.1f} MiB"),
+        (f"memory per idle connection at {idle.get('count', 8000)} connections",
+         memory_figure(results, "idle", SPLICE, "kib_per_connection"), "≤ 6 KB", lambda v: v * 1.024 <= 6,
+         "{:.2f} KiB"),
+        ("UDP loss at 1 Gbit/s offered, 1400 B datagrams", f("udp-1g", SPLICE, "loss_percent"), "≤ 5 %",
+         lambda v: v <= 5, "{:.2f} %"),
         (f"kernel memory pinned by {slow.get('count', 200)} never-reading clients vs direct routing",
-         _ratio(pinned[SPLICE], pinned[DIRECT]), "≤ 2×", lambda v: v <= 2, "{:.2f}×"),
+         ratio_of(memory_figure(results, "slow_readers", SPLICE, "total_mib"),
+                  memory_figure(results, "slow_readers", DIRECT, "total_mib")), "≤ 2×", lambda v: v <= 2,
+         "{:.2f}×"),
     ]
-    cubic = h("tcp-1", SPLICE_CUBIC)
-    if cubic is not None:  # measured only where the system default is not cubic
+    if SPLICE_CUBIC in results.get("paths", {}):  # run only where the system default is not cubic
         rows[2:2] = [
-            ("the same with --target-cc cubic, vs docker-proxy", _ratio(cubic, h("tcp-1", DOCKER_PROXY)),
-             "≥ 1.5×", lambda v: v >= 1.5, "{:.2f}×"),
-            ("the same with --target-cc cubic, vs kernel path", _ratio(cubic, h("tcp-1", KERNEL)),
-             "≥ 0.9×", lambda v: v >= 0.9, "{:.2f}×"),
+            ("the same with --target-cc cubic, vs docker-proxy",
+             ratio_of(f("tcp-1", SPLICE_CUBIC), f("tcp-1", DOCKER_PROXY)), "≥ 1.5×", lambda v: v >= 1.5, "{:.2f}×"),
+            ("the same with --target-cc cubic, vs kernel path",
+             ratio_of(f("tcp-1", SPLICE_CUBIC), f("tcp-1", KERNEL)), "≥ 0.9×", lambda v: v >= 0.9, "{:.2f}×"),
         ]
-    return [{"target": name, "goal": goal, "value": value,
-             "shown": fmt.format(value) if value is not None else "not measured",
-             "met": bool(check(value)) if value is not None else None}
-            for name, value, goal, check, fmt in rows]
+    out = []
+    for name, (value, why), goal, check, fmt in rows:
+        measured = value is not None and math.isfinite(value)
+        out.append({"target": name, "goal": goal, "value": value if measured else None,
+                    "shown": fmt.format(value) if measured else "not measured",
+                    "why": None if measured else (why or "no figure"),
+                    "met": bool(check(value)) if measured else None})
+    return out
 
 
 # --- Markdown -----------------------------------------------------------------------------------
+CPU_NOTE = ("\nRelay CPU: user + system time of the relaying processes over the run, their children "
+            "included (/proc/PID/stat), per unit of work; none for direct routing and the kernel path, "
+            "which have no process. Machine CPU: the whole machine's busy time (/proc/stat user + nice + "
+            "system + irq + softirq, every CPU) per unit: load generator, servers and relay together, and "
+            "the only figure for the kernel path, whose NAT runs in softirq context; its excess over "
+            "direct routing is what the path costs; it also counts whatever else the machine runs, so "
+            "it means something only on a quiet machine. Both count in 10 ms clock ticks.")
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _cell(entry: dict[str, float] | None) -> str:
     if not entry:
         return "–"
@@ -151,8 +237,10 @@ def markdown(results: Results, chart_name: str | None) -> str:
         "|---|---|---:|---|",
     ]
     for t in targets(results, summary):
-        verdict = "met" if t["met"] else ("**MISSED**" if t["met"] is False else "–")
-        lines.append(f"| {t['target']} | {t['goal']} | {t['shown']} | {verdict} |")
+        if t["met"] is None:
+            lines.append(f"| {t['target']} | {t['goal']} | not measured: {_md(t['why'])} | **not measured** |")
+            continue
+        lines.append(f"| {t['target']} | {t['goal']} | {t['shown']} | {'met' if t['met'] else '**MISSED**'} |")
     if chart_name:
         lines += ["", f"![chart]({chart_name})"]
     for workload in WORKLOADS:
@@ -168,16 +256,24 @@ def markdown(results: Results, chart_name: str | None) -> str:
         base_dp = headline(summary, workload.key, DOCKER_PROXY)
         base_k = headline(summary, workload.key, KERNEL)
         for path, label in labels.items():
-            error = record.get("errors", {}).get(path)
-            if path not in record.get("runs", {}) and not error:
+            failed = errors_of(record, path)
+            runs = record.get("runs", {}).get(path, [])
+            if not runs and not failed:
+                continue
+            if not runs:  # nothing measured: the reason, never a number
+                cells = [f"failed: {_md(_why(failed))}"] + ["–"] * (len(workload.metrics) + 1)
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
                 continue
             entry = summary.get(workload.key, {}).get(path, {})
             cells = [_cell(entry.get(mt.key)) for mt in workload.metrics]
             value = headline(summary, workload.key, path)
             ratios = [f"{r:.2f}" if (r := _ratio(value, b)) is not None else "–" for b in (base_dp, base_k)]
-            note = f" — failed: {error}" if error else ""
+            note = (f" — {len(failed)} of {len(failed) + len(runs)} rounds failed: {_md(_why(failed))}"
+                    if failed else "")
             lines.append(f"| {label}{note} | " + " | ".join(cells + ratios) + " |")
         lines.append(f"\n{better.capitalize()} {head.label} is better.")
+        if any("cpu" in mt.key for mt in workload.metrics):
+            lines.append(CPU_NOTE)
     memory = results.get("memory", {})
     if memory.get("mappings"):
         count = memory["mappings"]["count"]
@@ -193,11 +289,13 @@ def markdown(results: Results, chart_name: str | None) -> str:
 
         def idle_row(r: dict) -> list[str]:
             fewer = f" (at {r['connections']:.0f} connections)" if r["connections"] != count else ""
-            return [fewer, f"{r['kib_per_connection']:.2f}", f"{r['rss_before_mib']:.1f} → {r['rss_after_mib']:.1f}"]
+            held = f"{r['relay_sockets_opened']:,.0f}" if "relay_sockets_opened" in r else "–"
+            return [fewer, f"{r['kib_per_connection']:.2f}", f"{r['rss_before_mib']:.1f} → {r['rss_after_mib']:.1f}",
+                    held]
 
         lines += _memory_table(f"Memory per idle connection ({count} connections open at once)",
-                               ["KiB per connection", "RSS before → after (MiB)"], memory["idle"]["results"],
-                               labels, idle_row)
+                               ["KiB per connection", "RSS before → after (MiB)", "sockets the relay opened"],
+                               memory["idle"]["results"], labels, idle_row)
         lines.append("\nThe kernel path keeps no process state per connection (a conntrack entry, in the kernel).")
     if memory.get("slow_readers"):
         count = memory["slow_readers"]["count"]
@@ -222,7 +320,8 @@ def _memory_table(title: str, columns: list[str], rows: dict[str, dict], labels:
     lines = ["", f"## {title}", "", "| path | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for path, r in rows.items():
         if "error" in r:
-            lines.append(f"| {labels[path]} — failed: {r['error']} | " + " | ".join("–" for _ in columns) + " |")
+            cells = [f"failed: {_md(r['error'])}"] + ["–"] * (len(columns) - 1)
+            lines.append(f"| {labels.get(path, path)} | " + " | ".join(cells) + " |")
             continue
         suffix, *cells = render(r)
         lines.append(f"| {labels[path]}{suffix} | " + " | ".join(cells) + " |")
@@ -230,46 +329,78 @@ def _memory_table(title: str, columns: list[str], rows: dict[str, dict], labels:
 
 
 # --- chart --------------------------------------------------------------------------------------
+Spread = tuple[float, float, float]
+"""median, min, max over the rounds"""
+
+
+Panel = tuple[str, str, dict[str, Spread], bool]
+"""title, axis unit, path → spread, log scale"""
+
+
+def chart_panels(results: Results) -> list[Panel]:
+    """What the chart draws: per workload its headline and the relay's CPU per unit, per
+    memory figure its value (one measurement: no range); failed measurements are absent."""
+    summary = summaries(results)
+    labels: dict[str, str] = results["paths"]
+    panels: list[Panel] = []
+    for workload in WORKLOADS:
+        for metric in workload.metrics:
+            if metric is not workload.metrics[0] and not metric.key.startswith("cpu_"):
+                continue  # the headline, and what each unit of it costs the relay (machine CPU: tables)
+            spreads = {p: (e["median"], e["min"], e["max"]) for p in labels
+                       if (e := summary.get(workload.key, {}).get(p, {}).get(metric.key))}
+            if spreads:
+                arrow = "↑" if metric.higher_is_better else "↓"
+                title = workload.label if metric is workload.metrics[0] else f"{workload.key}: {metric.label} per unit"
+                panels.append((title, f"{metric.unit} {arrow}", spreads, False))
+    memory = results.get("memory", {})
+    for part, key, unit in (("mappings", "rss_mib", "MiB ↓"), ("idle", "kib_per_connection", "KiB ↓"),
+                            ("slow_readers", "total_mib", "MiB ↓")):
+        rows = memory.get(part, {}).get("results", {})
+        spreads = {p: (r[key], r[key], r[key]) for p, r in rows.items() if key in r and "error" not in r}
+        if spreads:
+            title = {"mappings": f"RSS with {memory[part]['count']} mappings",
+                     "idle": f"memory per idle connection ({memory[part]['count']})",
+                     "slow_readers": f"kernel memory, {memory[part]['count']} slow readers"}[part]
+            panels.append((title, unit + " (log scale)", spreads, True))  # MiB next to GB
+    return panels
+
+
 def chart(results: Results, path: Path) -> bool:
-    """One bar panel per workload's headline metric and per memory figure. False without matplotlib."""
+    """One bar panel per workload's headline metric, per CPU-per-unit figure and per memory
+    figure; each bar a median with its min–max range. False without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return False
-    summary = summaries(results)
+    panels = chart_panels(results)
     labels: dict[str, str] = results["paths"]
-    panels: list[tuple[str, str, dict[str, float], bool]] = []  # title, unit, values, log scale
-    for workload in WORKLOADS:
-        head = workload.metrics[0]
-        values = {p: v for p in labels if (v := headline(summary, workload.key, p)) is not None}
-        if values:
-            arrow = "↑" if head.higher_is_better else "↓"
-            panels.append((workload.label, f"{head.unit} {arrow}", values, False))
-    memory = results.get("memory", {})
-    for part, key, unit in (("mappings", "rss_mib", "MiB ↓"), ("idle", "kib_per_connection", "KiB ↓"),
-                            ("slow_readers", "total_mib", "MiB ↓")):
-        rows = memory.get(part, {}).get("results", {})
-        values = {p: r[key] for p, r in rows.items() if key in r}
-        if values:
-            title = {"mappings": f"RSS with {memory[part]['count']} mappings",
-                     "idle": f"memory per idle connection ({memory[part]['count']})",
-                     "slow_readers": f"kernel memory, {memory[part]['count']} slow readers"}[part]
-            panels.append((title, unit + " (log scale)", values, True))  # MiB next to GB
     if not panels:
         return False
     columns = 2
     rows_n = (len(panels) + columns - 1) // columns
     fig, axes = plt.subplots(rows_n, columns, figsize=(14, 3.2 * rows_n), squeeze=False)
-    colours = {key: f"C{i}" for i, key in enumerate(labels)}
-    for ax, (title, unit, values, log) in zip(axes.flat, panels):
-        keys = list(values)
-        bars = ax.barh([labels[k] for k in keys], [values[k] for k in keys], color=[colours[k] for k in keys])
-        ax.bar_label(bars, labels=[_num(values[k]) for k in keys], fontsize=7, padding=2)
+    colours = {key: f"C{i % 10}" for i, key in enumerate(labels)}
+    for ax, (title, unit, spreads, log) in zip(axes.flat, panels):
+        keys = list(spreads)
+        medians = [spreads[k][0] for k in keys]
+        # Error bars: each median's min–max over the rounds.
+        xerr: list[list[float]] | None = [[spreads[k][0] - spreads[k][1] for k in keys],
+                                          [spreads[k][2] - spreads[k][0] for k in keys]]
+        if not any(xerr[0] + xerr[1]):
+            xerr = None  # one measurement (memory, or a single round): no range to draw
+        ax.barh([labels[k] for k in keys], medians, color=[colours[k] for k in keys],
+                xerr=xerr, error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "black"})
+        for y, k in enumerate(keys):  # the median's figure, past its whisker
+            ax.annotate(_num(spreads[k][0]), xy=(spreads[k][2], y), xytext=(4, 0), textcoords="offset points",
+                        va="center", fontsize=7)
         if log:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: the minor labels overlap
         ax.margins(x=0.15)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
@@ -277,8 +408,9 @@ def chart(results: Results, path: Path) -> bool:
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"portproxy bench — {results['time']} — {results['machine']['cpus']} CPUs", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(f"portproxy bench — {results['time']} — {results['machine']['cpus']} CPUs — "
+                 "bars: medians; whiskers: min–max over the rounds", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.2 * rows_n)))  # room for the suptitle
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True

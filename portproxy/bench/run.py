@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, TextIO
 
 from ..runtime import raise_fd_limit
 from . import report
+from .checks import Unmeasured
 from .options import Options, options_from
 from .memory import IdleSink, idle_connections_for, rss_per_idle_connection, rss_with_mappings
 from .paths import PathDef, PathError, Running, available_paths
@@ -57,6 +58,11 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"portproxy: bench: unknown or unavailable path(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    unknown = set(opts.workloads or []) - {w.key for w in WORKLOADS}
+    if unknown:
+        print(f"portproxy: bench: unknown workload(s): {', '.join(sorted(unknown))} "
+              f"(known: {', '.join(w.key for w in WORKLOADS)})", file=sys.stderr)
+        return 2
     results: report.Results = {
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": report.machine(),
@@ -78,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
             try:
                 for key, error in failed.items():
                     for w in workloads:
-                        results["workloads"][w.key]["errors"][key] = error
+                        results["workloads"][w.key]["errors"][key] = [error]
                 live = [p for p in paths if p.key in published]
                 for rnd in range(opts.rounds):
                     order = live[rnd % len(live):] + live[:rnd % len(live)] if live else []
@@ -138,8 +144,8 @@ def _one_run(topo: SeedTopology, workload: Workload, path: Published, opts: Opti
     head = workload.metrics[0]
     try:
         metrics = workload.run(topo, path, Settings(opts.seconds, opts.connections))
-    except (ToolError, PathError, OSError, KeyError) as exc:
-        record["errors"][path.key] = str(exc)
+    except (ToolError, PathError, Unmeasured, OSError, KeyError) as exc:
+        record["errors"].setdefault(path.key, []).append(str(exc))
         progress.step(f"round {rnd + 1} {workload.key:<9} {path.key:<17} failed: {exc}")
         return
     record["runs"].setdefault(path.key, []).append(metrics)
@@ -198,6 +204,6 @@ def _measure(progress: Progress, into: dict[str, dict], path: PathDef, what: str
     try:
         into[path.key] = measure()
         progress.step(f"memory {path.key:<17} {what}: {shown(into[path.key])}")
-    except (PathError, OSError) as exc:
+    except (PathError, Unmeasured, OSError) as exc:
         into[path.key] = {"error": str(exc)}
         progress.step(f"memory {path.key:<17} {what}: failed: {exc}")

@@ -35,6 +35,7 @@ import time
 
 from ..netns import Namespace, SeedTopology
 from . import procfs
+from .checks import held_through_relay
 from .memory import container_listener
 from .paths import PathDef, PathError
 from .servers import FIREHOSE
@@ -170,6 +171,8 @@ def pinned_by_slow_readers(topo: SeedTopology, firehose: Firehose, path: PathDef
         host, port, pids = topo.host_ip, SLOW_READER_PORT, [p.pid for p in running.procs]
     clients: list[socket.socket] = []
     pressures = sum(memory_pressures(ns) for ns in topo.namespaces())
+    relayed = running is not None and not path.in_kernel
+    sockets_before = procfs.socket_count(pids) if relayed else 0
     try:
         clients = topo.client.run(lambda: [socket.socket() for _ in range(count)])
         for s in clients:
@@ -180,6 +183,8 @@ def pinned_by_slow_readers(topo: SeedTopology, firehose: Firehose, path: PathDef
             if time.monotonic() > deadline:
                 raise PathError(f"{path.key}: only {len(firehose.accepted)} of {count} slow readers reached the server")
             time.sleep(0.05)
+        if relayed:
+            held_through_relay(path.key, procfs.socket_count(pids) - sockets_before, count)
         # Full once the total stops growing: three samples 0.5 s apart within 1 %.
         samples = [sum(_pinned(topo, pids).values())]
         deadline = time.monotonic() + settle

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .. import debcache
+from .checks import Unmeasured
 
 if TYPE_CHECKING:
     from ..netns import Namespace
@@ -75,21 +76,32 @@ _BUSY_RETRIES = 10
 
 
 def tcp_stream(result: dict) -> tuple[float, float]:
-    """(Gbit/s received, bytes received) of a TCP run."""
-    received = result["end"]["sum_received"]
+    """(Gbit/s received, bytes received) of a TCP run; nothing received is no measurement."""
+    received = result.get("end", {}).get("sum_received", {})
+    if not received.get("bytes"):
+        raise Unmeasured("iperf3's server received no byte")
     return received["bits_per_second"] / 1e9, received["bytes"]
 
 
 def udp_stream(result: dict) -> dict[str, float]:
-    """What the server got of a UDP run: datagrams/s delivered, loss, Gbit/s."""
-    s = result["end"]["sum"]
-    seconds = s.get("seconds") or 1.0
+    """What the server got of a UDP run: datagrams/s delivered, loss, Gbit/s.
+
+    Nothing sent, or nothing delivered, is a failed run rather than a loss figure: a
+    path that delivers no datagram at all is broken, not lossy."""
+    s = result.get("end", {}).get("sum", {})
     sent = s.get("packets", 0)
     lost = s.get("lost_packets", 0)
+    seconds = s.get("seconds", 0.0)
+    if not sent or not seconds:
+        raise Unmeasured("iperf3 sent no datagram")
+    delivered = sent - lost
+    if delivered <= 0:
+        raise Unmeasured(f"no datagram reached the server ({sent} sent)")
     return {
-        "delivered_datagrams_per_s": (sent - lost) / seconds,
-        "loss_percent": 100.0 * lost / sent if sent else 100.0,
+        "delivered_datagrams_per_s": delivered / seconds,
+        "loss_percent": 100.0 * lost / sent,
         "gbit_per_s": s.get("bits_per_second", 0.0) / 1e9,
+        "delivered_datagrams": float(delivered),
     }
 
 
@@ -103,15 +115,27 @@ def sockperf_ping_pong(ns: Namespace, host: str, port: int, seconds: float, tcp:
             "-m", "64", "--full-rtt"]
     if tcp:
         argv.append("--tcp")
-    out = _run(ns, argv, seconds + 30)
+    return parse_sockperf(_run(ns, argv, seconds + 30), tcp)
+
+
+_OBSERVATIONS = re.compile(r"Total (\d+) observations")
+
+
+def parse_sockperf(out: str, tcp: bool) -> dict[str, float]:
+    """p50/p99 of sockperf's ping-pong report, and how many round trips they rest on."""
+    proto = "TCP" if tcp else "UDP"
+    observations = _OBSERVATIONS.search(out)
+    if not observations or int(observations.group(1)) == 0:
+        raise Unmeasured(f"sockperf completed no round trip (is the path passing {proto}?)")
     percentiles = {float(p): float(v) for p, v in _PERCENTILE.findall(out)}
     if 50.0 not in percentiles or 99.0 not in percentiles:
-        raise ToolError(f"sockperf printed no percentiles (is the path passing {'TCP' if tcp else 'UDP'}?)")
-    return {"p50_us": percentiles[50.0], "p99_us": percentiles[99.0]}
+        raise ToolError(f"sockperf printed no percentiles (is the path passing {proto}?)")
+    return {"p50_us": percentiles[50.0], "p99_us": percentiles[99.0], "round_trips": float(observations.group(1))}
 
 
 # --- wrk ---------------------------------------------------------------------------------------
 _REQUESTS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_TOTAL = re.compile(r"(\d+) requests in ")
 _SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 _NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 
@@ -120,12 +144,20 @@ def wrk_short_connections(ns: Namespace, host: str, port: int, seconds: float, c
     """Connection rate: every request on a fresh TCP connection (``Connection: close``)."""
     argv = [*_tool("wrk"), "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "--timeout", "5s",
             "-H", "Connection: close", f"http://{host}:{port}/"]
-    out = _run(ns, argv, seconds + 30)
+    return parse_wrk(_run(ns, argv, seconds + 30))
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """Rate, completed requests (= connections: one request each) and errors of a wrk run."""
     match = _REQUESTS.search(out)
-    if not match:
+    total = _TOTAL.search(out)
+    if not match or not total:
         raise ToolError(f"wrk printed no rate: {out[-200:]!r}")
     socket_errors = _SOCKET_ERRORS.search(out)
     errors = sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
     non_2xx = _NON_2XX.search(out)
     errors += int(non_2xx.group(1)) if non_2xx else 0
-    return {"connections_per_s": float(match.group(1)), "errors": float(errors)}
+    completed = int(total.group(1)) - (int(non_2xx.group(1)) if non_2xx else 0)
+    if completed <= 0:
+        raise Unmeasured(f"wrk completed no request ({errors} errors)")
+    return {"connections_per_s": float(match.group(1)), "errors": float(errors), "connections": float(completed)}
