@@ -274,3 +274,59 @@ def test_reconcile_recreates_deleted_pieces(topo) -> None:
 
     assert topo.host.run(scenario) == [True, False, True, False, True]
     assert host_state(topo) == EMPTY
+
+
+SHADOW = ["pref", "100", "fwmark", "0x1d000000/0xff000000", "lookup", "main"]
+SHADOW_NAMED = "IPv4 ip rule '100: from all fwmark 0x1d000000/0xff000000 lookup main' comes before"
+
+
+def ip_rule(topo, verb: str, *args: str) -> None:
+    assert topo.host.popen(["ip", "rule", verb, *args]).wait(10) == 0
+
+
+def test_a_rule_taking_the_replies_first_is_refused_by_name(topo, portproxy) -> None:
+    ip_rule(topo, "add", *SHADOW)
+    proxy = portproxy("map", f"9090:{topo.container_ip}:8080", "--source", "client", ready=None)
+    assert proxy.proc.wait(timeout=60) == 1
+    proxy.stop()
+    lines = proxy.stderr.strip().splitlines()
+    assert len(lines) == 1 and SHADOW_NAMED in lines[0], proxy.stderr
+    assert host_state(topo) == EMPTY  # nothing of ours installed; the foreign rule left alone
+    rules = topo.host.popen(["ip", "rule", "show", "pref", "100"], stdout=subprocess.PIPE, text=True).communicate()[0]
+    assert "fwmark 0x1d000000/0xff000000 lookup main" in rules
+
+
+def test_a_shadowing_rule_added_later_is_the_routings_problem(topo) -> None:
+    """What the reconcile loop asks: problem() names a rule added after install; present()
+    still says every piece is there (installing again would not help)."""
+    from portproxy.kernel.transparent import SharedRouting
+
+    def scenario() -> list:
+        routing = SharedRouting(TransparentOptions())
+        routing.acquire()
+        try:
+            seen = [routing.problem(), routing.present()]
+            ip_rule(topo, "add", *SHADOW)
+            seen += [routing.problem(), routing.present()]
+            ip_rule(topo, "del", *SHADOW)
+            seen.append(routing.problem())
+        finally:
+            routing.release()
+        return seen
+
+    before, present, problem, still_present, after = topo.host.run(scenario)
+    assert (before, present, still_present, after) == (None, True, True, None)
+    assert problem is not None and SHADOW_NAMED in problem
+    assert host_state(topo) == EMPTY
+
+
+async def test_the_daemon_keeps_a_shadowed_mapping_as_failed(topo, daemon) -> None:
+    from test_controller import ls
+
+    ip_rule(topo, "add", *SHADOW)
+    start, cli = daemon
+    start(f'[[mapping]]\nspec = "0.0.0.0:9090:{topo.container_ip}:8080"\nsource = "client"\n')
+    listing = ls(cli)
+    entry = listing[f"0.0.0.0:9090:{topo.container_ip}:8080/tcp"]
+    assert entry["status"] == "failed" and SHADOW_NAMED in entry["error"], entry
+    assert host_state(topo)["rules"] == []
