@@ -23,7 +23,9 @@ way never reaches the proxy's socket.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import os
 import socket
 from typing import Any, Callable, Iterable
 
@@ -237,6 +239,15 @@ class TransparentRouting:
             raise TransparentError(f"removing transparent mode's routing failed: {'; '.join(errors)}")
 
 
+def _names(path: str, fd: int) -> bool:
+    """Does ``path`` still name the file open on ``fd``?"""
+    try:
+        st, fst = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
 class SharedRouting:
     """The routing as every portproxy process of a namespace shares it: the daemon, a
     ``map --source client``, each docker-proxy drop-in of a port range.
@@ -244,8 +255,13 @@ class SharedRouting:
     Each user holds a shared flock on one file per namespace and routing table while it
     needs the routing; the first installs it (``install`` is idempotent and takes over
     what is there), and on release the one that can turn its lock exclusive is the last
-    user and removes it. So one process stopping never pulls the routing from under
-    another's connections, and the last one leaves nothing behind.
+    user and removes it, and the lock file with it. So one process stopping never pulls
+    the routing from under another's connections, and the last one leaves nothing behind.
+
+    The file is unlinked only under the exclusive lock. A newcomer that opened it just
+    before gets its shared lock on the unlinked file once the last user has finished, and
+    sharing that with nobody; so every taker checks, once it holds the lock, that the
+    path still names the file it locked, and starts over with a fresh file if not.
     """
 
     def __init__(self, opts: TransparentOptions | None = None) -> None:
@@ -260,20 +276,21 @@ class SharedRouting:
 
     def acquire(self) -> None:
         """Take a share (waiting while a last user removes it) and make sure it is installed."""
-        import fcntl
-        import os
-
         path = self._lock_path()
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise TransparentError(f"transparent mode cannot create {path}: {exc.strerror}") from None
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        while True:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise TransparentError(f"transparent mode cannot create {path}: {exc.strerror}") from None
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if _names(path, fd):
+                break
+            os.close(fd)  # the last user removed this file meanwhile: take a fresh one
         try:
             self.routing.install()
         except BaseException:
-            os.close(fd)
+            self._leave(fd, remove=False)  # install left nothing of its own behind
             raise
         self._fd = fd
 
@@ -290,18 +307,24 @@ class SharedRouting:
 
     def release(self) -> None:
         """Give the share back; the last user removes the routing."""
-        import fcntl
-        import os
-
         fd, self._fd = self._fd, None
-        if fd is None:
-            return
+        if fd is not None:
+            self._leave(fd, remove=True)
+
+    def _leave(self, fd: int, remove: bool) -> None:
+        """Close ``fd``; if no other user holds a share, first remove the routing (with
+        ``remove``) and the lock file, under the exclusive lock."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)  # others still use it
             return
         try:
-            self.routing.remove()
+            if remove:
+                self.routing.remove()
         finally:
+            try:
+                os.unlink(self._lock_path())
+            except OSError:
+                pass
             os.close(fd)
