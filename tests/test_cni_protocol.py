@@ -662,3 +662,25 @@ def test_a_lock_is_held_while_its_file_names_a_live_pid(tmp_path: Path) -> None:
     assert not held(path)  # a crash leaves a dead pid
     path.write_text("")
     assert held(path)  # being taken: the pid comes right after the flock
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"])
+@pytest.mark.parametrize("stdin", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                   b'{"a":' + b'{"b":' * 2000 + b"1" + b"}" * 2001])
+def test_deep_nesting_is_a_decoding_error(command: str, stdin: bytes) -> None:
+    rc, err = run({**ENV, "CNI_COMMAND": command}, stdin)
+    assert rc == 1 and err is not None
+    assert (err["code"], err["msg"]) == (p.ERR_DECODE, "failed to parse network configuration"), err
+    assert "deeper than" in err["details"]
+
+
+def test_nesting_up_to_the_limit_is_decoded_and_answered(recorder: Recorder) -> None:
+    deep: object = 1
+    for _ in range(p.MAX_DEPTH - 2):  # conf > prevResult > [...]: MAX_DEPTH levels in all
+        deep = [deep]
+    prev = {**PREV_040, "extra": deep}
+    rc, result = run(ENV, json.dumps(conf(prevResult=prev, runtimeConfig={"portMappings": [
+        {"hostPort": 80, "containerPort": 8080, "protocol": "tcp"}]})).encode())
+    assert rc == 0 and result is not None and result["extra"] == deep
+    too_deep = json.dumps(conf(prevResult={**PREV_040, "extra": [deep]})).encode()
+    assert run(ENV, too_deep)[1]["code"] == p.ERR_DECODE  # type: ignore[index]

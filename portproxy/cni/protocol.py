@@ -187,14 +187,41 @@ def _bool(conf: dict, key: str, default: bool) -> bool:
     return value
 
 
+MAX_DEPTH = 512
+"""Deepest nesting of objects and arrays accepted on stdin. A configuration with its
+prevResult is a few levels deep; the limit keeps everything that walks the document
+afterwards (the answer's encoding, the request to the daemon) far from Python's
+recursion limit, which ``json.loads`` itself hits near 1,000 levels."""
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests objects and arrays, without recursing (stops past MAX_DEPTH)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def decode(stdin: bytes) -> dict:
-    """stdin as a JSON object, or a decoding error."""
+    """stdin as a JSON object, or a decoding error (CNI code 6)."""
+    failed = "failed to parse network configuration"
     try:
         conf = json.loads(stdin)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CniError(ERR_DECODE, "failed to parse network configuration", str(exc)) from None
+        raise CniError(ERR_DECODE, failed, str(exc)) from None
+    except RecursionError:
+        raise CniError(ERR_DECODE, failed, f"stdin nests objects or arrays deeper than {MAX_DEPTH} levels") from None
     if not isinstance(conf, dict):
-        raise CniError(ERR_DECODE, "failed to parse network configuration", "stdin is not a JSON object")
+        raise CniError(ERR_DECODE, failed, "stdin is not a JSON object")
+    if _depth(conf) > MAX_DEPTH:
+        raise CniError(ERR_DECODE, failed, f"stdin nests objects or arrays deeper than {MAX_DEPTH} levels")
     return conf
 
 
