@@ -706,6 +706,10 @@ def test_what_can_be_published_still_is() -> None:
     assert p.mappings_for((), []) == []  # no port mappings: nothing to publish, nothing wrong
     loopback6 = (p.PortMapping(80, 8080, "tcp", ipaddress.ip_address("::1")),)
     assert [str(m) for m in p.mappings_for(loopback6, [V4, V6])] == ["[::1]:80:[fd00::2]:8080/tcp"]
+    # one entry per family for the same port, as some runtimes pass them: the missing family's is skipped
+    both = (p.PortMapping(80, 8080, "tcp", ipaddress.ip_address("0.0.0.0")),
+            p.PortMapping(80, 8080, "tcp", ipaddress.ip_address("::")))
+    assert [str(m) for m in p.mappings_for(both, [V4])] == ["80:10.88.0.2:8080/tcp"]
 
 
 @pytest.mark.parametrize("prev", [{**PREV_040, "ips": []}, {"cniVersion": "0.4.0", "interfaces": []}, {

@@ -364,36 +364,41 @@ def container_addresses(prev: dict, ifname: str) -> list[IPAddress]:
     return [found[v] for v in sorted(found)]
 
 
+def _refuse_unpublished(port_mappings: tuple[PortMapping, ...], out: list[Mapping], families: set[int]) -> None:
+    published = {(host_port, m.proto) for m in out for host_port, _ in m.port_pairs()}
+    for pm in port_mappings:
+        if (pm.host_port, pm.protocol) not in published and pm.host_ip is not None:
+            host = f"[{pm.host_ip}]" if pm.host_ip.version == 6 else str(pm.host_ip)
+            have = " and ".join(f"IPv{v}" for v in sorted(families))
+            raise CniError(ERR_INVALID_CONFIG, f"cannot publish {host}:{pm.host_port}/{pm.protocol}: the "
+                           f"container has no IPv{pm.host_ip.version} address (only {have})",
+                           "give a hostIP of the container's family, or none")
+
+
 def mappings_for(port_mappings: tuple[PortMapping, ...], addresses: list[IPAddress]) -> list[Mapping]:
     """portproxy mappings for every container address family each entry applies to.
 
     Consecutive ports (runtimes expand ``-p 8000-8010:8000-8010`` into one entry per port)
     are joined into one range mapping, so they share one mapping id and counter.
 
-    An entry that applies to none of the container's families is refused (code 7), and so
-    are entries for a container without an address: the runtime would report a port
-    published that nothing publishes. (portmap succeeds silently there.) The same input
-    always fails the same way, so it is the configuration that is wrong, not the moment:
-    not code 11.
+    A host port that would be published in no family is refused (code 7): a container
+    without an address, or only entries whose hostIP is of a family the container has no
+    address of (``::1`` for an IPv4-only container). The runtime would report a port
+    published that nothing publishes. (portmap succeeds silently there.) An entry of the
+    missing family beside one that is published (``0.0.0.0`` and ``::`` for the same
+    port) is skipped, as portmap does. The same input always fails the same way, so it
+    is the configuration that is wrong, not the moment: not code 11.
     """
     if port_mappings and not addresses:
         raise CniError(ERR_INVALID_CONFIG, "cannot publish ports: prevResult gives the container no IP address",
                        "the ports need an address on the container's interface (CNI_IFNAME) from the plugin before")
-    families = {address.version for address in addresses}
-    for pm in port_mappings:
-        if pm.host_ip is not None and pm.host_ip.version not in families:
-            have = " and ".join(f"IPv{v}" for v in sorted(families))
-            host = f"[{pm.host_ip}]" if pm.host_ip.version == 6 else str(pm.host_ip)
-            raise CniError(ERR_INVALID_CONFIG, f"cannot publish {host}:{pm.host_port}/{pm.protocol}: the "
-                           f"container has no IPv{pm.host_ip.version} address (only {have})",
-                           "give a hostIP of the container's family, or none")
     out: list[Mapping] = []
     for address in addresses:
         for pm in port_mappings:
             host_ip = pm.host_ip
             if host_ip is not None:
                 if host_ip.version != address.version:
-                    continue  # this entry's other family (the check above: it has one)
+                    continue  # portmap: a hostIP of the other family is skipped
                 if host_ip.is_unspecified:
                     host_ip = None
             m = Mapping(pm.protocol, host_ip, pm.host_port, pm.host_port, address, pm.container_port,  # type: ignore[arg-type]
@@ -405,6 +410,7 @@ def mappings_for(port_mappings: tuple[PortMapping, ...], addresses: list[IPAddre
             else:
                 out.append(m)
     out = list(dict.fromkeys(out))
+    _refuse_unpublished(port_mappings, out, {address.version for address in addresses})
     seen: dict[tuple, Mapping] = {}
     for m in out:
         for host_port, _ in m.port_pairs():
