@@ -379,3 +379,25 @@ def test_no_low_descriptor_left_is_one_line_not_an_abort(topo) -> None:
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "select() cannot wait on one past 1023" in out, out
+
+
+async def test_daemon_with_more_kernel_ports_than_fd_setsize(topo, tcp_echo, daemon) -> None:
+    """The same through ``portproxy serve``: the nft contexts it opens after 1,100 ports
+    are held (transparent mode's, each time its routing is checked or installed) work."""
+    import urllib.request
+
+    start, cli = daemon
+    first, last = 20000, 21099
+    proc = start(f'[[mapping]]\nspec = "0.0.0.0:{first}-{last}:{topo.container_ip}:{first}-{last}"\n'
+                 'mode = "kernel"\n', "--metrics-addr", "127.0.0.1:9779")
+    result = cli("add", f"0.0.0.0:9090:{topo.container_ip}:8080", "--mode", "kernel")
+    assert result.returncode == 0, result.stderr + proc.stderr
+    result = cli("add", f"0.0.0.0:9091:{topo.container_ip}:8080", "--source", "client")
+    assert result.returncode == 0, result.stderr + proc.stderr
+    metrics = topo.host.run(lambda: urllib.request.urlopen("http://127.0.0.1:9779/metrics", timeout=30).read())
+    assert b"portproxy_" in metrics
+    listing = json.loads(cli("ls", "--json").stdout)["mappings"]
+    assert [m["status"] for m in listing] == ["running"] * 3, listing
+    for port in (9090, 9091):
+        assert await echo_roundtrip(topo.client, topo.host_ip, port, b"past 1024") == b"past 1024"
+    assert proc.proc.poll() is None, proc.stderr
