@@ -114,7 +114,8 @@ class TransparentRouting:
                                           opts.table, lambda route: route_is_ours(route, lo),
                                           f"already holds {name} routes of another program")
         if conflict is not None:
-            return False, False, f"routing table {opts.table} {conflict}; choose another table for transparent mode", None
+            why = f"routing table {opts.table} {conflict}; choose another table for transparent mode"
+            return False, False, why, None
         return rule_found, route_found, None, _shadow(ipr, family, rules, opts)
 
     def present(self) -> bool:
