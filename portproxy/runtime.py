@@ -18,7 +18,15 @@ def raise_fd_limit() -> int:
 
     A proxy holds two sockets per connection (and two pipe fds per busy direction),
     so the usual soft limit of 1024 would cap it at a few hundred connections.
+
+    Past 1024, a descriptor no longer fits select()'s fd_set, which libnftables waits
+    with; so first a few low descriptors are reserved for its netlink sockets (see
+    :class:`portproxy.kernel.executor.LowDescriptors`). Call this at process start,
+    before any port is opened.
     """
+    from .kernel.executor import reserve_low_descriptors
+
+    reserve_low_descriptors()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         try:

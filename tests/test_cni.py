@@ -430,3 +430,59 @@ def test_masquerade_options(topo: SeedTopology, cache: Path, tmp_path: Path, opt
             assert ask_tcp(topo.host, "127.0.0.1", 9090) == "ConnectionRefusedError"
     finally:
         servers.close()
+
+
+def plugin_of_this_tree(chain: Chain) -> None:
+    """Make the chain's ``portproxy-cni`` run the portproxy package this test imported (the
+    installed launcher runs the editable install's tree, which may be another checkout)."""
+    import shlex
+    import sys
+
+    import portproxy
+
+    root = Path(portproxy.__file__).resolve().parent.parent
+    plugin = chain.plugins / "portproxy-cni"
+    plugin.unlink()
+    code = f"import sys; sys.path.insert(0, {str(root)!r}); from portproxy.cni.main import main; main()"
+    plugin.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -c {shlex.quote(code)}\n")
+    plugin.chmod(0o755)
+
+
+@pytest.mark.parametrize("with_daemon", [False, True], ids=["daemonless", "daemon"])
+def test_an_add_that_would_publish_nothing_is_refused(topo: SeedTopology, cache: Path, tmp_path: Path,
+                                                      with_daemon: bool) -> None:
+    """A hostIP of a family the container lacks, or a prevResult without an address: code 7
+    (the same input always fails), nothing published, for the plugin's table and the daemon."""
+    daemon = None
+    if with_daemon:
+        from test_cni_daemon import Daemon, chain_for
+
+        (tmp_path / "d").mkdir()
+        daemon = Daemon(topo, tmp_path / "d")
+        daemon.start()
+        chain = chain_for(topo, cache, tmp_path, daemon)
+    else:
+        chain = make_chain(topo, cache, tmp_path, "portproxy-cni")
+    plugin_of_this_tree(chain)
+    web = container(topo)
+    try:
+        full = chain.add("ctr-web", web.name, [])
+        ipv4_only = {**full, "ips": [ip for ip in full["ips"] if ":" not in ip["address"]]}
+        loopback6 = [{"hostPort": 9090, "containerPort": 8080, "protocol": "tcp", "hostIP": "::1"}]
+        cases = [(loopback6, ipv4_only, "[::1]:9090/tcp: the container has no IPv6 address (only IPv4)"),
+                 (WEB, {**full, "ips": []}, "prevResult gives the container no IP address"),
+                 (WEB, {key: value for key, value in full.items() if key != "ips"}, "no IP address")]
+        for port_mappings, prev, words in cases:
+            got = chain.mapper_call("ADD", "ctr-x", web.name, port_mappings, prev)
+            assert (got.rc, got.json["code"]) == (1, 7) and words in got.json["msg"], got
+            chain.mapper_call("DEL", "ctr-x", web.name, port_mappings, prev)  # per the spec, after a failed ADD
+        assert ask_tcp(topo.host, "::1", 9090) == "ConnectionRefusedError"
+        tables = subprocess.run(["ip", "netns", "exec", topo.host.name, "nft", "list", "tables"],
+                                capture_output=True, text=True, check=True).stdout
+        assert "portproxy_cni" not in tables
+        if daemon is not None:
+            assert daemon.ls() == []
+    finally:
+        chain.delete("ctr-web", web.name, [])
+        if daemon is not None:
+            daemon.stop()

@@ -662,3 +662,62 @@ def test_a_lock_is_held_while_its_file_names_a_live_pid(tmp_path: Path) -> None:
     assert not held(path)  # a crash leaves a dead pid
     path.write_text("")
     assert held(path)  # being taken: the pid comes right after the flock
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"])
+@pytest.mark.parametrize("stdin", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                   b'{"a":' + b'{"b":' * 2000 + b"1" + b"}" * 2001])
+def test_deep_nesting_is_a_decoding_error(command: str, stdin: bytes) -> None:
+    rc, err = run({**ENV, "CNI_COMMAND": command}, stdin)
+    assert rc == 1 and err is not None
+    assert (err["code"], err["msg"]) == (p.ERR_DECODE, "failed to parse network configuration"), err
+    assert "deeper than" in err["details"]
+
+
+def test_nesting_up_to_the_limit_is_decoded_and_answered(recorder: Recorder) -> None:
+    deep: object = 1
+    for _ in range(p.MAX_DEPTH - 2):  # conf > prevResult > [...]: MAX_DEPTH levels in all
+        deep = [deep]
+    prev = {**PREV_040, "extra": deep}
+    rc, result = run(ENV, json.dumps(conf(prevResult=prev, runtimeConfig={"portMappings": [
+        {"hostPort": 80, "containerPort": 8080, "protocol": "tcp"}]})).encode())
+    assert rc == 0 and result is not None and result["extra"] == deep
+    too_deep = json.dumps(conf(prevResult={**PREV_040, "extra": [deep]})).encode()
+    assert run(ENV, too_deep)[1]["code"] == p.ERR_DECODE  # type: ignore[index]
+
+
+V4, V6 = ipaddress.ip_address("10.88.0.2"), ipaddress.ip_address("fd00::2")
+
+
+@pytest.mark.parametrize("entries, addresses, words", [
+    ((p.PortMapping(80, 8080, "tcp", ipaddress.ip_address("::1")),), [V4],
+     "cannot publish [::1]:80/tcp: the container has no IPv6 address (only IPv4)"),
+    ((p.PortMapping(80, 8080, "tcp", None), p.PortMapping(81, 8081, "udp", ipaddress.ip_address("0.0.0.0"))),
+     [V6], "cannot publish 0.0.0.0:81/udp: the container has no IPv4 address (only IPv6)"),
+    ((p.PortMapping(80, 8080, "tcp", None),), [], "prevResult gives the container no IP address"),
+])
+def test_a_mapping_that_publishes_nothing_is_refused(entries: tuple, addresses: list, words: str) -> None:
+    with pytest.raises(p.CniError) as err:
+        p.mappings_for(entries, addresses)
+    assert err.value.code == p.ERR_INVALID_CONFIG and words in err.value.msg
+
+
+def test_what_can_be_published_still_is() -> None:
+    assert p.mappings_for((), []) == []  # no port mappings: nothing to publish, nothing wrong
+    loopback6 = (p.PortMapping(80, 8080, "tcp", ipaddress.ip_address("::1")),)
+    assert [str(m) for m in p.mappings_for(loopback6, [V4, V6])] == ["[::1]:80:[fd00::2]:8080/tcp"]
+    # one entry per family for the same port, as some runtimes pass them: the missing family's is skipped
+    both = (p.PortMapping(80, 8080, "tcp", ipaddress.ip_address("0.0.0.0")),
+            p.PortMapping(80, 8080, "tcp", ipaddress.ip_address("::")))
+    assert [str(m) for m in p.mappings_for(both, [V4])] == ["80:10.88.0.2:8080/tcp"]
+
+
+@pytest.mark.parametrize("prev", [{**PREV_040, "ips": []}, {"cniVersion": "0.4.0", "interfaces": []}, {
+    **PREV_100, "ips": [{"address": "10.88.0.1/16", "interface": 0}]}])  # only a host-side address
+def test_an_add_without_a_container_address_is_refused(recorder: Recorder, prev: dict) -> None:
+    rc, err = run(ENV, json.dumps(conf(prevResult=prev, runtimeConfig={"portMappings": [
+        {"hostPort": 80, "containerPort": 8080, "protocol": "tcp"}]})).encode())
+    assert rc == 1 and err is not None and err["code"] == p.ERR_INVALID_CONFIG, err
+    assert recorder.calls == []
+    rc, result = run(ENV, json.dumps(conf(prevResult=prev, runtimeConfig={"portMappings": []})).encode())
+    assert rc == 0 and result is not None  # nothing asked: passed through

@@ -333,3 +333,71 @@ async def test_a_family_the_kernel_cannot_translate_is_proxied(topo, tcp_echo, p
         writer.write(b"x")
         assert await reader.readexactly(1) == b"x"
         writer.close()
+
+
+async def test_kernel_map_of_more_ports_than_fd_setsize(topo, portproxy) -> None:
+    """1,100 published ports each hold a socket, so the process's descriptors pass 1,024
+    before it opens an nft context: libnftables' select() must still get a low one."""
+    first, count = 20000, 1100
+    servers = []
+    for port in (first, first + count - 1):
+        async def tag(reader, writer, port=port):
+            writer.write(str(port).encode())
+            await writer.drain()
+            writer.close()
+        servers.append(await start_server(topo.container, port, tag))
+    try:
+        proxy = portproxy("map", "--mode", "kernel", f"0.0.0.0:{first}-{first + count - 1}:{topo.container_ip}:"
+                          f"{first}-{first + count - 1}", ready=count)
+        for port in (first, first + count - 1):
+            reader, writer = await open_connection(topo.client, topo.host_ip, port)
+            assert await asyncio.wait_for(reader.read(-1), 10) == str(port).encode()
+            writer.close()
+        assert proxy.stop() == 0, proxy.stderr
+    finally:
+        for server in servers:
+            server.close()
+
+
+NO_LOW_DESCRIPTOR = """
+import resource, socket
+from portproxy.kernel.executor import LOW, Nft, NftUnavailable
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+held = [socket.socket() for _ in range(1100)]  # no reserve taken: nothing below 1024 is free
+try:
+    Nft()
+except NftUnavailable as exc:
+    print(exc)
+"""
+
+
+def test_no_low_descriptor_left_is_one_line_not_an_abort(topo) -> None:
+    """When nothing can give libnftables a descriptor below 1024, creating a context is
+    refused in words; the process lives on."""
+    proc = topo.host.popen([sys.executable, "-c", NO_LOW_DESCRIPTOR], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "select() cannot wait on one past 1023" in out, out
+
+
+async def test_daemon_with_more_kernel_ports_than_fd_setsize(topo, tcp_echo, daemon) -> None:
+    """The same through ``portproxy serve``: the nft contexts it opens after 1,100 ports
+    are held (transparent mode's, each time its routing is checked or installed) work."""
+    import urllib.request
+
+    start, cli = daemon
+    first, last = 20000, 21099
+    proc = start(f'[[mapping]]\nspec = "0.0.0.0:{first}-{last}:{topo.container_ip}:{first}-{last}"\n'
+                 'mode = "kernel"\n', "--metrics-addr", "127.0.0.1:9779")
+    result = cli("add", f"0.0.0.0:9090:{topo.container_ip}:8080", "--mode", "kernel")
+    assert result.returncode == 0, result.stderr + proc.stderr
+    result = cli("add", f"0.0.0.0:9091:{topo.container_ip}:8080", "--source", "client")
+    assert result.returncode == 0, result.stderr + proc.stderr
+    metrics = topo.host.run(lambda: urllib.request.urlopen("http://127.0.0.1:9779/metrics", timeout=30).read())
+    assert b"portproxy_" in metrics
+    listing = json.loads(cli("ls", "--json").stdout)["mappings"]
+    assert [m["status"] for m in listing] == ["running"] * 3, listing
+    for port in (9090, 9091):
+        assert await echo_roundtrip(topo.client, topo.host_ip, port, b"past 1024") == b"past 1024"
+    assert proc.proc.poll() is None, proc.stderr

@@ -274,3 +274,125 @@ def test_reconcile_recreates_deleted_pieces(topo) -> None:
 
     assert topo.host.run(scenario) == [True, False, True, False, True]
     assert host_state(topo) == EMPTY
+
+
+SHADOW = ["pref", "100", "fwmark", "0x1d000000/0xff000000", "lookup", "main"]
+SHADOW_NAMED = "IPv4 ip rule '100: from all fwmark 0x1d000000/0xff000000 lookup main' comes before"
+
+
+def ip_rule(topo, verb: str, *args: str) -> None:
+    assert topo.host.popen(["ip", "rule", verb, *args]).wait(10) == 0
+
+
+def test_a_rule_taking_the_replies_first_is_refused_by_name(topo, portproxy) -> None:
+    ip_rule(topo, "add", *SHADOW)
+    proxy = portproxy("map", f"9090:{topo.container_ip}:8080", "--source", "client", ready=None)
+    assert proxy.proc.wait(timeout=60) == 1
+    proxy.stop()
+    lines = proxy.stderr.strip().splitlines()
+    assert len(lines) == 1 and SHADOW_NAMED in lines[0], proxy.stderr
+    assert host_state(topo) == EMPTY  # nothing of ours installed; the foreign rule left alone
+    rules = topo.host.popen(["ip", "rule", "show", "pref", "100"], stdout=subprocess.PIPE, text=True).communicate()[0]
+    assert "fwmark 0x1d000000/0xff000000 lookup main" in rules
+
+
+def test_a_shadowing_rule_added_later_is_the_routings_problem(topo) -> None:
+    """What the reconcile loop asks: problem() names a rule added after install; present()
+    still says every piece is there (installing again would not help)."""
+    from portproxy.kernel.transparent import SharedRouting
+
+    def scenario() -> list:
+        routing = SharedRouting(TransparentOptions())
+        routing.acquire()
+        try:
+            seen = [routing.problem(), routing.present()]
+            ip_rule(topo, "add", *SHADOW)
+            seen += [routing.problem(), routing.present()]
+            ip_rule(topo, "del", *SHADOW)
+            seen.append(routing.problem())
+        finally:
+            routing.release()
+        return seen
+
+    before, present, problem, still_present, after = topo.host.run(scenario)
+    assert (before, present, still_present, after) == (None, True, True, None)
+    assert problem is not None and SHADOW_NAMED in problem
+    assert host_state(topo) == EMPTY
+
+
+async def test_the_daemon_keeps_a_shadowed_mapping_as_failed(topo, daemon) -> None:
+    from test_controller import ls
+
+    ip_rule(topo, "add", *SHADOW)
+    start, cli = daemon
+    start(f'[[mapping]]\nspec = "0.0.0.0:9090:{topo.container_ip}:8080"\nsource = "client"\n')
+    listing = ls(cli)
+    entry = listing[f"0.0.0.0:9090:{topo.container_ip}:8080/tcp"]
+    assert entry["status"] == "failed" and SHADOW_NAMED in entry["error"], entry
+    assert host_state(topo)["rules"] == []
+
+
+def _lock_path(topo) -> str:
+    from portproxy.kernel.transparent import SharedRouting
+
+    return topo.host.run(lambda: SharedRouting(TransparentOptions())._lock_path())
+
+
+async def test_the_last_user_removes_the_lock_file(topo, portproxy) -> None:
+    import os
+
+    path = _lock_path(topo)
+    first = portproxy("map", f"9090:{topo.container_ip}:8080", "--source", "client")
+    second = portproxy("map", f"9091:{topo.container_ip}:8080", "--source", "client")
+    assert os.path.exists(path)
+    assert second.stop() == 0
+    assert os.path.exists(path) and host_state(topo)["rules"] == [7719, 7719]  # still the first's
+    assert first.stop() == 0
+    assert not os.path.exists(path), first.stderr
+    assert host_state(topo) == EMPTY
+
+
+def _blocked_on(inode: int) -> bool:
+    """Whether some flock request waits on the file with this inode (``->`` lines of /proc/locks)."""
+    with open("/proc/locks") as f:
+        return any("->" in line and line.split()[6].endswith(f":{inode}") for line in f)
+
+
+def test_a_newcomer_waiting_on_a_removed_lock_file_takes_a_fresh_one(topo) -> None:
+    """The last user holds the file exclusively, removes it and lets go; a newcomer that
+    opened it just before must not share the removed file with nobody, but the new one."""
+    import fcntl
+    import os
+    import threading
+
+    from portproxy.kernel.transparent import SharedRouting
+
+    path = _lock_path(topo)
+
+    def scenario() -> tuple[bool, bool]:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        last = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(last, fcntl.LOCK_EX)  # as a last user removing the routing
+        inode = os.fstat(last).st_ino
+        newcomer = SharedRouting(TransparentOptions())
+        thread = threading.Thread(target=newcomer.acquire)
+        thread.start()
+        try:
+            for _ in range(500):
+                if _blocked_on(inode):
+                    break
+                threading.Event().wait(0.01)
+            waited = _blocked_on(inode)
+            os.unlink(path)
+            os.close(last)
+            thread.join(30)
+            fd = newcomer._fd
+            assert fd is not None
+            same = (os.stat(path).st_ino, os.stat(path).st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+        finally:
+            thread.join(30)
+            newcomer.release()
+        return waited, same
+
+    assert topo.host.run(scenario) == (True, True)
+    assert not os.path.exists(path) and host_state(topo) == EMPTY

@@ -187,14 +187,41 @@ def _bool(conf: dict, key: str, default: bool) -> bool:
     return value
 
 
+MAX_DEPTH = 512
+"""Deepest nesting of objects and arrays accepted on stdin. A configuration with its
+prevResult is a few levels deep; the limit keeps everything that walks the document
+afterwards (the answer's encoding, the request to the daemon) far from Python's
+recursion limit, which ``json.loads`` itself hits near 1,000 levels."""
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests objects and arrays, without recursing (stops past MAX_DEPTH)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def decode(stdin: bytes) -> dict:
-    """stdin as a JSON object, or a decoding error."""
+    """stdin as a JSON object, or a decoding error (CNI code 6)."""
+    failed = "failed to parse network configuration"
     try:
         conf = json.loads(stdin)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CniError(ERR_DECODE, "failed to parse network configuration", str(exc)) from None
+        raise CniError(ERR_DECODE, failed, str(exc)) from None
+    except RecursionError:
+        raise CniError(ERR_DECODE, failed, f"stdin nests objects or arrays deeper than {MAX_DEPTH} levels") from None
     if not isinstance(conf, dict):
-        raise CniError(ERR_DECODE, "failed to parse network configuration", "stdin is not a JSON object")
+        raise CniError(ERR_DECODE, failed, "stdin is not a JSON object")
+    if _depth(conf) > MAX_DEPTH:
+        raise CniError(ERR_DECODE, failed, f"stdin nests objects or arrays deeper than {MAX_DEPTH} levels")
     return conf
 
 
@@ -337,12 +364,34 @@ def container_addresses(prev: dict, ifname: str) -> list[IPAddress]:
     return [found[v] for v in sorted(found)]
 
 
+def _refuse_unpublished(port_mappings: tuple[PortMapping, ...], out: list[Mapping], families: set[int]) -> None:
+    published = {(host_port, m.proto) for m in out for host_port, _ in m.port_pairs()}
+    for pm in port_mappings:
+        if (pm.host_port, pm.protocol) not in published and pm.host_ip is not None:
+            host = f"[{pm.host_ip}]" if pm.host_ip.version == 6 else str(pm.host_ip)
+            have = " and ".join(f"IPv{v}" for v in sorted(families))
+            raise CniError(ERR_INVALID_CONFIG, f"cannot publish {host}:{pm.host_port}/{pm.protocol}: the "
+                           f"container has no IPv{pm.host_ip.version} address (only {have})",
+                           "give a hostIP of the container's family, or none")
+
+
 def mappings_for(port_mappings: tuple[PortMapping, ...], addresses: list[IPAddress]) -> list[Mapping]:
     """portproxy mappings for every container address family each entry applies to.
 
     Consecutive ports (runtimes expand ``-p 8000-8010:8000-8010`` into one entry per port)
     are joined into one range mapping, so they share one mapping id and counter.
+
+    A host port that would be published in no family is refused (code 7): a container
+    without an address, or only entries whose hostIP is of a family the container has no
+    address of (``::1`` for an IPv4-only container). The runtime would report a port
+    published that nothing publishes. (portmap succeeds silently there.) An entry of the
+    missing family beside one that is published (``0.0.0.0`` and ``::`` for the same
+    port) is skipped, as portmap does. The same input always fails the same way, so it
+    is the configuration that is wrong, not the moment: not code 11.
     """
+    if port_mappings and not addresses:
+        raise CniError(ERR_INVALID_CONFIG, "cannot publish ports: prevResult gives the container no IP address",
+                       "the ports need an address on the container's interface (CNI_IFNAME) from the plugin before")
     out: list[Mapping] = []
     for address in addresses:
         for pm in port_mappings:
@@ -361,6 +410,7 @@ def mappings_for(port_mappings: tuple[PortMapping, ...], addresses: list[IPAddre
             else:
                 out.append(m)
     out = list(dict.fromkeys(out))
+    _refuse_unpublished(port_mappings, out, {address.version for address in addresses})
     seen: dict[tuple, Mapping] = {}
     for m in out:
         for host_port, _ in m.port_pairs():

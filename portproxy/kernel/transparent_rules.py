@@ -130,3 +130,107 @@ def rule_is_ours(rule: dict[str, Any], opts: TransparentOptions) -> bool:
 def route_is_ours(route: dict[str, Any], lo_index: int) -> bool:
     """Is this dumped route (of our table) the ``local`` default via lo we add?"""
     return route.get("type") == RTN_LOCAL and route.get("dst_len") == 0 and route.get("oif") == lo_index
+
+
+# --- rules that would take the marked replies before ours -----------------------------------------
+
+FR_ACT_TO_TBL, FR_ACT_GOTO, FR_ACT_NOP = 1, 2, 3
+FR_ACT_BLACKHOLE, FR_ACT_UNREACHABLE, FR_ACT_PROHIBIT = 6, 7, 8
+FIB_RULE_INVERT = 0x2
+RT_TABLE_LOCAL = 255
+TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
+ACTION_NAMES = {FR_ACT_NOP: "nop", FR_ACT_BLACKHOLE: "blackhole", FR_ACT_UNREACHABLE: "unreachable",
+                FR_ACT_PROHIBIT: "prohibit"}
+
+ALL, SOME, NONE = "all", "some", "none"
+"""How many of the marked replies a selector (or a whole rule) matches."""
+
+_NARROWING = ("src_len", "dst_len", "tos", "ip_proto", "sport_range", "dport_range", "uid_range", "l3mdev")
+"""Selectors that match some replies and not others (by address, port, protocol...)."""
+
+
+def _fwmark_match(rule: dict[str, Any], opts: TransparentOptions) -> str:
+    """The marked replies carry MARK under MASK (bits other programs set are theirs to
+    route): does ``fwmark M/K`` match MARK?"""
+    mark = rule.get("fwmark") or 0
+    mask = rule.get("fwmask")
+    if mask is None:
+        mask = 0xFFFFFFFF if mark else 0
+    return ALL if opts.mark & mask == mark & mask else NONE
+
+
+def rule_matches_replies(rule: dict[str, Any], opts: TransparentOptions) -> str:
+    """ALL, SOME or NONE: how many marked replies (packets from a target to a client,
+    arriving from outside, marked MARK by the marking rule) a dumped rule's selectors match."""
+    parts = [_fwmark_match(rule, opts)]
+    iif = rule.get("iifname")
+    if iif:
+        parts.append(NONE if iif == "lo" else SOME)  # a reply arrives from the target's link, never from lo
+    if rule.get("oifname"):
+        parts.append(NONE)  # input route lookups have no output interface to match
+    parts += [SOME for key in _NARROWING if rule.get(key)]
+    result = NONE if NONE in parts else ALL if all(p == ALL for p in parts) else SOME
+    if rule.get("flags", 0) & FIB_RULE_INVERT:
+        result = {ALL: NONE, NONE: ALL, SOME: SOME}[result]
+    return result
+
+
+def rule_takes_replies(rule: dict[str, Any], opts: TransparentOptions, tables_with_routes: set[int]) -> bool:
+    """Would this rule, evaluated before ours, decide where some marked replies go?
+
+    A ``lookup`` only decides for packets its table has a route for: the local table (local
+    addresses only; a reply goes to a client) and an empty table let them fall through to
+    the next rule. A ``goto`` past ours skips it; blackhole, unreachable and prohibit drop."""
+    if rule_matches_replies(rule, opts) == NONE:
+        return False
+    action = rule.get("action", FR_ACT_TO_TBL)
+    if action == FR_ACT_TO_TBL:
+        table = rule.get("table")
+        return table not in (RT_TABLE_LOCAL, opts.table) and table in tables_with_routes
+    if action == FR_ACT_GOTO:
+        return (rule.get("goto") or 0) > opts.priority
+    return action != FR_ACT_NOP
+
+
+def describe_rule(rule: dict[str, Any]) -> str:
+    """The rule as ``ip rule`` prints it (the parts this check reads)."""
+    words = [f"{rule.get('priority', 0)}:"]
+    if rule.get("flags", 0) & FIB_RULE_INVERT:
+        words.append("not")
+    words += ["from", f"{rule['src']}/{rule['src_len']}" if rule.get("src_len") else "all"]
+    if rule.get("dst_len"):
+        words += ["to", f"{rule.get('dst')}/{rule['dst_len']}"]
+    if rule.get("fwmark") or rule.get("fwmask"):
+        mask = rule.get("fwmask")
+        words += ["fwmark", f"{rule.get('fwmark') or 0:#x}" + (f"/{mask:#x}" if mask not in (None, 0xFFFFFFFF) else "")]
+    for key, word in (("iifname", "iif"), ("oifname", "oif"), ("ip_proto", "ipproto")):
+        if rule.get(key):
+            words += [word, str(rule[key])]
+    action = rule.get("action", FR_ACT_TO_TBL)
+    if action == FR_ACT_TO_TBL:
+        table = rule.get("table")
+        words += ["lookup", TABLE_NAMES.get(table, str(table))]  # type: ignore[arg-type]
+    elif action == FR_ACT_GOTO:
+        words += ["goto", str(rule.get("goto"))]
+    else:
+        words.append(ACTION_NAMES.get(action, f"action {action}"))
+    return " ".join(words)
+
+
+def shadowing_rule(rules: list[dict[str, Any]], opts: TransparentOptions, tables_with_routes: set[int],
+                   family: str = "IPv4") -> str | None:
+    """Why the marked replies would not reach transparent mode's rule, or None.
+
+    ``rules``: one family's dump, in the kernel's order (the order rules are evaluated in).
+    Every rule up to ours is checked; without ours (before install), every rule with a
+    priority up to ours', since a new rule goes after those of its own priority."""
+    for rule in rules:
+        if rule_is_ours(rule, opts):
+            return None
+        if (rule.get("priority") or 0) > opts.priority:
+            return None
+        if rule_takes_replies(rule, opts, tables_with_routes):
+            return (f"{family} ip rule '{describe_rule(rule)}' comes before transparent mode's (priority "
+                    f"{opts.priority}) and would take its marked replies, so every connection would time out; "
+                    f"delete it or move it after priority {opts.priority}")
+    return None
