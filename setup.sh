@@ -9,7 +9,8 @@
 # installing nginx or prometheus on a systemd host starts a web server on port 80 and a
 # Prometheus on 9090. They are unpacked from their Debian packages (apt-get download +
 # dpkg -x: no maintainer script runs, dpkg does not know them) into
-# /var/cache/portproxy-test/unpacked by `python -m portproxy.debcache` (portproxy/debcache.py).
+# /var/cache/portproxy-test/unpacked by `python -m portproxy.debcache` (portproxy/debcache.py)
+# and `python -m tests.support.programs` (the programs only the tests run).
 # .venv/ at the repository root gets portproxy installed editable, with the test and bench extras.
 #
 #   --no-demo        install, do not run the demo
@@ -29,7 +30,8 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
-.venv/bin/python -m portproxy.debcache >/dev/null   # the test and benchmark programs, unpacked
+.venv/bin/python -m portproxy.debcache >/dev/null   # the benchmark's programs, unpacked
+.venv/bin/python -m tests.support.programs >/dev/null   # and the tests' (dockerd, podman, CNI plugins, ...)
 if [ "${1:-}" != "--no-demo" ]; then
     .venv/bin/portproxy demo
 fi

@@ -21,14 +21,15 @@ from typing import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from portproxy.netns import Namespace, SeedTopology, seed_topology
+from portproxy.lab.namespaces import Namespace
+from portproxy.lab.topology import DemoTopology, demo_topology
 
 
 @pytest.fixture
-def topo() -> Iterator[SeedTopology]:
+def topo() -> Iterator[DemoTopology]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
-    with seed_topology("pt") as t:
+    with demo_topology("pt") as t:
         yield t
 
 
@@ -82,7 +83,7 @@ class PortproxyProcess:
 
 
 @pytest.fixture
-def portproxy(topo: SeedTopology) -> Iterator[Callable[..., PortproxyProcess]]:
+def portproxy(topo: DemoTopology) -> Iterator[Callable[..., PortproxyProcess]]:
     """Start ``portproxy ARGS`` in the host namespace; stopped at teardown."""
     started: list[PortproxyProcess] = []
 
@@ -172,7 +173,7 @@ def _congestion_controls(ns: Namespace, ss_filter: str, known: set[str]) -> list
     return [word for word in out.split() if word in known]
 
 
-async def check_congestion_control_per_leg(topo: SeedTopology, host_port: int, target_port: int, default: str,
+async def check_congestion_control_per_leg(topo: DemoTopology, host_port: int, target_port: int, default: str,
                                            chosen: str) -> None:
     """Through a proxy on ``host_port``: the connection to the target uses ``chosen``, the
     client's connection keeps the namespace's ``default``."""
@@ -214,7 +215,7 @@ async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 
 
 @pytest.fixture
-async def tcp_echo(topo: SeedTopology) -> AsyncIterator[asyncio.Server]:
+async def tcp_echo(topo: DemoTopology) -> AsyncIterator[asyncio.Server]:
     """A TCP echo server in the container on 8080 (IPv4) and [fd00:172:16::1]:8080."""
     v4 = await start_server(topo.container, 8080, echo_handler)
     v6 = await start_server(topo.container, 8080, echo_handler, host="::")
@@ -277,7 +278,7 @@ async def start_udp_echo(ns: Namespace, port: int, host: str = "0.0.0.0") -> asy
 
 
 @pytest.fixture
-async def udp_echo(topo: SeedTopology) -> AsyncIterator[None]:
+async def udp_echo(topo: DemoTopology) -> AsyncIterator[None]:
     """UDP echo servers in the container on 5353 (IPv4 and IPv6)."""
     transports = [await start_udp_echo(topo.container, 5353), await start_udp_echo(topo.container, 5353, "::")]
     yield None

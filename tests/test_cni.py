@@ -19,8 +19,9 @@ from typing import Iterator
 
 import pytest
 
-from portproxy.cni.testbed import Chain, ReferenceUnavailable, debian_plugins, plugin_dir, root_snapshot
-from portproxy.netns import Namespace, SeedTopology, seed_topology
+from tests.support.cni_testbed import Chain, ReferenceUnavailable, debian_plugins, plugin_dir, root_snapshot
+from portproxy.lab.namespaces import Namespace
+from portproxy.lab.topology import DemoTopology, demo_topology
 
 MAPPERS = ["portmap", "portproxy-cni"]
 VERSIONS = ["0.4.0", "1.0.0"]
@@ -46,8 +47,8 @@ def cache() -> Path:
 
 
 @pytest.fixture
-def topo() -> Iterator[SeedTopology]:
-    with seed_topology("pc") as t:
+def topo() -> Iterator[DemoTopology]:
+    with demo_topology("pc") as t:
         yield t
 
 
@@ -56,7 +57,7 @@ def mapper(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def make_chain(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str, version: str = "1.0.0",
+def make_chain(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str, version: str = "1.0.0",
                **kwargs: object) -> Chain:
     if mapper == "portproxy-cni":
         # Daemonless, whatever this machine has at the default socket path (tests/test_cni_daemon.py
@@ -66,7 +67,7 @@ def make_chain(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str, ver
     return Chain(topo.host, plugins, cache, tmp_path / "ipam", mapper, version, **kwargs)  # type: ignore[arg-type]
 
 
-def container(topo: SeedTopology) -> Namespace:
+def container(topo: DemoTopology) -> Namespace:
     ns = Namespace.create("pc-ctr")
     topo.extra.append(ns)
     return ns
@@ -185,7 +186,7 @@ def addresses(result: dict) -> tuple[str, str]:
 
 # --- the cases ----------------------------------------------------------------------------------
 
-def test_version_probe(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
+def test_version_probe(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
     chain = make_chain(topo, cache, tmp_path, mapper)
     got = chain.invoke(mapper, {**chain.env("VERSION"), "CNI_NETNS": "dummy", "CNI_IFNAME": "dummy"},
                        '{"cniVersion":"1.0.0"}')
@@ -194,7 +195,7 @@ def test_version_probe(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: 
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_publish_check_delete(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str, version: str) -> None:
+def test_publish_check_delete(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str, version: str) -> None:
     chain = make_chain(topo, cache, tmp_path, mapper, version)
     web, other = container(topo), container(topo)
     result = chain.add("ctr-web", web.name, WEB)
@@ -227,7 +228,7 @@ def test_publish_check_delete(topo: SeedTopology, cache: Path, tmp_path: Path, m
     chain.delete("ctr-other", other.name, [])
 
 
-def test_delete_is_idempotent(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
+def test_delete_is_idempotent(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
     chain = make_chain(topo, cache, tmp_path, mapper)
     web = container(topo)
     chain.add("ctr-web", web.name, WEB)
@@ -240,7 +241,7 @@ def test_delete_is_idempotent(topo: SeedTopology, cache: Path, tmp_path: Path, m
     assert (got.rc, got.stdout) == (0, ""), got
 
 
-def test_two_containers_with_ranges(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
+def test_two_containers_with_ranges(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
     chain = make_chain(topo, cache, tmp_path, mapper)
     a, b = container(topo), container(topo)
     ranges = {
@@ -265,12 +266,12 @@ def test_two_containers_with_ranges(topo: SeedTopology, cache: Path, tmp_path: P
     chain.delete("ctr-b", b.name, ranges["b"])
 
 
-def test_stale_udp_flow_flushed_on_add(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
+def test_stale_udp_flow_flushed_on_add(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
     """A client that sent to the port before it was published gets through from the same source port."""
     check_stale_udp_flow_flushed(topo, make_chain(topo, cache, tmp_path, mapper))
 
 
-def check_stale_udp_flow_flushed(topo: SeedTopology, chain: Chain) -> None:
+def check_stale_udp_flow_flushed(topo: DemoTopology, chain: Chain) -> None:
     web = container(topo)
     assert ask_udp(topo.client, topo.host_ip, 9053, source_port=40053) != "web"  # creates the conntrack entry
     chain.add("ctr-web", web.name, WEB)
@@ -282,7 +283,7 @@ def check_stale_udp_flow_flushed(topo: SeedTopology, chain: Chain) -> None:
     chain.delete("ctr-web", web.name, WEB)
 
 
-def test_unchained_add_refused(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
+def test_unchained_add_refused(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
     chain = make_chain(topo, cache, tmp_path, mapper)
     web = container(topo)
     got = chain.mapper_call("ADD", "ctr-web", web.name, WEB)
@@ -295,7 +296,7 @@ MALFORMED = [b"", b"{", b"[]", b'{"cniVersion": "1.0.0", "name": "x", "type": "t
 
 
 @pytest.mark.parametrize("stdin", MALFORMED, ids=["empty", "truncated", "array", "bad-port"])
-def test_malformed_stdin(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str, stdin: bytes) -> None:
+def test_malformed_stdin(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str, stdin: bytes) -> None:
     chain = make_chain(topo, cache, tmp_path, mapper)
     web = container(topo)
     got = chain.invoke(mapper, chain.env("ADD", "ctr-web", web.name), stdin)
@@ -304,7 +305,7 @@ def test_malformed_stdin(topo: SeedTopology, cache: Path, tmp_path: Path, mapper
     assert "Traceback" not in got.stderr + got.stdout
 
 
-def test_gc_and_status(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
+def test_gc_and_status(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
     if mapper == "portmap":
         pytest.skip("Debian's portmap 1.1.1 implements CNI up to 1.0.0: it has no GC or STATUS")
     chain = make_chain(topo, cache, tmp_path, mapper, "1.1.0")
@@ -336,7 +337,7 @@ def test_gc_and_status(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: 
             s.close()
 
 
-def test_port_clash_refused_and_table_removed_with_last_mapping(topo: SeedTopology, cache: Path,
+def test_port_clash_refused_and_table_removed_with_last_mapping(topo: DemoTopology, cache: Path,
                                                                 tmp_path: Path) -> None:
     """portproxy-cni only: portmap is last-write-wins; portproxy refuses a port another attachment holds."""
     chain = make_chain(topo, cache, tmp_path, "portproxy-cni")
@@ -358,7 +359,7 @@ def test_port_clash_refused_and_table_removed_with_last_mapping(topo: SeedTopolo
     assert "portproxy_cni" not in tables
 
 
-def test_host_ip_restricts_the_mapping(topo: SeedTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
+def test_host_ip_restricts_the_mapping(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
     """``hostIP`` publishes on that address only; the other family's container address is skipped."""
     chain = make_chain(topo, cache, tmp_path, mapper)
     web = container(topo)
@@ -374,7 +375,7 @@ def test_host_ip_restricts_the_mapping(topo: SeedTopology, cache: Path, tmp_path
     chain.delete("ctr-web", web.name, pm)
 
 
-def test_conditions_limit_who_is_served(topo: SeedTopology, cache: Path, tmp_path: Path) -> None:
+def test_conditions_limit_who_is_served(topo: DemoTopology, cache: Path, tmp_path: Path) -> None:
     """portproxy-cni's nft conditions (portmap 1.1.1 takes iptables arguments here, another grammar)."""
     chain = make_chain(topo, cache, tmp_path, "portproxy-cni",
                        mapper_conf={"conditionsV4": [f"ip saddr != {topo.client_ip}/32"]})
@@ -392,7 +393,7 @@ def test_conditions_limit_who_is_served(topo: SeedTopology, cache: Path, tmp_pat
     assert refused.rc == 1 and refused.json["code"] == 7 and "not supported" in refused.json["msg"], refused
 
 
-def test_concurrent_adds_keep_every_mapping(topo: SeedTopology, cache: Path, tmp_path: Path) -> None:
+def test_concurrent_adds_keep_every_mapping(topo: DemoTopology, cache: Path, tmp_path: Path) -> None:
     """Runtimes start containers in parallel: the per-namespace lock serialises read-then-write."""
     chain = make_chain(topo, cache, tmp_path, "portproxy-cni")
     prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "/x"}],
@@ -413,7 +414,7 @@ def test_concurrent_adds_keep_every_mapping(topo: SeedTopology, cache: Path, tmp
 
 
 @pytest.mark.parametrize("options", [{"masqAll": True}, {"snat": False}], ids=["masqAll", "no-snat"])
-def test_masquerade_options(topo: SeedTopology, cache: Path, tmp_path: Path, options: dict) -> None:
+def test_masquerade_options(topo: DemoTopology, cache: Path, tmp_path: Path, options: dict) -> None:
     """portproxy-cni only (Debian's portmap 1.1.1 has no masqAll): masqAll hides every client
     behind the bridge's address; without snat nothing is masqueraded and loopback is not served."""
     chain = make_chain(topo, cache, tmp_path, "portproxy-cni", mapper_conf=options)

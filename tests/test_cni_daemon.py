@@ -20,8 +20,8 @@ from typing import Iterator
 import pytest
 
 from conftest import PortproxyProcess
-from portproxy.cni.testbed import Chain
-from portproxy.netns import SeedTopology
+from tests.support.cni_testbed import Chain
+from portproxy.lab.topology import DemoTopology
 from test_cni import (WEB, Servers, addresses, ask_tcp, ask_udp, cache, check_stale_udp_flow_flushed,  # noqa: F401
                       container, make_chain, root_unchanged, topo)
 
@@ -32,7 +32,7 @@ METRICS = "127.0.0.1:9464"
 class Daemon:
     """``portproxy serve`` in the host namespace; started, stopped and restarted by the test."""
 
-    def __init__(self, topo: SeedTopology, tmp: Path) -> None:
+    def __init__(self, topo: DemoTopology, tmp: Path) -> None:
         self.topo = topo
         self.socket = tmp / "pp.sock"
         self.config = tmp / "portproxy.toml"
@@ -69,23 +69,23 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(topo: SeedTopology, tmp_path: Path) -> Iterator[Daemon]:
+def daemon(topo: DemoTopology, tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(topo, tmp_path)
     yield d
     d.stop()
 
 
-def chain_for(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> Chain:
+def chain_for(topo: DemoTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> Chain:
     return make_chain(topo, cache, tmp_path, "portproxy-cni", mapper_conf={"daemonSocket": str(daemon.socket)})
 
 
-def cni_table(topo: SeedTopology, name: str = "portproxy_cni") -> bool:
+def cni_table(topo: DemoTopology, name: str = "portproxy_cni") -> bool:
     tables = subprocess.run(["ip", "netns", "exec", topo.host.name, "nft", "list", "tables"],
                             capture_output=True, text=True, check=True).stdout
     return f"table inet {name}" in tables.splitlines()
 
 
-def departures(topo: SeedTopology) -> list[str]:
+def departures(topo: DemoTopology) -> list[str]:
     """The owner tokens recorded in the DEL-while-away table (see portproxy.cni.departures)."""
     from portproxy.cni import departures as words
 
@@ -100,7 +100,7 @@ def owned(mappings: list[dict], cid: str) -> list[dict]:
 
 # --- the cases ----------------------------------------------------------------------------------
 
-def test_add_check_delete_through_the_daemon(topo: SeedTopology, cache: Path, tmp_path: Path,
+def test_add_check_delete_through_the_daemon(topo: DemoTopology, cache: Path, tmp_path: Path,
                                              daemon: Daemon) -> None:
     daemon.start()
     chain = chain_for(topo, cache, tmp_path, daemon)
@@ -142,7 +142,7 @@ def test_add_check_delete_through_the_daemon(topo: SeedTopology, cache: Path, tm
     chain.delete("ctr-other", other.name, [])
 
 
-def test_restart_gc_and_independent_deletes(topo: SeedTopology, cache: Path, tmp_path: Path,
+def test_restart_gc_and_independent_deletes(topo: DemoTopology, cache: Path, tmp_path: Path,
                                             daemon: Daemon) -> None:
     daemon.start()
     chain = chain_for(topo, cache, tmp_path, daemon)
@@ -179,7 +179,7 @@ def test_restart_gc_and_independent_deletes(topo: SeedTopology, cache: Path, tmp
             s.close()
 
 
-def test_a_delete_while_the_daemon_is_away_reaches_it(topo: SeedTopology, cache: Path, tmp_path: Path,
+def test_a_delete_while_the_daemon_is_away_reaches_it(topo: DemoTopology, cache: Path, tmp_path: Path,
                                                      daemon: Daemon) -> None:
     """A container deleted while the daemon is stopped, or crashed (its socket dead), loses its
     DNAT at once and does not come back with the daemon: it would reach whoever has that
@@ -256,7 +256,7 @@ def test_a_delete_while_the_daemon_is_away_reaches_it(topo: SeedTopology, cache:
             s.close()
 
 
-def test_a_dead_socket_of_a_daemon_without_cni_mappings(topo: SeedTopology, cache: Path, tmp_path: Path) -> None:
+def test_a_dead_socket_of_a_daemon_without_cni_mappings(topo: DemoTopology, cache: Path, tmp_path: Path) -> None:
     """A crashed daemon that held no CNI mapping (no departures table) has nothing of a
     container: DEL completes; GC collects the plugin's own table and still says try again."""
     dead = tmp_path / "dead.sock"
@@ -279,7 +279,7 @@ def test_a_dead_socket_of_a_daemon_without_cni_mappings(topo: SeedTopology, cach
     assert not cni_table(topo)  # ctr-b's mapping was collected all the same
 
 
-def test_refusals(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> None:
+def test_refusals(topo: DemoTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> None:
     daemon.start()
     chain = chain_for(topo, cache, tmp_path, daemon)
     a, b = container(topo), container(topo)
@@ -336,7 +336,7 @@ while True:
 """
 
 
-def test_a_daemon_of_another_namespace_is_not_used(topo: SeedTopology, tmp_path: Path, daemon: Daemon) -> None:
+def test_a_daemon_of_another_namespace_is_not_used(topo: DemoTopology, tmp_path: Path, daemon: Daemon) -> None:
     """A socket path is visible from every network namespace; the daemon behind it serves only its own."""
     from portproxy.cni.daemon import connect
     from portproxy.cni.protocol import parse_config
@@ -354,7 +354,7 @@ def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
     return sock.recv(4096)
 
 
-def test_daemon_adopts_what_the_plugin_installed(topo: SeedTopology, cache: Path, tmp_path: Path,
+def test_daemon_adopts_what_the_plugin_installed(topo: DemoTopology, cache: Path, tmp_path: Path,
                                                   daemon: Daemon) -> None:
     chain = chain_for(topo, cache, tmp_path, daemon)  # the socket is not there yet: daemonless
     web, other = container(topo), container(topo)
@@ -395,7 +395,7 @@ def test_daemon_adopts_what_the_plugin_installed(topo: SeedTopology, cache: Path
             s.close()
 
 
-def test_stale_udp_flow_flushed_on_add(topo: SeedTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> None:
+def test_stale_udp_flow_flushed_on_add(topo: DemoTopology, cache: Path, tmp_path: Path, daemon: Daemon) -> None:
     """A client that sent to the port before it was published gets through from the same source port."""
     daemon.start()
     check_stale_udp_flow_flushed(topo, chain_for(topo, cache, tmp_path, daemon))

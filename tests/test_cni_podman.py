@@ -32,8 +32,8 @@ from typing import Iterator
 
 import pytest
 
-from portproxy.cni.testbed import Podman, ReferenceUnavailable, debian_plugins, podman_packages
-from portproxy.netns import seed_topology
+from tests.support.cni_testbed import Podman, ReferenceUnavailable, debian_plugins, podman_packages
+from portproxy.lab.topology import demo_topology
 from test_cni import root_unchanged  # noqa: F401 - the autouse root-namespace check, shared
 from test_cni_daemon import Daemon
 
@@ -56,7 +56,7 @@ DAEMON_OF = pytest.StashKey["Daemon | None"]()
 
 @pytest.fixture(params=["portmap", "portproxy-cni", DAEMON])
 def podman(request: pytest.FixtureRequest, caches: tuple[Path, Path], tmp_path: Path) -> Iterator[Podman]:
-    with seed_topology("pcp") as topo:
+    with demo_topology("pcp") as topo:
         topo.host.sysctl("net/ipv4/ip_forward", "1")
         daemon, conf = None, {}
         if request.param == DAEMON:

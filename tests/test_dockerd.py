@@ -23,10 +23,11 @@ from typing import Iterator
 
 import pytest
 
-from dockerd_harness import BRIDGE_IP, PAGE, DockerUnavailable, Dockerd, docker_root, root_namespace_snapshot, \
+from tests.support.dockerd import BRIDGE_IP, PAGE, DockerUnavailable, Dockerd, docker_root, root_namespace_snapshot, \
     running_dockerd
 from conftest import PortproxyProcess
-from portproxy.netns import Namespace, SeedTopology, seed_topology
+from portproxy.lab.namespaces import Namespace
+from portproxy.lab.topology import DemoTopology, demo_topology
 
 DROPIN = str(Path(sys.executable).parent / "portproxy-docker-proxy")
 PUBLISH = ("9090:8080", "127.0.0.1:9091:8080", "5353:5353/udp", "9100-9102:8100-8102", "[::]:9095:8080")
@@ -47,7 +48,7 @@ def untouched_root_namespace() -> Iterator[None]:
 class Setup:
     """One dockerd with a container publishing PUBLISH, and the namespaces around it."""
 
-    def __init__(self, proxy: str, ipv6: bool, topo: SeedTopology, dockerd: Dockerd,
+    def __init__(self, proxy: str, ipv6: bool, topo: DemoTopology, dockerd: Dockerd,
                  control_socket: Path | None = None) -> None:
         self.proxy, self.ipv6, self.topo, self.dockerd = proxy, ipv6, topo, dockerd
         self.control_socket = control_socket
@@ -94,7 +95,7 @@ def setup(request, untouched_root_namespace, tmp_path_factory) -> Iterator[Setup
     path = str(root / "usr" / "sbin" / "docker-proxy") if proxy == "docker-proxy" else DROPIN
     tmp = tmp_path_factory.mktemp("dockerd")
     with contextlib.ExitStack() as stack:
-        topo = stack.enter_context(seed_topology("pd"))
+        topo = stack.enter_context(demo_topology("pd"))
         control_socket, env = None, None
         if proxy == "delegated":  # a daemon in dockerd's network namespace, found through dockerd's environment
             control_socket = tmp / "pp.sock"

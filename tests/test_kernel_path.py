@@ -19,6 +19,7 @@ from portproxy.kernel.executor import NftError
 from portproxy.kernel.path import KernelPath
 from portproxy.kernel import builders
 from portproxy.spec import parse_spec
+from tests.support.namespaces import add_container, read_sysctl
 
 
 def nft_json(ns, *command: str) -> dict:
@@ -203,7 +204,7 @@ def test_failed_batch_changes_nothing(topo) -> None:
 
 async def test_stale_udp_flow_moves_when_mapping_changes(topo, portproxy) -> None:
     """A UDP flow that already has a conntrack entry follows the mapping when it is added and changed."""
-    second = topo.add_container("pt-ctr2", "172.16.1.2", "fd00:172:16::2", "vc1")
+    second = add_container(topo, "pt-ctr2", "172.16.1.2", "fd00:172:16::2", "vc1")
     first_echo = await start_udp_echo(topo.container, 5353)
 
     class Tagger(asyncio.DatagramProtocol):
@@ -318,7 +319,7 @@ def test_missing_ip_forward_is_named_not_changed(topo) -> None:
     assert result.stderr.strip() == (
         "portproxy: the kernel path needs net.ipv4.ip_forward=1; set it, or pass --set-sysctls to let portproxy set it"
     )
-    assert topo.host.read_sysctl("net/ipv4/ip_forward") == "0"
+    assert read_sysctl(topo.host, "net/ipv4/ip_forward") == "0"
     assert tables(topo.host) == []
 
 

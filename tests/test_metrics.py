@@ -11,7 +11,7 @@ import urllib.parse
 
 import pytest
 
-from portproxy import debcache
+from tests.support import programs
 
 from conftest import connect_expecting_close, echo_roundtrip, udp_endpoint
 
@@ -22,8 +22,8 @@ METRICS_PORT = 9779
 def prometheus() -> dict[str, list[str]]:
     """Debian's prometheus and promtool, unpacked into the tool cache (setup.sh fetches them)."""
     try:
-        return {name: debcache.command(name) for name in ("prometheus", "promtool")}
-    except debcache.ToolUnavailable as exc:
+        return {name: programs.command(name) for name in ("prometheus", "promtool")}
+    except programs.ToolUnavailable as exc:
         pytest.skip(str(exc))
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from portproxy import debcache
+from tests.support import programs as test_programs
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("PORTPROXY_TEST_CACHE", "/var/cache/portproxy-test"))
@@ -152,7 +153,7 @@ def setup_sh_packages() -> list[str]:
 def test_setup_sh_installs_none_of_the_test_programs() -> None:
     """What the tests and the benchmark run (servers among them) is unpacked, never installed."""
     packages = set(setup_sh_packages())
-    programs = {tool.package for tool in debcache.TOOLS.values()}
+    programs = {tool.package for tool in test_programs.TOOLS.values()}
     assert packages & (programs | {"nginx-light", "nginx-full", "nginx-core"}) == set()
 
 
@@ -195,7 +196,7 @@ def test_unknown_program_is_one_line() -> None:
 @pytest.mark.parametrize("name, args", [("haproxy", ["-v"]), ("iperf3", ["--version"]), ("socat", ["-V"]),
                                         ("nginx", ["-v"]), ("promtool", ["--version"])])
 def test_programs_run_from_the_cache_unknown_to_dpkg(name: str, args: list[str]) -> None:
-    argv = debcache.command(name)
+    argv = test_programs.command(name)
     binary = argv[-1]
     assert binary.startswith(str(debcache.cache_dir()))
     assert subprocess.run(["dpkg", "-S", binary], capture_output=True).returncode != 0  # not installed

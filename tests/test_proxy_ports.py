@@ -21,7 +21,8 @@ import pytest
 import uvloop
 
 from conftest import echo_handler, open_connection, start_server, start_udp_echo, udp_endpoint
-from portproxy.netns import Namespace, SeedTopology
+from portproxy.lab.namespaces import Namespace
+from portproxy.lab.topology import DemoTopology
 from portproxy.proxy import ProxyOptions, ProxyServer
 from portproxy.proxy.server import ProxyError
 from portproxy.spec import parse_spec
@@ -62,7 +63,7 @@ sys.stdin.read()
 """
 
 
-def run_in_host(topo: SeedTopology, body: Callable[[ProxyServer], Awaitable[None]],
+def run_in_host(topo: DemoTopology, body: Callable[[ProxyServer], Awaitable[None]],
                 options: ProxyOptions | None = None) -> None:
     """Run ``body(server)`` on a fresh uvloop loop inside the host namespace."""
 
@@ -94,7 +95,7 @@ def assert_all_refused(results: list[list]) -> None:
     assert not bound, f"another process could bind a port portproxy holds: {bound}"
 
 
-def hosts_for(topo: SeedTopology) -> list[str]:
+def hosts_for(topo: DemoTopology) -> list[str]:
     return ["0.0.0.0", topo.host_ip, "127.0.0.1", "::"]
 
 
@@ -104,7 +105,7 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data:
     return await asyncio.wait_for(reader.readexactly(len(data)), 10)
 
 
-def test_a_port_shared_by_another_process_is_refused(topo: SeedTopology) -> None:
+def test_a_port_shared_by_another_process_is_refused(topo: DemoTopology) -> None:
     """Another process holds the second port of a range with SO_REUSEPORT: add() fails in
     one line and leaves the first port free again (all or nothing)."""
     for proto in ("tcp", "udp"):
@@ -128,7 +129,7 @@ def test_a_port_shared_by_another_process_is_refused(topo: SeedTopology) -> None
 
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
-def test_no_one_else_can_bind_a_serving_or_held_port(topo: SeedTopology, proto: str) -> None:
+def test_no_one_else_can_bind_a_serving_or_held_port(topo: DemoTopology, proto: str) -> None:
     mapping = parse_spec(f"0.0.0.0:9310:{topo.container_ip}:8080/{proto}")
     loopback = parse_spec(f"127.0.0.1:9311:{topo.container_ip}:8080/{proto}")
 
@@ -155,7 +156,7 @@ def test_no_one_else_can_bind_a_serving_or_held_port(topo: SeedTopology, proto: 
     run_in_host(topo, body)
 
 
-def test_hold_and_serve_keep_live_and_queued_connections(topo: SeedTopology) -> None:
+def test_hold_and_serve_keep_live_and_queued_connections(topo: DemoTopology) -> None:
     """hold → serve → hold: a live connection relays throughout, connections waiting in the
     accept queue when hold() comes are relayed, new ones are refused while held."""
     mapping = parse_spec(f"0.0.0.0:9320:{topo.container_ip}:8080")
@@ -202,7 +203,7 @@ def test_hold_and_serve_keep_live_and_queued_connections(topo: SeedTopology) -> 
     run_in_host(topo, body)
 
 
-def test_udp_hold_and_serve(topo: SeedTopology) -> None:
+def test_udp_hold_and_serve(topo: DemoTopology) -> None:
     mapping = parse_spec(f"0.0.0.0:9330:{topo.container_ip}:5353/udp")
 
     async def body(server: ProxyServer) -> None:
@@ -225,7 +226,7 @@ def test_udp_hold_and_serve(topo: SeedTopology) -> None:
     run_in_host(topo, body)
 
 
-def test_adopted_socket_is_held_served_and_given_back(topo: SeedTopology) -> None:
+def test_adopted_socket_is_held_served_and_given_back(topo: DemoTopology) -> None:
     """A supervisor's socket (socket activation) is served, held, served again, and after
     remove() is still open and listening: it belongs to the supervisor."""
     mapping = parse_spec(f"0.0.0.0:9340:{topo.container_ip}:8080")
@@ -258,7 +259,7 @@ def test_adopted_socket_is_held_served_and_given_back(topo: SeedTopology) -> Non
         passed.close()
 
 
-def test_serve_and_hold_need_a_mapping(topo: SeedTopology) -> None:
+def test_serve_and_hold_need_a_mapping(topo: DemoTopology) -> None:
     mapping = parse_spec(f"0.0.0.0:9350:{topo.container_ip}:8080")
 
     async def body(server: ProxyServer) -> None:

@@ -15,7 +15,7 @@ import termios
 
 from conftest import open_connection, start_server
 from test_proxy_ports import run_in_host
-from portproxy.netns import SeedTopology
+from portproxy.lab.topology import DemoTopology
 from portproxy.proxy import ProxyOptions, ProxyServer
 from portproxy.proxy.tcp import TCP_NOTSENT_LOWAT, TcpListener, TcpRelay
 from portproxy.spec import parse_spec
@@ -29,7 +29,7 @@ def _queued(sock: socket.socket) -> int:
     return count[0]
 
 
-def test_target_buffer_stays_small_until_the_client_reads(topo: SeedTopology) -> None:
+def test_target_buffer_stays_small_until_the_client_reads(topo: DemoTopology) -> None:
     mapping = parse_spec(f"0.0.0.0:9360:{topo.container_ip}:8090")
 
     async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -20,6 +20,7 @@ from conftest import open_connection, start_server, start_udp_echo, udp_endpoint
 from portproxy.kernel.transparent_rules import (TransparentOptions, delete_commands, install_commands, mark_value,
                                                 route_is_ours, rule_is_ours)
 from portproxy.proxy.source import fallback_reason
+from tests.support.namespaces import add_container
 
 # --- pure -----------------------------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ async def test_loopback_client_falls_back_to_host_address(topo, portproxy) -> No
 async def test_container_on_the_same_bridge_falls_back(topo, portproxy) -> None:
     """Another container reaching the published port: spoofing its address toward the
     target would make the target answer it directly, so it comes from the host instead."""
-    other = topo.add_container("pt-c2", "172.16.1.2", "fd00:172:16::2", "vc1")
+    other = add_container(topo, "pt-c2", "172.16.1.2", "fd00:172:16::2", "vc1")
     server = await start_server(topo.container, 8080, peer_reporter)
     proxy = portproxy("map", f"9090:{topo.container_ip}:8080", "--source", "client")
     try:

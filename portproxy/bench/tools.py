@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .. import debcache
 
 if TYPE_CHECKING:
-    from ..netns import Namespace
+    from ..lab.namespaces import Namespace
 
 
 class ToolError(RuntimeError):

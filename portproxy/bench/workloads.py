@@ -11,7 +11,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from ..netns import SeedTopology
+    from ..lab.topology import DemoTopology
 from . import procfs, tools
 from .servers import HTTP, IPERF, SOCKPERF_TCP, SOCKPERF_UDP, Service
 
@@ -51,7 +51,7 @@ class Workload:
     service: Service
     proto: str
     metrics: tuple[Metric, ...]  # the first one is the headline (ratios, chart)
-    run: Callable[[SeedTopology, Published, Settings], dict[str, float]]
+    run: Callable[[DemoTopology, Published, Settings], dict[str, float]]
 
 
 GBITS = Metric("gbit_per_s", "throughput", "Gbit/s", True)
@@ -60,8 +60,8 @@ P50 = Metric("p50_us", "p50 round trip", "µs", False)
 P99 = Metric("p99_us", "p99 round trip", "µs", False)
 
 
-def _tcp_stream(parallel: int, reverse: bool = False) -> Callable[[SeedTopology, Published, Settings], dict[str, float]]:
-    def run(topo: SeedTopology, path: Published, settings: Settings) -> dict[str, float]:
+def _tcp_stream(parallel: int, reverse: bool = False) -> Callable[[DemoTopology, Published, Settings], dict[str, float]]:
+    def run(topo: DemoTopology, path: Published, settings: Settings) -> dict[str, float]:
         before = procfs.cpu_seconds(path.relay_pids)
         result = tools.iperf(topo.client, path.host, path.port(IPERF, "tcp"), settings.seconds, parallel,
                              reverse=reverse)
@@ -74,15 +74,15 @@ def _tcp_stream(parallel: int, reverse: bool = False) -> Callable[[SeedTopology,
     return run
 
 
-def _latency(service: Service, tcp: bool) -> Callable[[SeedTopology, Published, Settings], dict[str, float]]:
-    def run(topo: SeedTopology, path: Published, settings: Settings) -> dict[str, float]:
+def _latency(service: Service, tcp: bool) -> Callable[[DemoTopology, Published, Settings], dict[str, float]]:
+    def run(topo: DemoTopology, path: Published, settings: Settings) -> dict[str, float]:
         port = path.port(service, "tcp" if tcp else "udp")
         return tools.sockperf_ping_pong(topo.client, path.host, port, settings.seconds, tcp)
 
     return run
 
 
-def _connection_rate(topo: SeedTopology, path: Published, settings: Settings) -> dict[str, float]:
+def _connection_rate(topo: DemoTopology, path: Published, settings: Settings) -> dict[str, float]:
     return tools.wrk_short_connections(topo.client, path.host, path.port(HTTP, "tcp"), settings.seconds,
                                        settings.connections)
 
@@ -91,7 +91,7 @@ UDP_RATE = "1G"
 UDP_LENGTH = 1400
 
 
-def _udp_stream(topo: SeedTopology, path: Published, settings: Settings) -> dict[str, float]:
+def _udp_stream(topo: DemoTopology, path: Published, settings: Settings) -> dict[str, float]:
     result = tools.iperf(topo.client, path.host, path.port(IPERF, "udp"), settings.seconds,
                          udp_rate=UDP_RATE, length=UDP_LENGTH)
     return tools.udp_stream(result)

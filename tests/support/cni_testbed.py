@@ -3,8 +3,8 @@ invoked per the CNI spec inside namespaces of our own.
 
 - :func:`debian_plugins` puts Debian's ``containernetworking-plugins`` (``bridge``,
   ``host-local``, ``portmap``) and ``iptables`` (which ``portmap`` 1.1.1 shells out to) into
-  portproxy.debcache's cache (``apt-get download`` + ``dpkg -x``): nothing is installed, no
-  service starts, and a fresh machine fills the cache on first use.
+  portproxy.debcache's cache (``apt-get download`` + ``dpkg -x``, see tests.support.programs):
+  nothing is installed, no service starts, and a fresh machine fills the cache on first use.
 - :class:`Chain` runs a two-plugin conflist (``bridge`` then a port-mapping plugin) the way
   libcni does: ADD in order feeding each plugin the previous result, DEL in reverse order
   with the cached result, CHECK with the final one. It runs in a namespace that stands for
@@ -24,7 +24,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..netns import Namespace, SeedTopology
+from portproxy.lab.namespaces import Namespace
+from portproxy.lab.topology import DemoTopology
+
+from . import programs
 
 LIBDIR = "usr/lib/x86_64-linux-gnu/xtables"
 SUBNET = "10.88.0.0/16"
@@ -37,15 +40,12 @@ class ReferenceUnavailable(RuntimeError):
 
 
 def debian_packages(name: str) -> Path:
-    """The tree of portproxy.debcache's program ``name`` (apt-get download + dpkg -x, never
-    installed): the one fetch mechanism of the tests and benchmarks."""
-    from .. import debcache
-
+    """The tree of the test program ``name`` (apt-get download + dpkg -x, never installed):
+    portproxy.debcache, the one fetch mechanism of the tests and benchmarks."""
     try:
-        debcache.command(name)
-    except debcache.ToolUnavailable as exc:
+        return programs.tree(name)
+    except programs.ToolUnavailable as exc:
         raise ReferenceUnavailable(str(exc)) from None
-    return debcache.tree(debcache.TOOLS[name])
 
 
 def debian_plugins() -> Path:
@@ -220,7 +220,7 @@ def _wrapper(path: Path, program: Path, env: dict[str, str]) -> Path:
 class Podman:
     """podman, conmon and crun from the cache, all state under ``tmp``, in one mount namespace."""
 
-    def __init__(self, topo: SeedTopology, tmp: Path, podman: Path, cni: Path, mapper: str,
+    def __init__(self, topo: DemoTopology, tmp: Path, podman: Path, cni: Path, mapper: str,
                  mapper_conf: dict | None = None) -> None:
         self.topo, self.tmp, self.root = topo, tmp, podman
         lib = podman / "usr/lib/x86_64-linux-gnu"

@@ -1,10 +1,10 @@
-"""``portproxy demo``: the seeds' topology, built in namespaces, with a mapping at work.
+"""``portproxy demo``: a container's port published on every path, in namespaces of its own.
 
-The seed posts publish a container's port with a Go proxy (9090 → 172.16.1.1:8080)
-and with iptables DNAT. The demo builds the same network in namespaces of its own
-(the root namespace is never touched), serves HTTP in the "container", publishes
-it with portproxy and fetches a page through it from a client namespace and from
-the host itself, then removes everything.
+The demo builds a client, a host with a bridge and a container in namespaces of its
+own (the root namespace is never touched; see :mod:`portproxy.lab.topology`), serves
+HTTP in the "container", publishes 9090 → 172.16.1.1:8080 with portproxy on the
+userland and the kernel path, switches paths under a running download, fetches
+pages through it from the client, the host and the container, then removes everything.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .netns import Namespace, SeedTopology, seed_topology
+from .namespaces import Namespace
+from .topology import DemoTopology, demo_topology
 
 DEMO_SPEC = "9090:172.16.1.1:8080"
 PAGE = b"<html><body><h1>hello from the container at 172.16.1.1:8080</h1></body></html>\n"
@@ -111,7 +112,7 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _fetch_all(topo: SeedTopology, who: list[tuple[str, Namespace, str]]) -> None:
+def _fetch_all(topo: DemoTopology, who: list[tuple[str, Namespace, str]]) -> None:
     for name, ns, addr in who:
         t0 = time.monotonic()
         status, body = http_get(ns, addr, 9090)
@@ -120,16 +121,16 @@ def _fetch_all(topo: SeedTopology, who: list[tuple[str, Namespace, str]]) -> Non
         _say("          " + body.decode().strip().splitlines()[-1])
 
 
-def _kernel_counters(topo: SeedTopology) -> str:
-    from .kernel.builders import KernelOptions
-    from .kernel.executor import Nft
-    from .kernel.path import read_counters
+def _kernel_counters(topo: DemoTopology) -> str:
+    from ..kernel.builders import KernelOptions
+    from ..kernel.executor import Nft
+    from ..kernel.path import read_counters
 
     c = topo.host.run(lambda: read_counters(Nft(), KernelOptions()))[1]
     return f"{c.connections} connections, {c.packets} packets, {c.bytes} bytes (both directions)"
 
 
-def _series(topo: SeedTopology) -> list[str]:
+def _series(topo: DemoTopology) -> list[str]:
     """The mapping's connection and byte series, scraped from portproxy's metrics endpoint."""
     def scrape() -> str:
         import urllib.request
@@ -141,13 +142,13 @@ def _series(topo: SeedTopology) -> list[str]:
     return [line for line in topo.host.run(scrape).splitlines() if line.startswith(wanted)]
 
 
-def _show_series(topo: SeedTopology, when: str) -> None:
+def _show_series(topo: DemoTopology, when: str) -> None:
     _say(f"  metrics {when}:")
     for line in _series(topo):
         _say(f"    {line}")
 
 
-def _userland(topo: SeedTopology, loop: str) -> None:
+def _userland(topo: DemoTopology, loop: str) -> None:
     _say(f"\n-- userland path: portproxy map {DEMO_SPEC} --metrics-addr (splice, {loop}) --")
     proc, ready = start_portproxy(topo.host, ["map", DEMO_SPEC, "--loop", loop, "--drain-timeout", "1",
                                               "--log-level", "warning", "--metrics-addr"])
@@ -163,7 +164,7 @@ def _userland(topo: SeedTopology, loop: str) -> None:
         _say(f"portproxy stopped on SIGTERM (exit {stop_portproxy(proc)})")
 
 
-def _kernel(topo: SeedTopology) -> None:
+def _kernel(topo: DemoTopology) -> None:
     _say(f"\n-- kernel path: portproxy map --mode kernel {DEMO_SPEC} --metrics-addr (nftables DNAT) --")
     proc, ready = start_portproxy(topo.host, ["map", "--mode", "kernel", DEMO_SPEC, "--log-level", "warning",
                                               "--metrics-addr"])
@@ -184,7 +185,7 @@ def _kernel(topo: SeedTopology) -> None:
 
 
 @contextlib.contextmanager
-def _daemon(topo: SeedTopology, loop: str, config_text: str, stopped: str = "") -> Iterator[tuple[str, str]]:
+def _daemon(topo: DemoTopology, loop: str, config_text: str, stopped: str = "") -> Iterator[tuple[str, str]]:
     """``portproxy serve`` in the host namespace with ``config_text``: yields (its control
     socket, its ready line); stopped (and said so) at the end."""
     with tempfile.TemporaryDirectory(prefix="portproxy-demo-") as tmp:
@@ -200,7 +201,7 @@ def _daemon(topo: SeedTopology, loop: str, config_text: str, stopped: str = "") 
             _say(f"portproxy serve stopped on SIGTERM (exit {stop_portproxy(proc)}){stopped}")
 
 
-def _switching(topo: SeedTopology, loop: str) -> None:
+def _switching(topo: DemoTopology, loop: str) -> None:
     _say(f"\n-- live switching: portproxy serve, {DEMO_SPEC} switched while a download runs --")
     with _daemon(topo, loop, f'[[mapping]]\nspec = "{DEMO_SPEC}"\nmode = "userland"\n') as (sock, ready):
         _say(ready)
@@ -233,7 +234,7 @@ def _switching(topo: SeedTopology, loop: str) -> None:
         _say(listing.stdout.rstrip())
 
 
-def _client_address(topo: SeedTopology, loop: str) -> None:
+def _client_address(topo: DemoTopology, loop: str) -> None:
     _say(f"\n-- the client's address on every path: {DEMO_SPEC} with source = \"client\" (transparent mode) --")
     with _daemon(topo, loop, f'[[mapping]]\nspec = "{DEMO_SPEC}"\nsource = "client"\n',
                  "; its ip rule and routes are gone") as (sock, _ready):
@@ -247,8 +248,8 @@ def _client_address(topo: SeedTopology, loop: str) -> None:
 
 
 def run_demo(loop: str = "uvloop") -> int:
-    with seed_topology("ppdemo") as topo:
-        _say("== portproxy demo: the seeds' topology, in namespaces of its own ==")
+    with demo_topology("ppdemo") as topo:
+        _say("== portproxy demo: a client, a host and a container, in namespaces of their own ==")
         _say(f"client    {topo.client.name:<22} {topo.client_ip}")
         _say(f"host      {topo.host.name:<22} {topo.bridge} {topo.bridge_ip}/16, outside {topo.host_ip}")
         _say(f"container {topo.container.name:<22} {topo.container_ip} serving HTTP on 8080")

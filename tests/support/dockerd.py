@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from portproxy.netns import Namespace
+from portproxy.lab.namespaces import Namespace
+
+from . import programs
 
 IMAGE = "portproxy-test/busybox:1"
 BRIDGE_CIDR = "10.99.0.1/24"
@@ -75,13 +77,10 @@ class DockerUnavailable(Exception):
 def docker_root() -> Path:
     """The unpacked packages (``ROOT/usr/sbin/dockerd`` etc.), fetched once per machine by
     portproxy's one fetch mechanism (portproxy.debcache: apt-get download + dpkg -x)."""
-    from portproxy import debcache
-
     try:
-        debcache.command("dockerd")
-    except debcache.ToolUnavailable as exc:
+        return programs.tree("dockerd")
+    except programs.ToolUnavailable as exc:
         raise DockerUnavailable(str(exc)) from None
-    return debcache.tree(debcache.TOOLS["dockerd"])
 
 
 def image_tarball(root: Path) -> bytes:
