@@ -7,6 +7,7 @@ them without reaching the mirror).
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -28,7 +29,9 @@ TOOLS: dict[str, Tool] = {
 }
 """Every program the tests and the benchmark run that portproxy itself does not need."""
 
-__all__ = ["TOOLS", "ToolUnavailable", "command", "tree", "main"]
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+__all__ = ["TOOLS", "ToolUnavailable", "command", "tree", "main", "setup_sh_packages"]
 
 
 def command(name: str, fetch: bool = True) -> list[str]:
@@ -44,6 +47,14 @@ def tree(name: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     return debcache.main(argv, TOOLS, prog="tests.support.programs")
+
+
+def setup_sh_packages() -> list[str]:
+    """The packages setup.sh hands to apt-get install."""
+    text = (CHECKOUT / "setup.sh").read_text()
+    lists = re.findall(r"(?ms)^[A-Z_]+_PACKAGES=\((.*?)\)", text)
+    assert lists, "setup.sh declares its packages in *_PACKAGES=(...) arrays"
+    return [name for body in lists for name in body.split()]
 
 
 if __name__ == "__main__":

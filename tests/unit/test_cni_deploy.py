@@ -12,7 +12,7 @@ import pytest
 
 from portproxy.cni.protocol import parse_config
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 BIN = Path(sys.executable).parent
 MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
 

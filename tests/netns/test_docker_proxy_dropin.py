@@ -6,50 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from portproxy.dockerproxy import Request, UsageError, parse_go_flags, parse_go_int
-from conftest import (check_congestion_control_per_leg, check_udp_backend_appears_later, congestion_control_choice,
-                      echo_roundtrip, open_connection, start_server, udp_endpoint)
-
-DROPIN = str(Path(sys.executable).parent / "portproxy-docker-proxy")
-
-
-class DockerProxy:
-    """One drop-in process started the way dockerd does it."""
-
-    def __init__(self, ns, args: list[str], listen_sock: socket.socket | None = None,
-                 env: dict[str, str] | None = None, fd3: int | None = None, fd4: int | None = None) -> None:
-        """fd 3 is a status pipe unless ``fd3`` gives another fd (or -1: none at all); fd 4 is
-        ``listen_sock`` or ``fd4``."""
-        status_r, status_w = os.pipe() if fd3 is None else (None, None)
-        fds = {3: status_w} if status_w is not None else ({3: fd3} if fd3 != -1 else {})
-        if listen_sock is not None:
-            fds[4] = listen_sock.fileno()
-        elif fd4 is not None:
-            fds[4] = fd4
-        self.proc = ns.popen([DROPIN, *args], fds=fds, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, **(env or {})})
-        self.status = b""
-        if listen_sock is not None:
-            listen_sock.close()  # the child has its own copy, as with dockerd
-        if status_w is not None:
-            os.close(status_w)
-            with os.fdopen(status_r, "rb") as status:
-                self.status = status.read()  # returns when the child closes fd 3
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+from tests.support.docker_proxy import DockerProxy, flags
+from tests.support.traffic import (check_congestion_control_per_leg, check_udp_backend_appears_later,
+                                   congestion_control_choice, echo_roundtrip, open_connection, start_server,
+                                   udp_endpoint)
+from tests.support.transparent import host_state, peer_reporter, seen_by_target
 
 
 @pytest.fixture
@@ -65,11 +29,6 @@ def dockerproxy(topo):
     yield start
     for proxy in started:
         proxy.stop()
-
-
-def flags(proto: str, host_ip: str, host_port: int, container_ip: str, container_port: int) -> list[str]:
-    return ["-proto", proto, "-host-ip", host_ip, "-host-port", str(host_port),
-            "-container-ip", container_ip, "-container-port", str(container_port)]
 
 
 async def _tcp_echo_check(topo, host: str, port: int, payload: bytes = b"hello docker-proxy") -> None:
@@ -212,14 +171,6 @@ async def test_go_flag_syntax(topo, tcp_echo, dockerproxy) -> None:
     await _tcp_echo_check(topo, topo.host_ip, 9097)
 
 
-def test_version_and_bad_flags() -> None:
-    for flag in ("-v", "--version"):
-        out = subprocess.run([DROPIN, flag], capture_output=True, text=True, timeout=20)
-        assert out.returncode == 0 and out.stdout.startswith("portproxy-docker-proxy")
-    out = subprocess.run([DROPIN, "-bogus"], capture_output=True, text=True, timeout=20)
-    assert out.returncode == 2 and "flag provided but not defined: -bogus" in out.stderr
-
-
 def test_stops_on_sigterm(topo, dockerproxy) -> None:
     proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9098, topo.container_ip, 8080))
     assert proxy.stop() == 0
@@ -326,32 +277,6 @@ def test_refusals_are_reported_on_fd3(topo, dockerproxy, args: list[str], error:
 
 
 # --- pure: Go's flag syntax and integers -----------------------------------------------------------------
-@pytest.mark.parametrize("text,value", [("9090", 9090), ("0x2382", 9090), ("0X2382", 9090), ("021602", 9090),
-                                        ("0o21602", 9090), ("0b10", 2), ("0x_23_82", 9090), ("9_090", 9090), ("0_21602", 9090),
-                                        ("-1", -1), ("+80", 80)])
-def test_go_integers(text: str, value: int) -> None:
-    assert parse_go_int(text, "host-port") == value
-
-
-@pytest.mark.parametrize("text", ["", "_9090", "9090_", "90__90", "0x", "08", "1e3", " 80", "0x__1", "9223372036854775808"])
-def test_go_integers_refused(text: str) -> None:
-    with pytest.raises(UsageError, match=f'invalid value "{text}" for flag -host-port'):
-        parse_go_int(text, "host-port")
-
-
-def test_go_flag_forms() -> None:
-    parsed = parse_go_flags(["--proto=udp", "-host-port", "80", "-use-listen-fd=T", "--", "-bogus"])
-    assert parsed["proto"] == "udp" and parsed["host-port"] == "80" and parsed["use-listen-fd"] is True
-    for argv, message in ((["-use-listen-fd=yes"], 'invalid boolean value "yes"'), (["-proto"], "needs an argument"),
-                          (["---proto"], "bad flag syntax"), (["-nope"], "not defined: -nope")):
-        with pytest.raises(UsageError, match=message):
-            parse_go_flags(argv)
-
-
-def test_ipv4_mapped_host_address_is_ipv4() -> None:
-    request = Request(parse_go_flags(["-host-ip", "::ffff:127.0.0.1", "-host-port", "80", "-container-ip",
-                                      "10.0.0.2", "-container-port", "80"]))
-    assert request.host.family == socket.AF_INET and request.where == "127.0.0.1:80/tcp"
 
 
 async def test_serves_at_normal_priority(topo, tcp_echo, dockerproxy) -> None:
@@ -372,7 +297,6 @@ def test_environment_checked_by_the_options_schema(topo, dockerproxy, env, messa
 async def test_transparent_drop_ins_share_one_routing(topo, dockerproxy) -> None:
     """PORTPROXY_SOURCE=client: the container sees the client; the routing stays while any
     drop-in of the namespace needs it and goes with the last one."""
-    from test_transparent import host_state, peer_reporter, seen_by_target
 
     server = await start_server(topo.container, 8080, peer_reporter)
     try:

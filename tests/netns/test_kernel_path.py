@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -13,30 +12,14 @@ import sys
 
 import pytest
 
-from conftest import echo_roundtrip, open_connection, start_server, start_udp_echo, udp_endpoint
+from tests.support.traffic import echo_roundtrip, open_connection, start_server, start_udp_echo, udp_endpoint
 from portproxy.kernel.builders import KernelOptions
 from portproxy.kernel.executor import NftError
 from portproxy.kernel.path import KernelPath
 from portproxy.kernel import builders
 from portproxy.spec import parse_spec
 from tests.support.namespaces import add_container, read_sysctl
-
-
-def nft_json(ns, *command: str) -> dict:
-    import nftables
-
-    def run() -> dict:
-        ctx = nftables.Nftables()
-        ctx.set_json_output(True)
-        rc, out, err = ctx.cmd(" ".join(command))
-        assert rc == 0, err
-        return json.loads(out) if out else {}
-
-    return ns.run(run)
-
-
-def tables(ns) -> list[tuple[str, str]]:
-    return [(i["table"]["family"], i["table"]["name"]) for i in nft_json(ns, "list tables")["nftables"] if "table" in i]
+from tests.support.nft import nft_json, tables
 
 
 def counters(ns) -> dict:

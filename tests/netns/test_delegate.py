@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import open_connection, start_server
-from portproxy.controller.delegate import delegate_path, parse_request
-from portproxy.dockerproxy import DEFAULT_SOCKET, OTHER_NAMESPACE, Endpoint, Request, delegation_request, \
-    parse_answer, parse_go_flags
-from portproxy.defaults import DEFAULT_SOCKET as DAEMON_DEFAULT_SOCKET
-from test_control_plane import metrics_text, roundtrip, wait_for
-from test_controller import ls
-from test_docker_proxy_dropin import DROPIN, DockerProxy, flags
+from tests.support.traffic import open_connection, start_server
+from portproxy.controller.delegate import delegate_path
+from portproxy.dockerproxy import Request, delegation_request, \
+    parse_go_flags
+from tests.support.control import ls, metrics_text, roundtrip, wait_for
+from tests.support.docker_proxy import DockerProxy, flags
+from tests.support.transparent import peer_reporter, seen_by_target
 
 
 @pytest.fixture
@@ -50,33 +49,6 @@ def _exe(pid: int) -> str:
 
 
 # --- pure ----------------------------------------------------------------------------------------------
-def test_the_request_the_dropin_writes_is_the_one_the_daemon_reads() -> None:
-    for host, container in (("0.0.0.0", "172.17.0.2"), ("::", "172.17.0.2"), ("::1", "fd00::2")):
-        request = Request(parse_go_flags(flags("udp", host, 53, container, 5353)))
-        mapping, owner, _settings = parse_request(delegation_request(request, 4242))
-        assert mapping.host_ip is not None and str(mapping.host_ip) == Endpoint.parse(host, "h").text
-        assert str(mapping.target_ip) == container and (mapping.host_port, mapping.target_port) == (53, 5353)
-        assert owner["kind"] == "docker" and "4242" in owner["id"] and owner["container"].endswith(":5353")
-
-
-def test_answers_and_paths() -> None:
-    assert parse_answer(json.dumps({"ok": True}).encode()) is None
-    assert parse_answer(json.dumps({"error": 'port "9090" \u00e9 in use\\'}).encode()) == 'port "9090" \u00e9 in use\\'
-    assert parse_answer(json.dumps({"ok": False, "reason": "namespace"}).encode()) == OTHER_NAMESPACE
-    assert "closed" in (parse_answer(b"") or "")
-    assert DEFAULT_SOCKET == str(DAEMON_DEFAULT_SOCKET)
-    assert delegate_path(Path("/run/x/pp.sock")) == Path("/run/x/pp.sock.delegate")
-
-
-def test_the_script_starts_lean_also_through_a_symlink(tmp_path) -> None:
-    """The script's shell line runs the python3 beside its target with -IS (no site module),
-    also when linked from a directory with another python3 in it (as /usr/local/bin may be)."""
-    (tmp_path / "python3").write_text("#!/bin/sh\necho wrong python\n")
-    (tmp_path / "python3").chmod(0o755)
-    (tmp_path / "portproxy-docker-proxy").symlink_to(DROPIN)
-    for path in (DROPIN, str(tmp_path / "portproxy-docker-proxy")):
-        done = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=30)
-        assert done.returncode == 0 and done.stdout.startswith("portproxy-docker-proxy (portproxy "), done
 
 
 # --- against a real daemon --------------------------------------------------------------------------------
@@ -217,7 +189,7 @@ def test_docker_ports_benchmark_runs(tmp_path) -> None:
     """benchmarks/docker_ports.py end to end at a few ports (the figures belong to the benchmark)."""
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "docker_ports.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "docker_ports.py"
     out = tmp_path / "docker_ports.json"
     done = subprocess.run([sys.executable, str(script), "--ports", "3", "--sample", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
@@ -230,7 +202,6 @@ def test_docker_ports_benchmark_runs(tmp_path) -> None:
 
 async def test_options_from_dockerds_environment_go_along(topo, daemon, delegated) -> None:
     """PORTPROXY_SOURCE=client in dockerd's environment: the daemon's mapping is transparent."""
-    from test_transparent import peer_reporter, seen_by_target
 
     start, cli = daemon
     start()

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import open_connection
+from tests.support.traffic import open_connection
 from portproxy import debcache
 from portproxy.bench.servers import nginx_conf
 
@@ -147,21 +146,10 @@ async def test_haproxy_sees_the_client(topo, haproxy, portproxy, version) -> Non
     assert body.decode() == f"{topo.client_ip6} {local[1]}"
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["--mode", "kernel", "--proxy-protocol", "v1"], "DNAT cannot add a header"),
-    (["5353:172.16.1.1:5353/udp", "--proxy-protocol", "v2"], "for TCP mappings"),
-])
-def test_refused_with_one_line(argv: list[str], line: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "portproxy", "map", "9090:172.16.1.1:8080", *argv],  # nothing runs
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert line in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
-
-
 async def test_server_speaks_first_gets_header_without_client_data(topo, portproxy) -> None:
     """A server-first protocol (SMTP, MySQL): the header is sent at once, not held back
     waiting for client bytes to ride with it."""
-    from conftest import start_server
+    from tests.support.traffic import start_server
 
     async def greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         line = await reader.readuntil(b"\r\n")

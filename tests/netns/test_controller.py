@@ -12,14 +12,9 @@ import sys
 
 import pytest
 
-from conftest import open_connection, udp_endpoint
-from test_kernel_path import tables
-
-
-def ls(cli) -> dict[str, dict]:
-    result = cli("ls", "--json")
-    assert result.returncode == 0, result.stderr
-    return {m["spec"]: m for m in json.loads(result.stdout)["mappings"]}
+from tests.support.traffic import open_connection, udp_endpoint
+from tests.support.control import ls
+from tests.support.nft import _table_elements, tables
 
 
 async def cli_async(cli, *args: str) -> subprocess.CompletedProcess:
@@ -250,26 +245,6 @@ async def test_sighup_touches_only_changed_mappings(topo, tcp_echo, daemon) -> N
         await open_connection(topo.client, topo.host_ip, 9092)
     proc.stop()
     assert "reloaded" in proc.stderr
-
-
-def _table_elements(topo) -> dict[str, list[str]]:
-    """Keys of every map and set of the table, sorted (ids and counters left out: a restart
-    may number the mappings differently)."""
-    from test_kernel_path import nft_json
-
-    out = nft_json(topo.host, "list table inet portproxy")
-    result = {}
-    for item in out["nftables"]:
-        container = item.get("map") or item.get("set")
-        if container:
-            keys = []
-            for elem in container.get("elem", []):
-                key = elem[0] if isinstance(elem, list) else elem
-                if isinstance(key, dict) and "elem" in key:
-                    key = key["elem"]["val"]
-                keys.append(json.dumps(key) if not container["name"].startswith("to_") else "mark")
-            result[container["name"]] = sorted(keys)
-    return result
 
 
 async def test_kill_9_then_restart_no_duplicates_or_orphans(topo, tcp_echo, daemon) -> None:

@@ -13,12 +13,12 @@ import fcntl
 import socket
 import termios
 
-from conftest import open_connection, start_server
-from test_proxy_ports import run_in_host
+from tests.support.traffic import open_connection, start_server
 from portproxy.lab.topology import DemoTopology
 from portproxy.proxy import ProxyOptions, ProxyServer
 from portproxy.proxy.tcp import TCP_NOTSENT_LOWAT, TcpListener, TcpRelay
 from portproxy.spec import parse_spec
+from tests.support.inprocess import run_in_host
 
 OPTIONS = ProxyOptions(drain_timeout=1, target_rcvbuf=32 * 1024, notsent_lowat=16 * 1024)
 

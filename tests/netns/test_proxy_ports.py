@@ -15,17 +15,16 @@ import json
 import socket
 import subprocess
 import sys
-from typing import Awaitable, Callable
 
 import pytest
-import uvloop
 
-from conftest import echo_handler, open_connection, start_server, start_udp_echo, udp_endpoint
+from tests.support.traffic import echo_handler, open_connection, start_server, start_udp_echo, udp_endpoint
 from portproxy.lab.namespaces import Namespace
 from portproxy.lab.topology import DemoTopology
-from portproxy.proxy import ProxyOptions, ProxyServer
+from portproxy.proxy import ProxyServer
 from portproxy.proxy.server import ProxyError
 from portproxy.spec import parse_spec
+from tests.support.inprocess import run_in_host
 
 BIND_PROBE = r"""
 import errno, json, socket, sys
@@ -61,24 +60,6 @@ if proto == "tcp":
 print("holding", flush=True)
 sys.stdin.read()
 """
-
-
-def run_in_host(topo: DemoTopology, body: Callable[[ProxyServer], Awaitable[None]],
-                options: ProxyOptions | None = None) -> None:
-    """Run ``body(server)`` on a fresh uvloop loop inside the host namespace."""
-
-    async def main() -> None:
-        server = ProxyServer(asyncio.get_running_loop(), options or ProxyOptions(drain_timeout=1))
-        try:
-            await body(server)
-        finally:
-            await server.stop(drain_timeout=0)
-
-    def thread() -> None:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
-
-    topo.host.run(thread)
 
 
 def foreign_binds(ns: Namespace, proto: str, port: int, hosts: list[str]) -> list[list]:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import start_server
-from test_control_plane import nft, wait_for
-from test_controller import ls
-from test_transparent import host_state, peer_reporter, seen_by_target
+from tests.support.traffic import start_server
+from tests.support.control import ls, wait_for
+from tests.support.nft import nft
+from tests.support.transparent import host_state, peer_reporter, seen_by_target
 
 
 async def test_transparent_mapping_keeps_the_client_address_across_switches(topo, daemon) -> None:

@@ -2,7 +2,7 @@
 registers the container's mappings with the daemon, and a daemon starting later adopts
 what the plugin installed without it.
 
-Same testbed as tests/test_cni.py (Debian's ``bridge`` + ``host-local`` invoked per the CNI
+Same testbed as tests/netns/test_cni.py (Debian's ``bridge`` + ``host-local`` invoked per the CNI
 spec, each container in a namespace of its own), plus a real ``portproxy serve`` in the
 runtime's ("host") namespace with its socket and state under the test's temp dir; the
 network configuration names that socket with ``daemonSocket``.
@@ -19,53 +19,10 @@ from typing import Iterator
 
 import pytest
 
-from conftest import PortproxyProcess
 from tests.support.cni_testbed import Chain
 from portproxy.lab.topology import DemoTopology
-from test_cni import (WEB, Servers, addresses, ask_tcp, ask_udp, cache, check_stale_udp_flow_flushed,  # noqa: F401
-                      container, make_chain, root_unchanged, topo)
-
-DAEMON_CONFIG = "[options]\nroute_localnet = true\nset_sysctls = true\n"
-METRICS = "127.0.0.1:9464"
-
-
-class Daemon:
-    """``portproxy serve`` in the host namespace; started, stopped and restarted by the test."""
-
-    def __init__(self, topo: DemoTopology, tmp: Path) -> None:
-        self.topo = topo
-        self.socket = tmp / "pp.sock"
-        self.config = tmp / "portproxy.toml"
-        self.config.write_text(DAEMON_CONFIG)
-        self.state = tmp / "state"
-        self.procs: list[PortproxyProcess] = []
-
-    def start(self) -> PortproxyProcess:
-        proc = PortproxyProcess(self.topo.host, ["serve", "--config", str(self.config), "--state-dir", str(self.state),
-                                                 "--socket", str(self.socket), "--metrics-addr", METRICS], 1)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            assert proc.stop() == 0, proc.stderr
-
-    def ls(self) -> list[dict]:
-        got = subprocess.run([sys.executable, "-m", "portproxy", "ls", "--json", "--socket", str(self.socket)],
-                             capture_output=True, text=True, timeout=60)
-        assert got.returncode == 0, got.stderr
-        return json.loads(got.stdout)["mappings"]
-
-    def metrics(self) -> str:
-        host, port = METRICS.split(":")
-        with self.topo.host.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect((host, int(port)))
-            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        return data.decode()
+from tests.support.cni import (DAEMON_CONFIG, WEB, Daemon, Servers, addresses, ask_tcp, ask_udp, cache,  # noqa: F401
+                               check_stale_udp_flow_flushed, container, make_chain, root_unchanged, topo)
 
 
 @pytest.fixture

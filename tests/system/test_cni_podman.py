@@ -34,8 +34,7 @@ import pytest
 
 from tests.support.cni_testbed import Podman, ReferenceUnavailable, debian_plugins, podman_packages
 from portproxy.lab.topology import demo_topology
-from test_cni import root_unchanged  # noqa: F401 - the autouse root-namespace check, shared
-from test_cni_daemon import Daemon
+from tests.support.cni import Daemon, root_unchanged  # noqa: F401 - the autouse root-namespace check, shared
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 
-from conftest import check_udp_backend_appears_later, udp_endpoint
+from tests.support.traffic import check_udp_backend_appears_later, udp_endpoint
 
 
 async def _whoami(client, host: str, port: int) -> str:

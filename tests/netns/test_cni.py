@@ -10,46 +10,20 @@ ruleset are compared before and after each test.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.support.cni_testbed import Chain, ReferenceUnavailable, debian_plugins, plugin_dir, root_snapshot
 from portproxy.lab.namespaces import Namespace
-from portproxy.lab.topology import DemoTopology, demo_topology
+from portproxy.lab.topology import DemoTopology
+from tests.support.cni import (WEB, Servers, addresses, ask_tcp, ask_udp, cache, check_stale_udp_flow_flushed,  # noqa: F401
+                               container, make_chain, root_unchanged, topo)
+from tests.support.cni_testbed import Chain
 
 MAPPERS = ["portmap", "portproxy-cni"]
 VERSIONS = ["0.4.0", "1.0.0"]
-WEB = [{"hostPort": 9090, "containerPort": 8080, "protocol": "tcp"},
-       {"hostPort": 9053, "containerPort": 5353, "protocol": "udp"}]
-
-
-@pytest.fixture(autouse=True)
-def root_unchanged() -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    before = root_snapshot()
-    yield
-    assert root_snapshot() == before, "the root network namespace changed"
-
-
-@pytest.fixture(scope="module")
-def cache() -> Path:
-    try:
-        return debian_plugins()
-    except ReferenceUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture
-def topo() -> Iterator[DemoTopology]:
-    with demo_topology("pc") as t:
-        yield t
 
 
 @pytest.fixture(params=MAPPERS)
@@ -57,114 +31,7 @@ def mapper(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def make_chain(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str, version: str = "1.0.0",
-               **kwargs: object) -> Chain:
-    if mapper == "portproxy-cni":
-        # Daemonless, whatever this machine has at the default socket path (tests/test_cni_daemon.py
-        # covers the daemon): a socket file that is not there.
-        kwargs["mapper_conf"] = {"daemonSocket": str(tmp_path / "no-daemon.sock"), **kwargs.get("mapper_conf", {})}
-    plugins = plugin_dir(tmp_path / "bin", cache)
-    return Chain(topo.host, plugins, cache, tmp_path / "ipam", mapper, version, **kwargs)  # type: ignore[arg-type]
-
-
-def container(topo: DemoTopology) -> Namespace:
-    ns = Namespace.create("pc-ctr")
-    topo.extra.append(ns)
-    return ns
-
-
 # --- servers in containers, clients elsewhere -------------------------------------------------
-
-class Servers:
-    """Dual-stack TCP and UDP servers in a container that answer ``TAG PEER``, and TCP echo
-    servers (``echo``) for connections that must live across a change."""
-
-    def __init__(self, ns: Namespace, tag: str, tcp: list[int], udp: list[int], echo: tuple[int, ...] = ()) -> None:
-        self.tag = tag
-        self.socks: list[socket.socket] = []
-        for port in tcp:
-            self._start(ns, socket.SOCK_STREAM, port, self._serve_tcp)
-        for port in udp:
-            self._start(ns, socket.SOCK_DGRAM, port, self._serve_udp)
-        for port in echo:
-            self._start(ns, socket.SOCK_STREAM, port, self._serve_echo)
-
-    def _start(self, ns: Namespace, kind: int, port: int, loop) -> None:  # type: ignore[no-untyped-def]
-        sock = ns.socket(socket.AF_INET6, kind)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(("::", port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(64)
-        self.socks.append(sock)
-        threading.Thread(target=loop, args=(sock,), daemon=True).start()
-
-    def _answer(self, peer: str) -> bytes:
-        return f"{self.tag} {peer.removeprefix('::ffff:')}".encode()
-
-    def _serve_tcp(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                conn, peer = sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(64)
-                conn.sendall(self._answer(peer[0]))
-
-    def _serve_echo(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(4096):
-                conn.sendall(data)
-
-    def _serve_udp(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                _, peer = sock.recvfrom(64)
-                sock.sendto(self._answer(peer[0]), peer)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        for sock in self.socks:
-            sock.close()
-
-
-def family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def ask_tcp(ns: Namespace, host: str, port: int) -> str:
-    """What the server behind host:port answers, or an exception name."""
-    with ns.socket(family(host), socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        try:
-            sock.connect((host, port))
-            sock.sendall(b"hello")
-            return sock.recv(256).decode()
-        except OSError as exc:
-            return type(exc).__name__
-
-
-def ask_udp(ns: Namespace, host: str, port: int, source_port: int = 0) -> str:
-    with ns.socket(family(host), socket.SOCK_DGRAM) as sock:
-        sock.settimeout(2)
-        sock.bind(("::" if ":" in host else "0.0.0.0", source_port))
-        for _ in range(3):
-            try:
-                sock.sendto(b"hello", (host, port))
-                return sock.recv(256).decode()
-            except OSError as exc:
-                answer = type(exc).__name__
-        return answer
 
 
 PORTMAP_CHECK_BUG = "could not check ipv6 dnat"
@@ -177,11 +44,6 @@ def assert_check_passes(chain: Chain, container_id: str, ns: Namespace, port_map
     if chain.mapper == "portmap" and PORTMAP_CHECK_BUG in got.stdout:
         return  # the reference's known bug, not a verdict on the mappings
     assert (got.rc, got.stdout) == (0, ""), got
-
-
-def addresses(result: dict) -> tuple[str, str]:
-    ips = [ip["address"].split("/")[0] for ip in result["ips"]]
-    return next(ip for ip in ips if ":" not in ip), next(ip for ip in ips if ":" in ip)
 
 
 # --- the cases ----------------------------------------------------------------------------------
@@ -269,18 +131,6 @@ def test_two_containers_with_ranges(topo: DemoTopology, cache: Path, tmp_path: P
 def test_stale_udp_flow_flushed_on_add(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str) -> None:
     """A client that sent to the port before it was published gets through from the same source port."""
     check_stale_udp_flow_flushed(topo, make_chain(topo, cache, tmp_path, mapper))
-
-
-def check_stale_udp_flow_flushed(topo: DemoTopology, chain: Chain) -> None:
-    web = container(topo)
-    assert ask_udp(topo.client, topo.host_ip, 9053, source_port=40053) != "web"  # creates the conntrack entry
-    chain.add("ctr-web", web.name, WEB)
-    servers = Servers(web, "web", [], [5353])
-    try:
-        assert ask_udp(topo.client, topo.host_ip, 9053, source_port=40053) == f"web {topo.client_ip}"
-    finally:
-        servers.close()
-    chain.delete("ctr-web", web.name, WEB)
 
 
 def test_unchained_add_refused(topo: DemoTopology, cache: Path, tmp_path: Path, mapper: str) -> None:

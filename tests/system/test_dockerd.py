@@ -25,7 +25,7 @@ import pytest
 
 from tests.support.dockerd import BRIDGE_IP, PAGE, DockerUnavailable, Dockerd, docker_root, root_namespace_snapshot, \
     running_dockerd
-from conftest import PortproxyProcess
+from tests.support.processes import PortproxyProcess
 from portproxy.lab.namespaces import Namespace
 from portproxy.lab.topology import DemoTopology, demo_topology
 

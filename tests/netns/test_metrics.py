@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import urllib.parse
 
@@ -13,7 +12,8 @@ import pytest
 
 from tests.support import programs
 
-from conftest import connect_expecting_close, echo_roundtrip, udp_endpoint
+from tests.support.traffic import connect_expecting_close, echo_roundtrip, udp_endpoint
+from tests.support.metrics import http_get, sample
 
 METRICS_PORT = 9779
 
@@ -27,33 +27,8 @@ def prometheus() -> dict[str, list[str]]:
         pytest.skip(str(exc))
 
 
-def http_get(ns, port: int, path: str, host: str = "127.0.0.1") -> str:
-    def fetch() -> str:
-        import http.client
-
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        conn.request("GET", path)
-        response = conn.getresponse()
-        body = response.read().decode()
-        conn.close()
-        return body
-
-    return ns.run(fetch)
-
-
 def scrape(ns) -> str:
     return http_get(ns, METRICS_PORT, "/metrics")
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of the one series of ``name`` whose labels include ``labels``."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line[line.index("{"): line.rindex("}")]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 async def _echo(topo, port: int, payload: bytes) -> None:

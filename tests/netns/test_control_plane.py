@@ -9,47 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import open_connection
-from test_controller import ls
-from test_kernel_path import tables
-
-
-async def roundtrip(topo, port: int, host: str | None = None) -> None:
-    reader, writer = await open_connection(topo.client, host or topo.host_ip, port)
-    writer.write(b"ping")
-    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
-    writer.close()
-
-
-async def wait_for(predicate, timeout: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(predicate):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def nft(topo, *args: str) -> subprocess.CompletedProcess:
-    return topo.host.run(lambda: subprocess.run(["nft", *args], capture_output=True, text=True, timeout=20))
-
-
-def metrics_text(topo, port: int = 9779) -> str:
-    def get() -> str:
-        sock = topo.host.socket()
-        sock.settimeout(10)
-        sock.connect(("127.0.0.1", port))
-        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-        sock.close()
-        return b"".join(chunks).decode()
-    return get()
+from tests.support.control import curl, ls, metrics_text, roundtrip, wait_for
+from tests.support.nft import nft, tables
 
 
 def holder(topo, port: int, proto: str = "tcp", reuse_port: bool = True, host: str = "0.0.0.0") -> socket.socket:
@@ -285,12 +249,6 @@ async def test_failed_reload_is_logged_and_answered(topo, tcp_echo, daemon) -> N
 
 
 # --- 10. the API's edges ---------------------------------------------------------------------------
-
-def curl(sock, *args: str, path: str = "/v1/mappings") -> tuple[int, dict]:
-    out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "--unix-socket", str(sock), *args,
-                          f"http://portproxy{path}"], capture_output=True, text=True, timeout=20)
-    body, _, status = out.stdout.rpartition("\n")
-    return int(status), json.loads(body)
 
 
 def test_api_answers_json_for_every_error(topo, daemon) -> None:

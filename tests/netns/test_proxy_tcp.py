@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from conftest import (check_congestion_control_per_leg, congestion_control_choice, connect_expecting_close,
-                      echo_roundtrip, open_connection, start_server)
-from test_metrics import http_get, sample
+from tests.support.metrics import http_get, sample
+from tests.support.traffic import (check_congestion_control_per_leg, congestion_control_choice,
+                                   connect_expecting_close, echo_roundtrip, open_connection, start_server)
 
 PATHS = {
     "splice-uvloop": [],

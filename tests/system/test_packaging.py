@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -36,8 +35,9 @@ import pytest
 
 from portproxy import debcache
 from tests.support import programs as test_programs
+from tests.support.programs import setup_sh_packages
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("PORTPROXY_TEST_CACHE", "/var/cache/portproxy-test"))
 MINBASE = CACHE / "bookworm-minbase.tar"
 APT_ARCHIVES = CACHE / "apt-archives"  # the root's downloaded .debs, kept across runs
@@ -45,7 +45,7 @@ MIRROR = os.environ.get("PORTPROXY_DEBIAN_MIRROR", "http://deb.debian.org/debian
 SERVICE_LOG = "var/log/policy-rc.d.log"
 
 POLICY_RC_D = f"""#!/bin/sh
-# tests/test_packaging.py, in a throw-away root: log each service action asked for, refuse it.
+# tests/system/test_packaging.py, in a throw-away root: log each service action asked for, refuse it.
 echo "$*" >> /{SERVICE_LOG}
 exit 101
 """
@@ -142,19 +142,6 @@ def debian_root(tmp_path_factory: pytest.TempPathFactory):
 
 
 # --- setup.sh ---------------------------------------------------------------------------------
-def setup_sh_packages() -> list[str]:
-    """The packages setup.sh hands to apt-get install."""
-    text = (ROOT / "setup.sh").read_text()
-    lists = re.findall(r"(?ms)^[A-Z_]+_PACKAGES=\((.*?)\)", text)
-    assert lists, "setup.sh declares its packages in *_PACKAGES=(...) arrays"
-    return [name for body in lists for name in body.split()]
-
-
-def test_setup_sh_installs_none_of_the_test_programs() -> None:
-    """What the tests and the benchmark run (servers among them) is unpacked, never installed."""
-    packages = set(setup_sh_packages())
-    programs = {tool.package for tool in test_programs.TOOLS.values()}
-    assert packages & (programs | {"nginx-light", "nginx-full", "nginx-core"}) == set()
 
 
 @needs_root_tools
@@ -180,16 +167,6 @@ def test_the_service_start_detector_sees_a_daemon_package(debian_root: Throwaway
 
 
 # --- the test programs: unpacked, not installed ----------------------------------------------
-def test_program_names_are_read_through_env() -> None:
-    assert debcache.program_of(["env", "LD_LIBRARY_PATH=/c/usr/lib", "/c/usr/sbin/haproxy", "-db"]) == "haproxy"
-    assert debcache.program_of(["/c/usr/bin/socat", "TCP-LISTEN:1"]) == "socat"
-
-
-def test_unknown_program_is_one_line() -> None:
-    result = subprocess.run([sys.executable, "-m", "portproxy.debcache", "warp-drive"], capture_output=True,
-                            text=True)
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "unknown program(s): warp-drive" in result.stderr
 
 
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian)")
