@@ -1,7 +1,7 @@
 """portproxy-cni against the real counterparts: Debian's ``bridge`` + ``host-local`` invoked per
 the CNI spec, with Debian's stock ``portmap`` run through the same cases as the reference.
 
-Every test builds its own namespaces (the seeds' host and client, plus one namespace per
+Every test builds its own namespaces (the demo topology's host and client, plus one namespace per
 container that ``bridge`` plugs in), runs the plugins in the host namespace as a runtime
 would, and sends traffic only inside them. The root namespace's links, routes and nft
 ruleset are compared before and after each test.

@@ -1,5 +1,5 @@
-"""Delegation (issue 12): the docker-proxy drop-in hands its socket to a real ``portproxy serve`` in
-the seeds' topology and becomes a small waiting process; the mapping lives as long as that process.
+"""Delegation: the docker-proxy drop-in hands its socket to a real ``portproxy serve`` in
+the demo topology and becomes a small waiting process; the mapping lives as long as that process.
 
 The drop-in is started as dockerd starts it (fd 3 a status pipe), with PORTPROXY_SOCKET pointing
 at the test daemon's control socket, beside which the delegate socket is.

@@ -3,7 +3,7 @@ the reference: every case runs with both as ``userland-proxy-path``, with IPv6 o
 with the drop-in delegating to a ``portproxy serve`` in dockerd's namespace (PORTPROXY_SOCKET in
 dockerd's environment): then Docker's ports live in the daemon.
 
-dockerd runs in the host namespace of the seeds' topology (see dockerd_harness for how it is
+dockerd runs in the host namespace of the demo topology (see tests/support/dockerd.py for how it is
 contained); clients reach the published ports from loopback there, from the client namespace
 and from another container. The drop-in must pass every case docker-proxy passes; a case
 docker-proxy itself fails is an xfail for docker-proxy only, with the reason.
