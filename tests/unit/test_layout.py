@@ -7,15 +7,22 @@ import ast
 import tomllib
 from pathlib import Path
 
-from setuptools import find_packages
+from setuptools import find_namespace_packages, find_packages
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def shipped_packages() -> list[str]:
-    """The packages setuptools puts in the wheel (and pybuild in the .deb), per pyproject.toml."""
+    """The packages setuptools puts in the wheel (and pybuild in the .deb), per pyproject.toml
+    (where ``namespaces`` is true unless it says otherwise: directories without __init__.py count)."""
     find = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    return find_packages(str(CHECKOUT), include=find["include"])
+    finder = find_namespace_packages if find.get("namespaces", True) else find_packages
+    return finder(str(CHECKOUT), include=find.get("include", ["*"]), exclude=find.get("exclude", ()))
+
+
+def test_the_finder_would_see_the_tests_if_asked() -> None:
+    """The control: the same finder, unrestricted, finds the test harness."""
+    assert "tests.support" in find_namespace_packages(str(CHECKOUT), include=["*"])
 
 
 def test_the_wheel_holds_the_package_and_its_lab_but_no_tests() -> None:
