@@ -31,9 +31,6 @@ def mapper(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-# --- servers in containers, clients elsewhere -------------------------------------------------
-
-
 PORTMAP_CHECK_BUG = "could not check ipv6 dnat"
 """Debian's portmap 1.1.1 CHECK looks for the IPv4 rules among the ip6tables ones and fails for
 every dual-stack container (containernetworking/plugins#819, fixed after 1.1.1)."""

@@ -48,9 +48,6 @@ def _exe(pid: int) -> str:
     return os.readlink(f"/proc/{pid}/exe")
 
 
-# --- pure ----------------------------------------------------------------------------------------------
-
-
 # --- against a real daemon --------------------------------------------------------------------------------
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> None:
     writer.write(payload)

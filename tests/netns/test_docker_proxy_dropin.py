@@ -276,9 +276,6 @@ def test_refusals_are_reported_on_fd3(topo, dockerproxy, args: list[str], error:
     assert "Traceback" not in proxy.proc.stderr.read()
 
 
-# --- pure: Go's flag syntax and integers -----------------------------------------------------------------
-
-
 async def test_serves_at_normal_priority(topo, tcp_echo, dockerproxy) -> None:
     """The imports after readiness run at SCHED_IDLE; serving does not."""
     proxy = dockerproxy(*flags("tcp", "0.0.0.0", 9116, topo.container_ip, 8080))

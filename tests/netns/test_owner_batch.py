@@ -1,6 +1,6 @@
 """``PUT /v1/owners/mappings``: a CNI owner's whole set of mappings in one request, one kernel
 transaction and one state write, all or nothing (a real ``portproxy serve`` in the host
-namespace, real nftables); plus the pure planning it rests on."""
+namespace, real nftables). The pure planning it rests on is tests/unit/test_owner_batch_pure.py."""
 
 from __future__ import annotations
 
@@ -17,9 +17,6 @@ from tests.support.nft import _table_elements, nft
 
 OWNER = {"kind": "cni", "id": "1a2b3c4d5e6f7a8b9c0d", "ifname": "eth0", "network": "podman", "name": "web"}
 OTHER = {"kind": "cni", "id": "ffffeeeeddddccccbbbb", "ifname": "eth0", "network": "podman"}
-
-
-# --- the pure decisions --------------------------------------------------------------------------
 
 
 # --- on a real daemon --------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Transparent mode (``--source client``): the target sees the client's own address and port.
 
-Pure parts (fallback decisions, builders, option checks) run without root; the rest
-runs a real ``portproxy map --source client`` in the host namespace of a fresh
-topology, with the real kernel's policy routing and the real nft.
+A real ``portproxy map --source client`` in the host namespace of a fresh topology, with
+the real kernel's policy routing and the real nft. The pure parts (fallback decisions,
+builders, option checks) are tests/unit/test_transparent_pure.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from tests.support.traffic import start_server, start_udp_echo, udp_endpoint
 from portproxy.kernel.transparent_rules import (TransparentOptions, delete_commands)
 from tests.support.namespaces import add_container
 from tests.support.transparent import host_state, peer_reporter, seen_by_target
-
-# --- pure -----------------------------------------------------------------------------------------
-
 
 # --- real namespaces -------------------------------------------------------------------------------
 

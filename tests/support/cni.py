@@ -17,7 +17,8 @@ import pytest
 
 from portproxy.lab.namespaces import Namespace
 from portproxy.lab.topology import DemoTopology, demo_topology
-from tests.support.cni_testbed import Chain, ReferenceUnavailable, debian_plugins, plugin_dir, root_snapshot
+from tests.support.cni_testbed import (DAEMON_CONFIG, Chain, ReferenceUnavailable, debian_plugins, plugin_dir,
+                                      root_snapshot)
 from tests.support.processes import PortproxyProcess
 
 WEB = [{"hostPort": 9090, "containerPort": 8080, "protocol": "tcp"},
@@ -170,9 +171,6 @@ def check_stale_udp_flow_flushed(topo: DemoTopology, chain: Chain) -> None:
     finally:
         servers.close()
     chain.delete("ctr-web", web.name, WEB)
-
-
-DAEMON_CONFIG = "[options]\nroute_localnet = true\nset_sysctls = true\n"
 
 
 METRICS = "127.0.0.1:9464"
