@@ -59,4 +59,5 @@ class PortproxyProcess:
 
 
 def run_portproxy(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    """``portproxy ARGS`` run to completion in this namespace, its output captured."""
     return subprocess.run([sys.executable, "-m", "portproxy", *args], capture_output=True, text=True, timeout=timeout)
