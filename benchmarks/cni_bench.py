@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/cni_bench.py [--ports 1,100,1000] [--rounds 3] [--podman-rounds 5] [--out NAME]
 
-In namespaces of its own (the seeds' topology, plus a container that Debian's ``bridge`` +
+In namespaces of its own (the demo topology, plus a container that Debian's ``bridge`` +
 ``host-local`` plug in), the plugin under test is run as a runtime runs it (a process per
 command, prevResult on stdin) and the wall time of each ADD and DEL is taken. Two port
 layouts: ``range`` (consecutive host and container ports, what ``-p 20000-20999:...``
@@ -23,8 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from portproxy.cni.testbed import Chain, Podman, debian_plugins, plugin_dir, podman_packages, portproxy_daemon
-from portproxy.netns import Namespace, seed_topology
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: the tests' CNI test bed
+
+from tests.support.cni_testbed import Chain, Podman, debian_plugins, plugin_dir, podman_packages, portproxy_daemon  # noqa: E402
+from portproxy.lab.namespaces import Namespace  # noqa: E402
+from portproxy.lab.topology import demo_topology  # noqa: E402
 
 MAPPERS = ("portmap", "portproxy-cni", "portproxy-cni+daemon")
 """``+daemon``: portproxy-cni registering the mappings with a ``portproxy serve`` in the same namespace."""
@@ -54,7 +57,7 @@ def podman_run_times(mappers: list[str], rounds: int, cache: Path) -> dict[str, 
         podmans = {}
         for n, mapper in enumerate(mappers):
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            topo = stack.enter_context(seed_topology(f"pcb{n}"))
+            topo = stack.enter_context(demo_topology(f"pcb{n}"))
             topo.host.sysctl("net/ipv4/ip_forward", "1")
             conf = {"daemonSocket": str(stack.enter_context(portproxy_daemon(topo.host, tmp / "daemon")))} \
                 if mapper.endswith("+daemon") else {}
@@ -83,7 +86,7 @@ def main() -> int:
     counts = [int(n) for n in args.ports.split(",") if n]
     cache = debian_plugins()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, seed_topology("pcb") as topo, contextlib.ExitStack() as stack:
+    with tempfile.TemporaryDirectory() as tmp, demo_topology("pcb") as topo, contextlib.ExitStack() as stack:
         plugins = plugin_dir(Path(tmp) / "bin", cache)
         ctr = Namespace.create("pcb-ctr")
         topo.extra.append(ctr)

@@ -5,7 +5,7 @@ standalone and the drop-in delegated to ``portproxy serve`` (issue 12).
 
 Every proxy is started as dockerd starts it (fd 3 a pipe, ``-proto tcp -host-ip 0.0.0.0
 -host-port P -container-ip C -container-port 8080``), one after the other, each waiting for
-the previous one's ``0\\n``, in the host namespace of a seeds' topology of its own.
+the previous one's ``0\\n``, in the host namespace of a demo topology of its own.
 
 * **time to ready**: from just before the spawn (fork + exec) to ``0\\n`` read from fd 3, the
   time dockerd waits per port; median and 90th percentile over every start;
@@ -36,7 +36,8 @@ from pathlib import Path
 from portproxy.bench.paths import find_docker_proxy
 from portproxy.bench.procfs import pss_kib
 from portproxy.bench.servers import _stop as stop_processes
-from portproxy.netns import Namespace, seed_topology
+from portproxy.lab.namespaces import Namespace
+from portproxy.lab.topology import demo_topology
 
 DROPIN = str(Path(sys.executable).parent / "portproxy-docker-proxy")
 BASE_PORT = 30000
@@ -112,7 +113,7 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     base_env = {k: v for k, v in os.environ.items() if k != "PORTPROXY_SOCKET"}
     docker_proxy = find_docker_proxy()
-    with seed_topology("dpb") as topo, tempfile.TemporaryDirectory(prefix="portproxy-docker-bench-") as tmp:
+    with demo_topology("dpb") as topo, tempfile.TemporaryDirectory(prefix="portproxy-docker-bench-") as tmp:
         variants = [("docker-proxy", docker_proxy), ("drop-in standalone", [DROPIN]), ("drop-in delegated", [DROPIN])]
         for name, binary in variants:
             if binary is None:

@@ -5,7 +5,7 @@ vs ``DELETE /v1/mappings?owner=ID`` (a kernel transaction per mapping).
 
     .venv/bin/python benchmarks/owner_batch.py [--ports 100,1000] [--rounds 3]
 
-A ``portproxy serve`` in the host namespace of the seeds' topology (its own namespaces,
+A ``portproxy serve`` in the host namespace of the demo topology (its own namespaces,
 removed at the end); wall time of the requests, over one kept-alive connection. Writes
 benchmarks/results/owner_batch.json and a Markdown table on stdout.
 """
@@ -23,11 +23,12 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: the tests' CNI test bed
 
 import harness  # noqa: E402
 
-from portproxy.cni.testbed import portproxy_daemon  # noqa: E402
-from portproxy.netns import seed_topology  # noqa: E402
+from tests.support.cni_testbed import portproxy_daemon  # noqa: E402
+from portproxy.lab.topology import demo_topology  # noqa: E402
 
 OWNER = {"kind": "cni", "id": "bench0123456789", "ifname": "eth0", "network": "bench"}
 
@@ -68,7 +69,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     results: dict[int, dict[str, list[float]]] = {}
-    with seed_topology("obb") as topo, tempfile.TemporaryDirectory() as tmp, \
+    with demo_topology("obb") as topo, tempfile.TemporaryDirectory() as tmp, \
             portproxy_daemon(topo.host, Path(tmp)) as sock:
         for n in (int(p) for p in args.ports.split(",")):
             mappings = scattered(n, topo.container_ip)

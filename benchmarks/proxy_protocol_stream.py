@@ -24,7 +24,7 @@ from pathlib import Path
 
 from portproxy import debcache
 from portproxy.bench.servers import nginx_conf
-from portproxy.netns import seed_topology
+from portproxy.lab.topology import demo_topology
 
 SIZE = 1 << 30
 NGINX = """\
@@ -57,7 +57,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/client-address"))
     args = parser.parse_args()
     results: dict[str, list[float]] = {name: [] for name in PATHS}
-    with seed_topology("ppstream") as topo, tempfile.TemporaryDirectory(prefix="portproxy-stream-") as tmp:
+    with demo_topology("ppstream") as topo, tempfile.TemporaryDirectory(prefix="portproxy-stream-") as tmp:
         with open(Path(tmp) / "big", "wb") as f:
             f.truncate(SIZE)
         os.chmod(tmp, 0o755)  # nginx's workers are not root

@@ -4,7 +4,7 @@
 # Needs the Build-Depends of debian/control and lintian, from Debian:
 #   apt-get build-dep ./ && apt-get install --no-install-recommends lintian
 # (debhelper depends on man-db, whose installation starts man-db.service and enables
-# man-db.timer; tests/test_packaging.py therefore builds inside a throw-away root.)
+# man-db.timer; tests/system/test_packaging.py therefore builds inside a throw-away root.)
 # The build runs in a scratch copy of the checkout (its files as git sees them, uncommitted
 # changes included), so the tree stays clean and dpkg-buildpackage's output lands in OUTDIR.
 set -euo pipefail

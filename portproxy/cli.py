@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "127.0.0.1:9779)")
     add_runtime_options(p_map)
 
-    p_demo = sub.add_parser("demo", help="build the seeds' topology in namespaces and show a mapping at work")
+    p_demo = sub.add_parser("demo", help="build a client, a host and a container in namespaces and show a mapping at work")
     add_runtime_options(p_demo)
 
     p_bench = sub.add_parser("bench", help="benchmark both paths against direct routing and peer proxies",
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_bench(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from .lab.demo import run_demo
 
         return run_demo(loop=args.loop)
     parser.error(f"unknown command {args.command}")

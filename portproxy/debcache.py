@@ -1,16 +1,16 @@
-"""Test and benchmark programs from Debian's packages, unpacked, never installed.
+"""Programs from Debian's packages, unpacked, never installed: what ``portproxy bench`` runs.
 
-Installing nginx, HAProxy, Prometheus or docker.io on a systemd host starts their
-services (a web server on port 80, a Prometheus on 9090) — nothing a port proxy's
-tests may leave on a host. So the programs the tests and ``portproxy bench`` drive
-are fetched with ``apt-get download`` and unpacked with ``dpkg -x`` into a cache
-directory: no maintainer script runs, no service starts, nothing is registered with
-dpkg. Libraries a program needs beyond a Debian 12 with setup.sh's packages come along
-in the same tree and are found through ``LD_LIBRARY_PATH``; ``command`` checks with ldd.
+Installing nginx, HAProxy or docker.io on a systemd host starts their services (a web
+server on port 80, a docker daemon): nothing a port proxy's benchmark may leave on a
+host. So the programs the benchmark drives are fetched with ``apt-get download`` and
+unpacked with ``dpkg -x`` into a cache directory: no maintainer script runs, no service
+starts, nothing is registered with dpkg. Libraries a program needs beyond a Debian 12
+with setup.sh's packages come along in the same tree and are found through
+``LD_LIBRARY_PATH``; ``command`` checks with ldd.
 
-One mechanism, one place: ``command("haproxy")`` is the argv prefix that runs
-HAProxy, fetching it on first use. ``python -m portproxy.debcache`` fetches every
-program (``setup.sh`` does, so the tests find them without reaching the mirror).
+One mechanism, one place: ``command("haproxy")`` is the argv prefix that runs HAProxy,
+fetching it on first use; a caller with programs of its own (the tests) passes its own
+``tools`` table. ``python -m portproxy.debcache`` fetches every program of :data:`TOOLS`.
 The cache is ``/var/cache/portproxy-test/unpacked`` (``PORTPROXY_TOOL_CACHE`` overrides it).
 """
 
@@ -26,7 +26,7 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 
 class ToolUnavailable(RuntimeError):
@@ -46,22 +46,13 @@ class Tool:
 TOOLS: dict[str, Tool] = {
     "nginx": Tool("nginx", "usr/sbin/nginx"),
     "haproxy": Tool("haproxy", "usr/sbin/haproxy", ("liblua5.3-0", "libopentracing-c-wrapper0", "libopentracing1")),
-    "prometheus": Tool("prometheus", "usr/bin/prometheus"),
-    "promtool": Tool("prometheus", "usr/bin/promtool"),
     "iperf3": Tool("iperf3", "usr/bin/iperf3", ("libiperf0", "libsctp1")),
     "sockperf": Tool("sockperf", "usr/bin/sockperf"),
     "wrk": Tool("wrk", "usr/bin/wrk", ("libluajit-5.1-2", "libluajit-5.1-common")),
     "socat": Tool("socat", "usr/bin/socat", ("libwrap0",)),
     "docker-proxy": Tool("docker.io", "usr/sbin/docker-proxy"),
-    # The real-dockerd tests: dockerd, its containerd and runc, tini for --init, and
-    # busybox-static for an image built without a registry.
-    "dockerd": Tool("docker.io", "usr/sbin/dockerd", ("containerd", "runc", "tini", "busybox-static")),
-    # The CNI tests: the reference plugins (portmap needs iptables), and podman 4.3.
-    "cni-plugins": Tool("containernetworking-plugins", "usr/lib/cni/portmap", ("iptables",)),
-    "podman": Tool("podman", "usr/bin/podman", ("conmon", "crun", "golang-github-containers-common", "libgpgme11",
-                                                "libsubid4", "libyajl2", "busybox-static")),
 }
-"""Every program the tests and the benchmark run that portproxy itself does not need."""
+"""Every program the benchmark runs that portproxy itself does not need."""
 
 
 def cache_dir() -> Path:
@@ -69,8 +60,8 @@ def cache_dir() -> Path:
 
 
 def _packages(tool: Tool) -> list[str]:
-    """The package and every extra package any tool of the same package needs."""
-    return [tool.package, *sorted({lib for t in TOOLS.values() if t.package == tool.package for lib in t.libraries})]
+    """The package and the library packages ``tool`` needs."""
+    return [tool.package, *sorted(set(tool.libraries))]
 
 
 def tree(tool: Tool) -> Path:
@@ -127,16 +118,16 @@ def _fetch(tool: Tool) -> None:
             unpacked.rename(root)  # whole or not at all: a half-unpacked tree is never seen
 
 
-def command(name: str, fetch: bool = True) -> list[str]:
-    """The argv prefix that runs program ``name`` from the cache (fetched if ``fetch``).
+def command(name: str, fetch: bool = True, tools: Mapping[str, Tool] = TOOLS) -> list[str]:
+    """The argv prefix that runs program ``name`` of ``tools`` from the cache (fetched if ``fetch``).
 
     Raises ToolUnavailable with a one-line reason when it cannot be had or would not run.
     """
-    tool = TOOLS[name]
+    tool = tools[name]
     binary = tree(tool) / tool.path
     if not binary.exists():
         if not fetch:
-            raise ToolUnavailable(f"{name} is not in {cache_dir()} (python -m portproxy.debcache fetches it)")
+            raise ToolUnavailable(f"{name} is not in {cache_dir()} (command({name!r}) fetches it)")
         try:
             _fetch(tool)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -159,29 +150,28 @@ def program_of(argv: list[str]) -> str:
     return os.path.basename(args[0]) if args else "?"
 
 
-def available(name: str) -> list[str] | None:
+def available(name: str, tools: Mapping[str, Tool] = TOOLS) -> list[str] | None:
     """``command(name)``, or None (with the reason on stderr) where it cannot be had."""
     try:
-        return command(name)
+        return command(name, tools=tools)
     except ToolUnavailable as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Fetch the named programs (default: all) into the cache; print where each is."""
-    names = (argv if argv is not None else sys.argv[1:]) or list(TOOLS)
-    unknown = [n for n in names if n not in TOOLS]
+def main(argv: list[str] | None = None, tools: Mapping[str, Tool] = TOOLS, prog: str = "portproxy.debcache") -> int:
+    """Fetch the named programs of ``tools`` (default: all) into the cache; print where each is."""
+    names = (argv if argv is not None else sys.argv[1:]) or list(tools)
+    unknown = [n for n in names if n not in tools]
     if unknown:
-        print(f"portproxy.debcache: unknown program(s): {', '.join(unknown)} (known: {', '.join(TOOLS)})",
-              file=sys.stderr)
+        print(f"{prog}: unknown program(s): {', '.join(unknown)} (known: {', '.join(tools)})", file=sys.stderr)
         return 2
     failed = 0
     for name in names:
         try:
-            print(f"{name}: {command(name)[-1]}")
+            print(f"{name}: {command(name, tools=tools)[-1]}")
         except ToolUnavailable as exc:
-            print(f"portproxy.debcache: {exc}", file=sys.stderr)
+            print(f"{prog}: {exc}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
 

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 
-from ..netns import SeedTopology
+from ..lab.topology import DemoTopology
 from . import procfs
 from .checks import Unmeasured, held_through_relay, rss_per_connection_kib
 from .paths import Forward, PathDef, PathError
@@ -33,7 +33,7 @@ def idle_connections_for(path: PathDef, wanted: int) -> int:
     return min(wanted, (hard - 500) // path.fds_per_connection // 100 * 100)
 
 
-def rss_with_mappings(topo: SeedTopology, path: PathDef, count: int) -> dict[str, float]:
+def rss_with_mappings(topo: DemoTopology, path: PathDef, count: int) -> dict[str, float]:
     """RSS of everything the path runs to publish ``count`` TCP ports."""
     assert path.start is not None
     sampled = min(count, SAMPLED_PROCESSES) if path.process_per_port else count
@@ -55,7 +55,7 @@ def rss_with_mappings(topo: SeedTopology, path: PathDef, count: int) -> dict[str
             "sampled": float(sampled)}
 
 
-def container_listener(topo: SeedTopology, port: int) -> socket.socket:
+def container_listener(topo: DemoTopology, port: int) -> socket.socket:
     """A TCP listener on every address of the container, for a server of the harness's own."""
     listener = topo.container.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -67,7 +67,7 @@ def container_listener(topo: SeedTopology, port: int) -> socket.socket:
 class IdleSink:
     """Accepts connections in the container and holds them, reading nothing."""
 
-    def __init__(self, topo: SeedTopology) -> None:
+    def __init__(self, topo: DemoTopology) -> None:
         self.listener = container_listener(topo, SINK.port)
         self.accepted: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, name="idle-sink", daemon=True)
@@ -93,7 +93,7 @@ class IdleSink:
         self.drop_all()
 
 
-def rss_per_idle_connection(topo: SeedTopology, sink: IdleSink, path: PathDef, count: int) -> dict[str, float]:
+def rss_per_idle_connection(topo: DemoTopology, sink: IdleSink, path: PathDef, count: int) -> dict[str, float]:
     """Open ``count`` connections through the path, all idle, and divide the RSS growth.
 
     The server counting ``count`` connections is not enough: the relay itself must

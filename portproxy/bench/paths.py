@@ -24,7 +24,8 @@ from typing import Callable
 from .. import debcache
 from ..kernel.builders import FAMILY, KernelOptions, delete_table
 from ..kernel.executor import Nft
-from ..netns import Namespace, SeedTopology
+from ..lab.namespaces import Namespace
+from ..lab.topology import DemoTopology
 from ..proxy.options import congestion_control_error
 from .procfs import default_congestion_control, descendants
 from .servers import HTTP, HTTP_PROXY_PROTOCOL_PORT
@@ -88,7 +89,7 @@ GROUP = {"start_new_session": True}
 """Popen arguments for a path's processes, so that stop() reaches their children too."""
 
 
-Starter = Callable[[SeedTopology, list[Forward]], Running]
+Starter = Callable[[DemoTopology, list[Forward]], Running]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,7 @@ def wait_listening(ns: Namespace, address: str, forwards: list[Forward], procs: 
         time.sleep(0.2)
 
 
-def listening(topo: SeedTopology, forwards: list[Forward], running: Running) -> Running:
+def listening(topo: DemoTopology, forwards: list[Forward], running: Running) -> Running:
     """Hand ``running`` over once it listens on every forward; stop it if it never does."""
     try:
         wait_listening(topo.host, topo.host_ip, forwards, running.procs)
@@ -145,7 +146,7 @@ def listening(topo: SeedTopology, forwards: list[Forward], running: Running) -> 
 # --- portproxy ------------------------------------------------------------------------------------
 def portproxy_starter(*extra: str, kernel: bool = False, ports: dict[int, int] | None = None) -> Starter:
     """``ports``: container ports to dial instead of the services' own (e.g. nginx's PROXY listener)."""
-    def start(topo: SeedTopology, forwards: list[Forward]) -> Running:
+    def start(topo: DemoTopology, forwards: list[Forward]) -> Running:
         specs = [f"{hp}:{topo.container_ip}:{(ports or {}).get(tp, tp)}/{proto}" for hp, tp, proto in forwards]
         argv = [sys.executable, "-m", "portproxy", "map", *specs, *extra, "--log-level", "warning"]
         if kernel:
@@ -166,7 +167,7 @@ def portproxy_starter(*extra: str, kernel: bool = False, ports: dict[int, int] |
     return start
 
 
-def remove_leftover_table(topo: SeedTopology) -> bool:
+def remove_leftover_table(topo: DemoTopology) -> bool:
     """Delete the kernel path's nftables table from the host namespace if a process left it.
 
     A ``portproxy map --mode kernel`` that dies (an abort, SIGKILL) leaves its DNAT rules
@@ -198,7 +199,7 @@ def find_docker_proxy() -> list[str] | None:
 
 
 def docker_proxy_starter(binary: list[str]) -> Starter:
-    def start(topo: SeedTopology, forwards: list[Forward]) -> Running:
+    def start(topo: DemoTopology, forwards: list[Forward]) -> Running:
         running = Running()
         for hp, tp, proto in forwards:
             # dockerd gives docker-proxy a pipe as fd 3 and waits for "0\n" (or "1\n<error>").
@@ -243,7 +244,7 @@ def haproxy_starter(haproxy: list[str]) -> Starter:
     return lambda topo, forwards: start_haproxy(haproxy, topo, forwards)
 
 
-def start_haproxy(haproxy: list[str], topo: SeedTopology, forwards: list[Forward]) -> Running:
+def start_haproxy(haproxy: list[str], topo: DemoTopology, forwards: list[Forward]) -> Running:
     tmp = tempfile.mkdtemp(prefix="portproxy-bench-haproxy-")
     maxconn = min(9000, (HAPROXY_FDS - 1100 - len(forwards)) // 2)  # 8,000 idle connections fit
     config = [HAPROXY_GLOBAL.format(maxconn=maxconn, fds=HAPROXY_FDS)]
@@ -262,7 +263,7 @@ def socat_starter(socat: list[str]) -> Starter:
     return lambda topo, forwards: start_socat(socat, topo, forwards)
 
 
-def start_socat(socat: list[str], topo: SeedTopology, forwards: list[Forward]) -> Running:
+def start_socat(socat: list[str], topo: DemoTopology, forwards: list[Forward]) -> Running:
     running = Running()
     for hp, tp, proto in forwards:
         if proto == "tcp":

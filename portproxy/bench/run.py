@@ -26,7 +26,7 @@ from .topology import bench_topology, reset_conntrack
 from .workloads import WORKLOADS, Published, Settings, Workload
 
 if TYPE_CHECKING:
-    from ..netns import SeedTopology
+    from ..lab.topology import DemoTopology
 
 PORT_BASE = 20000
 
@@ -108,7 +108,7 @@ def _carries(path: PathDef, workload: Workload) -> bool:
     return workload.proto in path.protocols and (path.services is None or workload.service.name in path.services)
 
 
-def _start_paths(topo: SeedTopology, paths: list[PathDef]) -> tuple[dict[str, Published], list[Running], dict[str, str]]:
+def _start_paths(topo: DemoTopology, paths: list[PathDef]) -> tuple[dict[str, Published], list[Running], dict[str, str]]:
     """Start every path once, each on its own block of host ports, all services published."""
     published: dict[str, Published] = {}
     running: list[Running] = []
@@ -137,7 +137,7 @@ def _start_paths(topo: SeedTopology, paths: list[PathDef]) -> tuple[dict[str, Pu
     return published, running, failed
 
 
-def _one_run(topo: SeedTopology, workload: Workload, path: Published, opts: Options, rnd: int,
+def _one_run(topo: DemoTopology, workload: Workload, path: Published, opts: Options, rnd: int,
              results: report.Results, progress: Progress) -> None:
     record = results["workloads"][workload.key]
     reset_conntrack(topo)
@@ -154,7 +154,7 @@ def _one_run(topo: SeedTopology, workload: Workload, path: Published, opts: Opti
                   f"{head.unit}  {extra}")
 
 
-def _memory(topo: SeedTopology, paths: list[PathDef], opts: Options, results: report.Results,
+def _memory(topo: DemoTopology, paths: list[PathDef], opts: Options, results: report.Results,
             progress: Progress) -> None:
     mappings: dict[str, dict] = {}
     idle: dict[str, dict] = {}
@@ -181,7 +181,7 @@ def _memory(topo: SeedTopology, paths: list[PathDef], opts: Options, results: re
         _slow_readers(topo, paths, opts, results, progress)
 
 
-def _slow_readers(topo: SeedTopology, paths: list[PathDef], opts: Options, results: report.Results,
+def _slow_readers(topo: DemoTopology, paths: list[PathDef], opts: Options, results: report.Results,
                   progress: Progress) -> None:
     pinned: dict[str, dict] = {}
     results["memory"]["slow_readers"] = {"count": opts.slow_readers, "results": pinned}

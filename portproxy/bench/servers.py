@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 from .. import debcache
 
 if TYPE_CHECKING:
-    from ..netns import SeedTopology
+    from ..lab.topology import DemoTopology
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 @contextlib.contextmanager
-def container_servers(topo: SeedTopology) -> Iterator[None]:
+def container_servers(topo: DemoTopology) -> Iterator[None]:
     """iperf3 (TCP+UDP), sockperf (TCP, UDP) and nginx (one worker) in the container."""
     ns = topo.container
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}

@@ -33,7 +33,8 @@ import termios
 import threading
 import time
 
-from ..netns import Namespace, SeedTopology
+from ..lab.namespaces import Namespace
+from ..lab.topology import DemoTopology
 from . import procfs
 from .checks import held_through_relay
 from .memory import container_listener
@@ -49,7 +50,7 @@ _CHUNK = bytes(1 << 16)
 class Firehose:
     """Accepts connections in the container and writes to each as fast as it takes."""
 
-    def __init__(self, topo: SeedTopology) -> None:
+    def __init__(self, topo: DemoTopology) -> None:
         self.listener = container_listener(topo, FIREHOSE.port)
         self.listener.setblocking(False)
         self.accepted: list[socket.socket] = []
@@ -156,12 +157,12 @@ def memory_pressures(ns: Namespace) -> int:
     return int(lines[1][lines[0].index("TCPMemoryPressures")])
 
 
-def _pinned(topo: SeedTopology, pids: list[int]) -> dict[str, int]:
+def _pinned(topo: DemoTopology, pids: list[int]) -> dict[str, int]:
     return {"client": socket_memory(topo.client), "host": socket_memory(topo.host),
             "container": socket_memory(topo.container), "pipes": pipe_bytes(pids)}
 
 
-def pinned_by_slow_readers(topo: SeedTopology, firehose: Firehose, path: PathDef, count: int,
+def pinned_by_slow_readers(topo: DemoTopology, firehose: Firehose, path: PathDef, count: int,
                            settle: float = 30.0) -> dict[str, float]:
     """Open ``count`` never-reading clients through ``path``; the memory pinned once full."""
     if path.start is None:

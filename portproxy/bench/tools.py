@@ -17,7 +17,7 @@ from .. import debcache
 from .checks import Unmeasured
 
 if TYPE_CHECKING:
-    from ..netns import Namespace
+    from ..lab.namespaces import Namespace
 
 
 class ToolError(RuntimeError):

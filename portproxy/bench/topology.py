@@ -1,4 +1,4 @@
-"""The benchmark network: the seeds' topology with the sysctls that keep the figures honest.
+"""The benchmark network: the demo topology with the sysctls that keep the figures honest.
 
 Everything is set inside the benchmark's own namespaces; the root namespace is
 never touched. Connection-rate runs are the ones that need care: each short
@@ -11,14 +11,14 @@ import contextlib
 from typing import Iterator
 
 from ..kernel import conntrack
-from ..netns import SeedTopology, seed_topology
+from ..lab.topology import DemoTopology, demo_topology
 
 
 EPHEMERAL_LOW = 32768
 """Published ports in the benchmark stay below this."""
 
 
-def tune(topo: SeedTopology) -> None:
+def tune(topo: DemoTopology) -> None:
     """Per-namespace sysctls that would otherwise distort the figures."""
     for ns in topo.namespaces():
         # Ephemeral ports from 32768 up, so the published ports (below it) never collide
@@ -32,7 +32,7 @@ def tune(topo: SeedTopology) -> None:
     topo.container.sysctl("net/ipv4/tcp_max_tw_buckets", "1024")
 
 
-def reset_conntrack(topo: SeedTopology) -> None:
+def reset_conntrack(topo: DemoTopology) -> None:
     """Empty conntrack in every benchmark namespace before a run.
 
     Short-connection runs leave an entry per connection (TIME_WAIT entries live
@@ -43,8 +43,8 @@ def reset_conntrack(topo: SeedTopology) -> None:
 
 
 @contextlib.contextmanager
-def bench_topology(prefix: str = "ppbench") -> Iterator[SeedTopology]:
+def bench_topology(prefix: str = "ppbench") -> Iterator[DemoTopology]:
     """Build, tune, hand over, and always tear down."""
-    with seed_topology(prefix) as topo:
+    with demo_topology(prefix) as topo:
         tune(topo)
         yield topo

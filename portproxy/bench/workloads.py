@@ -11,7 +11,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from ..netns import SeedTopology
+    from ..lab.topology import DemoTopology
 from . import procfs, tools
 from .checks import per_unit, relay_cpu_per_unit
 from .servers import HTTP, IPERF, SOCKPERF_TCP, SOCKPERF_UDP, Service
@@ -52,7 +52,7 @@ class Workload:
     service: Service
     proto: str
     metrics: tuple[Metric, ...]  # the first one is the headline (ratios, chart)
-    run: Callable[[SeedTopology, Published, Settings], dict[str, float]]
+    run: Callable[[DemoTopology, Published, Settings], dict[str, float]]
 
 
 GBITS = Metric("gbit_per_s", "throughput", "Gbit/s", True)
@@ -91,8 +91,8 @@ def cost_per_unit(path: Published, before: CpuReading, units: float, what: str, 
     return metrics
 
 
-def _tcp_stream(parallel: int, reverse: bool = False) -> Callable[[SeedTopology, Published, Settings], dict[str, float]]:
-    def run(topo: SeedTopology, path: Published, settings: Settings) -> dict[str, float]:
+def _tcp_stream(parallel: int, reverse: bool = False) -> Callable[[DemoTopology, Published, Settings], dict[str, float]]:
+    def run(topo: DemoTopology, path: Published, settings: Settings) -> dict[str, float]:
         before = CpuReading.now(path)
         result = tools.iperf(topo.client, path.host, path.port(IPERF, "tcp"), settings.seconds, parallel,
                              reverse=reverse)
@@ -103,15 +103,15 @@ def _tcp_stream(parallel: int, reverse: bool = False) -> Callable[[SeedTopology,
     return run
 
 
-def _latency(service: Service, tcp: bool) -> Callable[[SeedTopology, Published, Settings], dict[str, float]]:
-    def run(topo: SeedTopology, path: Published, settings: Settings) -> dict[str, float]:
+def _latency(service: Service, tcp: bool) -> Callable[[DemoTopology, Published, Settings], dict[str, float]]:
+    def run(topo: DemoTopology, path: Published, settings: Settings) -> dict[str, float]:
         port = path.port(service, "tcp" if tcp else "udp")
         return tools.sockperf_ping_pong(topo.client, path.host, port, settings.seconds, tcp)
 
     return run
 
 
-def _connection_rate(topo: SeedTopology, path: Published, settings: Settings) -> dict[str, float]:
+def _connection_rate(topo: DemoTopology, path: Published, settings: Settings) -> dict[str, float]:
     before = CpuReading.now(path)
     metrics = tools.wrk_short_connections(topo.client, path.host, path.port(HTTP, "tcp"), settings.seconds,
                                           settings.connections)
@@ -123,7 +123,7 @@ UDP_RATE = "1G"
 UDP_LENGTH = 1400
 
 
-def _udp_stream(topo: SeedTopology, path: Published, settings: Settings) -> dict[str, float]:
+def _udp_stream(topo: DemoTopology, path: Published, settings: Settings) -> dict[str, float]:
     before = CpuReading.now(path)
     result = tools.iperf(topo.client, path.host, path.port(IPERF, "udp"), settings.seconds,
                          udp_rate=UDP_RATE, length=UDP_LENGTH)
