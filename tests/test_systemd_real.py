@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -40,17 +39,10 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, debootstrap, unshare, nsenter and a hybrid or unified cgroup layout")
 
 
-def package_dependencies() -> list[str]:
-    """The Debian packages portproxy depends on, as debian/control lists them."""
-    control = (ROOT / "debian/control").read_text()
-    depends = re.search(r"(?ms)^Depends:(.*?)^\S", control.split("\nPackage:", 1)[1]).group(1)
-    return [d.split()[0] for d in depends.replace("\n", " ").split(",") if d.strip() and "${" not in d]
-
-
 @pytest.fixture(scope="module")
 def systemd_root(tmp_path_factory: pytest.TempPathFactory):
     """The root every container of this module boots (each over an overlay of its own)."""
-    tar = roots.tarball("bookworm", ["systemd", "python3", *package_dependencies()])
+    tar = roots.tarball("bookworm", ["systemd", "python3", *roots.package_depends((ROOT / "debian/control").read_text())])
     path = roots.unpack(tar, tmp_path_factory.mktemp("systemd-root"))
     try:
         wrapper = path / "usr/local/bin/portproxy"
@@ -70,12 +62,15 @@ def systemd_root(tmp_path_factory: pytest.TempPathFactory):
 def booted(topo, systemd_root: Path, tmp_path: Path):
     """systemd booted in the topology's host namespace; ended, and its cgroup removed, after."""
     container = BootedSystemd(systemd_root, topo.host.name, tmp_path / "container", {ROOT: "/opt/portproxy"})
+    host_nodes = {node: os.stat(node).st_ctime_ns for node in ("/dev/null", "/dev/tty", "/dev/urandom")}
     try:
         container.boot()
         yield container
     finally:
         container.kill()
         assert not any((h / container.cgroup).exists() for h in container.hierarchies)
+        # The host's device nodes were not chmod-ed or chown-ed from inside.
+        assert {node: os.stat(node).st_ctime_ns for node in host_nodes} == host_nodes
 
 
 def mapping_config(*specs: str) -> str:

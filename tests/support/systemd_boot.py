@@ -76,12 +76,19 @@ else
     mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup/unified"
 fi
 mount -t tmpfs -o mode=755 tmpfs "$R/dev"
-for d in null zero full random urandom tty; do touch "$R/dev/$d"; mount --bind "/dev/$d" "$R/dev/$d"; done
+# Device nodes of its own (never binds of the host nodes: systemd chmods and chowns its
+# console, and would do it to the host inode); the console is one more null device.
+mknod -m 666 "$R/dev/null" c 1 3
+mknod -m 666 "$R/dev/zero" c 1 5
+mknod -m 666 "$R/dev/full" c 1 7
+mknod -m 666 "$R/dev/random" c 1 8
+mknod -m 666 "$R/dev/urandom" c 1 9
+mknod -m 666 "$R/dev/tty" c 5 0
+mknod -m 600 "$R/dev/console" c 1 3
 mkdir "$R/dev/pts" "$R/dev/shm"
 mount -t devpts -o newinstance,ptmxmode=0666 devpts "$R/dev/pts"
 ln -s pts/ptmx "$R/dev/ptmx"
 mount -t tmpfs tmpfs "$R/dev/shm"
-touch "$R/dev/console"; mount --bind /dev/null "$R/dev/console"
 mount -t tmpfs -o mode=755 tmpfs "$R/run"
 mount -t tmpfs tmpfs "$R/tmp"
 hostname portproxy-test
