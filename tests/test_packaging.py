@@ -36,7 +36,9 @@ from pathlib import Path
 import pytest
 
 from portproxy import debcache
+from portproxy.netns import Namespace
 from support import debian_root as roots
+from support.systemd_boot import BootedSystemd, cgroup_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = roots.CACHE
@@ -335,6 +337,53 @@ def test_deb_installs_starts_nothing_runs_and_purges_clean(debian_root: Throwawa
     named = debian_root.check("find / -xdev -name '*portproxy*' -not -path '/tmp/*' -not -path '/proc/*'")
     assert named.split() == []
     assert debian_root.enabled_units() == enabled
+
+
+@needs_root_tools
+@pytest.mark.skipif(cgroup_layout() is None, reason="needs a hybrid or unified cgroup layout")
+def test_deb_under_a_real_systemd_installs_disabled_serves_removes_and_purges(
+        debian_root: ThrowawayRoot, built_deb: str, tmp_path: Path) -> None:
+    """The same package with the root's own systemd booted as PID 1 (tests/support/systemd_boot.py):
+    installed, it is known to systemd yet neither enabled nor started; started, the packaged
+    unit serves and reloads; removed, it is stopped; purged, nothing of it is left."""
+    depends = roots.package_depends((ROOT / "debian/control").read_text())
+    debian_root.check(f"apt-get install -y -qq --no-install-recommends systemd {' '.join(depends)} >/dev/null")
+    netns = Namespace.create("ppdeb")
+    dist = (debian_root.path / built_deb.lstrip("/")).parent  # the root's /tmp: not the container's
+    container = BootedSystemd(debian_root.path, netns.name, tmp_path / "container", {dist: "/srv/dist"})
+    deb = "/srv/dist/" + Path(built_deb).name
+    try:
+        # As on a real host: no policy-rc.d (in the container's overlay only), no console getty.
+        container.upper_file("etc/systemd/system/console-getty.service").symlink_to("/dev/null")
+        container.boot()
+        container.check(["rm", "/usr/sbin/policy-rc.d"])
+        enabled = set(container.sh("find /etc/systemd/system -path '*.wants/*'").split())
+
+        container.check(["dpkg", "-i", deb])
+        assert container.show("portproxy.service", "LoadState") == "loaded"
+        assert container.show("portproxy.service", "FragmentPath") == "/lib/systemd/system/portproxy.service"
+        assert container.systemctl("is-enabled", "portproxy").stdout.strip() == "disabled"
+        assert container.systemctl("is-active", "portproxy").stdout.strip() == "inactive"
+        assert set(container.sh("find /etc/systemd/system -path '*.wants/*'").split()) == enabled
+
+        assert container.systemctl("start", "portproxy").returncode == 0, "\n".join(container.journal("portproxy"))
+        assert container.sh("portproxy ls").startswith("MAPPING")
+        assert container.systemctl("reload", "portproxy").returncode == 0
+        main = container.main_pid("portproxy.service")
+
+        container.check(["dpkg", "-r", "portproxy"])
+        assert container.systemctl("is-active", "portproxy").stdout.strip() == "inactive"
+        assert container.run(["test", "-e", f"/proc/{main}"]).returncode != 0
+        container.check(["dpkg", "-P", "portproxy"])
+        assert container.run(["dpkg", "-s", "portproxy"]).returncode != 0
+        assert container.show("portproxy.service", "LoadState") == "not-found"
+        named = container.sh("find / -xdev -name '*portproxy*' -not -path '/srv/dist/*' -not -path '/proc/*'")
+        assert named.split() == []
+        assert container.run(["test", "-e", "/run/portproxy"]).returncode != 0
+        assert set(container.sh("find /etc/systemd/system -path '*.wants/*'").split()) == enabled
+    finally:
+        container.kill()
+        netns.remove()
 
 
 # --- the Python way ---------------------------------------------------------------------------

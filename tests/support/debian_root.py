@@ -182,6 +182,13 @@ def tarball(suite: str, include: Sequence[str] = ()) -> Path:
     return path
 
 
+def package_depends(control: str) -> list[str]:
+    """The binary package's Depends in a debian/control text (substitution variables left out)."""
+    binary = control.split("\nPackage:", 1)[1]
+    depends = re.search(r"(?ms)^Depends:(.*?)^\S", binary + "\nEnd:").group(1)
+    return [d.split()[0] for d in depends.replace("\n", " ").split(",") if d.strip() and "${" not in d]
+
+
 def unpack(tar: Path, dest: Path) -> Path:
     """A private copy of a cached root at ``dest`` (created), for one test or module to change."""
     dest.mkdir(parents=True, exist_ok=True)
