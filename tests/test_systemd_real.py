@@ -42,7 +42,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def systemd_root(tmp_path_factory: pytest.TempPathFactory):
     """The root every container of this module boots (each over an overlay of its own)."""
-    tar = roots.tarball("bookworm", ["systemd", "python3", *roots.package_depends((ROOT / "debian/control").read_text())])
+    depends = roots.package_depends((ROOT / "debian/control").read_text())
+    tar = roots.tarball("bookworm", ["systemd", "python3", *depends])
     path = roots.unpack(tar, tmp_path_factory.mktemp("systemd-root"))
     try:
         wrapper = path / "usr/local/bin/portproxy"
