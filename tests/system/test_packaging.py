@@ -13,8 +13,9 @@
 Why a throw-away root and not this machine: installing the package here would replace a
 developer's /usr/bin/portproxy, and a failed purge would leave it behind; on a machine where
 every package is already installed, apt would also attempt nothing a test could observe.
-The root is a ``debootstrap --variant=minbase`` of bookworm, made once and kept as a tarball
-in /var/cache/portproxy-test (about a minute; then seconds). Each command runs chrooted in
+The root is a ``debootstrap --variant=minbase`` of bookworm from the machine's own Debian
+archive, made once and kept as a tarball (tests/support/debian_root.py: about a minute; then
+seconds). Each command runs chrooted in
 mount and PID namespaces of its own (``unshare``): /proc, /sys, /dev and a fresh /run are
 mounted there and vanish with every process started, even when a test fails. The host's
 own /usr/sbin/policy-rc.d is never touched.
@@ -34,14 +35,15 @@ from pathlib import Path
 import pytest
 
 from portproxy import debcache
+from tests.support import debian_root as roots
 from tests.support import programs as test_programs
 from tests.support.programs import setup_sh_packages
+from tests.support.systemd_boot import BootedSystemd, cgroup_layout
+from portproxy.lab.namespaces import Namespace
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("PORTPROXY_TEST_CACHE", "/var/cache/portproxy-test"))
-MINBASE = CACHE / "bookworm-minbase.tar"
+CACHE = roots.CACHE
 APT_ARCHIVES = CACHE / "apt-archives"  # the root's downloaded .debs, kept across runs
-MIRROR = os.environ.get("PORTPROXY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SERVICE_LOG = "var/log/policy-rc.d.log"
 
 POLICY_RC_D = f"""#!/bin/sh
@@ -97,30 +99,9 @@ exec chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root L
         return found | {str(p.relative_to(self.path)) for p in self.path.glob("etc/rc[2-5].d/S*")}
 
 
-def _minbase_tarball() -> Path:
-    """bookworm minbase, debootstrapped once (under a lock: other test runs may want it too)."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".minbase.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not MINBASE.exists():
-            scratch = CACHE / "minbase.tmp"
-            shutil.rmtree(scratch, ignore_errors=True)
-            result = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(scratch), MIRROR],
-                                    capture_output=True, text=True, timeout=900)
-            if result.returncode != 0:
-                shutil.rmtree(scratch, ignore_errors=True)
-                pytest.fail(f"debootstrap failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
-            subprocess.run(["tar", "-C", str(scratch), "-cf", f"{MINBASE}.tmp", "."], check=True)
-            os.rename(f"{MINBASE}.tmp", MINBASE)
-            shutil.rmtree(scratch, ignore_errors=True)
-    return MINBASE
-
-
 @pytest.fixture(scope="module")
 def debian_root(tmp_path_factory: pytest.TempPathFactory):
-    tarball = _minbase_tarball()
-    path = tmp_path_factory.mktemp("debian-root")
-    subprocess.run(["tar", "-C", str(path), "-xf", str(tarball)], check=True)
+    path = roots.unpack(roots.tarball("bookworm"), tmp_path_factory.mktemp("debian-root"))
     (APT_ARCHIVES / "partial").mkdir(parents=True, exist_ok=True)
     # The host's view of the archive (suites, and settings such as a proxy or a frozen snapshot).
     for sources in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]:
@@ -139,6 +120,71 @@ def debian_root(tmp_path_factory: pytest.TempPathFactory):
     yield root
     # Nothing is mounted here outside the namespaces that died with each command.
     shutil.rmtree(path, ignore_errors=True)
+
+
+# --- the roots' archive: the machine's own, read from its apt sources ------------------------
+DEB822 = """Types: deb
+# a comment inside the stanza
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb-src deb
+URIs: http://mirror.example/other
+Suites: nodistro
+Components: main
+Signed-By:
+ -----BEGIN PGP PUBLIC KEY BLOCK-----
+ .
+ -----END PGP PUBLIC KEY BLOCK-----
+
+Enabled: no
+Types: deb
+URIs: http://disabled.example/debian
+Suites: bookworm
+Components: main
+
+Types: deb
+URIs: https://mirror.example/debian/
+Suites: bookworm bookworm-updates
+Components: main contrib
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+def test_sources_in_both_formats_parse() -> None:
+    one_line = roots.parse_one_line("# deb http://commented.example/debian bookworm main\n"
+                                    "deb [arch=amd64 signed-by=/k.gpg] http://a.example/debian bookworm main  # x\n"
+                                    "deb-src http://a.example/debian bookworm main\n")
+    assert one_line == [roots.Source(("deb",), ("http://a.example/debian",), ("bookworm",), ("main",), "/k.gpg"),
+                        roots.Source(("deb-src",), ("http://a.example/debian",), ("bookworm",), ("main",))]
+    stanzas = roots.parse_deb822(DEB822)
+    assert [s.uris[0] for s in stanzas] == ["http://mirror.example/debian-security", "http://mirror.example/other",
+                                            "http://disabled.example/debian", "https://mirror.example/debian/"]
+    assert stanzas[1].types == ("deb-src", "deb") and "BEGIN PGP" in stanzas[1].signed_by
+    assert not stanzas[2].enabled and stanzas[3].suites == ("bookworm", "bookworm-updates")
+
+
+def test_the_mirror_is_the_first_debian_archive_serving_main() -> None:
+    sources = roots.parse_deb822(DEB822)
+    labels = {("http://mirror.example/debian-security", "bookworm-security"): "Debian-Security",
+              ("http://mirror.example/other", "nodistro"): "Nodesource",
+              ("https://mirror.example/debian/", "bookworm"): "Debian"}
+    assert roots.debian_mirror(sources, lambda uri, suite: labels.get((uri, suite))) == "https://mirror.example/debian/"
+    # Before apt has fetched any Release file: the first signed by Debian's archive keyring
+    # that serves a base suite (the security archive has none).
+    assert roots.debian_mirror(sources, lambda uri, suite: None) == "https://mirror.example/debian/"
+    ubuntu = roots.parse_one_line("deb http://x.example/ubuntu jammy main")
+    assert roots.debian_mirror(ubuntu, lambda uri, suite: "Ubuntu") is None
+
+
+def test_release_files_are_found_where_apt_keeps_them(tmp_path: Path) -> None:
+    assert roots.release_file_name("http://user:pw@deb.example/de_bian/", "bookworm") == \
+        "deb.example_de%5fbian_dists_bookworm_"
+    (tmp_path / "deb.example_debian_dists_bookworm_InRelease").write_text("Origin: Debian\nLabel: Debian\n")
+    assert roots.release_label("http://deb.example/debian", "bookworm", tmp_path) == "Debian"
+    assert roots.release_label("http://deb.example/debian", "trixie", tmp_path) is None
 
 
 # --- setup.sh ---------------------------------------------------------------------------------
@@ -269,6 +315,53 @@ def test_deb_installs_starts_nothing_runs_and_purges_clean(debian_root: Throwawa
     named = debian_root.check("find / -xdev -name '*portproxy*' -not -path '/tmp/*' -not -path '/proc/*'")
     assert named.split() == []
     assert debian_root.enabled_units() == enabled
+
+
+@needs_root_tools
+@pytest.mark.skipif(cgroup_layout() is None, reason="needs a hybrid or unified cgroup layout")
+def test_deb_under_a_real_systemd_installs_disabled_serves_removes_and_purges(
+        debian_root: ThrowawayRoot, built_deb: str, tmp_path: Path) -> None:
+    """The same package with the root's own systemd booted as PID 1 (tests/support/systemd_boot.py):
+    installed, it is known to systemd yet neither enabled nor started; started, the packaged
+    unit serves and reloads; removed, it is stopped; purged, nothing of it is left."""
+    depends = roots.package_depends((ROOT / "debian/control").read_text())
+    debian_root.check(f"apt-get install -y -qq --no-install-recommends systemd {' '.join(depends)} >/dev/null")
+    netns = Namespace.create("ppdeb")
+    dist = (debian_root.path / built_deb.lstrip("/")).parent  # the root's /tmp: not the container's
+    container = BootedSystemd(debian_root.path, netns.name, tmp_path / "container", {dist: "/srv/dist"})
+    deb = "/srv/dist/" + Path(built_deb).name
+    try:
+        # As on a real host: no policy-rc.d (in the container's overlay only), no console getty.
+        container.upper_file("etc/systemd/system/console-getty.service").symlink_to("/dev/null")
+        container.boot()
+        container.check(["rm", "/usr/sbin/policy-rc.d"])
+        enabled = set(container.sh("find /etc/systemd/system -path '*.wants/*'").split())
+
+        container.check(["dpkg", "-i", deb])
+        assert container.show("portproxy.service", "LoadState") == "loaded"
+        assert container.show("portproxy.service", "FragmentPath") == "/lib/systemd/system/portproxy.service"
+        assert container.systemctl("is-enabled", "portproxy").stdout.strip() == "disabled"
+        assert container.systemctl("is-active", "portproxy").stdout.strip() == "inactive"
+        assert set(container.sh("find /etc/systemd/system -path '*.wants/*'").split()) == enabled
+
+        assert container.systemctl("start", "portproxy").returncode == 0, "\n".join(container.journal("portproxy"))
+        assert container.sh("portproxy ls").startswith("MAPPING")
+        assert container.systemctl("reload", "portproxy").returncode == 0
+        main = container.main_pid("portproxy.service")
+
+        container.check(["dpkg", "-r", "portproxy"])
+        assert container.systemctl("is-active", "portproxy").stdout.strip() == "inactive"
+        assert container.run(["test", "-e", f"/proc/{main}"]).returncode != 0
+        container.check(["dpkg", "-P", "portproxy"])
+        assert container.run(["dpkg", "-s", "portproxy"]).returncode != 0
+        assert container.show("portproxy.service", "LoadState") == "not-found"
+        named = container.sh("find / -xdev -name '*portproxy*' -not -path '/srv/dist/*' -not -path '/proc/*'")
+        assert named.split() == []
+        assert container.run(["test", "-e", "/run/portproxy"]).returncode != 0
+        assert set(container.sh("find /etc/systemd/system -path '*.wants/*'").split()) == enabled
+    finally:
+        container.kill()
+        netns.remove()
 
 
 # --- the Python way ---------------------------------------------------------------------------
