@@ -25,7 +25,7 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
 
 PROXY_FLAGS = ("connect_timeout", "udp_timeout", "max_udp_flows", "drain_timeout", "splice", "pipe_size", "target_cc")
 SOURCE_FLAGS = ("proxy_protocol", "source", "transparent_mark", "transparent_table")
-"""How the target learns the client's address (README "The client's address at the target")."""
+"""How the target learns the client's address (docs/client-address.md)."""
 KERNEL_FLAGS = ("route_localnet", "masquerade", "set_sysctls")
 
 
