@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import grp
 import logging
 import os
@@ -35,7 +34,7 @@ from typing import Any
 from ..errors import BadInput, Conflict, PortproxyError, shorten
 from ..spec import Mapping, parse_spec
 from .api import PeerPolicy, peer_credentials
-from .. import delegation, options as schema
+from .. import delegation, netident, options as schema
 from .config import Settings
 from .core import Controller
 
@@ -65,29 +64,16 @@ class OtherNamespace(BadInput):
     """The handed socket lives in another network namespace than the daemon's."""
 
 
-SIOCGSKNS = 0x894C
-"""ioctl: an fd of the network namespace a socket lives in (Linux 4.9)."""
-
-
 def check_namespace(sock: socket.socket, peer_pid: int) -> None:
     """Refuse a socket of another network namespace: its port is not ours to serve.
 
-    SIOCGSKNS needs CAP_NET_ADMIN; without it, the namespace of the process that sent the
-    socket (SO_PEERCRED's pid) stands in for the socket's."""
-    own = os.stat("/proc/self/ns/net").st_ino
+    Where the socket's namespace cannot be read (no CAP_NET_ADMIN), the namespace of the
+    process that sent it (SO_PEERCRED's pid) stands in for the socket's."""
     try:
-        fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
-    except OSError:
-        try:
-            theirs = os.stat(f"/proc/{peer_pid}/ns/net").st_ino
-        except OSError as exc:
-            raise OtherNamespace(f"cannot tell the socket's network namespace: {exc.strerror}") from None
-    else:
-        try:
-            theirs = os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
-    if theirs != own:
+        ours = netident.in_own_netns(sock, peer_pid)
+    except OSError as exc:
+        raise OtherNamespace(f"cannot tell the socket's network namespace: {exc.strerror or exc}") from None
+    if not ours:
         raise OtherNamespace("the socket handed over is in another network namespace than the daemon")
 
 
