@@ -18,8 +18,8 @@ OWNER = {"kind": "docker", "id": "docker-proxy-7-0.0.0.0:9090/tcp", "name": "doc
          "container": "172.17.0.2:80"}
 scalars = st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | st.text() \
     | st.floats(allow_nan=False, allow_infinity=False)
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-                      max_leaves=12)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(), inner, max_size=4), max_leaves=12)
 
 
 def test_a_request_round_trips() -> None:
