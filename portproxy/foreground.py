@@ -95,11 +95,10 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
     def snapshot() -> list["MappingSnapshot"]:
         # Imported here, when the first scrape comes: without --metrics-addr the process
         # never loads prometheus-client (a few MiB of resident memory).
-        from .metrics import MappingSnapshot
+        from .metrics.snapshot import mapping_snapshot
 
         stats = dict(server.stats)  # one atomic copy: the loop thread may add to it
-        return [MappingSnapshot(m, "userland", [s for part in m.per_family() for s in stats.get(part, [])], None)
-                for m in mappings]
+        return [mapping_snapshot(m, "userland", stats, {}) for m in mappings]
 
     try:
         for mapping in mappings:
@@ -140,7 +139,7 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     from .kernel.path import KernelPath
     from .kernel.builders import why_not_translated
     from .metrics import MappingSnapshot
-    from .metrics.snapshot import KernelCounterReader
+    from .metrics.snapshot import KernelCounterReader, mapping_snapshot
 
     stop = stop_signal()
     # The published ports are held (bound, not listening) for as long as the DNAT is in,
@@ -164,9 +163,7 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     def snapshot() -> list[MappingSnapshot]:
         counters = reader.read(dict(path.ids))
         stats = dict(holder.stats)
-        return [MappingSnapshot(m, "kernel", [s for part in m.per_family() for s in stats.get(part, [])],
-                                next((counters[p] for p in m.per_family() if p in counters), None))
-                for m in mappings]
+        return [mapping_snapshot(m, "kernel", stats, counters) for m in mappings]
 
     try:
         metrics = _start_metrics(metrics_addr, snapshot)
