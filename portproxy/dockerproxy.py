@@ -44,7 +44,7 @@ import sys
 import _signal  # C modules: ``socket`` and ``signal`` would import enum & co before readiness
 import _socket
 
-from . import __version__, delegation
+from . import __version__
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -421,6 +421,8 @@ def connect_daemon(path: str | None = None) -> _socket.socket | None:
 def delegation_request(request: Request, pid: int) -> bytes:
     """The one request message (see :mod:`portproxy.delegation`): the port, its owner (unique
     per drop-in and port) and the options dockerd's environment sets."""
+    from . import delegation  # only when a daemon answers: a standalone start does without
+
     container = request.container.endpoint(request.container_port)
     spec = f"{request.host.endpoint(request.host_port)}:{container}/{request.proto}"
     owner = {"kind": delegation.OWNER_KIND, "id": f"docker-proxy-{pid}-{request.where}",
@@ -434,6 +436,8 @@ OTHER_NAMESPACE = "the portproxy daemon serves another network namespace"
 def parse_answer(data: bytes) -> str | None:
     """None when the daemon serves the port, OTHER_NAMESPACE when it serves another network
     namespace (serve in-process), else the one line that says why not."""
+    from . import delegation
+
     try:
         kind, error = delegation.decode_answer(data)
     except delegation.MalformedMessage as exc:
@@ -444,6 +448,8 @@ def parse_answer(data: bytes) -> str | None:
 def delegate(conn: _socket.socket, request: Request, sock: _socket.socket) -> str | None:
     """Hand ``sock`` to the daemon (SCM_RIGHTS); None when it serves the port, OTHER_NAMESPACE
     when the daemon serves another network namespace, else why it does not."""
+    from . import delegation
+
     fd = sock.fileno().to_bytes(4, sys.byteorder)
     try:
         conn.settimeout(delegation.ANSWER_TIMEOUT)
