@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 from . import __version__, options
+from .options import MODES
 from .spec import SpecError, parse_specs
-
-MODES = ("userland", "kernel", "hybrid")
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -114,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     client("ls", "list the daemon's mappings")
     p_add = client("add", "add a mapping to the daemon")
     p_add.add_argument("spec", metavar="SPEC")
-    p_add.add_argument("--mode", choices=MODES, default="userland")
+    p_add.add_argument("--mode", choices=MODES, default=MODES[0])
     options.add_arguments(p_add.add_argument_group("per-mapping options (override the daemon's)"),
                           [name for name in options.names(options.MAPPING) if name != "mode"])
     p_rm = client("rm", "remove a mapping (by spec or HOST_PORT[/PROTO])")
     p_rm.add_argument("name", metavar="SPEC")
-    p_switch = client("switch", "switch a mapping between userland, kernel and hybrid, live")
+    p_switch = client("switch", f"switch a mapping between {', '.join(MODES[:-1])} and {MODES[-1]}, live")
     p_switch.add_argument("name", metavar="SPEC")
     p_switch.add_argument("--mode", choices=MODES, required=True)
     client("reload", "make the daemon re-read its config file")

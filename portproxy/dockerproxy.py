@@ -55,7 +55,6 @@ STATUS_FD = 3
 LISTEN_FD = 4
 SOCKET_ENV = "PORTPROXY_SOCKET"
 DEFAULT_SOCKET = "/run/portproxy/portproxy.sock"  # defaults.DEFAULT_SOCKET; pathlib would cost the lean start
-DELEGATE_TIMEOUT = 15.0  # seconds for the daemon's answer; dockerd gives up on fd 3 after 16
 WAITER_SHELL = "/bin/sh"
 WAITER_SCRIPT = (  # the waiting process of a delegated port; its stdin is the connection to the daemon
     "trap 'exit 0' INT TERM\n"
@@ -420,45 +419,43 @@ def connect_daemon(path: str | None = None) -> _socket.socket | None:
 
 
 def delegation_request(request: Request, pid: int) -> bytes:
-    """The one JSON message. Every value is address text from inet_ntop, digits and the
-    protocol, so nothing needs escaping (and the json module, which imports re, is not needed)."""
+    """The one request message (see :mod:`portproxy.delegation`): the port, its owner (unique
+    per drop-in and port) and the options dockerd's environment sets."""
+    from . import delegation  # only when a daemon answers: a standalone start does without
+
     container = request.container.endpoint(request.container_port)
     spec = f"{request.host.endpoint(request.host_port)}:{container}/{request.proto}"
-    owner = (f'{{"kind": "docker", "id": "docker-proxy-{pid}-{request.where}", "name": "docker-proxy[{pid}]", '
-             f'"container": "{container}"}}')
-    if ENVIRONMENT:  # options from dockerd's environment go along (json only then)
-        import json
-
-        return f'{{"spec": "{spec}", "owner": {owner}, "options": {json.dumps(ENVIRONMENT)}}}'.encode()
-    return f'{{"spec": "{spec}", "owner": {owner}}}'.encode()
+    owner = {"kind": delegation.OWNER_KIND, "id": f"docker-proxy-{pid}-{request.where}",
+             "name": f"docker-proxy[{pid}]", "container": container}
+    return delegation.encode_request(spec, owner, ENVIRONMENT)
 
 
-OTHER_NAMESPACE = '{"ok": false, "reason": "namespace"}'
+OTHER_NAMESPACE = "the portproxy daemon serves another network namespace"
 
 
 def parse_answer(data: bytes) -> str | None:
-    """None for ``{"ok": true}``, OTHER_NAMESPACE as is, else the daemon's error line
-    (json.dumps output, ASCII)."""
-    text = data.decode("ascii", errors="replace").strip()
-    if text == '{"ok": true}':
-        return None
-    if text == OTHER_NAMESPACE:
-        return OTHER_NAMESPACE
-    head, tail = '{"error": "', '"}'
-    if text.startswith(head) and text.endswith(tail):
-        return text[len(head):-len(tail)].encode().decode("unicode_escape", errors="replace")
-    return f"the portproxy daemon answered {text[:200]!r}" if text else "the portproxy daemon closed the connection"
+    """None when the daemon serves the port, OTHER_NAMESPACE when it serves another network
+    namespace (serve in-process), else the one line that says why not."""
+    from . import delegation
+
+    try:
+        kind, error = delegation.decode_answer(data)
+    except delegation.MalformedMessage as exc:
+        return str(exc)
+    return None if kind == delegation.OK else OTHER_NAMESPACE if kind == delegation.OTHER_NAMESPACE else error
 
 
 def delegate(conn: _socket.socket, request: Request, sock: _socket.socket) -> str | None:
     """Hand ``sock`` to the daemon (SCM_RIGHTS); None when it serves the port, OTHER_NAMESPACE
     when the daemon serves another network namespace, else why it does not."""
+    from . import delegation
+
     fd = sock.fileno().to_bytes(4, sys.byteorder)
     try:
-        conn.settimeout(DELEGATE_TIMEOUT)
+        conn.settimeout(delegation.ANSWER_TIMEOUT)
         conn.sendmsg([delegation_request(request, os.getpid())],
                      [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd)])
-        answer = conn.recv(4096)
+        answer = conn.recv(delegation.MAX_ANSWER)
     except OSError as exc:
         return f"delegating {request.where} to the portproxy daemon: {exc.strerror or exc}"
     return parse_answer(answer)

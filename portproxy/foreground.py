@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, TextIO
 
+from . import offloop
 from .errors import PortproxyError
 from .proxy import ProxyOptions, ProxyServer
 from .proxy.server import ProxyError, listener_name
@@ -61,7 +62,7 @@ async def start_transparent(opts: "TransparentOptions") -> "SharedRouting":
     from .kernel.transparent import SharedRouting
 
     routing = SharedRouting(opts)
-    await asyncio.to_thread(routing.acquire)
+    await offloop.run(routing.acquire)
     return routing
 
 
@@ -70,7 +71,7 @@ async def stop_transparent(routing: "SharedRouting | None") -> None:
     if routing is None:
         return
     try:
-        await asyncio.to_thread(routing.release)
+        await offloop.run(routing.release)
     except PortproxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
 
@@ -94,11 +95,10 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
     def snapshot() -> list["MappingSnapshot"]:
         # Imported here, when the first scrape comes: without --metrics-addr the process
         # never loads prometheus-client (a few MiB of resident memory).
-        from .metrics import MappingSnapshot
+        from .metrics.snapshot import mapping_snapshot
 
         stats = dict(server.stats)  # one atomic copy: the loop thread may add to it
-        return [MappingSnapshot(m, "userland", [s for part in m.per_family() for s in stats.get(part, [])], None)
-                for m in mappings]
+        return [mapping_snapshot(m, "userland", stats, {}) for m in mappings]
 
     try:
         for mapping in mappings:
@@ -139,7 +139,7 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     from .kernel.path import KernelPath
     from .kernel.builders import why_not_translated
     from .metrics import MappingSnapshot
-    from .metrics.snapshot import KernelCounterReader
+    from .metrics.snapshot import KernelCounterReader, mapping_snapshot
 
     stop = stop_signal()
     # The published ports are held (bound, not listening) for as long as the DNAT is in,
@@ -151,8 +151,8 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     try:
         for part in parts:
             holder.add(part, serve=part not in translated)
-        path = await asyncio.to_thread(KernelPath, opts)
-        await asyncio.to_thread(
+        path = await offloop.run(KernelPath, opts)
+        await offloop.run(
             lambda: path.apply(translated, replace=True, set_sysctls=set_sysctls, forget_udp=True))
     except PortproxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
@@ -163,15 +163,13 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     def snapshot() -> list[MappingSnapshot]:
         counters = reader.read(dict(path.ids))
         stats = dict(holder.stats)
-        return [MappingSnapshot(m, "kernel", [s for part in m.per_family() for s in stats.get(part, [])],
-                                next((counters[p] for p in m.per_family() if p in counters), None))
-                for m in mappings]
+        return [mapping_snapshot(m, "kernel", stats, counters) for m in mappings]
 
     try:
         metrics = _start_metrics(metrics_addr, snapshot)
     except ProxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
-        await asyncio.to_thread(_remove_kernel, path, translated)
+        await offloop.run(_remove_kernel, path, translated)
         await holder.stop(drain_timeout=0)
         return 1
     for part in parts:
@@ -180,7 +178,7 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     if metrics is not None:
         metrics.shutdown()  # type: ignore[attr-defined]
     try:
-        await asyncio.to_thread(_remove_kernel, path, translated)
+        await offloop.run(_remove_kernel, path, translated)
     except NftError as exc:
         print(f"portproxy: removing the rules failed: {exc}", file=sys.stderr)
         return 1

@@ -12,28 +12,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
-import struct
 from pathlib import Path
 
 RUN_DIR = Path("/run/portproxy")
 
 
-SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
-
-
-def netns_id() -> str:
-    """This thread's network namespace: its cookie (Linux 5.14+), unique until reboot.
-
-    Not the nsfs inode: inodes are reused once a namespace is gone, and a lock left by a
-    process of a deleted namespace would then refuse a new, unrelated one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            return "c" + str(struct.unpack("Q", probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0])
-        except OSError:
-            return "i" + str(os.stat("/proc/thread-self/ns/net").st_ino)
-
 from .errors import Conflict, SystemFailure
+from .netident import netns_id
 
 
 class AlreadyRunning(Conflict):

@@ -17,9 +17,20 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
-from typing import Any, Callable, Iterable, Mapping as MappingType
+from typing import Any, Callable, Iterable, Literal, Mapping as MappingType, get_args
 
 from .errors import BadInput, shorten
+
+Mode = Literal["userland", "kernel", "hybrid"]
+"""The paths a mapping can be on, written once: the CLI's choices, the schema's, the
+daemon's and the metrics' labels all come from here. The first is the default."""
+MODES: tuple[Mode, ...] = get_args(Mode)
+MODE_HELP: dict[Mode, str] = {
+    "userland": "userland proxy",
+    "kernel": "kernel DNAT",
+    "hybrid": "hybrid (DNAT + a proxy for local clients)",
+}
+"""What each mode is, for help texts (one entry per mode, in the order of MODES)."""
 
 Check = Callable[[Any], "str | None"]
 
@@ -120,8 +131,8 @@ GLOBAL, MAPPING, DAEMON = "global", "mapping", "daemon"
 BOTH = frozenset({GLOBAL, MAPPING})
 
 OPTIONS: tuple[Option, ...] = (
-    Option("mode", str, "userland", "path: userland proxy, kernel DNAT, or hybrid (DNAT + a proxy for local clients)",
-           frozenset({MAPPING}), choices=("userland", "kernel", "hybrid")),
+    Option("mode", str, MODES[0], "path: " + ", ".join(MODE_HELP[m] for m in MODES[:-1])
+           + f", or {MODE_HELP[MODES[-1]]}", frozenset({MAPPING}), choices=MODES),
     Option("connect_timeout", float, 5.0, "time for the target to accept a TCP connection", BOTH, above=0,
            maximum=3600, metavar="SECONDS"),
     Option("udp_timeout", float, 90.0, "idle time before a UDP flow is forgotten (docker-proxy's value)", BOTH,

@@ -42,6 +42,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from ..netident import in_own_netns, peer_credentials
 from ..spec import WILDCARDS, Mapping
 from .protocol import (ERR_CHECK_FAILED, ERR_INVALID_CONFIG, ERR_IO, ERR_PORT_TAKEN, ERR_TRY_AGAIN,
                        ERR_UNSUPPORTED_FIELD, CniError, Config, Env, Owner, gc_doomed)
@@ -62,15 +63,13 @@ def socket_path(env: Env, conf: Config) -> str | None:
 
 
 def _peer_netns_differs(sock: socket.socket) -> bool:
-    """Whether the process at the other end runs in another network namespace than this one."""
+    """Whether the process at the other end runs in another network namespace than this one
+    (False when that cannot be told: a peer outside this pid namespace counts as ours)."""
     try:
-        pid = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4], sys.byteorder)
-        if pid <= 0:
-            return False  # not visible from this pid namespace: cannot tell, assume ours
-        theirs, ours = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/thread-self/ns/net")
+        pid = peer_credentials(sock)[0]
+        return pid > 0 and not in_own_netns(pid=pid)
     except OSError:
         return False
-    return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
 
 
 MAX_ANSWER = 64 * 1024 * 1024

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 from ..kernel import builders
 from ..kernel.builders import MAX_DAEMON_ID, KernelOptions, kind_maps
 from ..kernel.executor import Nft, NftError
+from ..kernel.ids import IdsExhausted, allocate_ids
 from ..spec import Mapping
 from . import departures
 from .protocol import (ERR_CHECK_FAILED, ERR_IO, ERR_PORT_TAKEN, ERR_TRY_AGAIN, CniError, Config, Owner,
@@ -189,18 +190,6 @@ def _host_port(id_map: str, key: tuple[Any, ...]) -> tuple[tuple[int, str, int],
     return (family, key[-2], key[-1]), (key[0] if len(key) == 3 else None)
 
 
-def _allocate(count: int, taken: set[int]) -> list[int]:
-    ids = []
-    candidate = ID_MIN
-    while len(ids) < count:
-        if candidate > builders.MAX_MAPPING_ID:
-            raise CniError(ERR_IO, f"too many CNI mappings in this namespace (at most {builders.MAX_MAPPING_ID - ID_MIN + 1})")
-        if candidate not in taken:
-            ids.append(candidate)
-        candidate += 1
-    return ids
-
-
 class NftBackend:
     """Mappings written straight into the kernel (no daemon).
 
@@ -251,7 +240,11 @@ class NftBackend:
                             raise CniError(ERR_PORT_TAKEN, f"{m.proto} host port {port[2]} is already published",
                                            f"by {other or 'another program'}")
             marks = {e.mark for e in state.entries} | set(state.owners)
-            ids = _allocate(len(mappings), {mark >> builders.CT_MARK_SHIFT for mark in marks})
+            try:
+                ids = allocate_ids([None] * len(mappings), {mark >> builders.CT_MARK_SHIFT for mark in marks},
+                                   ID_MIN, builders.MAX_MAPPING_ID)
+            except IdsExhausted as exc:
+                raise CniError(ERR_IO, f"too many CNI mappings in this namespace (at most {exc.capacity})") from None
             if state.present:
                 commands = removal(state, mine, my_marks, self.opts) if mine or my_marks else []
             else:

@@ -25,16 +25,15 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .. import options as schema
 from ..errors import BadInput, shorten
 from ..kernel.builders import KernelOptions
+from ..options import Mode
 from ..proxy.options import ProxyOptions
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 
-Mode = Literal["userland", "kernel", "hybrid"]
-MODES: tuple[Mode, ...] = ("userland", "kernel", "hybrid")
 
 
 class ConfigError(BadInput):

@@ -864,7 +864,7 @@ class Controller:
 
     def metrics_snapshot(self) -> list["MappingSnapshot"]:
         """Called on the metrics thread: copies first (the loop thread may be changing things)."""
-        from ..metrics.snapshot import KernelCounterReader, MappingSnapshot
+        from ..metrics.snapshot import KernelCounterReader, mapping_snapshot
 
         entries = [(m, e.mode, e.status) for m, e in list(self.entries.items())]
         stats = dict(self.proxy.stats)
@@ -873,9 +873,7 @@ class Controller:
             if self._metrics_reader is None:
                 self._metrics_reader = KernelCounterReader(self.options.kernel)
             kernel_counters = self._metrics_reader.read(dict(self._kernel.ids))
-        return [MappingSnapshot(m, mode, [s for p in m.per_family() for s in stats.get(p, [])],
-                                next((kernel_counters[p] for p in m.per_family() if p in kernel_counters), None),
-                                failed=status == "failed")
+        return [mapping_snapshot(m, mode, stats, kernel_counters, failed=status == "failed")
                 for m, mode, status in entries]
 
     async def describe(self) -> list[dict[str, Any]]:

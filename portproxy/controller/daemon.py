@@ -18,6 +18,7 @@ from ..defaults import DEFAULT_CONFIG
 from ..errors import PortproxyError, SystemFailure
 from ..foreground import stop_signal
 from ..metrics import DEFAULT_METRICS_ADDR, MappingCollector, start_metrics_server
+from ..options import MODES
 from ..systemd import Notifier, listen_fds
 from .api import PeerPolicy, build_app, serve_api
 from .config import load_config
@@ -33,7 +34,7 @@ def summary(controller: Controller) -> str:
     """One line for STATUS= and the ready line: how many mappings on which path."""
     modes = [e.mode for e in controller.entries.values()]
     failed = sum(1 for e in controller.entries.values() if e.status == "failed")
-    parts = ", ".join(f"{modes.count(m)} {m}" for m in ("userland", "kernel", "hybrid") if modes.count(m))
+    parts = ", ".join(f"{modes.count(m)} {m}" for m in MODES if modes.count(m))
     return (f"{len(modes)} mapping(s){': ' + parts if parts else ''}{f', {failed} failed' if failed else ''}; "
             f"{controller.proxy.connection_count()} connection(s)")
 

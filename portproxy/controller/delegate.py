@@ -4,11 +4,12 @@ A second unix socket beside the control socket, ``<control socket>.delegate``, o
 SOCK_SEQPACKET (message boundaries, no framing to parse, and an EOF that says the
 peer is gone). One connection is one published port:
 
-1. the drop-in sends ONE message, JSON ``{"spec": "HOST_IP:PORT:CONTAINER_IP:CPORT/PROTO",
-   "owner": {"kind": "docker", "id": ..., ...}}``, with its bound socket attached
-   (SCM_RIGHTS);
+1. the drop-in sends ONE request message (the mapping's spec, its docker owner, maybe
+   options), with its bound socket attached (SCM_RIGHTS);
 2. the daemon adds the mapping (source ``docker``: never persisted, dockerd owns it) with
-   that socket, and answers ONE message, ``{"ok": true}`` or ``{"error": "one line"}``;
+   that socket, and answers ONE message: served, refused with one line, or "another
+   network namespace" (the drop-in then serves in-process). Both messages are written
+   and read by :mod:`portproxy.delegation` alone;
 3. the connection is then held by both sides. When it ends, however the drop-in's waiting
    process ended (dockerd's SIGINT/SIGTERM, SIGKILL, a crash), the daemon removes the
    mapping of that owner. The owner id is unique per connection (the drop-in's pid and its
@@ -23,9 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import grp
-import json
 import logging
 import os
 import socket
@@ -35,17 +34,13 @@ from typing import Any
 from ..errors import BadInput, Conflict, PortproxyError, shorten
 from ..spec import Mapping, parse_spec
 from .api import PeerPolicy, peer_credentials
-from .. import options as schema
+from .. import delegation, netident, options as schema
 from .config import Settings
 from .core import Controller
 
 log = logging.getLogger("portproxy.delegate")
 
-MAX_MESSAGE = 16 * 1024
-MAX_FDS = 4
-"""More than one is refused, but a few are received so that extra ones are closed, not leaked."""
-REQUEST_TIMEOUT = 10.0
-"""Seconds a new connection has to send its request."""
+MAX_MESSAGE, MAX_FDS, REQUEST_TIMEOUT = delegation.MAX_REQUEST, delegation.MAX_FDS, delegation.REQUEST_TIMEOUT
 
 
 def delegate_path(control_socket: Path) -> Path:
@@ -54,59 +49,31 @@ def delegate_path(control_socket: Path) -> Path:
 
 
 def parse_request(data: bytes) -> tuple[Mapping, dict[str, str], Settings]:
-    """The one request message: a one-family mapping, its docker owner and the per-mapping
-    options dockerd's environment gave the drop-in (pure; BadInput)."""
-    try:
-        body = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise BadInput("the request is not JSON") from None
-    if not isinstance(body, dict) or not {"spec", "owner"} <= set(body) <= {"spec", "owner", "options"}:
-        raise BadInput('the request must be a JSON object with "spec", "owner" and maybe "options"')
-    if not isinstance(body["spec"], str):
-        raise BadInput('"spec" must be a string')
-    mapping = parse_spec(body["spec"])
-    owner = body["owner"]
-    if not isinstance(owner, dict) or owner.get("kind") != "docker" or not isinstance(owner.get("id"), str) \
-            or not owner["id"]:
-        raise BadInput('"owner" must be an object with kind "docker" and an id')
+    """The one request message (:mod:`portproxy.delegation`): a one-family mapping, its docker
+    owner and the per-mapping options dockerd's environment gave the drop-in (pure; BadInput)."""
+    request = delegation.decode_request(data)
+    mapping = parse_spec(request.spec)
     if mapping.host_ip is None or mapping.port_count != 1:
         raise BadInput(f"{mapping}: a delegated mapping is one port with a host address")
-    options = body.get("options", {})
-    if isinstance(options, dict) and "mode" in options:
+    if "mode" in request.options:
         raise BadInput("a delegated mapping starts on the userland path: no mode in its options")
-    return mapping, owner, Settings.from_values(schema.check_table(options, schema.MAPPING, "options"))
+    return mapping, request.owner, Settings.from_values(schema.check_table(request.options, schema.MAPPING, "options"))
 
 
 class OtherNamespace(BadInput):
     """The handed socket lives in another network namespace than the daemon's."""
 
 
-SIOCGSKNS = 0x894C
-"""ioctl: an fd of the network namespace a socket lives in (Linux 4.9)."""
-OTHER_NAMESPACE_ANSWER = {"ok": False, "reason": "namespace"}
-"""The answer that tells a drop-in to serve in-process instead: a unix socket path is reachable
-from every network namespace, but this daemon serves only its own."""
-
-
 def check_namespace(sock: socket.socket, peer_pid: int) -> None:
     """Refuse a socket of another network namespace: its port is not ours to serve.
 
-    SIOCGSKNS needs CAP_NET_ADMIN; without it, the namespace of the process that sent the
-    socket (SO_PEERCRED's pid) stands in for the socket's."""
-    own = os.stat("/proc/self/ns/net").st_ino
+    Where the socket's namespace cannot be read (no CAP_NET_ADMIN), the namespace of the
+    process that sent it (SO_PEERCRED's pid) stands in for the socket's."""
     try:
-        fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
-    except OSError:
-        try:
-            theirs = os.stat(f"/proc/{peer_pid}/ns/net").st_ino
-        except OSError as exc:
-            raise OtherNamespace(f"cannot tell the socket's network namespace: {exc.strerror}") from None
-    else:
-        try:
-            theirs = os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
-    if theirs != own:
+        ours = netident.in_own_netns(sock, peer_pid)
+    except OSError as exc:
+        raise OtherNamespace(f"cannot tell the socket's network namespace: {exc.strerror or exc}") from None
+    if not ours:
         raise OtherNamespace("the socket handed over is in another network namespace than the daemon")
 
 
@@ -227,20 +194,23 @@ class DelegateServer:
         except PortproxyError as exc:
             for sock in sockets:
                 sock.close()
-            _answer(conn, OTHER_NAMESPACE_ANSWER if isinstance(exc, OtherNamespace) else {"error": str(exc)[:400]})
+            # A unix socket path is reachable from every network namespace, but this daemon serves
+            # only its own: the other namespace's drop-in is told to serve in-process instead.
+            _answer(conn, *((delegation.OTHER_NAMESPACE,) if isinstance(exc, OtherNamespace)
+                            else (delegation.REFUSED, str(exc))))
             return None
         except OSError as exc:  # a peer that went away, an fd that is not a socket
             for sock in sockets:
                 sock.close()
-            _answer(conn, {"error": f"delegation failed: {exc.strerror or exc}"})
+            _answer(conn, delegation.REFUSED, f"delegation failed: {exc.strerror or exc}")
             return None
         except Exception as exc:  # noqa: BLE001 - a bug: the drop-in still gets a line, the loop goes on
             log.exception("delegation failed")
             for sock in sockets:
                 sock.close()
-            _answer(conn, {"error": f"internal error: {shorten(repr(exc), 200)}"})
+            _answer(conn, delegation.REFUSED, f"internal error: {shorten(repr(exc), 200)}")
             return None
-        _answer(conn, {"ok": True})
+        _answer(conn, delegation.OK)
         return owner["id"]
 
 
@@ -277,7 +247,7 @@ async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> Non
         loop.remove_reader(fd)
 
 
-def _answer(conn: socket.socket, body: dict[str, Any]) -> None:
+def _answer(conn: socket.socket, kind: str, error: str = "") -> None:
     """One message back; a peer that is gone or not reading is not waited for."""
     with contextlib.suppress(OSError):
-        conn.send(json.dumps(body).encode())
+        conn.send(delegation.encode_answer(kind, error))

@@ -16,6 +16,7 @@ from ..spec import Mapping
 from . import builders, conntrack, hairpin, sysctls
 from .builders import MAX_DAEMON_ID, KernelOptions, check_mapping
 from .executor import Nft, NftError
+from .ids import IdsExhausted, allocate_ids
 
 log = logging.getLogger("portproxy.kernel")
 
@@ -67,23 +68,11 @@ class KernelPath:
                       preferred: dict[Mapping, int] | None = None) -> dict[Mapping, int]:
         """Ids for new mappings: the preferred one (kept across restarts, so live flows'
         conntrack marks stay charged to the same mapping) when free, else the lowest free."""
-        ids: dict[Mapping, int] = {}
-        for m in mappings:
-            wanted = (preferred or {}).get(m)
-            if wanted is not None and 0 < wanted <= MAX_DAEMON_ID and wanted not in taken:
-                ids[m] = wanted
-                taken.add(wanted)
-        next_id = 1
-        for m in mappings:
-            if m in ids:
-                continue
-            while next_id in taken:
-                next_id += 1
-            if next_id > MAX_DAEMON_ID:
-                raise NftError(f"too many kernel mappings (at most {MAX_DAEMON_ID})")
-            ids[m] = next_id
-            taken.add(next_id)
-        return ids
+        try:
+            return dict(zip(mappings, allocate_ids([(preferred or {}).get(m) for m in mappings], taken,
+                                                   1, MAX_DAEMON_ID)))
+        except IdsExhausted:
+            raise NftError(f"too many kernel mappings (at most {MAX_DAEMON_ID})") from None
 
     # --- the one transaction ----------------------------------------------------------
     def apply(self, add: Iterable[Mapping] = (), remove: Iterable[Mapping] = (), *, set_sysctls: bool = False,

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from ..options import MODES
 from .namespaces import Namespace
 from .topology import DemoTopology, demo_topology
 
@@ -238,8 +239,8 @@ def _client_address(topo: DemoTopology, loop: str) -> None:
     _say(f"\n-- the client's address on every path: {DEMO_SPEC} with source = \"client\" (transparent mode) --")
     with _daemon(topo, loop, f'[[mapping]]\nspec = "{DEMO_SPEC}"\nsource = "client"\n',
                  "; its ip rule and routes are gone") as (sock, _ready):
-        for i, mode in enumerate(("userland", "kernel", "hybrid", "userland")):
-            if i:  # it starts on the userland path
+        for i, mode in enumerate((*MODES, MODES[0])):  # every path, then back
+            if i:  # it starts on the default path, the first
                 subprocess.run([sys.executable, "-m", "portproxy", "switch", "9090", "--mode", mode,
                                 "--socket", sock], capture_output=True, text=True, timeout=30, check=True)
             _, body = http_get(topo.client, topo.host_ip, 9090)

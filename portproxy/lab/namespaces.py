@@ -12,7 +12,7 @@ Two tricks keep callers simple and fast:
   and servers thus run in-process with no ``ip netns exec``.
 * :meth:`Namespace.popen` starts a program inside a namespace (setns after fork).
 
-Netlink calls go through :func:`portproxy.netns.off_loop` (pyroute2 cannot run on a
+Netlink calls go through :func:`portproxy.offloop.off_loop` (pyroute2 cannot run on a
 thread with a running event loop).
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Callable, TypeVar
 
 from pyroute2 import NetNS, netns
 
-from ..netns import _call_in_thread, off_loop
+from ..offloop import in_fresh_thread, off_loop
 
 T = TypeVar("T")
 
@@ -70,7 +70,7 @@ class Namespace:
     # --- running code inside -----------------------------------------------
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Call ``fn(*args)`` on a thread that has entered this namespace."""
-        return _call_in_thread(fn, *args, enter=lambda: netns.setns(self.name))
+        return in_fresh_thread(fn, *args, enter=lambda: netns.setns(self.name))
 
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """A new socket that lives in this namespace."""

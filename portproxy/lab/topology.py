@@ -14,7 +14,7 @@ from typing import Iterator
 
 from pyroute2 import NetNS
 
-from ..netns import off_loop
+from ..offloop import off_loop
 from .namespaces import Namespace
 
 

@@ -72,7 +72,7 @@ def target_link_networks(target_ip: str) -> tuple[Network, ...]:
     cached = _link_cache.get(target_ip)
     if cached is not None and time.monotonic() - cached[0] < _LINK_CACHE_SECONDS:
         return cached[1]
-    from ..netns import off_loop
+    from ..offloop import off_loop
 
     @off_loop
     def read() -> tuple[Network, ...]:

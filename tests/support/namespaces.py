@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from portproxy.lab.namespaces import Namespace
 from portproxy.lab.topology import DemoTopology, plug_container
-from portproxy.netns import off_loop
+from portproxy.offloop import off_loop
 
 
 @off_loop
