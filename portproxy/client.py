@@ -92,6 +92,8 @@ def run_client(args: Any) -> int:
         if args.command == "ls":
             body = call(sock, "GET", "/v1/mappings")
             print(json.dumps(body, indent=2) if args.json else format_table(body["mappings"]))
+            if not args.json and (body.get("daemon") or {}).get("state_save_error"):
+                print(f"daemon: {body['daemon']['state_save_error']} (serving on, retrying)")
         elif args.command == "add":
             body = call(sock, "POST", "/v1/mappings", json={"spec": args.spec, "mode": args.mode, **args.options})
             print(json.dumps(body) if args.json else f"added {body['spec']} ({body['mode']})")

@@ -152,8 +152,7 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
         for part in parts:
             holder.add(part, serve=part not in translated)
         path = await asyncio.to_thread(KernelPath, opts)
-        await asyncio.to_thread(
-            lambda: path.apply(translated, replace=True, set_sysctls=set_sysctls, forget_udp=True))
+        await asyncio.to_thread(_install_kernel, path, translated, set_sysctls)
     except PortproxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
         await holder.stop(drain_timeout=0)
@@ -187,3 +186,17 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     finally:
         await holder.stop(drain_timeout=0)
     return 0
+
+
+def _install_kernel(path: "KernelPath", translated: list[Mapping], set_sysctls: bool) -> None:
+    """The DNAT, hairpin mode toward its targets (the table goes again if that fails), and
+    the ports' stale UDP conntrack entries deleted."""
+    from .kernel import hairpin
+
+    path.apply(translated, replace=True, set_sysctls=set_sysctls)
+    try:
+        hairpin.enable_for(translated)
+    except BaseException:
+        path.teardown()
+        raise
+    path.forget_udp_flows(translated, translated=True)

@@ -17,7 +17,7 @@ from test_control_plane import curl, nft, roundtrip, wait_for
 from test_controller import _table_elements, ls
 
 from portproxy.controller.config import Settings
-from portproxy.controller.core import plan_owned
+from portproxy.controller.plan import declare as plan_owned
 from portproxy.kernel.builders import KernelOptions
 from portproxy.spec import SpecError, _listen_key_overlaps, check_no_overlap, parse_spec
 

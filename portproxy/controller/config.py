@@ -34,7 +34,6 @@ from ..proxy.options import ProxyOptions
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 
 Mode = Literal["userland", "kernel", "hybrid"]
-MODES: tuple[Mode, ...] = ("userland", "kernel", "hybrid")
 
 
 class ConfigError(BadInput):
@@ -78,18 +77,11 @@ class Settings:
         overrides = tuple(sorted((k, v) for k, v in values.items() if k != "mode"))
         return cls(values.get("mode", "userland"), overrides)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, **dict(self.overrides)}
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     options: DaemonOptions
     mappings: dict[Mapping, Settings]
-
-
-def parse_mode(value: Any, where: str = "mode") -> Mode:
-    return schema.check("mode", value, where)  # type: ignore[no-any-return]
 
 
 def parse_mapping_entry(entry: Any, where: str) -> tuple[Mapping, Settings]:
