@@ -23,7 +23,6 @@ every problem is one line naming the file, the entry and the reason.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,6 +101,8 @@ def parse_mapping_entry(entry: Any, where: str) -> tuple[Mapping, Settings]:
 
 
 def parse_config(text: str, where: str = "config") -> Config:
+    import tomllib  # here: portproxy map uses DaemonOptions and never reads a config
+
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

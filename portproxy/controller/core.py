@@ -26,12 +26,11 @@ import socket
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .. import options as schema
-from ..errors import BadInput, Conflict, NotFound, PortproxyError, SystemFailure, shorten
-from ..proxy.options import ProxyOptions
+from ..errors import BadInput, Conflict, PortproxyError, SystemFailure
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 from . import adopt, plan, readmodel
 from .config import Config, DaemonOptions, Settings
-from .entry import Entry, same_owner, source_of, validate_owner
+from .entry import Entry, check_declared, check_settings, resolve, same_owner, validate_owner
 from .realiser import Realiser
 from .state import SavedEntry, StateStore
 from .upkeep import RETRY_FIRST, RETRY_MAX, Upkeep
@@ -63,16 +62,8 @@ class Controller:
         """The metrics thread's own reader of the kernel counters (created on its first scrape)."""
 
     # --- what a mapping asks of the paths -----------------------------------------------------
-    def proxy_options(self, settings: Settings) -> ProxyOptions:
-        return plan.mapping_options(settings, self.options.proxy)
-
     def check_settings(self, mapping: Mapping, settings: Settings) -> None:
-        """What no path can do for a mapping: a PROXY header on the kernel path."""
-        from ..proxy.proxy_protocol import refusal
-
-        reason = refusal(mapping.proto, settings.mode, self.proxy_options(settings).proxy_protocol)
-        if reason:
-            raise BadInput(f"mapping {mapping}: {reason}")
+        check_settings(mapping, settings, self.options.proxy)
 
     def _check_free(self, mapping: Mapping, others: Iterable[Mapping] | None = None) -> None:
         """Conflict unless ``mapping``'s ports meet none of the others' (by default: the mappings
@@ -189,25 +180,7 @@ class Controller:
 
     # --- operations -------------------------------------------------------------------------------
     def resolve(self, name: str) -> Mapping:
-        """A mapping named by its full spec, or by HOST_PORT[/PROTO] when that is unambiguous."""
-        try:
-            wanted = parse_spec(name)
-        except SpecError:
-            wanted = None
-        if wanted is not None:
-            if wanted in self.entries:
-                return wanted
-            raise NotFound(f"no mapping {wanted}")
-        port_text, _, proto = name.strip().partition("/")
-        if not port_text.isdigit() or len(port_text) > 5 or proto not in ("", "tcp", "udp"):
-            raise BadInput(f"{shorten(name)} is neither a mapping spec nor HOST_PORT[/PROTO]")
-        port = int(port_text)
-        found = [m for m in self.entries if m.host_port <= port <= m.host_port_end and (not proto or m.proto == proto)]
-        if not found:
-            raise NotFound(f"no mapping on port {name}")
-        if len(found) > 1:
-            raise Conflict(f"port {name} is ambiguous: {', '.join(str(m) for m in found)}")
-        return found[0]
+        return resolve(self.entries, name)
 
     async def add(self, spec: str | Mapping, settings: Settings | None = None, source: str = "api",
                   owner: dict[str, str] | None = None, sockets: dict[int, socket.socket] | None = None) -> Mapping:
@@ -293,20 +266,7 @@ class Controller:
         nothing can fail half-way outside the one kernel transaction; userland and
         hybrid mappings (and Docker's, which hold their ports) are added one by one with
         :meth:`add`."""
-        owner = validate_owner(owner)
-        if owner is None or source_of(owner) != "cni":
-            raise BadInput("owner must be an object with kind cni and id: a declared set is a CNI attachment's "
-                           "(add other mappings one by one with POST /v1/mappings)")
-        for mapping, settings in wanted:
-            if settings.mode != "kernel":
-                raise BadInput(f"mapping {mapping}: mode {settings.mode}: a declared set takes kernel mappings "
-                               "only (the runtime holds the ports); add userland or hybrid mappings one by one "
-                               "with POST /v1/mappings")
-            self.check_settings(mapping, settings)
-        try:
-            check_no_overlap([m for m, _ in wanted])
-        except SpecError as exc:
-            raise BadInput(f"the request's {exc}") from None
+        owner = check_declared(owner, wanted, self.options.proxy)
         async with self.lock:
             mine = {m: e for m, e in self.entries.items() if same_owner(e.owner, owner)}
             owned = plan.declare({m: e.settings for m, e in mine.items()}, dict(wanted), self.realiser.kernel_ids(),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..errors import BadInput
+from ..errors import BadInput, Conflict, NotFound, shorten
 from ..proxy.options import ProxyOptions
+from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 from .config import Mode, Settings
 from .plan import PERSISTED_SOURCES, Target, is_transparent, mapping_options
 
@@ -70,6 +71,58 @@ def validate_owner(owner: Any) -> dict[str, str] | None:
         return None
     if not isinstance(owner, dict) or not owner.get("id") or owner.get("kind") not in ("docker", "cni"):
         raise BadInput("owner must be an object with kind (docker or cni) and id")
-    if len(owner) > 16 or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 256 for k, v in owner.items()):
+    if len(owner) > 16 or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 256
+                                  for k, v in owner.items()):
         raise BadInput("owner fields must be at most 16 short strings")
     return dict(owner)
+
+
+def check_settings(mapping: Mapping, settings: Settings, defaults: ProxyOptions) -> None:
+    """What no path can do for a mapping: a PROXY header on the kernel path."""
+    from ..proxy.proxy_protocol import refusal
+
+    reason = refusal(mapping.proto, settings.mode, mapping_options(settings, defaults).proxy_protocol)
+    if reason:
+        raise BadInput(f"mapping {mapping}: {reason}")
+
+
+def check_declared(owner: Any, wanted: list[tuple[Mapping, Settings]], defaults: ProxyOptions) -> dict[str, str]:
+    """A CNI owner's declared set as a request gives it: the owner, kernel mappings only
+    (the runtime holds the ports), settings every path can run, no overlap within it."""
+    checked = validate_owner(owner)
+    if checked is None or source_of(checked) != "cni":
+        raise BadInput("owner must be an object with kind cni and id: a declared set is a CNI attachment's "
+                       "(add other mappings one by one with POST /v1/mappings)")
+    for mapping, settings in wanted:
+        if settings.mode != "kernel":
+            raise BadInput(f"mapping {mapping}: mode {settings.mode}: a declared set takes kernel mappings "
+                           "only (the runtime holds the ports); add userland or hybrid mappings one by one "
+                           "with POST /v1/mappings")
+        check_settings(mapping, settings, defaults)
+    try:
+        check_no_overlap([m for m, _ in wanted])
+    except SpecError as exc:
+        raise BadInput(f"the request's {exc}") from None
+    return checked
+
+
+def resolve(entries: dict[Mapping, Any], name: str) -> Mapping:
+    """A mapping named by its full spec, or by HOST_PORT[/PROTO] when that is unambiguous."""
+    try:
+        wanted = parse_spec(name)
+    except SpecError:
+        wanted = None
+    if wanted is not None:
+        if wanted in entries:
+            return wanted
+        raise NotFound(f"no mapping {wanted}")
+    port_text, _, proto = name.strip().partition("/")
+    if not port_text.isdigit() or len(port_text) > 5 or proto not in ("", "tcp", "udp"):
+        raise BadInput(f"{shorten(name)} is neither a mapping spec nor HOST_PORT[/PROTO]")
+    port = int(port_text)
+    found = [m for m in entries if m.host_port <= port <= m.host_port_end and (not proto or m.proto == proto)]
+    if not found:
+        raise NotFound(f"no mapping on port {name}")
+    if len(found) > 1:
+        raise Conflict(f"port {name} is ambiguous: {', '.join(str(m) for m in found)}")
+    return found[0]

@@ -23,13 +23,15 @@ them: only their DNAT, only for the families it can serve).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Collection, Iterable, Mapping as MappingType, Sequence, Union
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping as MappingType, Sequence, Union
 
 from .. import options as schema
 from ..kernel.builders import KernelOptions, why_not_translated
 from ..proxy.options import ProxyOptions
 from ..spec import Mapping
-from .config import Config, Mode, Settings
+
+if TYPE_CHECKING:
+    from .config import Config, Mode, Settings
 
 LISTENER, KERNEL = "listener", "kernel"
 SWITCH_GRACE = 0.2
@@ -236,6 +238,25 @@ def switch(mapping: Mapping, old: Mode, new: Mode, running: bool, target: Target
     if not running or old == new:
         return [Commit()]
     return move(mapping, components(old), components(new), target, kernel)
+
+
+def foreground(mappings: Sequence[Mapping], mode: Mode, target: Target, kernel: KernelOptions) -> list[Step]:
+    """``portproxy map``: every mapping at once, all or nothing. The ports first (a port
+    someone else holds is refused before any DNAT goes in; the families DNAT cannot serve
+    listen), then the DNAT of every family it can serve in one batch that replaces the
+    table, hairpin mode, and the ports' stale UDP conntrack entries."""
+    steps: list[Step] = []
+    for m in mappings:
+        for step in realise(m, mode, target, kernel, dnat_present=True):
+            if isinstance(step, (DnatPresent, ForgetUdp)) or (isinstance(step, EnsureRouting) and step in steps):
+                continue  # the DNAT comes in one batch below; the routing once
+            steps.append(step)
+    if KERNEL in components(mode):
+        parts = tuple(p for m in mappings for p in m.per_family() if not proxied_reason(p, kernel))
+        steps += [InstallTable(parts), Hairpin(parts)]
+        if _udp(parts):
+            steps.append(ForgetUdp(_udp(parts), True))
+    return steps
 
 
 # --- a CNI owner's declared set -------------------------------------------------------------------------

@@ -24,25 +24,29 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from .. import options as schema
 from ..errors import PortproxyError
-from ..kernel.path import KernelPath
 from ..spec import Mapping
-from .config import DaemonOptions
 from .plan import (ClearTable, Commit, Dnat, DnatPresent, EnsureRouting, ForgetStats, ForgetUdp, Grace, Hairpin,
                    Hold, InstallTable, Pause, Release, Serve, Step)
 
 if TYPE_CHECKING:
+    from ..kernel.path import KernelPath
     from ..kernel.transparent import SharedRouting
+    from .config import DaemonOptions
+    from ..kernel.transparent_rules import TransparentOptions
 
 log = logging.getLogger("portproxy.controller")
 T = TypeVar("T")
 
 
 class Realiser:
-    def __init__(self, loop: asyncio.AbstractEventLoop, options: DaemonOptions) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, options: DaemonOptions,
+                 transparent: TransparentOptions | None = None) -> None:
         from ..proxy.server import ProxyServer
 
         self.loop = loop
         self.options = options
+        self.transparent = transparent
+        """Transparent mode's routing options (default: from the daemon's options)."""
         self.proxy = ProxyServer(loop, options.proxy)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="portproxy-netlink")
         self.kernel: KernelPath | None = None
@@ -56,6 +60,8 @@ class Realiser:
 
     async def kernel_path(self) -> KernelPath:
         if self.kernel is None:
+            from ..kernel.path import KernelPath  # here: a userland-only process never loads libnftables' wrapper
+
             self.kernel = await self.in_worker(KernelPath, self.options.kernel)
         return self.kernel
 
@@ -167,6 +173,8 @@ class Realiser:
         arriving at a closed port."""
         udp = [m for m in parts if m.proto == "udp"]
         if udp:
+            from ..kernel.path import KernelPath
+
             try:
                 await self.in_worker(KernelPath.forget_udp_flows, udp, translated)
             except Exception as exc:  # noqa: BLE001 - flows then move when their entries time out
@@ -178,7 +186,7 @@ class Realiser:
             return
         from ..kernel.transparent import SharedRouting
 
-        routing = SharedRouting(schema.transparent_options(dict(self.options.values)))
+        routing = SharedRouting(self.transparent or schema.transparent_options(dict(self.options.values)))
         await self.in_worker(routing.acquire)
         self.routing = routing
         log.info("transparent mode: installed the fwmark rule, routing table %d and the marking rule",
@@ -206,10 +214,12 @@ class Realiser:
         return len(mappings)
 
     # --- the end -------------------------------------------------------------------------------
-    async def stop(self, keep_kernel_rules: bool) -> None:
-        """Drain userland connections; remove the kernel table unless told to keep it; the routing goes."""
-        await self.proxy.stop()
+    async def stop(self, keep_kernel_rules: bool, drain_timeout: float | None = None) -> bool:
+        """Drain userland connections (for the proxy's drain timeout unless given); remove the
+        kernel table unless told to keep it; the routing goes. False if removing the table failed."""
+        await self.proxy.stop(drain_timeout)
         kernel = self.kernel
+        ok = True
         if kernel is not None and not keep_kernel_rules:
             mappings = list(kernel.ids)
 
@@ -221,6 +231,7 @@ class Realiser:
                 await self.in_worker(teardown)
             except PortproxyError as exc:
                 log.error("removing the kernel rules failed: %s", exc)
+                ok = False
         if kernel is not None:
             kernel.close()
         if self.routing is not None:
@@ -230,6 +241,7 @@ class Realiser:
                 log.error("removing transparent mode's routing failed: %s", exc)
             self.routing = None
         self._worker.shutdown(wait=True)
+        return ok
 
 
 def _describe(step: Step) -> str:

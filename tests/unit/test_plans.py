@@ -181,3 +181,16 @@ def test_options_changed_names_every_changed_key() -> None:
 def test_v6_to_v6_is_translated() -> None:
     assert not plan.proxied_reason(V6_TO_V6, K)
     assert plan.served_by(plan.part_components(V6, plan.components("kernel"), K)) == "userland"
+
+
+# --- portproxy map ---------------------------------------------------------------------------------------
+
+def test_map_holds_every_port_first_then_one_batch_replaces_the_table() -> None:
+    assert plan.foreground([TCP, BOTH, UDP], "kernel", T, K) == [
+        Hold(TCP, O, False), Hold(V4, O, False), Hold(V6, O, True), Hold(UDP, O, False),
+        InstallTable((TCP, V4, UDP)), Hairpin((TCP, V4, UDP)), ForgetUdp((UDP,), True)]
+
+
+def test_map_userland_listens_on_every_family_and_routes_once_when_transparent() -> None:
+    assert plan.foreground([TCP, BOTH], "userland", Target(O, transparent=True), K) == [
+        EnsureRouting(), Hold(TCP, O, True), Hold(V4, O, True), Hold(V6, O, True)]
