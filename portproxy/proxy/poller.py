@@ -9,6 +9,11 @@ second. Here a socket is registered once, its interest changes with one MOD when
 pump switches between reading and writing, and it leaves the set when it is closed
 (the kernel drops closed fds from an epoll set; ``forget`` only clears our tables).
 
+A third kind of interest, :meth:`add_hangup`, asks for no event at all: epoll reports
+an error or a hang-up (a reset, a close) of every fd in the set regardless, so an fd
+registered with an empty mask wakes the poller only when its peer is gone. A relay
+uses it for the client while its connect to the target is still pending.
+
 The set's own fd is watched by the event loop, so everything still runs on the loop
 thread, in loop callbacks, in the order the loop gives. Level-triggered, like the
 loop's own readers and writers: a callback may stop early (a burst limit) and will be
@@ -37,6 +42,7 @@ class Poller:
         self._epoll = select.epoll()
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
+        self._hangups: dict[int, Callback] = {}
         self._masks: dict[int, int] = {}
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
@@ -47,6 +53,7 @@ class Poller:
         self._epoll.close()
         self._readers.clear()
         self._writers.clear()
+        self._hangups.clear()
         self._masks.clear()
 
     # --- the loop's interface -----------------------------------------------------------
@@ -66,10 +73,23 @@ class Poller:
         if self._writers.pop(fd, None) is not None:
             self._update(fd)
 
+    def add_hangup(self, fd: int, callback: Callback) -> None:
+        """Call back when fd reports an error or a hang-up (EPOLLERR / EPOLLHUP) — and for
+        nothing else: a peer that only half-closes or sends bytes does not wake it."""
+        self._hangups[fd] = callback
+        self._update(fd)
+
+    def remove_hangup(self, fd: int) -> None:
+        """Stop watching for hang-ups. Cheapest after add_reader / add_writer on the same
+        fd: it is registered already, and nothing changes in the kernel."""
+        if self._hangups.pop(fd, None) is not None:
+            self._update(fd)
+
     def forget(self, fd: int) -> None:
         """The fd is about to be closed: drop it from our tables without a syscall."""
         self._readers.pop(fd, None)
         self._writers.pop(fd, None)
+        self._hangups.pop(fd, None)
         self._masks.pop(fd, None)
 
     # --- internals ----------------------------------------------------------------------
@@ -79,7 +99,7 @@ class Poller:
         if old == mask:
             return
         epoll = self._epoll
-        if mask == 0:
+        if mask == 0 and fd not in self._hangups:
             # Not MOD to an empty mask: hang-ups are reported regardless, and
             # level-triggered they would wake the loop until the fd is closed.
             del self._masks[fd]
@@ -107,6 +127,7 @@ class Poller:
             return
         readers = self._readers
         writers = self._writers
+        hangups = self._hangups
         for fd, mask in events:
             # A callback earlier in this batch may have closed this fd (and a new
             # socket may have it now): the tables say what is current, and a spurious
@@ -118,6 +139,10 @@ class Poller:
                         callback()
                 if mask & (_OUT | _FAIL):
                     callback = writers.get(fd)
+                    if callback is not None:
+                        callback()
+                if mask & _FAIL:
+                    callback = hangups.get(fd)
                     if callback is not None:
                         callback()
             except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the others

@@ -4,7 +4,10 @@ Life of a connection (:class:`TcpRelay`):
 
 1. accepted by :class:`TcpListener` (a batch of ``accept()`` per readiness event);
 2. a non-blocking connect to the target, bounded by ``connect_timeout``; on failure
-   the client is reset at once and one line is logged;
+   the client is reset at once and counted, and the log gets the first failure of a
+   mapping at once and a summary of the next ones at most every few seconds
+   (:mod:`.throttle`). A client that resets while the connect is pending cancels it:
+   its socket is watched for a hang-up meanwhile;
 3. two pumps relay the directions. EOF on one side becomes ``shutdown(SHUT_WR)`` on
    the other while the opposite direction goes on (docker-proxy's CloseRead /
    CloseWrite); an error on either side resets both.
@@ -33,6 +36,7 @@ from .pump import Pump
 from .source import ClientSource
 from .splice import PipePool, SplicePump
 from .stats import TO_CLIENT, TO_TARGET, TcpStats
+from .throttle import LogThrottle, summary_text
 
 if TYPE_CHECKING:
     from .options import ProxyOptions
@@ -99,8 +103,7 @@ def _connected(sock: socket.socket) -> bool:
 class TcpRelay:
     """One client connection and its upstream connection to the target."""
 
-    __slots__ = ("_listener", "_loop", "_poller", "client", "upstream", "_pumps", "_timer", "_t0", "_closed",
-                 "_connecting")
+    __slots__ = ("_listener", "_loop", "_poller", "client", "upstream", "_pumps", "_timer", "_t0", "_closed")
 
     def __init__(self, listener: "TcpListener", client: socket.socket) -> None:
         self._listener = listener
@@ -112,7 +115,6 @@ class TcpRelay:
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = 0.0
         self._closed = False
-        self._connecting = False
 
     # --- connecting ---------------------------------------------------------
     def connect(self) -> None:
@@ -139,7 +141,7 @@ class TcpRelay:
             self._established()
         elif err == errno.EINPROGRESS:
             self._poller.add_writer(up.fileno(), self._on_connect_done)
-            self._connecting = True
+            self._poller.add_hangup(self.client.fileno(), self._on_client_gone)
             self._timer = self._loop.call_later(listener.options.connect_timeout, self._on_connect_timeout)
         else:
             self._connect_failed(os.strerror(err), errno.errorcode.get(err, str(err)))
@@ -178,7 +180,7 @@ class TcpRelay:
                 return True
             why = f"sent {sent} of {len(data)} bytes"
         listener.stats.connect_failures["proxy_header"] += 1
-        log.warning("%s: PROXY header to %s failed: %s", listener.name, listener.target_text, why)
+        listener.warn_failure(f"PROXY header to {listener.target_text} failed: {why}", "proxy_header")
         self.close(reset=True)
         return False
 
@@ -188,7 +190,6 @@ class TcpRelay:
         err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if not err and not _connected(up):
             return  # a stale wake-up (the fd number was reused within one batch): wait on
-        self._connecting = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -203,13 +204,18 @@ class TcpRelay:
         up = self.upstream
         assert up is not None
         self._poller.remove_writer(up.fileno())
-        self._connecting = False
         self._connect_failed(f"no answer within {self._listener.options.connect_timeout:g}s", "timeout")
+
+    def _on_client_gone(self) -> None:
+        """The client reset (or vanished) while the connect is pending: give up on it now,
+        rather than hold both fds and an "active" connection for the connect timeout."""
+        self._listener.stats.connect_failures["client_gone"] += 1
+        self.close(reset=True)
 
     def _connect_failed(self, why: str, reason: str) -> None:
         listener = self._listener
         listener.stats.connect_failures[reason] += 1
-        log.warning("%s: connect to %s failed: %s", listener.name, listener.target_text, why)
+        listener.warn_failure(f"connect to {listener.target_text} failed: {why}", reason)
         self.close(reset=True)
 
     def _no_upstream_socket(self, exc: OSError) -> None:
@@ -221,7 +227,7 @@ class TcpRelay:
         if exc.errno in _RESOURCE_ERRNOS:
             listener.pause_for_resources(f"cannot open a socket to the target ({exc.strerror})")
         else:
-            log.warning("%s: connect to %s failed: %s", listener.name, listener.target_text, exc.strerror)
+            listener.warn_failure(f"connect to {listener.target_text} failed: {exc.strerror}", reason)
         self.close(reset=True)
 
     def _established(self) -> None:
@@ -252,6 +258,7 @@ class TcpRelay:
             to_client.watched = True
         to_target.start()
         to_client.start()
+        poller.remove_hangup(self.client.fileno())  # its reader took over: no syscall
 
     # --- pump owner ---------------------------------------------------------
     def pump_done(self, pump: Pump) -> None:
@@ -303,7 +310,6 @@ class TcpRelay:
         for sock in (self.client, self.upstream):
             if sock is not None:
                 poller.forget(sock.fileno())  # closing takes the fds out of the epoll set
-        self._connecting = False
         pumps = self._pumps
         if pumps is not None:
             for pump in pumps:
@@ -355,6 +361,8 @@ class TcpListener(Listener):
         self._backoff = 0.0
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._resource_warned = False
+        self._failure_log = LogThrottle()
+        self._failure_log_timer: asyncio.TimerHandle | None = None
         self.owned = True
 
     # --- Listener -----------------------------------------------------------------------
@@ -394,6 +402,8 @@ class TcpListener(Listener):
         self.accept_pending()
         self._stop_accepting()
         self._closed = True
+        self._summarise_failures()
+        self._arm_failure_log()  # connects still pending may fail after this
         if self.owned:
             self.sock.close()
         else:
@@ -460,6 +470,39 @@ class TcpListener(Listener):
             if self._resource_warned:
                 log.warning("%s: accepting again", self.name)
                 self._resource_warned = False
+
+    # --- failure log -------------------------------------------------------------------
+    def warn_failure(self, text: str, reason: str) -> None:
+        """One connection could not reach the target (already counted by the caller):
+        the first of a window is logged now, the others in the window's summary."""
+        throttle = self._failure_log
+        if throttle.admit(self.loop.time(), reason):
+            log.warning("%s: %s", self.name, text)
+            self._arm_failure_log()
+
+    def _arm_failure_log(self) -> None:
+        due = self._failure_log.due
+        if due is not None and self._failure_log_timer is None:
+            self._failure_log_timer = self.loop.call_at(due, self._failure_log_due)
+
+    def _failure_log_due(self) -> None:
+        self._failure_log_timer = None
+        self._summarise_failures()
+        self._arm_failure_log()
+
+    def _summarise_failures(self) -> None:
+        """Write what the window held back (now: at its end, or when the listener closes)."""
+        if self._failure_log_timer is not None:
+            self._failure_log_timer.cancel()
+            self._failure_log_timer = None
+        throttle = self._failure_log
+        if throttle.due is None:
+            return
+        now = self.loop.time()
+        since = throttle.due - throttle.interval
+        held = throttle.summary(now)
+        if held:
+            log.warning("%s: connect to %s failed: %s", self.name, self.target_text, summary_text(held, now - since))
 
     def pause_for_resources(self, why: str) -> None:
         """Out of fds or memory (on accept, or on the target's socket): stop polling the
