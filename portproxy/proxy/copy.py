@@ -32,6 +32,7 @@ class CopyPump(Pump):
             if n == 0:
                 return DONE
             self._totals[self._index] += n
+            self.moved += n
             try:
                 sent = dst.send(_view[:n])
             except BlockingIOError:
@@ -39,7 +40,7 @@ class CopyPump(Pump):
             if sent < n:
                 self._pending = memoryview(bytes(_view[sent:n]))
                 return WRITE
-            if n < SMALL_READ:
+            if n < SMALL_READ and not self._io.peer_closed:
                 break
         return READ
 

@@ -27,6 +27,7 @@ import select
 from typing import Callable
 
 _IN = select.EPOLLIN
+_RDHUP = select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 _FAIL = select.EPOLLERR | select.EPOLLHUP
 _MAX_EVENTS = 256
@@ -44,6 +45,10 @@ class Poller:
         self._writers: dict[int, Callback] = {}
         self._hangups: dict[int, Callback] = {}
         self._masks: dict[int, int] = {}
+        self.peer_closed = False
+        """While a reader callback runs: its fd has seen the peer's FIN (or an error), so
+        a read that comes up short is not the end of what is there — EOF follows. A
+        pump reads on instead of waiting for one more wake-up to learn that."""
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def close(self) -> None:
@@ -94,7 +99,7 @@ class Poller:
 
     # --- internals ----------------------------------------------------------------------
     def _update(self, fd: int) -> None:
-        mask = (_IN if fd in self._readers else 0) | (_OUT if fd in self._writers else 0)
+        mask = (_IN | _RDHUP if fd in self._readers else 0) | (_OUT if fd in self._writers else 0)
         old = self._masks.get(fd)
         if old == mask:
             return
@@ -133,10 +138,12 @@ class Poller:
             # socket may have it now): the tables say what is current, and a spurious
             # wake-up only costs the callee an EAGAIN.
             try:
-                if mask & (_IN | _FAIL):
+                if mask & (_IN | _RDHUP | _FAIL):
                     callback = readers.get(fd)
                     if callback is not None:
+                        self.peer_closed = bool(mask & (_RDHUP | _FAIL))
                         callback()
+                        self.peer_closed = False
                 if mask & (_OUT | _FAIL):
                     callback = writers.get(fd)
                     if callback is not None:

@@ -91,10 +91,11 @@ class SplicePump(Pump):
                 self._give_back()
                 return DONE
             self._totals[self._index] += n
+            self.moved += n
             self._pending = n
             if not self._drain():
                 return WRITE
-            if n < SMALL_READ:
+            if n < SMALL_READ and not self._io.peer_closed:
                 break
         self._give_back()
         return READ

@@ -238,9 +238,7 @@ class TcpRelay:
         assert up is not None
         if listener.proxy_protocol is not None and not self._send_proxy_header(up):
             return
-        self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if listener.notsent_lowat:
-            self.client.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, listener.notsent_lowat)
+        # The client's TCP_NODELAY and TCP_NOTSENT_LOWAT came with accept(): see _tune.
         totals = stats.bytes
         poller = self._poller
         pool = listener.pipe_pool
@@ -254,11 +252,18 @@ class TcpRelay:
         if listener.target_rcvbuf:
             # A small buffer until the client shows it reads; see pump_read. Set after
             # connect(): the window scale was agreed for the full buffer it may get later.
+            # Not lazily at the first read: by then the window advertised for the default
+            # buffer may have let ~100 KB in.
             up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, listener.target_rcvbuf)
             to_client.watched = True
-        to_target.start()
         to_client.start()
+        to_target.start()
         poller.remove_hangup(self.client.fileno())  # its reader took over: no syscall
+        if listener.proxy_protocol is None:  # (that path has read the first bytes already)
+            # The client's first bytes have usually arrived while the target was being
+            # connected (a client speaks right after its handshake): forwarding them now
+            # spares the wake-up that would report them. Last, as it may close the relay.
+            to_target.read_now()
 
     # --- pump owner ---------------------------------------------------------
     def pump_done(self, pump: Pump) -> None:
@@ -287,8 +292,8 @@ class TcpRelay:
         up = self.upstream
         assert up is not None
         try:
-            if _bytes_acked(self.client) < _PROVEN:
-                return
+            if pump.moved < _PROVEN or _bytes_acked(self.client) < _PROVEN:
+                return  # (the client cannot have acknowledged more than was read for it)
             pump.watched = False
             up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _rcvbuf_max())
         except OSError:
@@ -377,6 +382,7 @@ class TcpListener(Listener):
     def serve(self) -> None:
         if self._accepting:
             return
+        self._tune()
         self._listen()
         self._accepting = True
         self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
@@ -416,6 +422,14 @@ class TcpListener(Listener):
     # --- socket states ------------------------------------------------------------------
     def _listening(self) -> bool:
         return bool(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+    def _tune(self) -> None:
+        """Options every client socket needs, set once on the listening socket: an
+        accepted socket inherits TCP_NODELAY and TCP_NOTSENT_LOWAT from its listener,
+        which spares two setsockopt calls per connection."""
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.notsent_lowat:
+            self.sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, self.notsent_lowat)
 
     def _listen(self) -> None:
         if not self._listening():
