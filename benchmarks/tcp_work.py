@@ -34,7 +34,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -50,6 +49,19 @@ SINK_PORT = 7000
 PROXY_PORT = 9090
 SINK_PROXY_PORT = 9091
 REQUEST = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+SINK = f"""
+import socket
+sink = socket.socket()
+sink.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sink.bind(("0.0.0.0", {SINK_PORT}))
+sink.listen(16)
+buf = bytearray(1 << 20)
+while True:
+    conn, _ = sink.accept()
+    while conn.recv_into(buf):
+        pass
+    conn.close()
+"""
 
 
 # --- servers in the container -------------------------------------------------------------
@@ -65,27 +77,15 @@ def servers(topo: SeedTopology) -> Iterator[None]:
     }}"""))
         nginx = topo.container.popen([*debcache.command("nginx"), "-c", str(conf), "-p", tmp, "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        sink = topo.container.socket()
-        sink.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sink.bind(("0.0.0.0", SINK_PORT))
-        sink.listen(16)
-
-        def discard() -> None:
-            while True:
-                try:
-                    conn, _ = sink.accept()
-                except OSError:
-                    return
-                with conn:
-                    while conn.recv(1 << 20):
-                        pass
-
-        threading.Thread(target=discard, daemon=True).start()
+        # The sink is a process of its own: in a thread here it would share the GIL with
+        # the sending client, and the relay's pattern would follow their contention.
+        sink = topo.container.popen([sys.executable, "-c", SINK], stdout=subprocess.DEVNULL)
         time.sleep(0.5)
         try:
             yield
         finally:
-            sink.close()
+            sink.kill()
+            sink.wait()
             nginx.terminate()
             nginx.wait(10)
 
