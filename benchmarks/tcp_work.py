@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Iterator
 
 from portproxy import debcache
-from portproxy.bench.procfs import cpu_seconds
 from portproxy.bench.servers import nginx_conf
 from portproxy.bench.topology import bench_topology
 from portproxy.netns import Namespace, SeedTopology
@@ -188,15 +187,15 @@ def count_instructions(topo: SeedTopology, connections: int, mib: int, extra: li
     with tempfile.TemporaryDirectory(prefix="tcp-work-cg-") as tmp:
         keep = os.environ.get("TCP_WORK_KEEP")
         out = f"{tmp}/cg.out"
-        proc = start_portproxy(topo, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "-q"], extra)
+        proc = start_portproxy(topo, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--compress-strings=no", "-q"], extra)
         try:
             work(topo, 3, 0)
-            subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True, timeout=120)
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True, timeout=120)
             work(topo, connections, mib)
             subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True, timeout=120)
         finally:
             stop(proc)
-        dumps = sorted(Path(tmp).glob("cg.out.*"))
+        dumps = sorted(Path(tmp).glob("cg.out.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))[1:]
         if not dumps:
             raise RuntimeError("callgrind wrote no dump")
         if keep:  # for callgrind_annotate
@@ -208,6 +207,17 @@ def count_instructions(topo: SeedTopology, connections: int, mib: int, extra: li
 
 
 # --- CPU, side by side with docker-proxy --------------------------------------------------
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of these processes so far."""
+    user = system = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user += int(fields[11])
+        system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
 def start_docker_proxy(topo: SeedTopology) -> list[subprocess.Popen]:
     procs = []
     for hp, tp in ((PROXY_PORT, HTTP_PORT), (SINK_PROXY_PORT, SINK_PORT)):
@@ -243,15 +253,17 @@ def cpu(topo: SeedTopology, seconds: int, mib: int, extra: list[str], rounds: in
             pids = [p.pid for p in procs]
             try:
                 work(topo, 3, 0)
-                before = cpu_seconds(pids)
+                u0, s0 = cpu_split(pids)
                 n = wrk(topo, seconds)
-                used = cpu_seconds(pids) - before
-                results[path]["cpu_us_per_connection"].append(used / n * 1e6)
+                u1, s1 = cpu_split(pids)
+                results[path]["cpu_us_per_connection"].append((u1 - u0 + s1 - s0) / n * 1e6)
+                results[path]["user_us_per_connection"].append((u1 - u0) / n * 1e6)
                 results[path]["connections_per_s"].append(n / seconds)
-                before = cpu_seconds(pids)
                 bulk(topo.client, topo.host_ip, mib)
-                used = cpu_seconds(pids) - before
-                results[path]["cpu_s_per_gb"].append(used / (mib * (1 << 20) / 1e9))
+                u2, s2 = cpu_split(pids)
+                gb = mib * (1 << 20) / 1e9
+                results[path]["cpu_s_per_gb"].append((u2 - u1 + s2 - s1) / gb)
+                results[path]["user_s_per_gb"].append((u2 - u1) / gb)
             finally:
                 for p in procs:
                     stop(p)

@@ -59,7 +59,7 @@ class PumpOwner(Protocol):
 
 class Pump:
     __slots__ = ("_io", "src", "dst", "_src_fd", "_dst_fd", "_owner", "_state", "_totals", "_index", "watched",
-                 "moved")
+                 "moved", "done")
 
     def __init__(
         self,
@@ -85,6 +85,8 @@ class Pump:
         """Tell the owner after each read (one attribute test per read while not set)."""
         self.moved = 0
         """Bytes read from src by this pump."""
+        self.done = False
+        """src reached EOF and every byte was forwarded, or the pump was stopped."""
 
     # --- subclass interface -------------------------------------------------
     def _forward(self) -> int:
@@ -114,10 +116,14 @@ class Pump:
         elif self._state == WRITE:
             self._io.remove_writer(self._dst_fd)
         self._state = DONE
+        self.done = True
 
-    @property
-    def done(self) -> bool:
-        return self._state == DONE
+    def abandon(self) -> None:
+        """Stop for good when the sockets are about to be closed (and their fds
+        forgotten by the poller): no readiness calls, buffers given back."""
+        self._state = DONE
+        self.done = True
+        self.release()
 
     def _enter(self, state: int) -> None:
         old = self._state
@@ -127,6 +133,7 @@ class Pump:
             # The owner first: when this was the last direction it closes the connection,
             # and the fds leave the poller with the close instead of one syscall each.
             self._state = DONE
+            self.done = True
             self._owner.pump_done(self)
             if old == READ:
                 self._io.remove_reader(self._src_fd)
