@@ -102,7 +102,9 @@ class Pump:
 
     # --- state machine ------------------------------------------------------
     def start(self) -> None:
-        self._enter(READ)
+        """Begin reading (from the state of a new pump: nothing is watched yet)."""
+        self._state = READ
+        self._io.add_reader(self._src_fd, self._on_readable)
 
     def read_now(self) -> None:
         """Read as if src had been reported readable (nothing there costs one EAGAIN)."""

@@ -17,7 +17,7 @@ import fcntl
 import os
 
 from .copy import CopyPump
-from .pump import BURST, DONE, READ, SMALL_READ, WRITE
+from .pump import BURST, DONE, READ, SMALL_READ, WRITE, Pump
 
 COPY_FIRST = 64 * 1024
 """Bytes per read while copying; a read that fills it switches the pump to splice."""
@@ -81,7 +81,8 @@ class SplicePump(CopyPump):
     read_size = COPY_FIRST
 
     def __init__(self, *args: object, pool: PipePool) -> None:
-        super().__init__(*args)
+        Pump.__init__(self, *args)  # type: ignore[arg-type]
+        self._pending = None  # (CopyPump's, set here: one Python frame fewer per pump)
         self._pool = pool
         self._pipe: Pipe | None = None
         self._in_pipe = 0

@@ -55,9 +55,11 @@ _FIRST_BYTES = 4096
 """Client bytes that may go out with a PROXY header (see TcpRelay._send_proxy_header)."""
 
 
-_close = _socket.socket.close
-"""The C close of a socket, without socket.socket's Python wrappers (the relay's sockets
-have no makefile() streams for them to wait for): two Python frames fewer per socket."""
+_Socket = _socket.socket
+"""The relay's sockets are the C socket type, not socket.socket: the same methods without
+its Python ``__init__`` and ``close`` wrappers (frames per connection; the relay never
+uses makefile(), which is what the wrappers are for) and with no enum conversions."""
+_close = _Socket.close
 
 _PROVEN = 1 << 20
 """Bytes a client must have acknowledged before the target's socket gets a full-size buffer."""
@@ -117,7 +119,7 @@ class TcpRelay:
     def connect(self) -> None:
         listener = self._listener
         try:
-            up = socket.socket(listener.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            up = _Socket(listener.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as exc:
             self._no_upstream_socket(exc)
             return
@@ -489,7 +491,7 @@ class TcpListener(Listener):
                 log.warning("%s: accept failed: %s", self.name, exc)
                 break
             accepted += 1
-            client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            client = _Socket(family, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)
             stats.accepted += 1
             stats.active += 1
