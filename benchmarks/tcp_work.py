@@ -9,13 +9,15 @@ The machine is shared, so wall-clock rates are noisy; these counts are not:
   just before and just after the same work (``callgrind_control -d``): user-space
   instructions per connection / per MB, startup excluded;
 * ``cpu``: user + system CPU of the relay (from /proc) per connection and per GB, for
-  portproxy and docker-proxy side by side, with wrk (``Connection: close``) and a bulk
-  transfer; noisy, kept for the ratio the targets are stated in.
+  portproxy and docker-proxy side by side, with wrk (``Connection: close``, 32 at a
+  time), the bulk transfer and one iperf3 stream; noisy, kept for the ratios the
+  targets are stated in.
 
 Everything runs in the benchmark's own namespaces (``bench_topology``); nothing is
 touched in the root namespace. Usage::
 
     python benchmarks/tcp_work.py syscalls --connections 2000
+    python benchmarks/tcp_work.py syscalls --wrk 5
     python benchmarks/tcp_work.py syscalls --mib 1024
     python benchmarks/tcp_work.py instructions --connections 300
     python benchmarks/tcp_work.py cpu --seconds 10
@@ -47,6 +49,8 @@ HTTP_PORT = 8080
 SINK_PORT = 7000
 PROXY_PORT = 9090
 SINK_PROXY_PORT = 9091
+IPERF_PORT = 5201
+IPERF_PROXY_PORT = 9092
 REQUEST = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
 SINK = f"""
 import socket
@@ -79,12 +83,15 @@ def servers(topo: SeedTopology) -> Iterator[None]:
         # The sink is a process of its own: in a thread here it would share the GIL with
         # the sending client, and the relay's pattern would follow their contention.
         sink = topo.container.popen([sys.executable, "-c", SINK], stdout=subprocess.DEVNULL)
+        iperf = topo.container.popen([*debcache.command("iperf3"), "-s", "-p", str(IPERF_PORT)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         try:
             yield
         finally:
-            sink.kill()
-            sink.wait()
+            for proc in (sink, iperf):
+                proc.kill()
+                proc.wait()
             nginx.terminate()
             nginx.wait(10)
 
@@ -125,7 +132,8 @@ def work(topo: SeedTopology, connections: int, mib: int) -> None:
 # --- the relay ----------------------------------------------------------------------------
 def portproxy_argv(topo: SeedTopology, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "portproxy", "map", f"{PROXY_PORT}:{topo.container_ip}:{HTTP_PORT}",
-            f"{SINK_PROXY_PORT}:{topo.container_ip}:{SINK_PORT}", *extra]
+            f"{SINK_PROXY_PORT}:{topo.container_ip}:{SINK_PORT}", f"{IPERF_PROXY_PORT}:{topo.container_ip}:{IPERF_PORT}",
+            *extra]
 
 
 def start_portproxy(topo: SeedTopology, prefix: list[str], extra: list[str]) -> subprocess.Popen:
@@ -133,7 +141,7 @@ def start_portproxy(topo: SeedTopology, prefix: list[str], extra: list[str]) -> 
                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     ready = 0
     assert proc.stdout is not None
-    while ready < 2:
+    while ready < 3:
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"portproxy exited {proc.wait()}")
@@ -160,7 +168,9 @@ def stop(proc: subprocess.Popen) -> None:
 _STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)\s*$")
 
 
-def count_syscalls(topo: SeedTopology, connections: int, mib: int, extra: list[str]) -> dict[str, int]:
+def count_syscalls(topo: SeedTopology, connections: int, mib: int, extra: list[str],
+                   wrk_seconds: int = 0) -> tuple[dict[str, int], float]:
+    """Syscalls by name, and the connections made (wrk's count with ``wrk_seconds``)."""
     proc = start_portproxy(topo, [], extra)
     try:
         work(topo, 3, 0)  # warm: the first connection imports and allocates
@@ -168,7 +178,10 @@ def count_syscalls(topo: SeedTopology, connections: int, mib: int, extra: list[s
             strace = subprocess.Popen(["strace", "-c", "-f", "-q", "-o", out.name, "-p", str(proc.pid)],
                                       stderr=subprocess.DEVNULL)
             time.sleep(1.0)
-            work(topo, connections, mib)
+            if wrk_seconds:
+                connections = int(wrk(topo, wrk_seconds))
+            else:
+                work(topo, connections, mib)
             time.sleep(0.5)
             strace.send_signal(signal.SIGINT)
             strace.wait(30)
@@ -177,7 +190,7 @@ def count_syscalls(topo: SeedTopology, connections: int, mib: int, extra: list[s
                 m = _STRACE_ROW.match(line)
                 if m and m.group(3) != "total":
                     counts[m.group(3)] = int(m.group(1))
-            return counts
+            return counts, connections
     finally:
         stop(proc)
 
@@ -220,7 +233,7 @@ def cpu_split(pids: list[int]) -> tuple[float, float]:
 
 def start_docker_proxy(topo: SeedTopology) -> list[subprocess.Popen]:
     procs = []
-    for hp, tp in ((PROXY_PORT, HTTP_PORT), (SINK_PROXY_PORT, SINK_PORT)):
+    for hp, tp in ((PROXY_PORT, HTTP_PORT), (SINK_PROXY_PORT, SINK_PORT), (IPERF_PROXY_PORT, IPERF_PORT)):
         r, w = os.pipe()
         argv = [*debcache.command("docker-proxy"), "-proto", "tcp", "-host-ip", "0.0.0.0", "-host-port", str(hp),
                 "-container-ip", topo.container_ip, "-container-port", str(tp)]
@@ -240,6 +253,14 @@ def wrk(topo: SeedTopology, seconds: int) -> float:
     if not total or "Socket errors" in out or "Non-2xx" in out:
         raise RuntimeError(f"wrk failed: {out[-300:]!r}")
     return float(total.group(1))
+
+
+def iperf(topo: SeedTopology, mib: int) -> tuple[float, float]:
+    """One iperf3 stream of ``mib`` MiB through the relay: (bytes received, Gbit/s)."""
+    argv = [*debcache.command("iperf3"), "-c", topo.host_ip, "-p", str(IPERF_PROXY_PORT), "-n", f"{mib}M", "-J"]
+    out = json.loads(topo.client.popen(argv, stdout=subprocess.PIPE, text=True).communicate(timeout=300)[0])
+    end = out["end"]["sum_received"]
+    return float(end["bytes"]), float(end["bits_per_second"]) / 1e9
 
 
 def cpu(topo: SeedTopology, seconds: int, mib: int, extra: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -264,6 +285,10 @@ def cpu(topo: SeedTopology, seconds: int, mib: int, extra: list[str], rounds: in
                 gb = mib * (1 << 20) / 1e9
                 results[path]["cpu_s_per_gb"].append((u2 - u1 + s2 - s1) / gb)
                 results[path]["user_s_per_gb"].append((u2 - u1) / gb)
+                sent, gbit_s = iperf(topo, mib)
+                u3, s3 = cpu_split(pids)
+                results[path]["iperf3_cpu_s_per_gb"].append((u3 - u2 + s3 - s2) / (sent / 1e9))
+                results[path]["iperf3_gbit_s"].append(gbit_s)
             finally:
                 for p in procs:
                     stop(p)
@@ -276,14 +301,16 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=0)
     parser.add_argument("--mib", type=int, default=0)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--wrk", type=int, default=0, metavar="SECONDS",
+                        help="syscalls: wrk (32 connections at a time) for SECONDS instead of one at a time")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--proxy-arg", action="append", default=[], help="extra argument to portproxy map")
     args = parser.parse_args()
     with bench_topology("tcpwork") as topo, servers(topo):
         if args.what == "syscalls":
-            counts = count_syscalls(topo, args.connections, args.mib, args.proxy_arg)
-            units = args.connections or args.mib * (1 << 20) / 1e6
-            unit = "connection" if args.connections else "MB"
+            counts, made = count_syscalls(topo, args.connections, args.mib, args.proxy_arg, args.wrk)
+            units = made or args.mib * (1 << 20) / 1e6
+            unit = "connection" if made else "MB"
             total = sum(counts.values())
             print(json.dumps({"unit": unit, "units": units, "total": total, "per_unit": round(total / units, 3),
                               "by_call": {k: round(v / units, 3) for k, v in

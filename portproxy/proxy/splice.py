@@ -76,7 +76,7 @@ class PipePool:
 
 
 class SplicePump(CopyPump):
-    __slots__ = ("_pool", "_pipe", "_in_pipe", "_splicing")
+    __slots__ = ("_pool", "_pipe", "_in_pipe")
 
     read_size = COPY_FIRST
 
@@ -87,15 +87,14 @@ class SplicePump(CopyPump):
         self._pipe: Pipe | None = None
         self._in_pipe = 0
         """Bytes in the borrowed pipe, not yet written to dst."""
-        self._splicing = False
 
     def _filled(self) -> bool:
-        self._splicing = True
+        # The pump becomes a _Splicing one: the same slots, _forward replaced. (A flag
+        # tested on every read would cost a Python frame per read while copying.)
+        self.__class__ = _Splicing
         return True
 
-    def _forward(self) -> int:
-        if not self._splicing:
-            return CopyPump._forward(self)
+    def _splice_forward(self) -> int:
         pool = self._pool
         size = pool.size
         src = self._src_fd
@@ -157,3 +156,10 @@ class SplicePump(CopyPump):
                 self._pool.discard(pipe)
             else:
                 self._pool.put(pipe)
+
+
+class _Splicing(SplicePump):
+    """A SplicePump past its copying phase."""
+
+    __slots__ = ()
+    _forward = SplicePump._splice_forward

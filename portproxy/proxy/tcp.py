@@ -134,8 +134,12 @@ class TcpRelay:
             self._bind_to_client(up)
         self._t0 = time.monotonic()
         err = up.connect_ex(listener.target)
-        if err == errno.EINPROGRESS and _connected(up):
-            err = 0
+        if err == errno.EINPROGRESS:  # _connected(), inline: once per connection
+            try:
+                up.getpeername()
+                err = 0
+            except OSError:
+                pass
         if err == 0:
             self._established()
         elif err == errno.EINPROGRESS:
