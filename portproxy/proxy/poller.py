@@ -29,6 +29,7 @@ from typing import Callable
 _IN = select.EPOLLIN
 _RDHUP = select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
+_READING = _IN | _RDHUP
 _FAIL = select.EPOLLERR | select.EPOLLHUP
 _MAX_EVENTS = 256
 
@@ -64,6 +65,13 @@ class Poller:
     # --- the loop's interface -----------------------------------------------------------
     def add_reader(self, fd: int, callback: Callback) -> None:
         self._readers[fd] = callback
+        if fd not in self._masks:  # a new fd (every connection's two): register it directly
+            self._masks[fd] = _READING
+            try:
+                self._epoll.register(fd, _READING)
+            except FileExistsError:  # closed and reused without forget(): take it over
+                self._epoll.modify(fd, _READING)
+            return
         self._update(fd)
 
     def remove_reader(self, fd: int) -> None:
@@ -99,7 +107,7 @@ class Poller:
 
     # --- internals ----------------------------------------------------------------------
     def _update(self, fd: int) -> None:
-        mask = (_IN | _RDHUP if fd in self._readers else 0) | (_OUT if fd in self._writers else 0)
+        mask = (_READING if fd in self._readers else 0) | (_OUT if fd in self._writers else 0)
         old = self._masks.get(fd)
         if old == mask:
             return
