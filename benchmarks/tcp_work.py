@@ -132,8 +132,8 @@ def work(topo: SeedTopology, connections: int, mib: int) -> None:
 # --- the relay ----------------------------------------------------------------------------
 def portproxy_argv(topo: SeedTopology, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "portproxy", "map", f"{PROXY_PORT}:{topo.container_ip}:{HTTP_PORT}",
-            f"{SINK_PROXY_PORT}:{topo.container_ip}:{SINK_PORT}", f"{IPERF_PROXY_PORT}:{topo.container_ip}:{IPERF_PORT}",
-            *extra]
+            f"{SINK_PROXY_PORT}:{topo.container_ip}:{SINK_PORT}",
+            f"{IPERF_PROXY_PORT}:{topo.container_ip}:{IPERF_PORT}", *extra]
 
 
 def start_portproxy(topo: SeedTopology, prefix: list[str], extra: list[str]) -> subprocess.Popen:
@@ -200,7 +200,8 @@ def count_instructions(topo: SeedTopology, connections: int, mib: int, extra: li
     with tempfile.TemporaryDirectory(prefix="tcp-work-cg-") as tmp:
         keep = os.environ.get("TCP_WORK_KEEP")
         out = f"{tmp}/cg.out"
-        proc = start_portproxy(topo, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--compress-strings=no", "-q"], extra)
+        valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--compress-strings=no", "-q"]
+        proc = start_portproxy(topo, valgrind, extra)
         try:
             work(topo, 3, 0)
             subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True, timeout=120)

@@ -271,33 +271,35 @@ async def test_client_reset_while_connecting_cancels_the_connect(topo, portproxy
     full.listen(0)
     filler = topo.container.socket()
     filler.connect((topo.container_ip, 8098))
-    proxy = portproxy("map", f"9093:{topo.container_ip}:8098", "--connect-timeout", "60",
-                      "--metrics-addr", "127.0.0.1:9783")
-    baseline = _open_fds(proxy.proc.pid)
-    loop = asyncio.get_running_loop()
-    clients = []
-    for _ in range(20):
-        client = topo.client.socket()
-        client.setblocking(False)
-        await asyncio.wait_for(loop.sock_connect(client, (topo.host_ip, 9093)), 10)
-        clients.append(client)
-    await _until(lambda: sample(scrape_on(topo.host, 9783), "portproxy_connections_active") == 20,
-                 "the proxy never accepted the 20 clients")
-    assert _open_fds(proxy.proc.pid) >= baseline + 40  # each: the client and the pending connect
-    for client in clients:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a RST
-        client.close()
+    try:
+        proxy = portproxy("map", f"9093:{topo.container_ip}:8098", "--connect-timeout", "60",
+                          "--metrics-addr", "127.0.0.1:9783")
+        baseline = _open_fds(proxy.proc.pid)
+        loop = asyncio.get_running_loop()
+        clients = []
+        for _ in range(20):
+            client = topo.client.socket()
+            client.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(client, (topo.host_ip, 9093)), 10)
+            clients.append(client)
+        await _until(lambda: sample(scrape_on(topo.host, 9783), "portproxy_connections_active") == 20,
+                     "the proxy never accepted the 20 clients")
+        assert _open_fds(proxy.proc.pid) >= baseline + 40  # each: the client and the pending connect
+        for client in clients:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a RST
+            client.close()
 
-    def released() -> bool:
+        def released() -> bool:
+            text = scrape_on(topo.host, 9783)
+            return sample(text, "portproxy_connections_active") == 0 and _open_fds(proxy.proc.pid) <= baseline
+
+        await _until(released, "connections of reset clients still held while their connect is pending", timeout=15)
         text = scrape_on(topo.host, 9783)
-        return sample(text, "portproxy_connections_active") == 0 and _open_fds(proxy.proc.pid) <= baseline
-
-    await _until(released, "connections of reset clients still held while their connect is pending", timeout=15)
-    text = scrape_on(topo.host, 9783)
-    assert sample(text, "portproxy_connect_failures_total", reason="client_gone") == 20
-    assert proxy.proc.poll() is None
-    filler.close()
-    full.close()
+        assert sample(text, "portproxy_connect_failures_total", reason="client_gone") == 20
+        assert proxy.proc.poll() is None
+    finally:
+        filler.close()
+        full.close()
 
 
 async def test_failed_connects_are_logged_once_then_summarised(topo, portproxy) -> None:

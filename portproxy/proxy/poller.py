@@ -8,6 +8,9 @@ calls per connection, a third of the proxy's CPU at a few thousand connections p
 second. Here a socket is registered once, its interest changes with one MOD when a
 pump switches between reading and writing, and it leaves the set when it is closed
 (the kernel drops closed fds from an epoll set; ``forget`` only clears our tables).
+Readers are registered with EPOLLRDHUP as well, and :attr:`Poller.peer_closed` tells a
+reader that its peer's FIN (or an error) is in: the read that follows a short one is
+then the EOF, taken in the same callback instead of on one more wake-up.
 
 A third kind of interest, :meth:`add_hangup`, asks for no event at all: epoll reports
 an error or a hang-up (a reset, a close) of every fd in the set regardless, so an fd
@@ -161,4 +164,5 @@ class Poller:
                     if callback is not None:
                         callback()
             except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the others
+                self.peer_closed = False
                 self._loop.call_exception_handler({"message": "poller callback failed", "exception": exc})

@@ -39,7 +39,7 @@ the next read is the EOF, and reading it now saves a wake-up per connection."""
 
 class Readiness(Protocol):
     """Who tells a pump its sockets are ready: the proxy's :class:`~.poller.Poller`
-    (or an event loop, which has the same four methods)."""
+    (an event loop has the same four methods, but not ``peer_closed``)."""
 
     peer_closed: bool
     """True while a reader callback runs for an fd whose peer has closed its side."""

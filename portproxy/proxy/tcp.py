@@ -2,13 +2,15 @@
 
 Life of a connection (:class:`TcpRelay`):
 
-1. accepted by :class:`TcpListener` (a batch of ``accept()`` per readiness event);
+1. accepted by :class:`TcpListener` (an adaptive batch of ``accept()`` per readiness
+   event);
 2. a non-blocking connect to the target, bounded by ``connect_timeout``; on failure
    the client is reset at once and counted, and the log gets the first failure of a
    mapping at once and a summary of the next ones at most every few seconds
    (:mod:`.throttle`). A client that resets while the connect is pending cancels it:
    its socket is watched for a hang-up meanwhile;
-3. two pumps relay the directions. EOF on one side becomes ``shutdown(SHUT_WR)`` on
+3. two pumps relay the directions, the client's first bytes read at once (they have
+   usually arrived by then). EOF on one side becomes ``shutdown(SHUT_WR)`` on
    the other while the opposite direction goes on (docker-proxy's CloseRead /
    CloseWrite); an error on either side resets both.
 

@@ -42,7 +42,7 @@ def test_summary_text() -> None:
 
 
 @given(st.lists(st.tuples(st.floats(0, 5), st.sampled_from(["a", "b", "c"])), max_size=200))
-def test_every_occurrence_is_written_or_counted_once_and_lines_are_spaced(events) -> None:  # type: ignore[no-untyped-def]
+def test_every_occurrence_is_written_or_counted_once_and_lines_are_spaced(events: list) -> None:
     """Whatever the arrivals: written + summarised == occurrences, and no two lines are
     closer than the interval (the caller calls summary() exactly when due)."""
     t = LogThrottle(10.0)
