@@ -33,12 +33,16 @@ without starving the other connections."""
 SMALL_READ = 16384
 """A read this short ends the burst: request/response traffic rarely has more waiting,
 and readiness is level-triggered, so stopping costs nothing when it has; reading on
-would cost an EAGAIN per message."""
+would cost an EAGAIN per message. Unless the peer has closed (``peer_closed``): then
+the next read is the EOF, and reading it now saves a wake-up per connection."""
 
 
 class Readiness(Protocol):
     """Who tells a pump its sockets are ready: the proxy's :class:`~.poller.Poller`
-    (or an event loop, which has the same four methods)."""
+    (an event loop has the same four methods, but not ``peer_closed``)."""
+
+    peer_closed: bool
+    """True while a reader callback runs for an fd whose peer has closed its side."""
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
     def remove_reader(self, fd: int) -> None: ...
@@ -54,7 +58,8 @@ class PumpOwner(Protocol):
 
 
 class Pump:
-    __slots__ = ("_io", "src", "dst", "_src_fd", "_dst_fd", "_owner", "_state", "_totals", "_index", "watched")
+    __slots__ = ("_io", "src", "dst", "_src_fd", "_dst_fd", "_owner", "_state", "_totals", "_index", "watched",
+                 "moved", "done")
 
     def __init__(
         self,
@@ -78,6 +83,10 @@ class Pump:
         self._index = index
         self.watched = False
         """Tell the owner after each read (one attribute test per read while not set)."""
+        self.moved = 0
+        """Bytes read from src by this pump."""
+        self.done = False
+        """src reached EOF and every byte was forwarded, or the pump was stopped."""
 
     # --- subclass interface -------------------------------------------------
     def _forward(self) -> int:
@@ -93,7 +102,14 @@ class Pump:
 
     # --- state machine ------------------------------------------------------
     def start(self) -> None:
-        self._enter(READ)
+        """Begin reading (from the state of a new pump: nothing is watched yet)."""
+        self._state = READ
+        self._io.add_reader(self._src_fd, self._on_readable)
+
+    def read_now(self) -> None:
+        """Read as if src had been reported readable (nothing there costs one EAGAIN)."""
+        if self._state == READ:
+            self._on_readable()
 
     def stop(self) -> None:
         """Stop watching both sockets; safe to call more than once."""
@@ -102,10 +118,14 @@ class Pump:
         elif self._state == WRITE:
             self._io.remove_writer(self._dst_fd)
         self._state = DONE
+        self.done = True
 
-    @property
-    def done(self) -> bool:
-        return self._state == DONE
+    def abandon(self) -> None:
+        """Stop for good when the sockets are about to be closed (and their fds
+        forgotten by the poller): no readiness calls, buffers given back."""
+        self._state = DONE
+        self.done = True
+        self.release()
 
     def _enter(self, state: int) -> None:
         old = self._state
@@ -115,6 +135,7 @@ class Pump:
             # The owner first: when this was the last direction it closes the connection,
             # and the fds leave the poller with the close instead of one syscall each.
             self._state = DONE
+            self.done = True
             self._owner.pump_done(self)
             if old == READ:
                 self._io.remove_reader(self._src_fd)

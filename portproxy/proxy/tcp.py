@@ -2,10 +2,15 @@
 
 Life of a connection (:class:`TcpRelay`):
 
-1. accepted by :class:`TcpListener` (a batch of ``accept()`` per readiness event);
+1. accepted by :class:`TcpListener` (an adaptive batch of ``accept()`` per readiness
+   event);
 2. a non-blocking connect to the target, bounded by ``connect_timeout``; on failure
-   the client is reset at once and one line is logged;
-3. two pumps relay the directions. EOF on one side becomes ``shutdown(SHUT_WR)`` on
+   the client is reset at once and counted, and the log gets the first failure of a
+   mapping at once and a summary of the next ones at most every few seconds
+   (:mod:`.throttle`). A client that resets while the connect is pending cancels it:
+   its socket is watched for a hang-up meanwhile;
+3. two pumps relay the directions, the client's first bytes read at once (they have
+   usually arrived by then). EOF on one side becomes ``shutdown(SHUT_WR)`` on
    the other while the opposite direction goes on (docker-proxy's CloseRead /
    CloseWrite); an error on either side resets both.
 
@@ -15,6 +20,7 @@ a transport must not be given to ``add_reader`` (uvloop crashes on it).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import functools
@@ -33,6 +39,7 @@ from .pump import Pump
 from .source import ClientSource
 from .splice import PipePool, SplicePump
 from .stats import TO_CLIENT, TO_TARGET, TcpStats
+from .throttle import LogThrottle, summary_text
 
 if TYPE_CHECKING:
     from .options import ProxyOptions
@@ -43,20 +50,18 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_BATCH = 64
+_GROW_AFTER = 4
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
 _FIRST_BYTES = 4096
 """Client bytes that may go out with a PROXY header (see TcpRelay._send_proxy_header)."""
 
 
-def reset_and_close(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0 so the peer gets a RST, not a FIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
-    sock.close()
-
+_Socket = _socket.socket
+"""The relay's sockets are the C socket type, not socket.socket: the same methods without
+its Python ``__init__`` and ``close`` wrappers (frames per connection; the relay never
+uses makefile(), which is what the wrappers are for) and with no enum conversions."""
+_close = _Socket.close
 
 _PROVEN = 1 << 20
 """Bytes a client must have acknowledged before the target's socket gets a full-size buffer."""
@@ -99,8 +104,7 @@ def _connected(sock: socket.socket) -> bool:
 class TcpRelay:
     """One client connection and its upstream connection to the target."""
 
-    __slots__ = ("_listener", "_loop", "_poller", "client", "upstream", "_pumps", "_timer", "_t0", "_closed",
-                 "_connecting")
+    __slots__ = ("_listener", "_loop", "_poller", "client", "upstream", "_pumps", "_timer", "_t0", "_closed")
 
     def __init__(self, listener: "TcpListener", client: socket.socket) -> None:
         self._listener = listener
@@ -112,13 +116,12 @@ class TcpRelay:
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = 0.0
         self._closed = False
-        self._connecting = False
 
     # --- connecting ---------------------------------------------------------
     def connect(self) -> None:
         listener = self._listener
         try:
-            up = socket.socket(listener.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            up = _Socket(listener.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as exc:
             self._no_upstream_socket(exc)
             return
@@ -133,13 +136,17 @@ class TcpRelay:
             self._bind_to_client(up)
         self._t0 = time.monotonic()
         err = up.connect_ex(listener.target)
-        if err == errno.EINPROGRESS and _connected(up):
-            err = 0
+        if err == errno.EINPROGRESS:  # _connected(), inline: once per connection
+            try:
+                up.getpeername()
+                err = 0
+            except OSError:
+                pass
         if err == 0:
             self._established()
         elif err == errno.EINPROGRESS:
             self._poller.add_writer(up.fileno(), self._on_connect_done)
-            self._connecting = True
+            self._poller.add_hangup(self.client.fileno(), self._on_client_gone)
             self._timer = self._loop.call_later(listener.options.connect_timeout, self._on_connect_timeout)
         else:
             self._connect_failed(os.strerror(err), errno.errorcode.get(err, str(err)))
@@ -178,7 +185,7 @@ class TcpRelay:
                 return True
             why = f"sent {sent} of {len(data)} bytes"
         listener.stats.connect_failures["proxy_header"] += 1
-        log.warning("%s: PROXY header to %s failed: %s", listener.name, listener.target_text, why)
+        listener.warn_failure(f"PROXY header to {listener.target_text} failed: {why}", "proxy_header")
         self.close(reset=True)
         return False
 
@@ -188,7 +195,6 @@ class TcpRelay:
         err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if not err and not _connected(up):
             return  # a stale wake-up (the fd number was reused within one batch): wait on
-        self._connecting = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -203,13 +209,18 @@ class TcpRelay:
         up = self.upstream
         assert up is not None
         self._poller.remove_writer(up.fileno())
-        self._connecting = False
         self._connect_failed(f"no answer within {self._listener.options.connect_timeout:g}s", "timeout")
+
+    def _on_client_gone(self) -> None:
+        """The client reset (or vanished) while the connect is pending: give up on it now,
+        rather than hold both fds and an "active" connection for the connect timeout."""
+        self._listener.stats.connect_failures["client_gone"] += 1
+        self.close(reset=True)
 
     def _connect_failed(self, why: str, reason: str) -> None:
         listener = self._listener
         listener.stats.connect_failures[reason] += 1
-        log.warning("%s: connect to %s failed: %s", listener.name, listener.target_text, why)
+        listener.warn_failure(f"connect to {listener.target_text} failed: {why}", reason)
         self.close(reset=True)
 
     def _no_upstream_socket(self, exc: OSError) -> None:
@@ -221,7 +232,7 @@ class TcpRelay:
         if exc.errno in _RESOURCE_ERRNOS:
             listener.pause_for_resources(f"cannot open a socket to the target ({exc.strerror})")
         else:
-            log.warning("%s: connect to %s failed: %s", listener.name, listener.target_text, exc.strerror)
+            listener.warn_failure(f"connect to {listener.target_text} failed: {exc.strerror}", reason)
         self.close(reset=True)
 
     def _established(self) -> None:
@@ -232,9 +243,7 @@ class TcpRelay:
         assert up is not None
         if listener.proxy_protocol is not None and not self._send_proxy_header(up):
             return
-        self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if listener.notsent_lowat:
-            self.client.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, listener.notsent_lowat)
+        # The client's TCP_NODELAY and TCP_NOTSENT_LOWAT came with accept(): see _tune.
         totals = stats.bytes
         poller = self._poller
         pool = listener.pipe_pool
@@ -248,10 +257,18 @@ class TcpRelay:
         if listener.target_rcvbuf:
             # A small buffer until the client shows it reads; see pump_read. Set after
             # connect(): the window scale was agreed for the full buffer it may get later.
+            # Not lazily at the first read: by then the window advertised for the default
+            # buffer may have let ~100 KB in.
             up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, listener.target_rcvbuf)
             to_client.watched = True
-        to_target.start()
         to_client.start()
+        to_target.start()
+        poller.remove_hangup(self.client.fileno())  # its reader took over: no syscall
+        if listener.proxy_protocol is None:  # (that path has read the first bytes already)
+            # The client's first bytes have usually arrived while the target was being
+            # connected (a client speaks right after its handshake): forwarding them now
+            # spares the wake-up that would report them. Last, as it may close the relay.
+            to_target.read_now()
 
     # --- pump owner ---------------------------------------------------------
     def pump_done(self, pump: Pump) -> None:
@@ -280,8 +297,8 @@ class TcpRelay:
         up = self.upstream
         assert up is not None
         try:
-            if _bytes_acked(self.client) < _PROVEN:
-                return
+            if pump.moved < _PROVEN or _bytes_acked(self.client) < _PROVEN:
+                return  # (the client cannot have acknowledged more than was read for it)
             pump.watched = False
             up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _rcvbuf_max())
         except OSError:
@@ -299,22 +316,20 @@ class TcpRelay:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        poller = self._poller
-        for sock in (self.client, self.upstream):
-            if sock is not None:
-                poller.forget(sock.fileno())  # closing takes the fds out of the epoll set
-        self._connecting = False
+        forget = self._poller.forget
         pumps = self._pumps
         if pumps is not None:
             for pump in pumps:
-                pump.stop()
-                pump.release()
+                pump.abandon()  # its fds are forgotten below: no poller calls
         for sock in (self.client, self.upstream):
             if sock is not None:
+                forget(sock.fileno())  # closing takes the fds out of the epoll set
                 if reset:
-                    reset_and_close(sock)
-                else:
-                    sock.close()
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    except OSError:
+                        pass
+                _close(sock)
         self._listener.connection_closed(self)
 
 
@@ -355,6 +370,11 @@ class TcpListener(Listener):
         self._backoff = 0.0
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._resource_warned = False
+        self._family = sock.family.value
+        self._batch = 1
+        self._used_up = 0
+        self._failure_log = LogThrottle()
+        self._failure_log_timer: asyncio.TimerHandle | None = None
         self.owned = True
 
     # --- Listener -----------------------------------------------------------------------
@@ -369,6 +389,7 @@ class TcpListener(Listener):
     def serve(self) -> None:
         if self._accepting:
             return
+        self._tune()
         self._listen()
         self._accepting = True
         self.loop.add_reader(self.sock.fileno(), self._on_acceptable)
@@ -394,6 +415,8 @@ class TcpListener(Listener):
         self.accept_pending()
         self._stop_accepting()
         self._closed = True
+        self._summarise_failures()
+        self._arm_failure_log()  # connects still pending may fail after this
         if self.owned:
             self.sock.close()
         else:
@@ -406,6 +429,14 @@ class TcpListener(Listener):
     # --- socket states ------------------------------------------------------------------
     def _listening(self) -> bool:
         return bool(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+    def _tune(self) -> None:
+        """Options every client socket needs, set once on the listening socket: an
+        accepted socket inherits TCP_NODELAY and TCP_NOTSENT_LOWAT from its listener,
+        which spares two setsockopt calls per connection."""
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.notsent_lowat:
+            self.sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, self.notsent_lowat)
 
     def _listen(self) -> None:
         if not self._listening():
@@ -430,15 +461,33 @@ class TcpListener(Listener):
         self.connections.discard(relay)
         self.stats.active -= 1
 
-    def _on_acceptable(self, batch: int = _ACCEPT_BATCH) -> None:
+    def _on_acceptable(self, batch: int = 0) -> None:
+        """Accept up to ``batch`` connections (0: the adaptive batch).
+
+        Every accept that finds the queue empty costs a syscall and a Python exception,
+        so the batch adapts: after _GROW_AFTER wake-ups in a row that used it up (the
+        loop calls again while the listener stays readable) it doubles, up to
+        _ACCEPT_BATCH, and it falls back to what was there when an accept found the
+        queue empty. Connections that come one at a time cost about one accept each;
+        a burst is taken many per wake-up."""
         sock = self.sock
         stats = self.stats
-        for _ in range(batch):
+        accept = sock._accept  # (fd, address): no Python-level wrapper, no enum conversions
+        family = self._family
+        adaptive = not batch
+        if adaptive:
+            batch = self._batch
+        accepted = 0
+        while accepted < batch:
             try:
-                client, _addr = sock.accept()
+                fd, _addr = accept()
             except BlockingIOError:
+                if adaptive:
+                    self._batch = max(1, accepted)
+                    self._used_up = 0
                 break
             except ConnectionAbortedError:
+                accepted += 1
                 continue
             except OSError as exc:
                 stats.accept_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
@@ -447,6 +496,8 @@ class TcpListener(Listener):
                     return
                 log.warning("%s: accept failed: %s", self.name, exc)
                 break
+            accepted += 1
+            client = _Socket(family, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)
             stats.accepted += 1
             stats.active += 1
@@ -455,11 +506,49 @@ class TcpListener(Listener):
             relay.connect()
             if self._backoff_timer is not None:
                 return  # that connect ran out of resources: the next accept would too
+        else:
+            if adaptive:
+                self._used_up += 1
+                if self._used_up >= _GROW_AFTER:
+                    self._batch = min(_ACCEPT_BATCH, batch * 2)
         if self._backoff:
             self._backoff = 0.0
             if self._resource_warned:
                 log.warning("%s: accepting again", self.name)
                 self._resource_warned = False
+
+    # --- failure log -------------------------------------------------------------------
+    def warn_failure(self, text: str, reason: str) -> None:
+        """One connection could not reach the target (already counted by the caller):
+        the first of a window is logged now, the others in the window's summary."""
+        throttle = self._failure_log
+        if throttle.admit(self.loop.time(), reason):
+            log.warning("%s: %s", self.name, text)
+            self._arm_failure_log()
+
+    def _arm_failure_log(self) -> None:
+        due = self._failure_log.due
+        if due is not None and self._failure_log_timer is None:
+            self._failure_log_timer = self.loop.call_at(due, self._failure_log_due)
+
+    def _failure_log_due(self) -> None:
+        self._failure_log_timer = None
+        self._summarise_failures()
+        self._arm_failure_log()
+
+    def _summarise_failures(self) -> None:
+        """Write what the window held back (now: at its end, or when the listener closes)."""
+        if self._failure_log_timer is not None:
+            self._failure_log_timer.cancel()
+            self._failure_log_timer = None
+        throttle = self._failure_log
+        if throttle.due is None:
+            return
+        now = self.loop.time()
+        since = throttle.due - throttle.interval
+        held = throttle.summary(now)
+        if held:
+            log.warning("%s: connect to %s failed: %s", self.name, self.target_text, summary_text(held, now - since))
 
     def pause_for_resources(self, why: str) -> None:
         """Out of fds or memory (on accept, or on the target's socket): stop polling the

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import struct
 import socket
 import subprocess
 import time
@@ -254,3 +255,64 @@ async def _until(condition, message: str, timeout: float = 30.0) -> None:  # typ
     while not await asyncio.to_thread(condition):
         assert time.monotonic() < deadline, message
         await asyncio.sleep(0.2)
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_client_reset_while_connecting_cancels_the_connect(topo, portproxy) -> None:
+    """A client that resets while its connect to the target is still pending (a target
+    that never answers) is let go at once: not counted as active, its fds and the
+    pending connect freed, counted as ``client_gone`` — not held for the connect timeout."""
+    # A target whose accept queue is full drops every SYN: connects to it stay pending.
+    full = topo.container.socket()
+    full.bind(("0.0.0.0", 8098))
+    full.listen(0)
+    filler = topo.container.socket()
+    filler.connect((topo.container_ip, 8098))
+    try:
+        proxy = portproxy("map", f"9093:{topo.container_ip}:8098", "--connect-timeout", "60",
+                          "--metrics-addr", "127.0.0.1:9783")
+        baseline = _open_fds(proxy.proc.pid)
+        loop = asyncio.get_running_loop()
+        clients = []
+        for _ in range(20):
+            client = topo.client.socket()
+            client.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(client, (topo.host_ip, 9093)), 10)
+            clients.append(client)
+        await _until(lambda: sample(scrape_on(topo.host, 9783), "portproxy_connections_active") == 20,
+                     "the proxy never accepted the 20 clients")
+        assert _open_fds(proxy.proc.pid) >= baseline + 40  # each: the client and the pending connect
+        for client in clients:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a RST
+            client.close()
+
+        def released() -> bool:
+            text = scrape_on(topo.host, 9783)
+            return sample(text, "portproxy_connections_active") == 0 and _open_fds(proxy.proc.pid) <= baseline
+
+        await _until(released, "connections of reset clients still held while their connect is pending", timeout=15)
+        text = scrape_on(topo.host, 9783)
+        assert sample(text, "portproxy_connect_failures_total", reason="client_gone") == 20
+        assert proxy.proc.poll() is None
+    finally:
+        filler.close()
+        full.close()
+
+
+async def test_failed_connects_are_logged_once_then_summarised(topo, portproxy) -> None:
+    """A target that refuses: the first failure is a WARNING at once, the rest are one
+    summary line (written at the latest when the mapping stops), and the counter has them all."""
+    proxy = portproxy("map", f"9092:{topo.container_ip}:8099", "--metrics-addr", "127.0.0.1:9784")
+    for _ in range(50):
+        await connect_expecting_close(topo.client, topo.host_ip, 9092, 5)
+    await _until(lambda: sample(scrape_on(topo.host, 9784), "portproxy_connect_failures_total",
+                                reason="ECONNREFUSED") == 50, "not every failed connect was counted")
+    proxy.stop()
+    lines = [line for line in proxy.stderr.splitlines() if "8099" in line]
+    assert len(lines) == 2, lines
+    assert "connect to 172.16.1.1:8099 failed: Connection refused" in lines[0]
+    assert "connect to 172.16.1.1:8099 failed: 49 more in the last" in lines[1]
+    assert "(ECONNREFUSED 49)" in lines[1]
