@@ -61,9 +61,10 @@ class Batcher(Generic[F]):
 
         ``batchable``: they may go out in a GSO run (a segment fits the route's MTU and the
         kernel does GSO); otherwise each is sent alone, after the run before them."""
-        count = segments(n, size)
-        if count == 1:
-            size = n
+        if size <= 0 or size >= n:
+            size, count = n, 1
+        else:
+            count = -(-n // size)
         if batchable and self._count and flow is self.flow and (size == self._size or (count == 1 and n < self._size)) \
                 and self._count + count <= self._max_segments and self._end + n <= self._max_bytes:
             self._end += n

@@ -259,6 +259,7 @@ class UdpListener(Listener):
         sock = self.sock
         stats = self.stats
         flows = self.flows
+        lookup = flows.get
         batcher = _TO_TARGET
         now = self.loop.time()
         cmsgs = self._pktinfo or self._gro
@@ -269,7 +270,8 @@ class UdpListener(Listener):
                 try:
                     if cmsgs:
                         n, ancdata, _flags, client = sock.recvmsg_into([batcher.slot()], RECV_SPACE)
-                        if ancdata and self._gro:
+                        # (PKTINFO alone is the common case: look no further then.)
+                        if ancdata and (ancdata[0][0] == SOL_UDP or len(ancdata) > 1):
                             size = gro_size(ancdata)
                     else:
                         n, client = sock.recvfrom_into(batcher.slot())
@@ -279,9 +281,9 @@ class UdpListener(Listener):
                 except OSError as exc:
                     stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
                     continue
-                stats.datagrams_to_target += segments(n, size)
+                stats.datagrams_to_target += segments(n, size) if size else 1
                 stats.bytes_to_target += n
-                flow = flows.get(client)
+                flow = lookup(client)
                 if flow is None:
                     batcher.cut(n)  # the run so far goes first: opening a flow may evict its flow
                     flow = self._open_flow(client, ancdata, now)
