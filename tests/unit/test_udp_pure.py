@@ -137,8 +137,9 @@ gro_runs = st.tuples(st.integers(1, 300), st.integers(2, 9), st.integers(1, 300)
     lambda t: [bytes([i]) * t[0] for i in range(t[1] - 1)] + [b"z" * min(t[0], t[2])])
 """A UDP_GRO receive: 2-9 datagrams of one size, the last maybe shorter."""
 
-datagrams_and_runs = st.lists(st.tuples(st.sampled_from("abc"), st.one_of(st.binary(min_size=1, max_size=300), gro_runs),
-                                        st.booleans()), max_size=60)
+datagrams_and_runs = st.lists(
+    st.tuples(st.sampled_from("abc"), st.one_of(st.binary(min_size=1, max_size=300), gro_runs), st.booleans()),
+    max_size=60)
 
 
 @settings(max_examples=400, deadline=None)
