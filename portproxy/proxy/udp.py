@@ -13,16 +13,27 @@ queued when a socket is read go on in GSO runs gathered by a :class:`~.gso.Batch
 in both directions: to the target on the flow's socket, back to the client on the
 listening socket. Both are plain objects, tested without sockets; this module does the
 I/O. The flows' sockets sit on the proxy's :class:`~.poller.Poller`, like the TCP
-relays', so a flow costs no event-loop handle of its own.
+relays', so a flow costs no event-loop handle of its own; and not on uvloop directly for
+a second reason: libuv stops polling a socket that reports an error (EPOLLERR), which
+is what an ICMP port unreachable from the target is, and the flow's replies would never
+be read again.
 
 Work per datagram is what limits this path, so each wakeup drains its socket (bounded)
 and the kernel is asked to do per burst what it would do per datagram: UDP_GRO on the
-listening and the flow sockets hands over a run of one sender's datagrams in one
-receive (the segment size in a cmsg; it coalesces where the receiving device does GRO:
-a physical NIC by default, a veth once GRO is on for it), and the run leaves as one
-UDP_SEGMENT send. Receive buffers are sized for a burst (SO_RCVBUFFORCE where the
-process may, else SO_RCVBUF up to ``net.core.rmem_max``). An adopted socket is left as
-its owner configured it: another reader of it would not expect coalesced datagrams.
+listening and the flow sockets hands over a run of one sender's datagrams in one receive
+(the segment size in a cmsg), and the run leaves as one UDP_SEGMENT send. Runs arrive
+that way from senders that use GSO themselves (QUIC stacks: their runs reach a UDP_GRO
+socket whole) and from devices that do GRO under load (a physical NIC); a veth hands
+over every datagram alone.
+
+Gathering a run costs the first datagram of a wakeup a receive that finds nothing before
+it is sent. Where the last wakeup found a lone datagram (request and response), the first
+one goes at once and the rest of a burst is gathered as usual, so a round trip waits for
+no empty receive in either direction.
+
+Receive buffers are sized for a burst (SO_RCVBUFFORCE where the process may, else
+SO_RCVBUF up to ``net.core.rmem_max``). An adopted socket is left as its owner configured
+it: another reader of it would not expect coalesced datagrams.
 """
 
 from __future__ import annotations
@@ -85,7 +96,7 @@ def _enable_gro(sock: socket.socket) -> bool:
 
 
 class UdpFlow:
-    __slots__ = ("listener", "client", "sock", "fd", "reply_cmsg", "last", "gso_max", "reply_gso_max", "gro")
+    __slots__ = ("listener", "client", "sock", "fd", "reply_cmsg", "last", "gso_max", "reply_gso_max", "gro", "lone")
 
     def __init__(self, listener: "UdpListener", client: tuple, sock: socket.socket, reply_cmsg: list) -> None:
         self.listener = listener
@@ -102,6 +113,9 @@ class UdpFlow:
         socket is not connected: it has no route MTU to ask)."""
         _set_rcvbuf(sock, FLOW_RCVBUF)
         self.gro = _enable_gro(sock)
+        self.lone = True
+        """The last wakeup found one datagram: send the next one at once (see the module's
+        docstring)."""
 
     def on_readable(self) -> None:
         """Datagrams from the target: back to the client, runs of equal size as one GSO send."""
@@ -109,7 +123,8 @@ class UdpFlow:
         sock = self.sock
         batcher = _TO_CLIENT
         gro = self.gro
-        got = False
+        eager = self.lone
+        got = 0
         try:
             for _ in range(_BATCH):
                 size = 0
@@ -128,10 +143,14 @@ class UdpFlow:
                     if not isinstance(exc, ConnectionRefusedError):
                         listener.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
                     continue
-                got = True
+                got += 1
                 batcher.add(self, n, listener._gso and (size or n) <= self.reply_gso_max, size)
+                if eager:
+                    batcher.flush()
+                    eager = False
         finally:
             batcher.flush()
+        self.lone = got <= 1
         if got:
             listener.flows.touch(self.client, listener.loop.time())
 
@@ -188,6 +207,9 @@ class UdpListener(Listener):
         self._gro = False
         """UDP_GRO is on for the listening socket: read with recvmsg for its cmsg."""
         self._tuned = False
+        self._lone = True
+        """The last wakeup found one datagram: send the next one at once (see the module's
+        docstring)."""
         self._reading = False
         self._was_held = False
         self.owned = True
@@ -264,6 +286,8 @@ class UdpListener(Listener):
         now = self.loop.time()
         cmsgs = self._pktinfo or self._gro
         gso = self._gso
+        eager = self._lone
+        got = 0
         try:
             for _ in range(_BATCH):
                 size = 0
@@ -291,9 +315,14 @@ class UdpListener(Listener):
                         continue
                 elif flow is not batcher.flow:
                     flows.touch(client, now)  # (a run's later datagrams share its first one's time)
+                got += 1
                 batcher.add(flow, n, gso and (size or n) <= flow.gso_max, size)
+                if eager:
+                    batcher.flush()
+                    eager = False
         finally:
             batcher.flush()
+        self._lone = got <= 1
 
     def _send(self, flow: UdpFlow, data: memoryview, size: int, count: int) -> None:
         """Send ``count`` datagrams of ``size`` bytes (the last may be shorter) to the target:
