@@ -1,7 +1,7 @@
 """The UDP relay's own work per datagram, without the scheduler's noise: a UdpListener
 run in this process (host namespace of a fresh topology) drains queued bursts.
 
-    .venv/bin/python benchmarks/udp_burst.py TREE [BURST] [forward|both]
+    .venv/bin/python benchmarks/udp_burst.py TREE [BURST] [forward|both|rr]
 
 TREE is the portproxy source tree to measure (A/B of two checkouts). Ten bursts of BURST
 1400-byte datagrams are queued on the listening socket (forward: client → target), and
@@ -9,13 +9,13 @@ with ``both`` also on the flow's socket (reverse: target → client), then the l
 read callbacks drain them. Prints the thread's CPU time (user + system, the kernel's
 delivery to the receiving socket included) per datagram relayed. Under
 ``valgrind --tool=callgrind`` the difference of two BURST sizes gives user-space
-instructions per datagram, a figure that does not move with the machine's load.
+instructions per datagram, a figure that does not move with the machine's load. ``rr``:
+20 × BURST round trips of one 64-byte datagram each way, the proxy's CPU per round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
-import resource
 import socket
 import sys
 import time
@@ -25,14 +25,15 @@ SIZE = 1400
 
 
 def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_THREAD)
-    return r.ru_utime + r.ru_stime
+    """This thread's CPU time, to the nanosecond (CLOCK_THREAD_CPUTIME_ID), not in ticks."""
+    return time.thread_time()
 
 
 def main() -> int:
     tree = sys.argv[1]
     burst = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
-    directions = ["forward"] if (sys.argv[3] if len(sys.argv) > 3 else "both") == "forward" else ["forward", "reverse"]
+    mode = sys.argv[3] if len(sys.argv) > 3 else "both"
+    directions = {"forward": ["forward"], "rr": ["rr"]}.get(mode, ["forward", "reverse"])
     sys.path.insert(0, tree)
     from portproxy.netns import seed_topology
     from portproxy.proxy import udp
@@ -69,7 +70,29 @@ def main() -> int:
                 k += 1
 
         results = {}
-        for direction in directions:
+        if directions == ["rr"]:
+            client.send(b"open")  # the flow
+            listener._on_readable()
+            drain(sink)
+            flow = next(iter(listener.flows))
+            port = flow.sock.getsockname()[1]
+            request = b"r" * 64
+            there = back = 0.0
+            rounds = 20 * burst
+            for _ in range(rounds):
+                client.send(request)
+                c0 = _cpu()
+                listener._on_readable()
+                there += _cpu() - c0
+                drain(sink)
+                sink.sendto(request, (topo.bridge_ip, port))
+                c0 = _cpu()
+                flow.on_readable()
+                back += _cpu() - c0
+                drain(client)
+            results["rr"] = {"round_trips": rounds, "cpu_us_per_round_trip": round(1e6 * (there + back) / rounds, 2),
+                             "to_target_us": round(1e6 * there / rounds, 2), "to_client_us": round(1e6 * back / rounds, 2)}
+        for direction in directions if directions != ["rr"] else []:
             cpu = 0.0
             total = 0
             for _ in range(10):

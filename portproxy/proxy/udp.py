@@ -112,7 +112,9 @@ class UdpFlow:
         """The same towards the client, learnt from the kernel's refusals (the listening
         socket is not connected: it has no route MTU to ask)."""
         _set_rcvbuf(sock, FLOW_RCVBUF)
-        self.gro = _enable_gro(sock)
+        self.gro: bool | None = None
+        """UDP_GRO on this socket: None until a wakeup finds more than one datagram (a
+        request/response flow reads without cmsgs), then whether the kernel took it."""
         self.lone = True
         """The last wakeup found one datagram: send the next one at once (see the module's
         docstring)."""
@@ -144,13 +146,17 @@ class UdpFlow:
                         listener.stats.send_errors[errno.errorcode.get(exc.errno or 0, "other")] += 1
                     continue
                 got += 1
-                batcher.add(self, n, listener._gso and (size or n) <= self.reply_gso_max, size)
                 if eager:
-                    batcher.flush()
                     eager = False
+                    if not size:  # nothing is gathered yet: the datagram is at the slot's start
+                        listener._reply(self, batcher.slot()[:n], n, 1)
+                        continue
+                batcher.add(self, n, listener._gso and (size or n) <= self.reply_gso_max, size)
         finally:
             batcher.flush()
         self.lone = got <= 1
+        if got > 1 and gro is None:
+            self.gro = _enable_gro(sock)
         if got:
             listener.flows.touch(self.client, listener.loop.time())
 
@@ -204,8 +210,11 @@ class UdpListener(Listener):
         self._sweeper: asyncio.TimerHandle | None = None
         self._gso = True
         """Batch runs of equal-sized datagrams with UDP_SEGMENT until the kernel refuses it."""
-        self._gro = False
-        """UDP_GRO is on for the listening socket: read with recvmsg for its cmsg."""
+        self._gro: bool | None = False
+        """UDP_GRO on the listening socket: False for an adopted one, None until a wakeup
+        finds more than one datagram, then whether the kernel took it."""
+        self._cmsgs = self._pktinfo
+        """Read with recvmsg, for PKTINFO or UDP_GRO's cmsg."""
         self._tuned = False
         self._lone = True
         """The last wakeup found one datagram: send the next one at once (see the module's
@@ -231,7 +240,7 @@ class UdpListener(Listener):
         if not self._tuned and self.owned:
             self._tuned = True
             _set_rcvbuf(self.sock, LISTENER_RCVBUF)
-            self._gro = _enable_gro(self.sock)
+            self._gro = None
         self._reading = True
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
         if self._sweeper is None:
@@ -284,7 +293,7 @@ class UdpListener(Listener):
         lookup = flows.get
         batcher = _TO_TARGET
         now = self.loop.time()
-        cmsgs = self._pktinfo or self._gro
+        cmsgs = self._cmsgs
         gso = self._gso
         eager = self._lone
         got = 0
@@ -316,13 +325,18 @@ class UdpListener(Listener):
                 elif flow is not batcher.flow:
                     flows.touch(client, now)  # (a run's later datagrams share its first one's time)
                 got += 1
-                batcher.add(flow, n, gso and (size or n) <= flow.gso_max, size)
                 if eager:
-                    batcher.flush()
                     eager = False
+                    if not size:  # nothing is gathered yet: the datagram is at the slot's start
+                        self._send(flow, batcher.slot()[:n], n, 1)
+                        continue
+                batcher.add(flow, n, gso and (size or n) <= flow.gso_max, size)
         finally:
             batcher.flush()
         self._lone = got <= 1
+        if got > 1 and self._gro is None:
+            self._gro = _enable_gro(sock)
+            self._cmsgs = self._pktinfo or self._gro
 
     def _send(self, flow: UdpFlow, data: memoryview, size: int, count: int) -> None:
         """Send ``count`` datagrams of ``size`` bytes (the last may be shorter) to the target:
