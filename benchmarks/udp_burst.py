@@ -90,8 +90,10 @@ def main() -> int:
                 flow.on_readable()
                 back += _cpu() - c0
                 drain(client)
-            results["rr"] = {"round_trips": rounds, "cpu_us_per_round_trip": round(1e6 * (there + back) / rounds, 2),
-                             "to_target_us": round(1e6 * there / rounds, 2), "to_client_us": round(1e6 * back / rounds, 2)}
+            results["rr"] = {"round_trips": rounds,
+                             "cpu_us_per_round_trip": round(1e6 * (there + back) / rounds, 2),
+                             "to_target_us": round(1e6 * there / rounds, 2),
+                             "to_client_us": round(1e6 * back / rounds, 2)}
         for direction in directions if directions != ["rr"] else []:
             cpu = 0.0
             total = 0
