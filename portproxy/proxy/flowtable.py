@@ -9,7 +9,7 @@ of the least recently active flow when the table is full in O(1) per datagram.
 from __future__ import annotations
 
 import collections
-from typing import Generic, Hashable, Iterator, Protocol, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, Protocol, TypeVar
 
 
 class Timed(Protocol):
@@ -23,7 +23,7 @@ F = TypeVar("F", bound=Timed)
 class FlowTable(Generic[F]):
     """At most ``max_flows`` flows; a flow idle for ``timeout`` seconds expires."""
 
-    __slots__ = ("max_flows", "timeout", "_flows")
+    __slots__ = ("max_flows", "timeout", "_flows", "get")
 
     def __init__(self, max_flows: int, timeout: float) -> None:
         if max_flows < 1:
@@ -33,6 +33,8 @@ class FlowTable(Generic[F]):
         self.max_flows = max_flows
         self.timeout = timeout
         self._flows: collections.OrderedDict[Hashable, F] = collections.OrderedDict()
+        self.get: Callable[[Hashable], F | None] = self._flows.get
+        """The flow of a key, or None: the dict's own method, once per datagram."""
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -43,9 +45,6 @@ class FlowTable(Generic[F]):
     def __iter__(self) -> Iterator[F]:
         """Least recently active first."""
         return iter(list(self._flows.values()))
-
-    def get(self, key: Hashable) -> F | None:
-        return self._flows.get(key)
 
     def touch(self, key: Hashable, now: float) -> None:
         """The flow carried a datagram at ``now`` (a flow no longer in the table is ignored)."""

@@ -7,7 +7,9 @@ boundaries while routing, netfilter and the bridge are paid once per run.
 :class:`Batcher` is plain data: the listener reads each datagram into :meth:`slot`
 (right behind the run being gathered, so nothing is copied on the fast path) and says
 whose it is; the batcher hands finished runs to ``send``. Nothing waits to fill a run:
-the listener flushes once the socket has nothing more queued.
+the listener flushes once the socket has nothing more queued. A socket with UDP_GRO
+hands over a run of one flow's datagrams in one receive (the segment size in a cmsg):
+it joins the run being gathered, or becomes one, exactly like that many single reads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ GSO_MAX_SEGMENTS = 64
 """UDP_MAX_SEGMENTS of older kernels."""
 
 F = TypeVar("F")
+
+
+def segments(n: int, size: int) -> int:
+    """How many datagrams ``n`` bytes read with segment size ``size`` hold (0: one)."""
+    return 1 if size <= 0 or size >= n else -(-n // size)
 
 Send = Callable[[F, memoryview, int, int], None]
 """send(flow, data, size, count): ``count`` datagrams of ``size`` bytes (the last may be
@@ -47,24 +54,39 @@ class Batcher(Generic[F]):
         """Where the next datagram must be read into."""
         return self._view[self._end:]
 
-    def add(self, flow: F, n: int, batchable: bool) -> None:
-        """The datagram just read into :meth:`slot` is ``n`` bytes of ``flow``'s.
+    def add(self, flow: F, n: int, batchable: bool, size: int = 0) -> None:
+        """The ``n`` bytes just read into :meth:`slot` are ``flow``'s: one datagram, or, with
+        ``0 < size < n``, a run of datagrams of ``size`` bytes (the last may be shorter) as
+        one UDP_GRO receive hands them over.
 
-        ``batchable``: it may go out in a GSO run (it fits the route's MTU and the
-        kernel does GSO); otherwise it is sent alone, after the run before it."""
-        if batchable and self._count and flow is self.flow and n <= self._size and self._count < self._max_segments \
-                and self._end + n <= self._max_bytes:
+        ``batchable``: they may go out in a GSO run (a segment fits the route's MTU and the
+        kernel does GSO); otherwise each is sent alone, after the run before them."""
+        if size <= 0 or size >= n:
+            size, count = n, 1
+        else:
+            count = -(-n // size)
+        if batchable and self._count and flow is self.flow and (size == self._size or (count == 1 and n < self._size)) \
+                and self._count + count <= self._max_segments and self._end + n <= self._max_bytes:
             self._end += n
-            self._count += 1
-            if n < self._size:  # a shorter datagram can only be a run's last
+            self._count += count
+            if n % self._size:  # a shorter datagram can only be a run's last
                 self.flush()
             return
         if self._count:
             self.cut(n)
-        if batchable:
-            self.flow, self._size, self._end, self._count = flow, n, n, 1
-        else:
-            self._send(flow, self._view[:n], n, 1)
+        if not batchable:
+            for offset in range(0, n, size):
+                end = min(offset + size, n)
+                self._send(flow, self._view[offset:end], end - offset, 1)
+        elif count <= self._max_segments and n <= self._max_bytes:
+            self.flow, self._size, self._end, self._count = flow, size, n, count
+            if count > 1 and n % size:
+                self.flush()
+        else:  # a received run larger than one send may carry: in pieces of whole segments
+            step = size * max(1, min(self._max_segments, self._max_bytes // size))
+            for offset in range(0, n, step):
+                end = min(offset + step, n)
+                self._send(flow, self._view[offset:end], size, -(-(end - offset) // size))
 
     def cut(self, n: int) -> None:
         """Send the run so far and move the ``n`` bytes just read to the front.

@@ -13,9 +13,8 @@ import pytest
 from tests.support import programs
 
 from tests.support.traffic import connect_expecting_close, echo_roundtrip, udp_endpoint
-from tests.support.metrics import http_get, sample
+from tests.support.metrics import METRICS_PORT, http_get, sample, scrape
 
-METRICS_PORT = 9779
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +24,6 @@ def prometheus() -> dict[str, list[str]]:
         return {name: programs.command(name) for name in ("prometheus", "promtool")}
     except programs.ToolUnavailable as exc:
         pytest.skip(str(exc))
-
-
-def scrape(ns) -> str:
-    return http_get(ns, METRICS_PORT, "/metrics")
 
 
 async def _echo(topo, port: int, payload: bytes) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 
+from tests.support.metrics import sample, scrape
 from tests.support.traffic import check_udp_backend_appears_later, udp_endpoint
+
+from portproxy.proxy.udpcmsg import segment_cmsg
 
 
 async def _whoami(client, host: str, port: int) -> str:
@@ -136,3 +140,105 @@ async def test_queued_datagrams_keep_their_boundaries_and_order(topo, portproxy)
         data, source = await sink.recv()
         received.setdefault(source[1], []).append(data)
     assert sorted(received.values()) == sorted(sent)
+
+
+def _gso_send(sock: socket.socket, grams: list[bytes], to: tuple | None = None) -> None:
+    """One send of a run of equal-sized datagrams (the last may be shorter), as QUIC stacks send."""
+    cmsg = [segment_cmsg(len(grams[0]))] if len(grams) > 1 else []
+    if to is None:
+        sock.sendmsg([b"".join(grams)], cmsg)
+    else:
+        sock.sendmsg([b"".join(grams)], cmsg, 0, to)
+
+
+def _numbered(tag: bytes, start: int, size: int, count: int, last: int | None = None) -> list[bytes]:
+    grams = [(tag + b"%04d:" % (start + i) + os.urandom(size))[:size] for i in range(count)]
+    if last is not None:
+        grams[-1] = grams[-1][:last]
+    return grams
+
+
+def test_gso_runs_both_ways_arrive_whole_in_order_and_counted(topo, portproxy) -> None:
+    """A sender's GSO runs reach the proxy coalesced (its sockets take UDP_GRO) and leave
+    it as runs again, both ways: every datagram still arrives on its own, whole, in order,
+    and the counters count datagrams, not receives."""
+    server = topo.container.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("0.0.0.0", 5356))
+    server.settimeout(5)
+    portproxy("map", f"5356:{topo.container_ip}:5356/udp", "--metrics-addr")
+    client = topo.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(5)
+    client.connect((topo.host_ip, 5356))
+    runs = [_numbered(b"c", 0, 1000, 20), _numbered(b"c", 20, 1200, 8, last=500), _numbered(b"c", 28, 1400, 1),
+            _numbered(b"c", 29, 1200, 44)]
+    for run in runs:
+        _gso_send(client, run)
+    sent = [g for run in runs for g in run]
+    got = [server.recvfrom(65535) for _ in sent]
+    assert [data for data, _ in got] == sent
+    flow = got[0][1]
+    assert {source for _, source in got} == {flow}  # one flow
+
+    replies = [_numbered(b"s", 0, 1100, 30), _numbered(b"s", 30, 1100, 5, last=3), _numbered(b"s", 35, 700, 64)]
+    for run in replies:
+        _gso_send(server, run, flow)
+    back = [g for run in replies for g in run]
+    received = [client.recvfrom(65535) for _ in back]
+    assert [data for data, _ in received] == back
+    assert {source for _, source in received} == {(topo.host_ip, 5356)}
+
+    text = scrape(topo.host)
+    udp = {"proto": "udp", "listen": "*:5356", "target": f"{topo.container_ip}:5356"}
+    assert sample(text, "portproxy_udp_datagrams_total", direction="to_target", **udp) == len(sent)
+    assert sample(text, "portproxy_udp_datagrams_total", direction="to_client", **udp) == len(back)
+    assert sample(text, "portproxy_bytes_total", direction="to_target", path="userland", **udp) == sum(map(len, sent))
+    assert sample(text, "portproxy_bytes_total", direction="to_client", path="userland", **udp) == sum(map(len, back))
+    assert sample(text, "portproxy_udp_flows_total", event="created", **udp) == 1
+
+
+def test_reply_runs_wider_than_the_clients_route_still_arrive(topo, portproxy) -> None:
+    """A reply run whose datagrams do not fit the route back to the client unfragmented
+    cannot go out as one GSO send; each datagram goes alone (fragmented) and arrives whole."""
+    with topo.host.netlink() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="vout")[0], mtu=1280)
+    with topo.client.netlink() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="eth0")[0], mtu=1280)
+    server = topo.container.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("0.0.0.0", 5356))
+    server.settimeout(5)
+    portproxy("map", f"5356:{topo.container_ip}:5356/udp", "--metrics-addr")
+    client = topo.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(5)
+    client.connect((topo.host_ip, 5356))
+    client.send(b"hello")
+    _, flow = server.recvfrom(100)
+    for _ in range(2):  # the second run: the flow knows the limit already
+        run = _numbered(b"s", 0, 1400, 10) + _numbered(b"t", 0, 200, 3)
+        _gso_send(server, run[:10], flow)
+        _gso_send(server, run[10:], flow)
+        assert [client.recv(65535) for _ in run] == run
+    udp = {"proto": "udp", "listen": "*:5356", "target": f"{topo.container_ip}:5356"}
+    assert sample(scrape(topo.host), "portproxy_udp_datagrams_total", direction="to_client", **udp) == 26
+
+
+def test_runs_to_a_target_whose_route_narrowed_still_arrive(topo, portproxy) -> None:
+    """The route to the target gets a smaller MTU after the flow was opened: its GSO runs
+    are refused, and each datagram goes alone (fragmented) and arrives whole."""
+    server = topo.container.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("0.0.0.0", 5356))
+    server.settimeout(5)
+    portproxy("map", f"5356:{topo.container_ip}:5356/udp")
+    client = topo.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(5)
+    client.connect((topo.host_ip, 5356))
+    client.send(b"hello")
+    server.recvfrom(100)
+    with topo.host.netlink() as ipr:
+        for dev in (topo.bridge, topo.container_port):
+            ipr.link("set", index=ipr.link_lookup(ifname=dev)[0], mtu=1280)
+    with topo.container.netlink() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="eth0")[0], mtu=1280)
+    for _ in range(2):
+        run = _numbered(b"c", 0, 1400, 10)
+        _gso_send(client, run)
+        assert [server.recv(65535) for _ in run] == run

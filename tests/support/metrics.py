@@ -28,3 +28,12 @@ def sample(text: str, name: str, **labels: str) -> float | None:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+METRICS_PORT = 9779
+"""Where ``--metrics-addr`` without a value serves."""
+
+
+def scrape(ns) -> str:
+    """The /metrics page of a process serving on the default metrics address in ``ns``."""
+    return http_get(ns, METRICS_PORT, "/metrics")
