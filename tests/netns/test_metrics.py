@@ -16,7 +16,6 @@ from tests.support.traffic import connect_expecting_close, echo_roundtrip, udp_e
 from tests.support.metrics import METRICS_PORT, http_get, sample, scrape
 
 
-
 @pytest.fixture(scope="module")
 def prometheus() -> dict[str, list[str]]:
     """Debian's prometheus and promtool, unpacked into the tool cache (setup.sh fetches them)."""
