@@ -92,6 +92,11 @@ def run_client(args: Any) -> int:
         if args.command == "ls":
             body = call(sock, "GET", "/v1/mappings")
             print(json.dumps(body, indent=2) if args.json else format_table(body["mappings"]))
+            daemon = body.get("daemon") or {}
+            if not args.json and daemon.get("state_save_error"):
+                print(f"daemon: {daemon['state_save_error']} (serving on, retrying)")
+            if not args.json and daemon.get("routing_problem"):
+                print(f"daemon: transparent mode: {daemon['routing_problem']}")
         elif args.command == "add":
             body = call(sock, "POST", "/v1/mappings", json={"spec": args.spec, "mode": args.mode, **args.options})
             print(json.dumps(body) if args.json else f"added {body['spec']} ({body['mode']})")

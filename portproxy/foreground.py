@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, TextIO
 
 from . import offloop
 from .errors import PortproxyError
-from .proxy import ProxyOptions, ProxyServer
+from .proxy import ProxyOptions
 from .proxy.server import ProxyError, listener_name
 from .spec import Mapping
 
 if TYPE_CHECKING:
+    from .controller.config import Mode
+    from .controller.realiser import Realiser
     from .kernel.builders import KernelOptions
-    from .kernel.path import KernelPath
     from .kernel.transparent import SharedRouting
     from .kernel.transparent_rules import TransparentOptions
     from .metrics import MappingSnapshot
@@ -82,106 +83,90 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
 
     ``transparent``: the routing of transparent mode (``--source client``), installed
     before the first listener and removed after the last connection is gone."""
+    from .kernel.builders import KernelOptions
+
     stop = stop_signal()
-    routing = None
-    if transparent is not None:
-        try:
-            routing = await start_transparent(transparent)
-        except PortproxyError as exc:
-            print(f"portproxy: {exc}", file=sys.stderr)
-            return 1
-    server = ProxyServer(asyncio.get_running_loop(), options)
+    realiser, steps = _realiser(mappings, "userland", options, KernelOptions(), transparent=transparent)
+    proxy = realiser.proxy
 
     def snapshot() -> list["MappingSnapshot"]:
         # Imported here, when the first scrape comes: without --metrics-addr the process
         # never loads prometheus-client (a few MiB of resident memory).
         from .metrics.snapshot import mapping_snapshot
 
-        stats = dict(server.stats)  # one atomic copy: the loop thread may add to it
+        stats = dict(proxy.stats)  # one atomic copy: the loop thread may add to it
         return [mapping_snapshot(m, "userland", stats, {}) for m in mappings]
 
     try:
-        for mapping in mappings:
-            for part in mapping.per_family():
-                server.add(part)
+        await realiser.run(steps)
         metrics = _start_metrics(metrics_addr, snapshot)
-    except ProxyError as exc:
+    except PortproxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
-        await server.stop(drain_timeout=0)
-        await stop_transparent(routing)
+        await realiser.stop(keep_kernel_rules=True, drain_timeout=0)
         return 1
     for mapping in mappings:
         for part in mapping.per_family():
             print_ready(part, out)
     signum = await stop
     log.info("%s: draining %d connection(s) for up to %gs", signal.Signals(signum).name,
-             server.connection_count(), options.drain_timeout)
-    await server.stop()
-    await stop_transparent(routing)
+             proxy.connection_count(), options.drain_timeout)
+    await realiser.stop(keep_kernel_rules=True)
     if metrics is not None:
         metrics.shutdown()  # type: ignore[attr-defined]
     return 0
 
 
-def _remove_kernel(path: "KernelPath", mappings: list[Mapping]) -> None:
-    try:
-        path.teardown()
-        path.forget_udp_flows(mappings, translated=False)
-    finally:
-        path.close()
+def _realiser(mappings: list[Mapping], mode: "Mode", options: ProxyOptions, kernel: "KernelOptions",
+              set_sysctls: bool = False, transparent: "TransparentOptions | None" = None) -> tuple["Realiser", list]:
+    """The daemon's realiser for this process's mappings, and the plan that starts them all."""
+    from .controller import plan
+    from .controller.config import DaemonOptions
+    from .controller.realiser import Realiser
+
+    realiser = Realiser(asyncio.get_running_loop(), DaemonOptions(proxy=options, kernel=kernel,
+                                                                  set_sysctls=set_sysctls), transparent)
+    target = plan.Target(options, transparent=transparent is not None)
+    return realiser, plan.foreground(mappings, mode, target, kernel)
 
 
 async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls: bool,
                      out: TextIO = sys.stdout, metrics_addr: str | None = None,
                      proxy_options: ProxyOptions = ProxyOptions()) -> int:
-    """Install the mappings as nftables rules, hold them until a stop signal, then remove them."""
-    from .kernel.executor import NftError
-    from .kernel.path import KernelPath
+    """Install the mappings as nftables rules, hold them until a stop signal, then remove them.
+
+    The published ports are held (bound, not listening) for as long as the DNAT is in,
+    so no other program can take them: a port someone else holds is refused here too.
+    A family DNAT cannot translate (an IPv6 client to an IPv4 target) is proxied."""
     from .kernel.builders import why_not_translated
     from .metrics import MappingSnapshot
     from .metrics.snapshot import KernelCounterReader, mapping_snapshot
 
     stop = stop_signal()
-    # The published ports are held (bound, not listening) for as long as the DNAT is in,
-    # so no other program can take them: a port someone else holds is refused here too.
-    # A family DNAT cannot translate (an IPv6 client to an IPv4 target) is proxied by it.
-    holder = ProxyServer(asyncio.get_running_loop(), proxy_options)
-    parts = [part for mapping in mappings for part in mapping.per_family()]
-    translated = [part for part in parts if not why_not_translated(part, opts)]
+    realiser, steps = _realiser(mappings, "kernel", proxy_options, opts, set_sysctls)
     try:
-        for part in parts:
-            holder.add(part, serve=part not in translated)
-        path = await offloop.run(KernelPath, opts)
-        await offloop.run(
-            lambda: path.apply(translated, replace=True, set_sysctls=set_sysctls, forget_udp=True))
+        await realiser.run(steps)
     except PortproxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
-        await holder.stop(drain_timeout=0)
+        await realiser.stop(keep_kernel_rules=True, drain_timeout=0)  # the failed plan took its DNAT out
         return exc.exit_status
     reader = KernelCounterReader(opts)
 
     def snapshot() -> list[MappingSnapshot]:
-        counters = reader.read(dict(path.ids))
-        stats = dict(holder.stats)
+        counters = reader.read(realiser.kernel_ids())
+        stats = dict(realiser.proxy.stats)
         return [mapping_snapshot(m, "kernel", stats, counters) for m in mappings]
 
     try:
         metrics = _start_metrics(metrics_addr, snapshot)
     except ProxyError as exc:
         print(f"portproxy: {exc}", file=sys.stderr)
-        await offloop.run(_remove_kernel, path, translated)
-        await holder.stop(drain_timeout=0)
+        await realiser.stop(keep_kernel_rules=False, drain_timeout=0)
         return 1
-    for part in parts:
-        print_ready(part, out, " (kernel)" if part in translated else f" (userland: {why_not_translated(part, opts)})")
+    for mapping in mappings:
+        for part in mapping.per_family():
+            reason = why_not_translated(part, opts)
+            print_ready(part, out, f" (userland: {reason})" if reason else " (kernel)")
     await stop
     if metrics is not None:
         metrics.shutdown()  # type: ignore[attr-defined]
-    try:
-        await offloop.run(_remove_kernel, path, translated)
-    except NftError as exc:
-        print(f"portproxy: removing the rules failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        await holder.stop(drain_timeout=0)
-    return 0
+    return 0 if await realiser.stop(keep_kernel_rules=False, drain_timeout=0) else 1

@@ -10,6 +10,7 @@ dies), so a stale lock file never blocks a restart.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -25,21 +26,41 @@ class AlreadyRunning(Conflict):
     pass
 
 
+UNWRITABLE = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+"""Why a lock file may not be creatable in a directory that is there."""
+
+
 def take_lock(path: Path, what: str) -> int:
     """Lock ``path`` (created if needed) for this process's life; return the fd to keep."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise SystemFailure(f"cannot create {path}: {exc.strerror}") from None
+        if exc.errno not in UNWRITABLE or not path.parent.is_dir():
+            raise SystemFailure(f"cannot create {path}: {exc.strerror}") from None
+        # A full or read-only directory: lock the file read-only if it is there, else the
+        # directory itself, so that a readable state still starts.
+        try:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc2:
+            raise SystemFailure(f"cannot create {path}: {exc2.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
         os.close(fd)
         raise AlreadyRunning(f"another portproxy (pid {holder}) is using {what}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:  # who holds it, for the refusal of a second taker; the lock holds without it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # a full disk (or a locked directory: EISDIR) must not stop a start
     return fd
 
 
@@ -72,6 +93,6 @@ def release_lock(path: Path, fd: int) -> None:
     """Give a lock up for good: the file goes first (a new owner makes a new one), then the fd."""
     try:
         path.unlink()
-    except FileNotFoundError:
-        pass
+    except OSError:
+        pass  # gone already, or a read-only directory (then the fd held the lock)
     os.close(fd)

@@ -184,7 +184,7 @@ def withdrawal(state: State, mappings: list[Mapping], opts: KernelOptions) -> li
     return removal(state, doomed, marks, opts) if doomed else []
 
 
-def _host_port(id_map: str, key: tuple[Any, ...]) -> tuple[tuple[int, str, int], Any]:
+def host_port_of(id_map: str, key: tuple[Any, ...]) -> tuple[tuple[int, str, int], Any]:
     """((family, protocol, port), host address or None) of an element key of ``id_map``."""
     family = 4 if id_map.startswith("id4") else 6
     return (family, key[-2], key[-1]), (key[0] if len(key) == 3 else None)
@@ -222,18 +222,18 @@ class NftBackend:
             mine, my_marks = state.owned_by(lambda t: t == token)
             held: dict[tuple[int, str, int], list[tuple[Any, str | None]]] = {}
             for e in state.entries:
-                port, address = _host_port(e.id_map, e.key)
+                port, address = host_port_of(e.id_map, e.key)
                 held.setdefault(port, []).append((address, state.owners.get(e.mark)))
             # The daemon's table: its own mappings, and those of a daemon that is away (its
             # rules kept, or crashed) -- but not this very target, which is this container's.
             targets = {(str(m.target_ip), port) for m in mappings for _, _, port in builders.element_keys(m)}
             for e in read_state(self.nft, DAEMON).entries:
                 if (e.target, e.target_port) not in targets:
-                    port, address = _host_port(e.id_map, e.key)
+                    port, address = host_port_of(e.id_map, e.key)
                     held.setdefault(port, []).append((address, "the portproxy daemon's table"))
             for m in mappings:
                 for name, key, _ in builders.element_keys(m):
-                    port, address = _host_port(name, key)
+                    port, address = host_port_of(name, key)
                     for other_address, other in held.get(port, []):
                         # An all-addresses mapping shadows every address-specific one of its port.
                         if other != token and (address is None or other_address is None or address == other_address):

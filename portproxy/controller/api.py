@@ -3,7 +3,8 @@
     curl --unix-socket /run/portproxy/portproxy.sock http://portproxy/v1/mappings
 
 =======  ===========================  =========================================
-GET      /v1/mappings                 list, with mode, counters, live connections
+GET      /v1/mappings                 list, with mode, counters, live connections;
+                                      ``daemon``: whether the state is saved
 POST     /v1/mappings                 {"spec": "...", "mode": "userland"} → 201
 DELETE   /v1/mappings?name=NAME       NAME: full spec or HOST_PORT[/PROTO]
 POST     /v1/mappings/switch          {"name": "...", "mode": "kernel"}
@@ -11,7 +12,8 @@ PUT      /v1/owners/mappings          {"owner": {...}, "mappings": [...]}: a CNI
                                       owner's whole set, one kernel transaction
 POST     /v1/reload                   re-read the config file, apply the difference
 GET      /v1/health                   cheap: mapping counts, failed ones, the
-                                      last problem found with the nft table
+                                      last problem found with the nft table, a
+                                      failing save of the state
 =======  ===========================  =========================================
 
 A POST body takes the same keys as a ``[[mapping]]`` table of the config (``spec``,
@@ -57,7 +59,8 @@ from aiohttp import web
 
 from ..errors import BadInput, PortproxyError
 from .config import parse_mapping_entry
-from .core import Controller, source_of
+from .core import Controller
+from .entry import source_of
 
 log = logging.getLogger("portproxy.api")
 
@@ -138,12 +141,10 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
 
     async def health(request: web.Request) -> web.Response:
         """What a probe needs without the listing's cost (no kernel counters are read)."""
-        entries = controller.entries.values()
-        return web.json_response({"mappings": len(entries), "failed": sum(e.status == "failed" for e in entries),
-                                  "kernel_problem": controller.kernel_problem})
+        return web.json_response(controller.health())
 
     async def list_mappings(request: web.Request) -> web.Response:
-        return web.json_response({"mappings": await controller.describe()})
+        return web.json_response({"mappings": await controller.describe(), "daemon": controller.daemon_status()})
 
     async def add_mapping(request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -151,7 +152,7 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
         mapping, settings = parse_mapping_entry(body, "request")
         source = source_of(owner) if isinstance(owner, dict) else "api"
         mapping = await controller.add(mapping, settings, source=source, owner=owner)
-        return web.json_response({"spec": str(mapping), "mode": controller.entries[mapping].mode}, status=201)
+        return web.json_response({"spec": str(mapping), "mode": controller.mode_of(mapping)}, status=201)
 
     async def remove_mapping(request: web.Request) -> web.Response:
         owner = request.query.get("owner")
@@ -170,7 +171,7 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
         if unknown:
             raise BadInput(f"unknown field(s) {', '.join(map(repr, unknown))}")
         mapping = await controller.switch(_field(body, "name"), _field(body, "mode"))
-        return web.json_response({"spec": str(mapping), "mode": controller.entries[mapping].mode})
+        return web.json_response({"spec": str(mapping), "mode": controller.mode_of(mapping)})
 
     async def declare_owned(request: web.Request) -> web.Response:
         body = await _json_body(request.clone(client_max_size=MAX_BATCH_BODY))

@@ -23,7 +23,6 @@ every problem is one line naming the file, the entry and the reason.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +76,11 @@ class Settings:
         overrides = tuple(sorted((k, v) for k, v in values.items() if k != "mode"))
         return cls(values.get("mode", "userland"), overrides)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, **dict(self.overrides)}
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     options: DaemonOptions
     mappings: dict[Mapping, Settings]
-
-
-def parse_mode(value: Any, where: str = "mode") -> Mode:
-    return schema.check("mode", value, where)  # type: ignore[no-any-return]
 
 
 def parse_mapping_entry(entry: Any, where: str) -> tuple[Mapping, Settings]:
@@ -109,6 +101,8 @@ def parse_mapping_entry(entry: Any, where: str) -> tuple[Mapping, Settings]:
 
 
 def parse_config(text: str, where: str = "config") -> Config:
+    import tomllib  # here: portproxy map uses DaemonOptions and never reads a config
+
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

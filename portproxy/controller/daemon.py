@@ -18,7 +18,6 @@ from ..defaults import DEFAULT_CONFIG
 from ..errors import PortproxyError, SystemFailure
 from ..foreground import stop_signal
 from ..metrics import DEFAULT_METRICS_ADDR, MappingCollector, start_metrics_server
-from ..options import MODES
 from ..systemd import Notifier, listen_fds
 from .api import PeerPolicy, build_app, serve_api
 from .config import load_config
@@ -28,15 +27,6 @@ from .delegate import DelegateServer, delegate_path
 from .state import StateStore
 
 log = logging.getLogger("portproxy")
-
-
-def summary(controller: Controller) -> str:
-    """One line for STATUS= and the ready line: how many mappings on which path."""
-    modes = [e.mode for e in controller.entries.values()]
-    failed = sum(1 for e in controller.entries.values() if e.status == "failed")
-    parts = ", ".join(f"{modes.count(m)} {m}" for m in MODES if modes.count(m))
-    return (f"{len(modes)} mapping(s){': ' + parts if parts else ''}{f', {failed} failed' if failed else ''}; "
-            f"{controller.proxy.connection_count()} connection(s)")
 
 
 async def run_serve(config_path: Path, state_dir: Path, socket_path: Path, metrics_arg: str | None = "config") -> int:
@@ -71,7 +61,7 @@ async def _serve(config_path: Path, state_dir: Path, socket_path: Path, metrics_
         if metrics_addr:
             metrics = _start_metrics(metrics_addr, controller)
         for sock in listen_fds():
-            proto, ip, port = controller.proxy.adopt(sock)
+            proto, ip, port = controller.adopt_socket(sock)
             log.info("adopted a passed %s socket on %s port %d", proto, ip, port)
         errors = await controller.start(config)
     except BaseException:
@@ -85,7 +75,7 @@ async def _serve(config_path: Path, state_dir: Path, socket_path: Path, metrics_
         raise
     for error in errors:
         log.error("not running: %s", error)
-    controller.on_change = lambda: notifier.status(summary(controller))
+    controller.on_change = lambda: notifier.status(controller.summary())
     reloads: set[asyncio.Task] = set()
 
     def on_sighup() -> None:
@@ -95,13 +85,13 @@ async def _serve(config_path: Path, state_dir: Path, socket_path: Path, metrics_
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     # Every configured mapping that could start is accepting now: tell systemd, then the user.
-    notifier.ready(summary(controller))
-    print(f"ready {summary(controller)}; control socket {socket_path}", flush=True)
+    notifier.ready(controller.summary())
+    print(f"ready {controller.summary()}; control socket {socket_path}", flush=True)
     watchdog = _start_watchdog(loop, notifier)
 
     signum = await stop
     notifier.stopping()
-    log.info("%s: stopping; draining %d connection(s)", signal.Signals(signum).name, controller.proxy.connection_count())
+    log.info("%s: stopping; draining %d connection(s)", signal.Signals(signum).name, controller.connection_count())
     if watchdog is not None:
         watchdog.cancel()
     await runner.cleanup()
@@ -137,7 +127,7 @@ async def _reload(controller: Controller, config_path: Path, notifier: Notifier)
         log.exception("reload failed")
         return {"errors": [f"internal error: {exc}"]}
     finally:
-        notifier.ready(summary(controller))
+        notifier.ready(controller.summary())
     counts = {k: len(v) for k, v in report.items()}
     (log.error if report.get("errors") else log.info)("reloaded %s: %s", config_path, counts)
     return report

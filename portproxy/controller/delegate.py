@@ -187,7 +187,7 @@ class DelegateServer:
                 raise BadInput(f"the request must carry exactly one socket, not {len(sockets)}")
             check_namespace(sockets[0], pid)
             check_socket(mapping, sockets[0])
-            if any(e.owner and e.owner.get("id") == owner["id"] for e in self.controller.entries.values()):
+            if self.controller.has_owner(owner["id"]):
                 raise Conflict(f"owner id {shorten(owner['id'], 80)} is in use: each connection needs its own")
             await self.controller.add(mapping, settings, source="docker", owner=owner,
                                       sockets={mapping.host_port: sockets[0]})

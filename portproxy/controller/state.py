@@ -77,6 +77,7 @@ class StateStore:
         return result
 
     def save(self, entries: list[SavedEntry]) -> None:
+        """Replace the state with ``entries``; OSError (and the old state intact) when the disk refuses."""
         self.directory.mkdir(parents=True, exist_ok=True)
         items: list[dict[str, Any]] = []
         for e in sorted(entries, key=lambda e: e.mapping.sort_key()):
@@ -89,11 +90,18 @@ class StateStore:
                 item["id"] = e.kernel_id
             items.append(item)
         tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"version": VERSION, "mappings": items}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"version": VERSION, "mappings": items}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)  # a refused write leaves nothing behind
+            except OSError:
+                pass
+            raise
         fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)

@@ -13,7 +13,7 @@ import logging
 from typing import Iterable
 
 from ..spec import Mapping
-from . import builders, conntrack, hairpin, sysctls
+from . import builders, conntrack, sysctls
 from .builders import MAX_DAEMON_ID, KernelOptions, check_mapping
 from .executor import Nft, NftError
 from .ids import IdsExhausted, allocate_ids
@@ -42,8 +42,6 @@ class KernelCounters:
     @property
     def bytes(self) -> int:
         return self.bytes_to_target + self.bytes_to_client
-
-
 
 
 class KernelPath:
@@ -76,20 +74,17 @@ class KernelPath:
 
     # --- the one transaction ----------------------------------------------------------
     def apply(self, add: Iterable[Mapping] = (), remove: Iterable[Mapping] = (), *, set_sysctls: bool = False,
-              replace: bool = False, preferred_ids: dict[Mapping, int] | None = None,
-              forget_udp: bool = False, set_hairpin: bool = True) -> None:
-        """The one kernel transaction: sysctls → nft batch → hairpin → conntrack.
+              replace: bool = False, preferred_ids: dict[Mapping, int] | None = None) -> None:
+        """The one kernel transaction: sysctls, then one nft batch.
 
         Every caller (``portproxy map --mode kernel``, the daemon's start, add, switch,
-        reload and reconcile) goes through here, with one rollback: if a step fails, the
-        nft batch is undone and the bookkeeping is as before. ``replace`` rewrites the
+        declare and reconcile) goes through here. A refused batch changes nothing, and the
+        bookkeeping changes only after libnftables accepted it. ``replace`` rewrites the
         whole table with the result (start, reconcile); otherwise the change is
-        incremental, falling back to a full rewrite when the table has gone (someone
-        ran ``nft flush ruleset``). ``forget_udp`` deletes the changed ports' stale UDP
-        conntrack entries at the end (the daemon does that itself once a move is over).
-        ``set_hairpin=False`` leaves the targets' bridge ports alone: a CNI network's bridge
-        plugin owns that setting (its ``hairpinMode``, as with ``portmap``), and the lookup
-        was 8 of the 14 ms a one-port CNI ADD spent here.
+        incremental, falling back to a full rewrite when the table has gone (someone ran
+        ``nft flush ruleset``). What the rules need besides (hairpin mode on bridge ports,
+        deleting stale UDP conntrack entries) is the caller's: the daemon's realiser runs
+        them as steps it can undo.
         Blocks on netlink: call from the worker thread.
         """
         remove_list = [m for m in dict.fromkeys(remove) if m in self.ids]
@@ -122,26 +117,6 @@ class KernelPath:
             if commands:
                 self._nft.apply(commands)
         self.ids = desired
-        try:
-            if set_hairpin:
-                hairpin.enable_for(add_list)
-        except BaseException:
-            self._undo(old)
-            raise
-        if forget_udp:
-            self.forget_udp_flows(add_list, translated=True)
-            self.forget_udp_flows(remove_list, translated=False)
-
-    def _undo(self, old: dict[Mapping, int]) -> None:
-        try:
-            self._nft.apply(builders.full_table(old.items(), self.opts) if old else builders.delete_table(self.opts))
-            self.ids = old
-        except NftError as exc:
-            log.error("rolling back the nft table failed: %s", exc)
-
-    def install(self, mappings: list[Mapping]) -> None:
-        """Replace the whole table with exactly ``mappings`` in one atomic batch."""
-        self.apply(mappings, replace=True)
 
     def teardown(self) -> None:
         """Delete the table (and everything in it)."""
@@ -218,10 +193,6 @@ class KernelPath:
             return 0
         ports = [(m.host_port, m.host_port_end) for m in udp]
         return conntrack.delete_udp_flows(ports, translated, targets={str(m.target_ip) for m in udp})
-
-    @staticmethod
-    def enable_hairpin(mappings: list[Mapping]) -> list[str]:
-        return hairpin.enable_for(mappings)
 
     # --- reading ------------------------------------------------------------------------
     def counters(self) -> dict[Mapping, KernelCounters]:

@@ -45,6 +45,14 @@ class MappingCollector(Collector):
                                              "Times the nft table was found deleted or altered and reinstalled")
             reconciles.add_metric([], counters.get("kernel_reconciles", 0))
             yield reconciles
+            failing = GaugeMetricFamily("portproxy_state_save_failing",
+                                        "1 while the daemon serves a state the disk refused to save (retried)")
+            failing.add_metric([], counters.get("state_save_failing", 0))
+            yield failing
+            save_failures = CounterMetricFamily("portproxy_state_save_failures",
+                                                "Saves of the daemon's state the disk refused")
+            save_failures.add_metric([], counters.get("state_save_failures", 0))
+            yield save_failures
 
         mode = GaugeMetricFamily("portproxy_mapping_mode", "1 for the path a mapping runs on", labels=BASE + ["mode"])
         failed = GaugeMetricFamily("portproxy_mapping_failed",

@@ -146,9 +146,9 @@ def test_reapplying_gives_no_duplicates(topo) -> None:
         import nftables
 
         path = KernelPath(KernelOptions())
-        path.install(mappings)
+        path.apply(mappings, replace=True)
         once = nftables.Nftables().cmd("list ruleset")[1]
-        path.install(mappings)
+        path.apply(mappings, replace=True)
         twice = nftables.Nftables().cmd("list ruleset")[1]
         path.teardown()
         return once, twice
@@ -165,7 +165,7 @@ def test_failed_batch_changes_nothing(topo) -> None:
         import nftables
 
         path = KernelPath(KernelOptions())
-        path.install([parse_spec(f"9090:{topo.container_ip}:8080")])
+        path.apply([parse_spec(f"9090:{topo.container_ip}:8080")], replace=True)
         before = nftables.Nftables().cmd("list ruleset")[1]
         bad = builders.add_mappings([(parse_spec(f"9091:{topo.container_ip}:8080"), 2)], path.opts)
         assert bad[0]["add"]["element"]["name"] == "id4_any"

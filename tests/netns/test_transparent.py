@@ -217,7 +217,7 @@ def test_a_shadowing_rule_added_later_is_the_routings_problem(topo) -> None:
 
 
 async def test_the_daemon_keeps_a_shadowed_mapping_as_failed(topo, daemon) -> None:
-    from test_controller import ls
+    from tests.support.control import ls
 
     ip_rule(topo, "add", *SHADOW)
     start, cli = daemon
@@ -226,6 +226,34 @@ async def test_the_daemon_keeps_a_shadowed_mapping_as_failed(topo, daemon) -> No
     entry = listing[f"0.0.0.0:9090:{topo.container_ip}:8080/tcp"]
     assert entry["status"] == "failed" and SHADOW_NAMED in entry["error"], entry
     assert host_state(topo)["rules"] == []
+
+
+async def test_the_daemons_reconcile_finds_a_shadowing_rule_added_later(topo, daemon) -> None:
+    """The check runs in the reconcile loop too: a rule added after the start is named in
+    /v1/health and ``ls``, logged once, left alone (reinstalling cannot help), and the
+    problem clears when the rule goes."""
+    from tests.support.control import curl, wait_for
+
+    start, cli = daemon
+    proc = start(f'[[mapping]]\nspec = "0.0.0.0:9090:{topo.container_ip}:8080"\nsource = "client"\n')
+
+    def routing_problem() -> str | None:
+        status, body = curl(start.socket, path="/v1/health")
+        assert status == 200, body
+        return body["routing_problem"]
+
+    assert routing_problem() is None
+    ip_rule(topo, "add", *SHADOW)
+    await wait_for(lambda: routing_problem() is not None, what="the reconcile loop to find the rule")
+    assert SHADOW_NAMED in routing_problem()
+    shown = cli("ls")
+    assert shown.returncode == 0 and SHADOW_NAMED in shown.stdout, shown.stdout
+    rules = topo.host.popen(["ip", "rule", "show", "pref", "100"], stdout=subprocess.PIPE, text=True).communicate()[0]
+    assert "fwmark 0x1d000000/0xff000000 lookup main" in rules  # the other program's rule is left alone
+    ip_rule(topo, "del", *SHADOW)
+    await wait_for(lambda: routing_problem() is None, what="the problem to clear")
+    proc.stop()
+    assert proc.stderr.count(SHADOW_NAMED) == 1, proc.stderr  # one line per change, not per check
 
 
 def _lock_path(topo) -> str:

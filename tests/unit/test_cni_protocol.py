@@ -526,7 +526,7 @@ def test_api_mappings_publish_only_the_container_families() -> None:
 
 def test_adoption_reads_back_what_the_plugin_wrote() -> None:
     """Every element of a mapping, as the table holds it, joins back into that mapping."""
-    from portproxy.cni.adopt import mappings_of, owner_of_token
+    from portproxy.controller.adopt import mappings_of, owner_of_token
     from portproxy.cni.table import Entry, State
     from portproxy.kernel import builders
     from portproxy.spec import parse_spec
@@ -570,7 +570,7 @@ def test_departures_commands_and_read_back() -> None:
 def test_departed_attachments_leave_the_saved_state() -> None:
     from types import SimpleNamespace
 
-    from portproxy.cni.adopt import drop_departed
+    from portproxy.controller.adopt import drop_departed
 
     def entry(source: str, cid: str) -> SimpleNamespace:
         return SimpleNamespace(source=source, owner={"kind": source, "id": cid, "ifname": "eth0", "network": "net1"})

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portproxy.controller.config import Settings
-from portproxy.controller.core import plan_owned
+from portproxy.controller.plan import declare as plan_owned
 from portproxy.kernel.builders import KernelOptions
 from portproxy.spec import SpecError, _listen_key_overlaps, check_no_overlap, parse_spec
 

@@ -1,4 +1,4 @@
-"""A daemon starting later adopts what the plugin installed without it (issue 15).
+"""A daemon starting later adopts what the CNI plugin installed without it.
 
 ``portproxy serve`` calls :func:`read_all` at start, registers each mapping as a ``cni``
 entry (persisted, kernel path), installs its own table, and only then calls
@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterable
 from ..kernel.builders import KernelOptions
 from ..kernel.executor import Nft, NftError
 from ..spec import WILDCARDS, Mapping, SpecError, check_no_overlap
-from . import departures
-from .protocol import CniError, Owner, token_network
-from .table import TABLE, NftBackend, State, _host_port, read_state
+from ..cni import departures
+from ..cni.protocol import CniError, Owner, token_network
+from ..cni.table import TABLE, NftBackend, State, host_port_of, read_state
 
 OPTIONS = KernelOptions(table=TABLE)
 log = logging.getLogger("portproxy.controller")
@@ -36,7 +36,7 @@ def mappings_of(state: State) -> list[tuple[Mapping, str, str | None]]:
     out: list[tuple[Mapping, str, str | None]] = []
     for (mark, _), entries in sorted(by_mark.items()):
         token = state.owners.get(mark)
-        ports = sorted(((_host_port(e.id_map, e.key), e.target_port, e.target) for e in entries),
+        ports = sorted(((host_port_of(e.id_map, e.key), e.target_port, e.target) for e in entries),
                        key=lambda item: item[0][0][2])
         (family, proto, first), address = ports[0][0]
         last = ports[-1][0][0][2]
@@ -113,7 +113,7 @@ def forget_running(adopted: list[tuple[Mapping, Any]]) -> None:
         log.error("removing adopted mappings from table inet %s failed: %s", TABLE, exc.args[0])
 
 
-# --- departures: DELs the daemon missed while it was away (see .departures) --------------------------
+# --- departures: DELs the daemon missed while it was away (see portproxy.cni.departures) --------------------------
 
 def read_departures() -> dict[int, str]:
     """key → owner token of every DEL no daemon answered (none when there is no table)."""
