@@ -26,6 +26,7 @@ PROXY_FLAGS = ("connect_timeout", "udp_timeout", "max_udp_flows", "drain_timeout
 SOURCE_FLAGS = ("proxy_protocol", "source", "transparent_mark", "transparent_table")
 """How the target learns the client's address (docs/client-address.md)."""
 KERNEL_FLAGS = ("route_localnet", "masquerade", "set_sysctls")
+AUTO_FLAGS = ("auto_bytes_per_second", "auto_connections_per_second", "auto_cool_seconds")
 
 
 def _metrics_addr(text: str) -> str | None:
@@ -64,11 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "SPEC: [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp]",
     )
     p_map.add_argument("specs", nargs="+", metavar="SPEC")
-    p_map.add_argument("--mode", choices=("userland", "kernel"), default="userland",
-                       help="userland proxy (default) or nftables DNAT")
+    p_map.add_argument("--mode", choices=("userland", "kernel", "auto"), default="userland",
+                       help="userland proxy (default), nftables DNAT, or auto: userland while light, "
+                       "moving itself to DNAT (and back) with its load")
     options.add_arguments(p_map.add_argument_group("userland proxy"), PROXY_FLAGS)
     options.add_arguments(p_map.add_argument_group("client address at the target (userland path)"), SOURCE_FLAGS)
     options.add_arguments(p_map.add_argument_group("kernel path"), KERNEL_FLAGS)
+    options.add_arguments(p_map.add_argument_group("auto mode"), AUTO_FLAGS)
     p_map.add_argument("--metrics-addr", type=_metrics_addr, nargs="?", const="127.0.0.1:9779", default=None,
                        metavar="HOST:PORT", help="serve Prometheus metrics (off by default; without a value "
                        "127.0.0.1:9779)")
@@ -150,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"portproxy: {error}", file=sys.stderr)
             return 2
         raise_fd_limit()  # the kernel path holds every published port too
+        if args.mode == "auto":
+            from .foreground import run_auto
+
+            return run(lambda: run_auto(mappings, proxy_options_from(args), kernel_options_from(args),
+                                        bool(args.set_sysctls), options.auto_thresholds(options.given(args, AUTO_FLAGS)),
+                                        metrics_addr=args.metrics_addr, transparent=transparent_options_from(args)),
+                       args.loop)
         if args.mode == "kernel":
             return run(lambda: run_kernel(mappings, kernel_options_from(args), bool(args.set_sysctls),
                                           metrics_addr=args.metrics_addr, proxy_options=proxy_options_from(args)),

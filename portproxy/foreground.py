@@ -15,6 +15,7 @@ from .proxy.server import ProxyError, listener_name
 from .spec import Mapping
 
 if TYPE_CHECKING:
+    from .controller.auto import AutoThresholds
     from .controller.config import Mode
     from .controller.realiser import Realiser
     from .kernel.builders import KernelOptions
@@ -114,6 +115,56 @@ async def run_userland(mappings: list[Mapping], options: ProxyOptions, out: Text
     if metrics is not None:
         metrics.shutdown()  # type: ignore[attr-defined]
     return 0
+
+
+async def run_auto(mappings: list[Mapping], options: ProxyOptions, kernel: "KernelOptions", set_sysctls: bool,
+                   thresholds: "AutoThresholds", out: TextIO = sys.stdout, metrics_addr: str | None = None,
+                   transparent: "TransparentOptions | None" = None) -> int:
+    """``--mode auto``: every mapping starts on the userland path and moves itself to the
+    kernel path (hybrid) and back with its load, through the daemon's autopilot and live
+    switch; the nft table, if one was made, goes at the stop."""
+    from .controller import autopilot, plan
+    from .controller.auto import AutoPolicy
+
+    stop = stop_signal()
+    realiser, steps = _realiser(mappings, "userland", options, kernel, set_sysctls, transparent)
+    target = plan.Target(options, transparent=transparent is not None)
+    policies = {m: AutoPolicy(thresholds) for m in mappings}
+
+    async def move(mapping: Mapping, place: str) -> None:
+        policy = policies[mapping]
+        await realiser.run(plan.switch(mapping, policy.place, place, True, target, kernel))  # type: ignore[arg-type]
+        policy.moved(place)  # type: ignore[arg-type]
+        log.info("auto: moved %s from %s to %s", mapping, "hybrid" if place == "userland" else "userland", place)
+
+    def snapshot() -> list["MappingSnapshot"]:
+        from .metrics.snapshot import KernelCounterReader, mapping_snapshot
+
+        counters = KernelCounterReader(kernel).read(realiser.kernel_ids()) if realiser.kernel is not None else {}
+        stats = dict(realiser.proxy.stats)
+        return [mapping_snapshot(m, "auto", stats, counters, auto=(policies[m].place, policies[m].moves))
+                for m in mappings]
+
+    try:
+        await realiser.run(steps)
+        metrics = _start_metrics(metrics_addr, snapshot)
+    except PortproxyError as exc:
+        print(f"portproxy: {exc}", file=sys.stderr)
+        await realiser.stop(keep_kernel_rules=True, drain_timeout=0)
+        return 1
+    for mapping in mappings:
+        for part in mapping.per_family():
+            print_ready(part, out, " (auto)")
+    pilot = asyncio.get_running_loop().create_task(
+        autopilot.run(realiser, kernel, lambda: policies.items(), move))
+    signum = await stop
+    pilot.cancel()
+    log.info("%s: draining %d connection(s) for up to %gs", signal.Signals(signum).name,
+             realiser.proxy.connection_count(), options.drain_timeout)
+    ok = await realiser.stop(keep_kernel_rules=False)
+    if metrics is not None:
+        metrics.shutdown()  # type: ignore[attr-defined]
+    return 0 if ok else 1
 
 
 def _realiser(mappings: list[Mapping], mode: "Mode", options: ProxyOptions, kernel: "KernelOptions",

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping as MappingType, get
 
 from .errors import BadInput, shorten
 
-Mode = Literal["userland", "kernel", "hybrid"]
+Mode = Literal["userland", "kernel", "hybrid", "auto"]
 """The paths a mapping can be on, written once: the CLI's choices, the schema's, the
 daemon's and the metrics' labels all come from here. The first is the default."""
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -29,6 +29,7 @@ MODE_HELP: dict[Mode, str] = {
     "userland": "userland proxy",
     "kernel": "kernel DNAT",
     "hybrid": "hybrid (DNAT + a proxy for local clients)",
+    "auto": "auto (userland while light, hybrid while hot)",
 }
 """What each mode is, for help texts (one entry per mode, in the order of MODES)."""
 
@@ -139,6 +140,12 @@ OPTIONS: tuple[Option, ...] = (
            minimum=1, maximum=86400, metavar="SECONDS"),
     Option("max_udp_flows", int, 4096, "UDP flows per port; past it the least recently active is evicted", BOTH,
            minimum=1, maximum=1 << 20, metavar="N"),
+    Option("auto_bytes_per_second", float, 20e6, "auto mode: bytes/s through a mapping (both ways) that move it "
+           "to the kernel path", minimum=1, metavar="BYTES"),
+    Option("auto_connections_per_second", float, 200.0, "auto mode: new connections (or UDP flows) per second "
+           "that move a mapping to the kernel path", minimum=0.1, metavar="N"),
+    Option("auto_cool_seconds", float, 60.0, "auto mode: time under half of both thresholds before a mapping "
+           "moves back to the userland path", minimum=1, maximum=86400, metavar="S"),
     Option("drain_timeout", float, 10.0, "on stop, time live connections get to finish", minimum=0, maximum=86400,
            metavar="SECONDS"),
     Option("splice", bool, True, "relay TCP with splice through pooled pipes (false: recv/send copies)"),
@@ -344,6 +351,17 @@ def kernel_options(values: dict[str, Any]) -> Any:
 
     masquerade = tuple(tuple(item.partition(",")[::2]) for item in values.get("masquerade", ()))
     return KernelOptions(route_localnet=values.get("route_localnet", False), masquerade=masquerade)
+
+
+def auto_thresholds(values: dict[str, Any]) -> Any:
+    """When an auto mapping moves (:class:`~portproxy.controller.auto.AutoThresholds`)."""
+    from .controller.auto import AutoThresholds
+
+    return AutoThresholds(
+        bytes_per_second=values.get("auto_bytes_per_second", BY_NAME["auto_bytes_per_second"].default),
+        connections_per_second=values.get("auto_connections_per_second",
+                                          BY_NAME["auto_connections_per_second"].default),
+        cool_after=values.get("auto_cool_seconds", BY_NAME["auto_cool_seconds"].default))
 
 
 def transparent_options(values: dict[str, Any]) -> Any:

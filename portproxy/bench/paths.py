@@ -285,6 +285,7 @@ SPLICE_CUBIC = "userland-target-cubic"
 TRANSPARENT = "userland-transparent"
 PROXY_V2 = "userland-proxy-v2"
 DOCKER_PROXY = "docker-proxy"
+AUTO = "auto"
 
 
 def available_paths(only: list[str] | None = None) -> list[PathDef]:
@@ -306,6 +307,10 @@ def available_paths(only: list[str] | None = None) -> list[PathDef]:
         # Transparent mode: the servers see the client's address; every workload runs unchanged.
         PathDef(TRANSPARENT, "portproxy userland, splice, --source client", BOTH,
                 portproxy_starter("--source", "client"), memory=False),
+        # Auto mode: each service's mapping starts on the proxy and moves itself to DNAT once its
+        # load crosses the thresholds; connections opened before a move stay on the proxy.
+        PathDef(AUTO, "portproxy auto (userland while light, hybrid while hot)", BOTH,
+                portproxy_starter("--mode", "auto"), memory=False),
         # A PROXY header only nginx's proxy_protocol listener understands: connection rate only.
         PathDef(PROXY_V2, "portproxy userland, splice, --proxy-protocol v2", frozenset({"tcp"}),
                 portproxy_starter("--proxy-protocol", "v2", ports={HTTP.port: HTTP_PROXY_PROTOCOL_PORT}),

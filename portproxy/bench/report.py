@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from .paths import DIRECT, DOCKER_PROXY, KERNEL, SPLICE, SPLICE_CUBIC
+from .paths import AUTO, DIRECT, DOCKER_PROXY, KERNEL, SPLICE, SPLICE_CUBIC
 from .procfs import default_congestion_control
 from .workloads import CPU_PER_CONNECTION, CPU_PER_DATAGRAM, CPU_PER_GB, WORKLOADS
 
@@ -145,6 +145,8 @@ def targets(results: Results, summary: dict) -> list[dict[str, Any]]:
          "{:.2f}×"),
         ("userland single-stream throughput vs kernel path", ratio_of(f("tcp-1", SPLICE), f("tcp-1", KERNEL)),
          "≥ 0.9×", lambda v: v >= 0.9, "{:.2f}×"),
+        ("auto mode, 4 streams, vs kernel path", ratio_of(f("tcp-4", AUTO), f("tcp-4", KERNEL)), "≥ 0.9×",
+         lambda v: v >= 0.9, "{:.2f}×"),
         ("userland connection rate vs docker-proxy", vs_dp("conn-rate"), "≥ 1.5×", lambda v: v >= 1.5, "{:.2f}×"),
         ("userland relay CPU per connection (wrk, Connection: close) vs docker-proxy",
          vs_dp("conn-rate", CPU_PER_CONNECTION.key), "≤ 0.5×", lambda v: v <= 0.5, "{:.2f}×"),

@@ -29,6 +29,7 @@ from .. import options as schema
 from ..errors import BadInput, Conflict, PortproxyError, SystemFailure
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 from . import adopt, plan, readmodel
+from .auto import AutoPolicy
 from .config import Config, DaemonOptions, Settings
 from .entry import Entry, check_declared, check_settings, resolve, same_owner, validate_owner
 from .realiser import Realiser
@@ -159,7 +160,7 @@ class Controller:
         """Try to run a desired mapping that does not run; record the outcome. True if it runs."""
         try:
             self.check_settings(m, entry.settings)
-            await self.realiser.run(plan.realise(m, entry.mode, entry.target(self.options.proxy),
+            await self.realiser.run(plan.realise(m, entry.path, entry.target(self.options.proxy),
                                                  self.options.kernel, dnat_present))
         except PortproxyError as exc:
             self._mark_failed(m, entry, str(exc))
@@ -203,7 +204,8 @@ class Controller:
                 entry.kernel_id = self.realiser.kernel_id(mapping, entry.kernel_id)
                 return {mapping: entry}
 
-            await self._run(plan.add(mapping, entry.mode, entry.target(self.options.proxy), self.options.kernel),
+            self._give_policy(entry)
+            await self._run(plan.add(mapping, entry.path, entry.target(self.options.proxy), self.options.kernel),
                             changes, sockets)
             log.info("added %s (%s%s)", mapping, entry.mode, f", {owner['kind']} {owner['id'][:12]}" if owner else "")
             return mapping
@@ -224,7 +226,7 @@ class Controller:
 
     async def _remove(self, mapping: Mapping) -> None:
         entry = self.entries[mapping]
-        steps = plan.remove(mapping, entry.mode, entry.running, entry.target(self.options.proxy), self.options.kernel)
+        steps = plan.remove(mapping, entry.path, entry.running, entry.target(self.options.proxy), self.options.kernel)
         await self._run(steps, lambda: {mapping: None})
         log.info("removed %s", mapping)
 
@@ -237,7 +239,9 @@ class Controller:
                 return mapping
             new_settings = dataclasses.replace(entry.settings, mode=new_mode)
             self.check_settings(mapping, new_settings)
-            switched = dataclasses.replace(entry, settings=new_settings)
+            switched = dataclasses.replace(entry, settings=new_settings, auto=None)
+            # An auto mapping starts where the mapping is: hot if its DNAT is in already.
+            self._give_policy(switched, plan.HOT if plan.KERNEL in plan.components(entry.path) else plan.COOL)
             if not entry.running:
                 switched.retry_at = 0.0  # a failed mapping tries its new mode at once
 
@@ -245,11 +249,35 @@ class Controller:
                 switched.kernel_id = self.realiser.kernel_id(mapping, entry.kernel_id)
                 return {mapping: switched}
 
-            steps = plan.switch(mapping, entry.mode, new_mode, entry.running,
+            steps = plan.switch(mapping, entry.path, switched.path, entry.running,
                                 entry.target(self.options.proxy, new_settings), self.options.kernel)
             await self._run(steps, changes)
             log.info("switched %s: %s -> %s", mapping, entry.mode, new_mode)
             return mapping
+
+    def _give_policy(self, entry: Entry, place: str = plan.COOL) -> None:
+        """An auto mapping's policy, with the daemon's thresholds, starting at ``place``."""
+        if entry.settings.mode == "auto" and entry.auto is None:
+            entry.auto = AutoPolicy(schema.auto_thresholds(dict(self.options.values)), place)  # type: ignore[arg-type]
+
+    def auto_entries(self) -> list[tuple[Mapping, Entry]]:
+        """The running auto mappings (for the autopilot)."""
+        return [(m, e) for m, e in self.entries.items() if e.auto is not None and e.running]
+
+    async def auto_move(self, mapping: Mapping, entry: Entry, place: str) -> None:
+        """Move a running auto mapping to ``place``: the live switch, make before break.
+        Not saved (an auto mapping's place is not desired state: it starts light)."""
+        async with self.lock:
+            if self.entries.get(mapping) is not entry or entry.auto is None or not entry.running:
+                return  # removed, switched or failed meanwhile
+            old = entry.path
+            steps = plan.switch(mapping, old, place, True, entry.target(self.options.proxy), self.options.kernel)
+            await self._run(steps, lambda: {})
+            entry.auto.moved(place)  # type: ignore[arg-type]
+            entry.kernel_id = self.realiser.kernel_id(mapping, entry.kernel_id)
+            load = entry.auto.load
+            log.info("auto: moved %s from %s to %s (%.0f bytes/s, %.1f connections/s)", mapping, old, place,
+                     load.bytes_per_second if load else 0, load.connections_per_second if load else 0)
 
     async def declare_owned(self, owner: Any, wanted: list[tuple[Mapping, Settings]]) -> dict[str, list[str]]:
         """Make the mappings of one owner exactly ``wanted`` (a CNI ADD, or DEL with none).
@@ -328,6 +356,7 @@ class Controller:
             self._check_free(mapping)
             self.check_settings(mapping, settings)
             entry = Entry(settings, "config")
+            self._give_policy(entry)
             self.entries[mapping] = entry  # a config mapping: nothing to save
             ok = await self.realise(mapping, entry)
             self._changed()
@@ -357,6 +386,8 @@ class Controller:
         saved = self.store.load() if self.store is not None else []
         desired = {m: Entry(d.settings, d.source, d.owner, kernel_id=d.kernel_id)
                    for m, d in plan.desired_at_start(saved, config).items()}
+        for entry in desired.values():
+            self._give_policy(entry)
         try:
             check_no_overlap(list(desired))
         except SpecError as exc:
@@ -391,7 +422,7 @@ class Controller:
     async def _install_kernel_table(self, entries: dict[Mapping, Entry]) -> bool:
         """One batch for every kernel mapping at start (replacing a crashed run's table); True
         when their DNAT is in. Mappings the batch cannot take are then tried one by one."""
-        steps = plan.start_table({m: (e.mode, e.kernel_id) for m, e in entries.items()}, self.options.kernel)
+        steps = plan.start_table({m: (e.path, e.kernel_id) for m, e in entries.items()}, self.options.kernel)
         try:
             await self.realiser.kernel_path()
         except PortproxyError as exc:

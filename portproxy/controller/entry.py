@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import BadInput, Conflict, NotFound, shorten
 from ..proxy.options import ProxyOptions
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
+from .auto import COOL, AutoPolicy
 from .config import Mode, Settings
 from .plan import PERSISTED_SOURCES, Target, is_transparent, mapping_options
 
@@ -26,9 +27,18 @@ class Entry:
     retry_at: float = 0.0
     kernel_id: int | None = None
     """The mapping's id in the nft table, kept across restarts."""
+    auto: AutoPolicy | None = None
+    """An auto mapping's policy: where it is now and how loaded (not saved: it starts light)."""
 
     @property
     def mode(self) -> Mode:
+        return self.settings.mode
+
+    @property
+    def path(self) -> Mode:
+        """The mode the mapping runs as now: its own, or an auto mapping's place."""
+        if self.settings.mode == "auto":
+            return self.auto.place if self.auto is not None else COOL
         return self.settings.mode
 
     @property

@@ -29,6 +29,7 @@ from .. import options as schema
 from ..kernel.builders import KernelOptions, why_not_translated
 from ..proxy.options import ProxyOptions
 from ..spec import Mapping
+from .auto import COOL, HOT  # noqa: F401 - an auto mapping's places, for the planner's callers
 
 if TYPE_CHECKING:
     from .config import Config, Mode, Settings
@@ -42,8 +43,10 @@ PERSISTED_SOURCES = ("api", "cni")
 
 
 def components(mode: Mode) -> frozenset[str]:
+    """``auto`` is its light place (its listener is there in both places; where its DNAT
+    is, is the entry's :attr:`~.entry.Entry.path`, which is what plans are made from)."""
     return {"userland": frozenset({LISTENER}), "kernel": frozenset({KERNEL}),
-            "hybrid": frozenset({LISTENER, KERNEL})}[mode]
+            "hybrid": frozenset({LISTENER, KERNEL}), "auto": frozenset({LISTENER})}[mode]
 
 
 def proxied_reason(part: Mapping, kernel: KernelOptions) -> str | None:

@@ -55,7 +55,8 @@ def metrics_snapshot(c: "Controller") -> list["MappingSnapshot"]:
     """Called on the metrics thread: copies first (the loop thread may be changing things)."""
     from ..metrics.snapshot import KernelCounterReader, mapping_snapshot
 
-    entries = [(m, e.mode, e.status) for m, e in list(c.entries.items())]
+    entries = [(m, e.mode, e.status, (e.path, e.auto.moves) if e.auto is not None else None)
+               for m, e in list(c.entries.items())]
     stats = dict(c.realiser.proxy.stats)
     kernel_counters = {}
     kernel = c.realiser.kernel
@@ -63,8 +64,8 @@ def metrics_snapshot(c: "Controller") -> list["MappingSnapshot"]:
         if c.metrics_reader is None:
             c.metrics_reader = KernelCounterReader(c.options.kernel)
         kernel_counters = c.metrics_reader.read(dict(kernel.ids))
-    return [mapping_snapshot(m, mode, stats, kernel_counters, failed=status == "failed")
-            for m, mode, status in entries]
+    return [mapping_snapshot(m, mode, stats, kernel_counters, failed=status == "failed", auto=auto)
+            for m, mode, status, auto in entries]
 
 
 async def describe(c: "Controller") -> list[dict[str, Any]]:
@@ -101,11 +102,16 @@ async def describe(c: "Controller") -> list[dict[str, Any]]:
             "bytes_to_client": sum(s.bytes[TO_CLIENT] for s in tcp) + sum(s.bytes_to_client for s in udp),
             "udp_flows": sum(s.flows_active for s in udp),
         }
-        item["families"] = {f"ipv{p.listen_ip().version}": served_by(part_components(p, components(entry.mode),
+        if entry.auto is not None:
+            load = entry.auto.load
+            item["auto"] = {"on": entry.path, "moves": entry.auto.moves,
+                            "bytes_per_second": round(load.bytes_per_second) if load else None,
+                            "connections_per_second": round(load.connections_per_second, 1) if load else None}
+        item["families"] = {f"ipv{p.listen_ip().version}": served_by(part_components(p, components(entry.path),
                                                                                      c.options.kernel))
                             for p in parts}
         translated = [p for p in parts if not proxied_reason(p, c.options.kernel)]
-        if KERNEL in components(entry.mode) and entry.status == "running" and translated:
+        if KERNEL in components(entry.path) and entry.status == "running" and translated:
             counter = counters.get(translated[0])
             if counter is not None:
                 item["kernel"] = {**dataclasses.asdict(counter), "packets": counter.packets, "bytes": counter.bytes}

@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .. import offloop
+from . import autopilot
 from ..errors import PortproxyError
 
 if TYPE_CHECKING:
@@ -37,7 +38,17 @@ class Upkeep:
 
     def start(self) -> None:
         loop = self.controller.loop
-        self._tasks = [loop.create_task(self._retry_loop()), loop.create_task(self._reconcile_loop())]
+        c = self.controller
+
+        async def move(mapping, place: str) -> None:
+            entry = c.entries.get(mapping)
+            if entry is not None:
+                await c.auto_move(mapping, entry, place)
+
+        pilot = autopilot.run(c.realiser, c.options.kernel,
+                              lambda: [(m, e.auto) for m, e in c.auto_entries()], move)
+        self._tasks = [loop.create_task(self._retry_loop()), loop.create_task(self._reconcile_loop()),
+                       loop.create_task(pilot)]
 
     def stop(self) -> None:
         for task in self._tasks:

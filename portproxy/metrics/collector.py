@@ -76,6 +76,9 @@ class MappingCollector(Collector):
                                     labels=BASE + ["event"])
         datagrams = CounterMetricFamily("portproxy_udp_datagrams", "UDP datagrams relayed by the proxy",
                                         labels=BASE + ["direction"])
+        auto_kernel = GaugeMetricFamily("portproxy_auto_on_kernel", "Auto mode: 1 while the mapping is on the kernel "
+                                        "path (hybrid), 0 while on the userland path", labels=BASE)
+        auto_moves = CounterMetricFamily("portproxy_auto_moves", "Auto mode: moves between the paths", labels=BASE)
         fallbacks = CounterMetricFamily("portproxy_source_fallbacks", "Transparent mode: connections or flows made "
                                         "from the host's address because the client's could not be used",
                                         labels=BASE + ["reason"])
@@ -85,6 +88,9 @@ class MappingCollector(Collector):
             for name in MODES:
                 mode.add_metric(labels + [name], 1 if snap.mode == name else 0)
             failed.add_metric(labels, 1 if snap.failed else 0)
+            if snap.auto is not None:
+                auto_kernel.add_metric(labels, 1 if snap.auto[0] != "userland" else 0)
+                auto_moves.add_metric(labels, snap.auto[1])
             tcp = [s for s in snap.userland if isinstance(s, TcpStats)]
             udp = [s for s in snap.userland if isinstance(s, UdpStats)]
             if snap.mode != "kernel" or tcp or udp:
@@ -98,7 +104,7 @@ class MappingCollector(Collector):
                 packets.add_metric(labels + ["to_target"], k.packets_to_target)
                 packets.add_metric(labels + ["to_client"], k.packets_to_client)
             _add_fallbacks(fallbacks, labels, snap.userland)
-        yield from (mode, failed, accepted, active, traffic, packets, failures, accept_errors, latency, flows_active,
+        yield from (mode, failed, auto_kernel, auto_moves, accepted, active, traffic, packets, failures, accept_errors, latency, flows_active,
                     flows, datagrams, fallbacks)
 
     @staticmethod

@@ -24,17 +24,20 @@ class MappingSnapshot:
     kernel: KernelCounters | None
     failed: bool = False
     """The mapping is desired but not running (its last attempt failed; it is retried)."""
+    auto: tuple[str, int] | None = None
+    """An auto mapping's place now (``userland`` or ``hybrid``) and how often it moved."""
 
 
 def mapping_snapshot(mapping: Mapping, mode: str, stats: dict[Mapping, list[TcpStats | UdpStats]],
-                     kernel: dict[Mapping, KernelCounters], failed: bool = False) -> MappingSnapshot:
+                     kernel: dict[Mapping, KernelCounters], failed: bool = False,
+                     auto: tuple[str, int] | None = None) -> MappingSnapshot:
     """One mapping's snapshot from the copies a scrape took of every listener's counters
     (``stats``, by one-family part) and of the kernel's (``kernel``, by part): the counters
     of all its families' listeners, and the kernel counters of its first family that has
     them (the parts of one mapping share its DNAT counters)."""
     parts = mapping.per_family()
     return MappingSnapshot(mapping, mode, [s for part in parts for s in stats.get(part, [])],
-                           next((kernel[part] for part in parts if part in kernel), None), failed)
+                           next((kernel[part] for part in parts if part in kernel), None), failed, auto)
 
 
 class KernelCounterReader:

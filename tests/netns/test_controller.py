@@ -149,6 +149,53 @@ async def test_switch_under_load_loses_nothing(topo, tcp_echo, udp_echo, daemon)
     assert load.long_bytes > 110 * 8192 and load.short_ok > 50 and load.udp_ok > 50
 
 
+async def test_auto_moves_to_the_kernel_under_load_and_back_when_cool_losing_nothing(
+        topo, tcp_echo, udp_echo, daemon) -> None:
+    """An auto mapping moves itself: to hybrid (DNAT) while streams load it, back to the
+    proxy once it has been cool; connections proxied before a move finish there, no
+    connection fails, no byte is lost; ls and the metrics show where it is and each move."""
+    from tests.support.control import metrics_text, wait_for
+
+    start, cli = daemon
+    tcp, udp = f"9090:{topo.container_ip}:8080/tcp", f"5353:{topo.container_ip}:5353/udp"
+    start("[options]\nauto_bytes_per_second = 200000\nauto_connections_per_second = 1000\n"
+          "auto_cool_seconds = 3\n"
+          f'[[mapping]]\nspec = "{tcp}"\nmode = "auto"\n[[mapping]]\nspec = "{udp}"\nmode = "auto"\n')
+    listing = ls(cli)
+    assert listing[tcp]["mode"] == "auto" and listing[tcp]["auto"]["on"] == "userland", listing[tcp]
+    assert listing[tcp]["families"]["ipv4"] == "userland"
+    load = Load(topo, 9090, 5353)
+    load.start_long(20)  # ~400 KB/s each, both ways: past the threshold
+    load.start_short(2)
+    load.start_udp(2)
+    await wait_for(lambda: ls(cli)[tcp]["auto"]["on"] == "hybrid", timeout=30, what="the move to the kernel")
+    hot = ls(cli)[tcp]
+    assert hot["families"]["ipv4"] == "hybrid" and hot["kernel"] is not None, hot
+    assert ls(cli)[udp]["auto"]["on"] == "userland"  # its load is light: it stays
+    load.start_long(5)  # these are translated
+    await asyncio.sleep(1.5)
+    await load.finish()
+    await wait_for(lambda: ls(cli)[tcp]["auto"]["on"] == "userland", timeout=30, what="the move back")
+    assert load.failures == [], load.failures
+    assert load.long_bytes > 25 * 8192 and load.short_ok > 10 and load.udp_ok > 10
+    cool = ls(cli)[tcp]
+    assert cool["auto"]["moves"] == 2 and cool["families"]["ipv4"] == "userland" and "kernel" not in cool
+    text = metrics_text(topo)
+    assert f'portproxy_auto_moves_total{{listen="*:9090",proto="tcp",target="{topo.container_ip}:8080"}} 2.0' \
+        in text, [line for line in text.splitlines() if "auto" in line]
+    assert 'portproxy_mapping_mode{listen="*:9090",mode="auto"' in text
+    assert cli("switch", "9090/tcp", "--mode", "kernel").returncode == 0  # an auto mapping can be pinned
+    assert "auto" not in ls(cli)[tcp]
+
+
+async def test_auto_is_refused_with_a_proxy_header(topo, tcp_echo, daemon) -> None:
+    start, cli = daemon
+    start()
+    result = cli("add", f"9090:{topo.container_ip}:8080", "--mode", "auto", "--proxy-protocol", "v2")
+    assert result.returncode == 1 and "DNAT cannot add a header (mode auto)" in result.stderr, result.stderr
+    assert ls(cli) == {}
+
+
 # --- operations and errors -----------------------------------------------------------------------
 
 async def test_add_rm_and_api_errors(topo, tcp_echo, daemon) -> None:
