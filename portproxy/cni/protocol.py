@@ -93,9 +93,9 @@ def go_key(obj: dict, name: str) -> str | None:
     ``obj`` is last in the document. (Two spellings of an *object* are merged field by
     field by Go; here the last whole value counts.) This is how portmap, libcni's types
     and every Go plugin read the netconf, ``runtimeConfig`` and ``prevResult``."""
-    found = None
+    folded, size, found = name.translate(_GO_FOLD), len(name), None
     for key in obj:
-        if _go_matches(key, name):
+        if key == name or (len(key) == size and key.translate(_GO_FOLD) == folded):
             found = key
     return found
 
@@ -257,10 +257,12 @@ def _depth(value: Any) -> int:
 def _last_place(pairs: list[tuple[str, Any]]) -> dict:
     """An object whose repeated key keeps its last value *at its last place*: Python keeps
     the first place, but :func:`go_key` needs the document's order of assignment."""
-    obj: dict = {}
-    for key, value in pairs:
-        obj.pop(key, None)
-        obj[key] = value
+    obj = dict(pairs)
+    if len(obj) < len(pairs):  # a key repeated: rare, so the common case stays in C
+        obj = {}
+        for key, value in pairs:
+            obj.pop(key, None)
+            obj[key] = value
     return obj
 
 
