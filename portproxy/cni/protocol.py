@@ -12,7 +12,11 @@ Facts followed here (CNI spec 1.1 and CONVENTIONS.md, and containernetworking/pl
   that belong to the sandbox interface ``CNI_IFNAME`` (portmap's rule);
 - ADD passes ``prevResult`` through, in the configuration's ``cniVersion``; ADD without
   ``prevResult`` is refused ("must be called as chained plugin");
-- errors are ``{"cniVersion", "code", "msg", "details"}`` on stdout with a non-zero exit.
+- errors are ``{"cniVersion", "code", "msg", "details"}`` on stdout with a non-zero exit;
+- every key read from stdin (netconf, ``runtimeConfig``, its ``portMappings``, ``prevResult``)
+  is matched as Go's ``encoding/json`` matches a struct field (:func:`go_key`): portmap
+  reads them so, and runtimes rely on it (containerd's go-cni sends ``HostPort``,
+  ``ContainerPort``, ``Protocol``, ``HostIP``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,47 @@ class CniError(Exception):
         self.code = code
         self.msg = msg
         self.details = details
+
+
+# --- keys as Go matches them -----------------------------------------------------------
+
+_GO_FOLD = {**{ord(c): c.upper() for c in "abcdefghijklmnopqrstuvwxyz"}, 0x17F: "S", 0x212A: "K"}
+"""Go's simple case folding, as far as it reaches ASCII names: ASCII letters, and the two
+other runes whose fold class holds one (long s U+017F with S, the Kelvin sign U+212A
+with K; no third single rune case-folds to ASCII). Other characters are left as
+they are, so they never fold equal to an ASCII name, as in Go. ``str.upper`` would be
+wrong here: it does full case mapping (U+00DF sharp s becomes "SS"), Go does not."""
+
+
+def go_key(obj: dict, name: str) -> str | None:
+    """The key of ``obj`` whose value Go's ``encoding/json`` decodes into the struct field
+    tagged ``name`` (an ASCII name), or None.
+
+    Go matches every key of an object to a field, the exact name first, else
+    case-insensitively by simple Unicode folding, and assigns the fields in document
+    order: when several keys match one field (``hostPort`` and ``HostPort``), the **last**
+    one wins, exact or not (golang/go#43664, #28190). "Preferring an exact match" in
+    Go's documentation chooses between two *fields* for one key, which the structs read
+    here never need. :func:`decode` keeps a repeated key at its last place, so "last" in
+    ``obj`` is last in the document. (Two spellings of an *object* are merged field by
+    field by Go; here the last whole value counts.) This is how portmap, libcni's types
+    and every Go plugin read the netconf, ``runtimeConfig`` and ``prevResult``."""
+    folded, size, found = name.translate(_GO_FOLD), len(name), None
+    for key in obj:
+        if key == name or (len(key) == size and key.translate(_GO_FOLD) == folded):
+            found = key
+    return found
+
+
+def _go_matches(key: str, name: str) -> bool:
+    """Whether Go would decode ``key`` into the field tagged ``name`` (exact, or equal when folded)."""
+    return key == name or (len(key) == len(name) and key.translate(_GO_FOLD) == name.translate(_GO_FOLD))
+
+
+def go_get(obj: dict, name: str, default: Any = None) -> Any:
+    """``obj``'s value for the Go struct field tagged ``name`` (see :func:`go_key`), or ``default``."""
+    key = go_key(obj, name)
+    return default if key is None else obj[key]
 
 
 # --- environment ---------------------------------------------------------------------
@@ -179,7 +224,7 @@ def _obj(value: Any, what: str) -> dict:
 
 
 def _bool(conf: dict, key: str, default: bool) -> bool:
-    value = conf.get(key, default)
+    value = go_get(conf, key)
     if value is None:
         return default
     if not isinstance(value, bool):
@@ -209,11 +254,23 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+def _last_place(pairs: list[tuple[str, Any]]) -> dict:
+    """An object whose repeated key keeps its last value *at its last place*: Python keeps
+    the first place, but :func:`go_key` needs the document's order of assignment."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):  # a key repeated: rare, so the common case stays in C
+        obj = {}
+        for key, value in pairs:
+            obj.pop(key, None)
+            obj[key] = value
+    return obj
+
+
 def decode(stdin: bytes) -> dict:
     """stdin as a JSON object, or a decoding error (CNI code 6)."""
     failed = "failed to parse network configuration"
     try:
-        conf = json.loads(stdin)
+        conf = json.loads(stdin, object_pairs_hook=_last_place)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CniError(ERR_DECODE, failed, str(exc)) from None
     except RecursionError:
@@ -226,7 +283,7 @@ def decode(stdin: bytes) -> dict:
 
 
 def check_version(conf: dict) -> str:
-    version = conf.get("cniVersion")
+    version = go_get(conf, "cniVersion")
     if not isinstance(version, str) or not version:
         raise CniError(ERR_INVALID_CONFIG, "cniVersion is missing")
     if version not in SUPPORTED_VERSIONS:
@@ -238,7 +295,7 @@ def check_version(conf: dict) -> str:
 def parse_config(conf: dict) -> Config:
     """The network configuration this plugin reads (unknown keys are ignored, as the spec says)."""
     version = check_version(conf)
-    name = conf.get("name")
+    name = go_get(conf, "name")
     if not name:
         raise CniError(ERR_INVALID_CONFIG, "missing network name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -246,28 +303,29 @@ def parse_config(conf: dict) -> Config:
     if len(name) > OWNER_FIELD_MAX:  # not libcni's rule: portproxy serve would refuse it as an owner
         raise CniError(ERR_INVALID_CONFIG, f"network name is too long ({len(name)} characters, "
                        f"at most {OWNER_FIELD_MAX})")
-    prev = conf.get("prevResult")
+    prev = go_get(conf, "prevResult")
     if prev is not None:
         _obj(prev, "prevResult")
-    runtime = _obj(conf.get("runtimeConfig") or {}, "runtimeConfig")
-    entries = runtime.get("portMappings") or []
+    runtime = _obj(go_get(conf, "runtimeConfig") or {}, "runtimeConfig")
+    entries = go_get(runtime, "portMappings") or []
     if not isinstance(entries, list):
         raise CniError(ERR_INVALID_CONFIG, "runtimeConfig.portMappings must be a list")
     try:
-        conditions = parse_conditions(conf.get("conditionsV4"), 4) + parse_conditions(conf.get("conditionsV6"), 6)
+        conditions = (parse_conditions(go_get(conf, "conditionsV4"), 4)
+                      + parse_conditions(go_get(conf, "conditionsV6"), 6))
     except ConditionError as exc:
         raise CniError(ERR_INVALID_CONFIG, str(exc)) from None
     for key in ("externalSetMarkChain",):
-        if conf.get(key) is not None:
+        if go_get(conf, key) is not None:
             raise CniError(ERR_UNSUPPORTED_FIELD, f"{key} is iptables-only; portproxy-cni does not support it")
-    if conf.get("backend") not in (None, "nftables"):
-        raise CniError(ERR_UNSUPPORTED_FIELD, f"backend {conf.get('backend')!r}: portproxy-cni always uses nftables")
-    daemon_socket = _daemon_socket(conf.get("daemonSocket"))
+    if (backend := go_get(conf, "backend")) not in (None, "nftables"):
+        raise CniError(ERR_UNSUPPORTED_FIELD, f"backend {backend!r}: portproxy-cni always uses nftables")
+    daemon_socket = _daemon_socket(go_get(conf, "daemonSocket"))
     return Config(
         cni_version=version, name=name, prev_result=prev,
         port_mappings=tuple(_port_mapping(e, i) for i, e in enumerate(entries)),
         snat=_bool(conf, "snat", True), masq_all=_bool(conf, "masqAll", False), conditions=conditions,
-        valid_attachments=_attachments(conf.get("cni.dev/valid-attachments")), daemon_socket=daemon_socket,
+        valid_attachments=_attachments(go_get(conf, "cni.dev/valid-attachments")), daemon_socket=daemon_socket,
     )
 
 
@@ -295,14 +353,14 @@ def _port(value: Any, what: str) -> int:
 def _port_mapping(entry: Any, index: int) -> PortMapping:
     where = f"runtimeConfig.portMappings[{index}]"
     entry = _obj(entry, where)
-    proto = entry.get("protocol") or "tcp"
+    proto = go_get(entry, "protocol") or "tcp"
     if not isinstance(proto, str) or proto.lower() not in ("tcp", "udp"):
         raise CniError(ERR_INVALID_CONFIG, f"{where}.protocol {proto!r} is not supported (tcp or udp)")
     host_ip: IPAddress | None = None
-    if entry.get("hostIP"):
-        host_ip = _host_ip(entry["hostIP"], f"{where}.hostIP")
-    return PortMapping(_port(entry.get("hostPort"), f"{where}.hostPort"),
-                       _port(entry.get("containerPort"), f"{where}.containerPort"), proto.lower(), host_ip)
+    if value := go_get(entry, "hostIP"):
+        host_ip = _host_ip(value, f"{where}.hostIP")
+    return PortMapping(_port(go_get(entry, "hostPort"), f"{where}.hostPort"),
+                       _port(go_get(entry, "containerPort"), f"{where}.containerPort"), proto.lower(), host_ip)
 
 
 def _host_ip(value: Any, what: str) -> IPAddress:
@@ -330,10 +388,10 @@ def _attachments(value: Any) -> tuple[tuple[str, str], ...]:
         raise CniError(ERR_INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
     out = []
     for item in value:
-        if not isinstance(item, dict) or not isinstance(item.get("containerID"), str) \
-                or not isinstance(item.get("ifname"), str):
+        cid, ifname = (go_get(item, "containerID"), go_get(item, "ifname")) if isinstance(item, dict) else (None, None)
+        if not isinstance(cid, str) or not isinstance(ifname, str):
             raise CniError(ERR_INVALID_CONFIG, "cni.dev/valid-attachments entries need containerID and ifname strings")
-        out.append((item["containerID"], item["ifname"]))
+        out.append((cid, ifname))
     return tuple(out)
 
 
@@ -341,24 +399,25 @@ def _attachments(value: Any) -> tuple[tuple[str, str], ...]:
 
 def container_addresses(prev: dict, ifname: str) -> list[IPAddress]:
     """The container's first IPv4 and first IPv6 address on ``ifname`` (portmap's choice)."""
-    ips = prev.get("ips") or []
-    interfaces = prev.get("interfaces") or []
+    ips = go_get(prev, "ips") or []
+    interfaces = go_get(prev, "interfaces") or []
     if not isinstance(ips, list) or not isinstance(interfaces, list):
         raise CniError(ERR_INVALID_CONFIG, "prevResult: ips and interfaces must be lists")
     found: dict[int, IPAddress] = {}
     for ip in ips:
-        if not isinstance(ip, dict) or not isinstance(ip.get("address"), str):
+        text = go_get(ip, "address") if isinstance(ip, dict) else None
+        if not isinstance(text, str):
             raise CniError(ERR_INVALID_CONFIG, "prevResult: an ips entry has no address")
         try:
-            address = ipaddress.ip_interface(ip["address"]).ip
+            address = ipaddress.ip_interface(text).ip
         except ValueError:
-            raise CniError(ERR_INVALID_CONFIG, f"prevResult: {ip['address']!r} is not an address/prefix") from None
+            raise CniError(ERR_INVALID_CONFIG, f"prevResult: {text!r} is not an address/prefix") from None
         if address.version in found:
             continue
-        index = ip.get("interface")
+        index = go_get(ip, "interface")
         if isinstance(index, int) and 0 <= index < len(interfaces):
             iface = interfaces[index] if isinstance(interfaces[index], dict) else {}
-            if iface.get("name") != ifname or not iface.get("sandbox"):
+            if go_get(iface, "name") != ifname or not go_get(iface, "sandbox"):
                 continue  # a host-side interface, not the container's
         found[address.version] = address
     return [found[v] for v in sorted(found)]
@@ -423,18 +482,21 @@ def mappings_for(port_mappings: tuple[PortMapping, ...], addresses: list[IPAddre
 
 
 def result_for(prev: dict, version: str) -> dict:
-    """prevResult passed through in ``version``'s format (0.4.0 has ``ips[].version``, 1.x not)."""
-    result = dict(prev)
-    result["cniVersion"] = version
-    ips = []
-    for ip in prev.get("ips") or []:
-        ip = dict(ip)
-        if version.startswith("0."):
-            ip["version"] = str(ipaddress.ip_interface(ip["address"]).version)
-        else:
-            ip.pop("version", None)
-        ips.append(ip)
-    if "ips" in prev:
+    """prevResult passed through in ``version``'s format (0.4.0 has ``ips[].version``, 1.x not).
+
+    The keys rewritten here (``cniVersion``, ``ips``, ``ips[].version``) are read as Go reads
+    them and written in their own spelling, as portmap's re-encoded result has them; every
+    other key passes through as it came."""
+    ips_key = go_key(prev, "ips")
+    result = {"cniVersion": version, **{key: value for key, value in prev.items()
+                                        if not _go_matches(key, "cniVersion") and not _go_matches(key, "ips")}}
+    if ips_key is not None:
+        ips = []
+        for ip in prev[ips_key] or []:
+            ip = {key: value for key, value in ip.items() if not _go_matches(key, "version")}
+            if version.startswith("0."):
+                ip["version"] = str(ipaddress.ip_interface(go_get(ip, "address")).version)
+            ips.append(ip)
         result["ips"] = ips
     return result
 

@@ -721,3 +721,128 @@ def test_an_add_without_a_container_address_is_refused(recorder: Recorder, prev:
     assert recorder.calls == []
     rc, result = run(ENV, json.dumps(conf(prevResult=prev, runtimeConfig={"portMappings": []})).encode())
     assert rc == 0 and result is not None  # nothing asked: passed through
+
+
+# --- keys matched as Go's encoding/json matches struct fields ---------------------------------
+
+CONTAINERD_ID = "8cf03138b3025db45bb3a020970345eb12bc71f259ea4f9c1c5d1c9b6a3322f6"
+CONTAINERD_NETNS = ("/tmp/research-cri-d12-iptables.CPcb/state/io.containerd.grpc.v1.cri/netns/"
+                    "cni-d6437c3c-5db9-009b-c64f-80f8d1499912")
+CONTAINERD_ENV = {
+    "CNI_ARGS": f"K8S_POD_INFRA_CONTAINER_ID={CONTAINERD_ID};K8S_POD_UID=uid-0001;IgnoreUnknown=1;"
+                "K8S_POD_NAMESPACE=research;K8S_POD_NAME=web-0",
+    "CNI_COMMAND": "ADD", "CNI_CONTAINERID": CONTAINERD_ID, "CNI_IFNAME": "eth0", "CNI_NETNS": CONTAINERD_NETNS,
+    "CNI_PATH": "/var/cache/portproxy-test/unpacked/containernetworking-plugins-93cfb6d7/usr/lib/cni"}
+CONTAINERD_MAPPINGS = (
+    '{"portMappings":[{"HostPort":8081,"ContainerPort":8080,"Protocol":"tcp","HostIP":""},'
+    '{"HostPort":8082,"ContainerPort":8080,"Protocol":"tcp","HostIP":"127.0.0.1"},'
+    '{"HostPort":5354,"ContainerPort":5353,"Protocol":"udp","HostIP":""}]}')
+CONTAINERD_PREV = (
+    '{"cniVersion":"1.0.0","interfaces":[{"mac":"a2:4f:ea:51:dd:56","name":"cni-research0"},'
+    '{"mac":"f2:bb:32:24:6d:57","name":"veth08880112"},{"mac":"ee:e3:64:ff:41:fc","name":"eth0","sandbox":"'
+    + CONTAINERD_NETNS + '"}],"ips":[{"address":"10.97.0.2/24","gateway":"10.97.0.1","interface":2}],'
+    '"routes":[{"dst":"0.0.0.0/0"}]}')
+CONTAINERD_ADD = (
+    '{"capabilities":{"portMappings":true},"cniVersion":"1.0.0","name":"research-cri","prevResult":'
+    + CONTAINERD_PREV + ',"runtimeConfig":' + CONTAINERD_MAPPINGS + ',"type":"portmap-tee"}').encode()
+"""containerd 2.1.9's CRI (go-cni, whose PortMapping struct has no json tags) to a chained
+plugin, byte for byte as captured on ADD and on the first DEL (StopPodSandbox)."""
+CONTAINERD_DEL_AGAIN = (
+    '{"capabilities":{"portMappings":true},"cniVersion":"1.0.0","name":"research-cri","runtimeConfig":'
+    + CONTAINERD_MAPPINGS + ',"type":"portmap-tee"}').encode()
+"""The second DEL (RemovePodSandbox): no prevResult, and ``CNI_NETNS`` empty."""
+LOWERCASE_MAPPINGS = [{"hostPort": 8081, "containerPort": 8080, "protocol": "tcp", "hostIP": ""},
+                      {"hostPort": 8082, "containerPort": 8080, "protocol": "tcp", "hostIP": "127.0.0.1"},
+                      {"hostPort": 5354, "containerPort": 5353, "protocol": "udp", "hostIP": ""}]
+
+
+def test_containerds_capitalised_port_mappings_read_as_the_lowercase_ones() -> None:
+    raw = p.decode(CONTAINERD_ADD)
+    lower = {**raw, "runtimeConfig": {"portMappings": LOWERCASE_MAPPINGS}}
+    assert p.parse_config(raw) == p.parse_config(lower)
+    assert p.parse_config(raw).port_mappings == (
+        p.PortMapping(8081, 8080, "tcp", None), p.PortMapping(8082, 8080, "tcp", ipaddress.ip_address("127.0.0.1")),
+        p.PortMapping(5354, 5353, "udp", None))
+
+
+def test_containerds_add_del_del_answered(recorder: Recorder) -> None:
+    token = f"{CONTAINERD_ID} eth0 research-cri"
+    rc, result = run(CONTAINERD_ENV, CONTAINERD_ADD)
+    assert rc == 0 and result == p.result_for(json.loads(CONTAINERD_PREV), "1.0.0")
+    assert recorder.calls == [("add", token, ["8081:10.97.0.2:8080/tcp", "127.0.0.1:8082:10.97.0.2:8080/tcp",
+                                              "5354:10.97.0.2:5353/udp"])]
+    assert run({**CONTAINERD_ENV, "CNI_COMMAND": "DEL"}, CONTAINERD_ADD) == (0, None)
+    assert run({**CONTAINERD_ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}, CONTAINERD_DEL_AGAIN) == (0, None)
+    assert recorder.calls[1:] == [("remove", token), ("remove", token)]
+
+
+@pytest.mark.parametrize("stdin, port", [
+    (b'{"hostPort": 1, "HostPort": 2}', 2), (b'{"HostPort": 2, "hostPort": 1}', 1),
+    (b'{"HOSTPORT": 1, "hostport": 2}', 2),
+    (b'{"hostPort": 1, "HostPort": 2, "hostPort": 3}', 3),  # a repeated key counts at its last place
+    (b'{"HostPort": 2, "hostPort": 1, "HostPort": 4}', 4),
+])
+def test_keys_of_one_field_the_last_wins_as_in_go(stdin: bytes, port: int) -> None:
+    """Go assigns the fields in document order, so of several keys matching one field the
+    last wins, exact or not (golang/go#43664: {"dist": "ok", "Dist": "KO"} gives KO)."""
+    entry = {**p.decode(stdin), "containerPort": 80}
+    assert p.parse_config(conf(runtimeConfig={"portMappings": [entry]})).port_mappings[0].host_port == port
+
+
+def test_go_folding_reaches_ascii_names_only_by_simple_folds() -> None:
+    assert p.go_key({"ho\u017ftPort": 1}, "hostPort") == "ho\u017ftPort"  # long s folds with S
+    assert p.go_key({"bac\u212aend": 1}, "backend") == "bac\u212aend"  # the Kelvin sign folds with K
+    with pytest.raises(p.CniError, match="backend 'iptables'") as err:
+        p.parse_config(conf(**{"bac\u212aend": "iptables"}))
+    assert err.value.code == p.ERR_UNSUPPORTED_FIELD
+    for key in ("hostIp\u0307", "host\u0130P", "host\u0131P", "HOST\u0131P", "hostIPs", "hostI", "host_IP", "host-ip"):
+        assert p.go_key({key: "127.0.0.1"}, "hostIP") is None, key  # no simple fold, or another name
+    assert p.go_key({"addreß": 1}, "address") is None  # full case mapping (ß to SS) is not Go's
+    assert p.go_key({}, "hostIP") is None and p.go_get({}, "hostIP", 7) == 7
+
+
+@pytest.mark.parametrize("entry", [{"port": 8081}, {"host_port": 8081}, {"hostPorts": 8081}, {"HostPortt": 8081},
+                                   {"Host Port": 8081}, {}])
+def test_a_key_that_matches_nothing_is_still_missing(entry: dict) -> None:
+    with pytest.raises(p.CniError) as err:
+        p.parse_config(conf(runtimeConfig={"PortMappings": [{**entry, "ContainerPort": 8080}]}))
+    assert (err.value.code, err.value.msg) == (
+        p.ERR_INVALID_CONFIG, "runtimeConfig.portMappings[0].hostPort must be a port number 1-65535, not None")
+
+
+def test_every_field_portmap_decodes_is_matched_as_go_does() -> None:
+    """The netconf (types.NetConf and portmap's PortMapConf), runtimeConfig, its entries and
+    the prevResult (types/100.Result, Interface, IPConfig), all spelt otherwise."""
+    prev = {"CNIVersion": "0.4.0", "Interfaces": [{"NAME": "eth0", "Sandbox": "/run/netns/x"}],
+            "IPs": [{"Version": "4", "Address": "10.88.0.2/16", "Interface": 0}], "DNS": {}}
+    upper = {"CNIVersion": "1.0.0", "NAME": "net1", "Type": "portproxy-cni", "PrevResult": prev,
+             "RuntimeConfig": {"PortMappings": [{"HostPort": 80, "ContainerPort": 8080, "Protocol": "UDP",
+                                                 "HostIP": "10.0.0.1"}]},
+             "SNAT": False, "MasqALL": True, "ConditionsV4": ["ip saddr 10.0.0.0/8"], "conditionsv6": ["ip6 daddr ::1"],
+             "DaemonSocket": "", "CNI.dev/Valid-Attachments": [{"ContainerId": "c2", "IfName": "eth1"}]}
+    c = p.parse_config(upper)
+    assert c == p.parse_config({
+        "cniVersion": "1.0.0", "name": "net1", "type": "portproxy-cni", "prevResult": prev,
+        "runtimeConfig": {"portMappings": [{"hostPort": 80, "containerPort": 8080, "protocol": "UDP",
+                                            "hostIP": "10.0.0.1"}]},
+        "snat": False, "masqAll": True, "conditionsV4": ["ip saddr 10.0.0.0/8"], "conditionsV6": ["ip6 daddr ::1"],
+        "daemonSocket": "", "cni.dev/valid-attachments": [{"containerID": "c2", "ifname": "eth1"}]})
+    assert (c.name, c.snat, c.masq_all, c.daemon_socket, c.valid_attachments) == ("net1", False, True, "",
+                                                                                  (("c2", "eth1"),))
+    assert len(c.conditions) == 2 and c.port_mappings == (p.PortMapping(80, 8080, "udp",
+                                                                        ipaddress.ip_address("10.0.0.1")),)
+    assert p.container_addresses(prev, "eth0") == [ipaddress.ip_address("10.88.0.2")]
+    for key in ("externalsetmarkchain", "Backend"):
+        with pytest.raises(p.CniError) as err:
+            p.parse_config({**upper, key: "iptables"})
+        assert err.value.code == p.ERR_UNSUPPORTED_FIELD
+    with pytest.raises(p.CniError, match="incompatible CNI version 9.9.9"):
+        p.parse_config({**upper, "cniversion": "9.9.9"})  # after CNIVersion: the last wins
+
+
+def test_the_passed_through_result_spells_the_keys_it_rewrites_as_go_writes_them() -> None:
+    prev = {"CNIVersion": "0.4.0", "IPs": [{"Version": "4", "Address": "10.88.0.2/16", "Interface": 0}],
+            "Interfaces": [{"Name": "eth0"}]}
+    assert p.result_for(prev, "1.0.0") == {"cniVersion": "1.0.0", "ips": [{"Address": "10.88.0.2/16", "Interface": 0}],
+                                           "Interfaces": [{"Name": "eth0"}]}
+    assert p.result_for(prev, "0.4.0")["ips"] == [{"Address": "10.88.0.2/16", "Interface": 0, "version": "4"}]
