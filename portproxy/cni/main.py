@@ -13,7 +13,7 @@ from typing import Any, Callable, TextIO
 
 from .protocol import (ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_NOT_AVAILABLE, ERR_TRY_AGAIN, SUPPORTED_VERSIONS, CniError,
                        Config, Env, check_version, container_addresses, decode, error_json, mappings_for, owner_of,
-                       parse_config, parse_env, result_for)
+                       go_get, go_key, parse_config, parse_env, result_for)
 from .versions import version_json
 
 
@@ -203,10 +203,12 @@ def _config_for(command: str, raw: dict) -> Config:
     try:
         return parse_config(raw)
     except CniError as exc:
-        runtime = raw.get("runtimeConfig")
-        if command not in ("DEL", "GC") or not isinstance(runtime, dict) or "portMappings" not in runtime:
+        runtime_key = go_key(raw, "runtimeConfig")
+        runtime = raw.get(runtime_key) if runtime_key else None
+        mappings_key = go_key(runtime, "portMappings") if isinstance(runtime, dict) else None
+        if command not in ("DEL", "GC") or mappings_key is None:
             raise
-        conf = parse_config({**raw, "runtimeConfig": {k: v for k, v in runtime.items() if k != "portMappings"}})
+        conf = parse_config({**raw, runtime_key: {k: v for k, v in runtime.items() if k != mappings_key}})
         print(f"portproxy-cni: {command} without the port mappings: {exc.msg}", file=sys.stderr)
         return conf
 
@@ -221,8 +223,9 @@ def run(environ: dict[str, str] | os._Environ, stdin: bytes, out: TextIO) -> int
             json.dump(version_json(requested if isinstance(requested, str) else None), out)
             return 0
         raw = decode(stdin)
-        if isinstance(raw.get("cniVersion"), str) and raw["cniVersion"] in SUPPORTED_VERSIONS:
-            version = raw["cniVersion"]
+        requested = go_get(raw, "cniVersion")
+        if isinstance(requested, str) and requested in SUPPORTED_VERSIONS:
+            version = requested
         check_version(raw)
         result = COMMANDS[env.command](env, _config_for(env.command, raw))
         if result is not None:

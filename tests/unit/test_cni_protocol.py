@@ -647,6 +647,15 @@ def test_del_goes_through_port_mappings_it_would_refuse(recorder: Recorder) -> N
     assert rc == 1 and result["code"] == 7 and "multicast" in result["msg"]
 
 
+def test_del_goes_through_go_cased_port_mappings_it_would_refuse(recorder: Recorder) -> None:
+    """The same with Go's field names, as containerd's CNI library sends them."""
+    bad = {"PortMappings": [{"HostPort": 80, "ContainerPort": 8080, "Protocol": "tcp", "HostIP": "224.0.0.1"}]}
+    raw = conf(runtimeConfig=bad)
+    raw["RuntimeConfig"] = raw.pop("runtimeConfig")
+    rc, _ = run({**ENV, "CNI_COMMAND": "DEL"}, json.dumps(raw).encode())
+    assert rc == 0 and recorder.calls == [("remove", "c1 eth0 net1")]
+
+
 def test_a_lock_is_held_while_its_file_names_a_live_pid(tmp_path: Path) -> None:
     """How a plugin tells a daemon's table lock is held without taking it (portproxy.lock.held)."""
     from portproxy.lock import held, release_lock, take_lock
