@@ -125,7 +125,8 @@ class Pair:
 
 
 class Relay:
-    def __init__(self, maps: list[tuple[int, str, int]]) -> None:
+    def __init__(self, maps: list[tuple[int, str, int]], nodelay: bool = True) -> None:
+        self.nodelay = nodelay
         self.kernel = sockmap_bpf.SockmapRelayKernel()
         self.verbose = bool(os.environ.get("SOCKMAP_RELAY_VERBOSE"))
         self.epoll = select.epoll()
@@ -153,10 +154,21 @@ class Relay:
             return
         for s in (client, up):
             s.setblocking(True)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pair = Pair(self.kernel, client, up)
-        pair.flush_early_bytes()
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.nodelay))
+        try:
+            pair = Pair(self.kernel, client, up)
+        except OSError:  # a socket no longer established cannot join the sockmap
+            for s in (client, up):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            self.totals["resets"] += 1
+            return
         self.totals["connections"] += 1
+        try:
+            pair.flush_early_bytes()
+        except OSError:  # reset before the join was complete: pass the reset on
+            self.reset(pair)
+            return
         for side in (pair.a, pair.b):
             self.sides[side.sock.fileno()] = (pair, side)
             self.epoll.register(side.sock.fileno(), select.EPOLLRDHUP)
@@ -245,7 +257,7 @@ def relay_main(args: argparse.Namespace) -> int:
             return 2
         maps.append((int(port), host, int(tport)))
     try:
-        relay = Relay(maps)
+        relay = Relay(maps, nodelay=args.nodelay)
     except OSError as exc:
         print(f"sockmap relay: cannot set up: {exc}", file=sys.stderr)
         return 1
@@ -268,7 +280,10 @@ PAYLOAD_SHA = b""
 IPERF_PORT, ECHO_PORT, FIREHOSE_PORT, RST_PORT = 5201, 7100, 7101, 7102
 FIREHOSE_BYTES = 16 * 64 * MiB  # 1 GiB
 SERVICES = (IPERF_PORT, ECHO_PORT, FIREHOSE_PORT, RST_PORT)
-PATHS = {"splice": 9000, "sockmap": 9100}  # host port base: base + i publishes SERVICES[i]
+PATHS = {"splice": 9000, "sockmap": 9100, "sockmap-nagle": 9200}
+"""Host port base of each relay (base + i publishes SERVICES[i]). ``sockmap-nagle``: the
+sockmap relay without TCP_NODELAY (the splice relay sets it), in case the workqueue's
+one send per skb suffers from it."""
 
 
 def _serve(listener: socket.socket, handle) -> None:
@@ -463,16 +478,21 @@ def iperf_run(topo, port: int, seconds: float, parallel: int, reverse: bool, pid
 WORKLOADS = {"tcp-1": (1, False), "tcp-4": (4, False), "tcp-1-down": (1, True)}
 
 
-def start_relays(topo) -> dict[str, subprocess.Popen]:
+def start_relays(topo, paths: list[str]) -> dict[str, subprocess.Popen]:
     target = topo.container_ip
+    def sockmap(path: str, *extra: str) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "relay", *extra,
+                *(arg for i, p in enumerate(SERVICES) for arg in ("--map", f"{PATHS[path] + i}:{target}:{p}"))]
+
     argv = {
         "splice": [sys.executable, "-m", "portproxy", "map", "--log-level", "error",
                    *(f"{PATHS['splice'] + i}:{target}:{p}" for i, p in enumerate(SERVICES))],
-        "sockmap": [sys.executable, str(Path(__file__).resolve()), "relay",
-                    *(arg for i, p in enumerate(SERVICES) for arg in ("--map", f"{PATHS['sockmap'] + i}:{target}:{p}"))],
+        "sockmap": sockmap("sockmap"),
+        "sockmap-nagle": sockmap("sockmap-nagle", "--no-nodelay"),
     }
     procs: dict[str, subprocess.Popen] = {}
-    for name, cmd in argv.items():
+    for name in paths:
+        cmd = argv[name]
         proc = topo.host.popen(cmd, stdout=subprocess.PIPE, text=True)
         procs[name] = proc
         line = proc.stdout.readline()
@@ -492,16 +512,21 @@ def run_main(args: argparse.Namespace) -> int:
     PAYLOAD = os.urandom(64 * MiB)
     PAYLOAD_SHA = hashlib.sha256(PAYLOAD).digest()
     results: dict = {"throughput": {}, "checks": {}}
-    raw: dict[str, dict[str, list[dict]]] = {w: {p: [] for p in PATHS} for w in WORKLOADS}
+    paths = args.paths.split(",")
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        print(f"sockmap_spike: unknown path(s) {', '.join(unknown)}; known: {', '.join(PATHS)}", file=sys.stderr)
+        return 2
+    raw: dict[str, dict[str, list[dict]]] = {w: {p: [] for p in paths} for w in WORKLOADS}
     with bench_topology("ppsock") as topo:
         iperf3 = topo.container.popen([*debcache.command("iperf3"), "-s", "-p", str(IPERF_PORT)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         listeners = start_servers(topo)
         procs: dict[str, subprocess.Popen] = {}
         try:
-            procs = start_relays(topo)
+            procs = start_relays(topo, paths)
             time.sleep(0.5)
-            order = list(PATHS)
+            order = list(paths)
             for round_ in range(args.rounds if not args.checks_only else 0):
                 for workload, (parallel, reverse) in WORKLOADS.items():
                     for path in order:
@@ -510,8 +535,8 @@ def run_main(args: argparse.Namespace) -> int:
                         print(f"round {round_ + 1} {workload} {path}: {r['gbit_s']:.2f} Gbit/s, machine "
                               f"{r['machine_cpu_s_per_gb']:.3f} CPU-s/GB, relay {r['relay_cpu_s_per_gb']:.3f}",
                               file=sys.stderr, flush=True)
-                order.reverse()
-            for path in PATHS:
+                order = order[1:] + order[:1]
+            for path in paths:
                 base = PATHS[path]
                 checks = {"integrity_half_close": [check_integrity(topo, base + 1) for _ in range(2)],
                           "slow_reader": check_slow_reader(topo, base + 2),
@@ -560,10 +585,13 @@ def main() -> int:
     sub = parser.add_subparsers(dest="cmd")
     relay = sub.add_parser("relay", help="run the sockmap relay (in the current namespace)")
     relay.add_argument("--map", action="append", required=True, metavar="LISTEN_PORT:TARGET_IP:TARGET_PORT")
+    relay.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=True,
+                       help="TCP_NODELAY on both sockets (default on, as the splice relay does)")
     run = sub.add_parser("run", help="measure splice against sockmap in namespaces of its own (default)")
     for p in (parser, run):
         p.add_argument("--rounds", type=int, default=5)
         p.add_argument("--seconds", type=float, default=5)
+        p.add_argument("--paths", default=",".join(PATHS), help="comma-separated, of: " + ", ".join(PATHS))
         p.add_argument("--checks-only", action="store_true", help="skip the throughput runs")
         p.add_argument("--out", type=Path, default=Path("benchmarks/results/sockmap_spike.json"))
     args = parser.parse_args()
