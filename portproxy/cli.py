@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         except SpecError as exc:
             print(f"portproxy: {exc}", file=sys.stderr)
             return 2
-        from .foreground import run_kernel, run_userland
+        from .map_command import run_kernel, run_userland
         from .proxy.proxy_protocol import refusal
 
         for error in {refusal(m.proto, args.mode, args.proxy_protocol) for m in mappings} - {None}:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise_fd_limit()  # the kernel path holds every published port too
         if args.mode == "auto":
-            from .foreground import run_auto
+            from .map_command import run_auto
 
             return run(lambda: run_auto(mappings, proxy_options_from(args), kernel_options_from(args),
                                         bool(args.set_sysctls), options.auto_thresholds(options.given(args, AUTO_FLAGS)),

@@ -531,7 +531,7 @@ async def _serve(request: Request, lean_sock: _socket.socket, idle: bool = False
     import socket
 
     from .errors import PortproxyError
-    from .foreground import stop_signal, stop_transparent
+    from .map_command import stop_signal, stop_transparent
     from .proxy import ProxyServer
 
     stop = stop_signal()
@@ -542,7 +542,7 @@ async def _serve(request: Request, lean_sock: _socket.socket, idle: bool = False
     try:
         if options.source == "client":
             # Every drop-in of the namespace shares one routing; the last one removes it.
-            from .foreground import start_transparent
+            from .map_command import start_transparent
             from .options import transparent_options
 
             routing = await start_transparent(transparent_options({}))
