@@ -25,7 +25,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .. import options as schema
+from .. import schema
 from ..errors import BadInput, Conflict, PortproxyError, SystemFailure
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 from . import adopt, plan, readmodel

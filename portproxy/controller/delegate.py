@@ -34,7 +34,7 @@ from typing import Any
 from ..errors import BadInput, Conflict, PortproxyError, shorten
 from ..spec import Mapping, parse_spec
 from .api import PeerPolicy, peer_credentials
-from .. import delegation, netident, options as schema
+from .. import delegation, netident, schema
 from .config import Settings
 from .core import Controller
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping as MappingType, Sequence, Union
 
-from .. import options as schema
+from .. import schema
 from ..kernel.builders import KernelOptions, why_not_translated
 from ..proxy.options import ProxyOptions
 from ..spec import Mapping

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..kernel.executor import NftError
 from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats
-from ..options import MODES
+from ..schema import MODES
 from .plan import KERNEL, components, part_components, proxied_reason, served_by
 
 if TYPE_CHECKING:

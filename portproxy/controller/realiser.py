@@ -22,7 +22,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
-from .. import options as schema
+from .. import schema
 from ..errors import PortproxyError
 from ..spec import Mapping
 from .plan import (ClearTable, Commit, Dnat, DnatPresent, EnsureRouting, ForgetStats, ForgetUdp, Grace, Hairpin,
