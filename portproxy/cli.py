@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(lambda: run_userland(mappings, proxy_options_from(args), metrics_addr=args.metrics_addr,
                                         transparent=transparent_options_from(args)), args.loop)
     if args.command == "serve":
-        from .controller.daemon import run_serve
+        from .controller.serve import run_serve
 
         raise_fd_limit()
         return run(lambda: run_serve(args.config, args.state_dir, args.socket, args.metrics_addr), args.loop)

@@ -295,7 +295,7 @@ while True:
 
 def test_a_daemon_of_another_namespace_is_not_used(topo: DemoTopology, tmp_path: Path, daemon: Daemon) -> None:
     """A socket path is visible from every network namespace; the daemon behind it serves only its own."""
-    from portproxy.cni.daemon import connect
+    from portproxy.cni.with_daemon import connect
     from portproxy.cni.protocol import parse_config
 
     daemon.start()
