@@ -38,7 +38,7 @@ LISTENER, KERNEL = "listener", "kernel"
 SWITCH_GRACE = 0.2
 """Seconds a listener keeps accepting after the DNAT in front of it went in, so that
 handshakes already under way when the rule landed complete against it."""
-PERSISTED_SOURCES = ("api", "cni")
+PERSISTED_ORIGINS = ("api", "cni")
 """Config mappings come from the file each start; docker ones live as long as dockerd's proxy."""
 
 
@@ -316,18 +316,18 @@ def declare(current: MappingType[Mapping, Settings], wanted: MappingType[Mapping
 class Desired:
     """One desired mapping as the start finds it: from the saved state or the config."""
     settings: Settings
-    source: str
+    origin: str
     owner: dict[str, str] | None = None
     kernel_id: int | None = None
 
 
 def desired_at_start(saved: Sequence[Any], config: Config) -> dict[Mapping, Desired]:
     """The saved API and CNI mappings, then the config's (with the kernel id a config mapping
-    had last time): ``saved`` items have mapping, settings, source, owner and kernel_id."""
+    had last time): ``saved`` items have mapping, settings, origin, owner and kernel_id."""
     desired: dict[Mapping, Desired] = {}
     for item in saved:
-        if item.source in PERSISTED_SOURCES:
-            desired[item.mapping] = Desired(item.settings, item.source, item.owner, item.kernel_id)
+        if item.origin in PERSISTED_ORIGINS:
+            desired[item.mapping] = Desired(item.settings, item.origin, item.owner, item.kernel_id)
     for mapping, settings in config.mappings.items():
         saved_id = next((s.kernel_id for s in saved if s.mapping == mapping), None)
         desired[mapping] = Desired(settings, "config", kernel_id=saved_id)
@@ -364,9 +364,9 @@ class ReloadOp:
 
 
 def reload_diff(current: MappingType[Mapping, tuple[Settings, str]], config: Config) -> list[ReloadOp]:
-    """From the running mappings (settings and source of each) to ``config``'s: removals first."""
-    ops = [ReloadOp("remove", m) for m, (_, source) in current.items()
-           if source == "config" and m not in config.mappings]
+    """From the running mappings (settings and origin of each) to ``config``'s: removals first."""
+    ops = [ReloadOp("remove", m) for m, (_, origin) in current.items()
+           if origin == "config" and m not in config.mappings]
     for mapping, settings in config.mappings.items():
         entry = current.get(mapping)
         if entry is None:

@@ -573,7 +573,7 @@ def test_departed_attachments_leave_the_saved_state() -> None:
     from portproxy.controller.adopt import drop_departed
 
     def entry(source: str, cid: str) -> SimpleNamespace:
-        return SimpleNamespace(source=source, owner={"kind": source, "id": cid, "ifname": "eth0", "network": "net1"})
+        return SimpleNamespace(origin=source, owner={"kind": source, "id": cid, "ifname": "eth0", "network": "net1"})
 
     a, b, c = (parse_spec(f"0.0.0.0:{port}:10.88.0.2:80") for port in (9090, 9091, 9092))
     desired = {a: entry("cni", "c1"), b: entry("cni", "c2"), c: entry("docker", "c1")}
