@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping as MappingT
 from .. import schema
 from ..kernel.builders import KernelOptions, why_not_translated
 from ..proxy.options import ProxyOptions
-from ..spec import Mapping
+from ..spec import Mapping, Part
 from .auto import COOL, HOT  # noqa: F401 - an auto mapping's places, for the planner's callers
 
 if TYPE_CHECKING:
@@ -49,12 +49,12 @@ def components(mode: Mode) -> frozenset[str]:
             "hybrid": frozenset({LISTENER, KERNEL}), "auto": frozenset({LISTENER})}[mode]
 
 
-def proxied_reason(part: Mapping, kernel: KernelOptions) -> str | None:
+def proxied_reason(part: Part, kernel: KernelOptions) -> str | None:
     """Why DNAT cannot serve this family of a mapping (then it is proxied), None when it can."""
     return why_not_translated(part, kernel)
 
 
-def part_components(part: Mapping, wanted: Collection[str], kernel: KernelOptions) -> frozenset[str]:
+def part_components(part: Part, wanted: Collection[str], kernel: KernelOptions) -> frozenset[str]:
     """What one family of a mapping runs: what its mode asks, except that what DNAT cannot
     serve is proxied, as Docker does."""
     if wanted and proxied_reason(part, kernel):
@@ -82,7 +82,7 @@ def is_transparent(settings: Settings, defaults: ProxyOptions) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Hold:
     """Bind every port of one family (listening at once if ``serve``, else only held)."""
-    part: Mapping
+    part: Part
     options: ProxyOptions
     serve: bool
 
@@ -90,47 +90,47 @@ class Hold:
 @dataclasses.dataclass(frozen=True)
 class Serve:
     """Listen again on held ports."""
-    part: Mapping
+    part: Part
 
 
 @dataclasses.dataclass(frozen=True)
 class Pause:
     """Stop listening, keep the ports bound (what is queued is accepted first)."""
-    part: Mapping
+    part: Part
 
 
 @dataclasses.dataclass(frozen=True)
 class Release:
     """Close the ports; live connections run to their end."""
-    part: Mapping
+    part: Part
     options: ProxyOptions
 
 
 @dataclasses.dataclass(frozen=True)
 class Dnat:
     """DNAT in and out in one kernel transaction; ``preferred`` ids are kept across restarts."""
-    add: tuple[Mapping, ...] = ()
-    remove: tuple[Mapping, ...] = ()
-    preferred: tuple[tuple[Mapping, int], ...] = ()
+    add: tuple[Part, ...] = ()
+    remove: tuple[Part, ...] = ()
+    preferred: tuple[tuple[Part, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class DnatPresent:
     """The DNAT of these families is in already (the start's batch); undone as a Dnat is."""
-    parts: tuple[Mapping, ...]
+    parts: tuple[Part, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Hairpin:
     """Hairpin mode on the bridge ports toward these targets (a container reaching its own port)."""
-    parts: tuple[Mapping, ...]
+    parts: tuple[Part, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class InstallTable:
     """Replace the whole nft table with these families' DNAT (the start: a crashed run's table goes)."""
-    parts: tuple[Mapping, ...]
-    preferred: tuple[tuple[Mapping, int], ...] = ()
+    parts: tuple[Part, ...]
+    preferred: tuple[tuple[Part, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,14 +146,14 @@ class Grace:
 @dataclasses.dataclass(frozen=True)
 class ForgetUdp:
     """Delete the UDP conntrack entries of these ports (best effort: never fails)."""
-    parts: tuple[Mapping, ...]
+    parts: tuple[Part, ...]
     translated: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class ForgetStats:
     """The mapping is gone for good: its counters (and metric series) go."""
-    parts: tuple[Mapping, ...]
+    parts: tuple[Part, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +181,7 @@ class Target:
     kernel_id: int | None = None
 
 
-def _udp(parts: Iterable[Mapping]) -> tuple[Mapping, ...]:
+def _udp(parts: Iterable[Part]) -> tuple[Part, ...]:
     return tuple(p for p in parts if p.proto == "udp")
 
 
@@ -272,13 +272,13 @@ class OwnedPlan:
     add: list[Mapping]
     remove: list[Mapping]
     keep: list[Mapping]
-    kernel_add: list[Mapping]
-    kernel_remove: list[Mapping]
+    kernel_add: list[Part]
+    kernel_remove: list[Part]
     steps: list[Step] = dataclasses.field(default_factory=list)
 
 
 def declare(current: MappingType[Mapping, Settings], wanted: MappingType[Mapping, Settings],
-            installed: Collection[Mapping], kernel: KernelOptions,
+            installed: Collection[Part], kernel: KernelOptions,
             kernel_ids: MappingType[Mapping, int] | None = None) -> OwnedPlan:
     """From the owner's ``current`` mappings to ``wanted``.
 
