@@ -1,4 +1,4 @@
-"""portproxy-cni with a running ``portproxy serve`` (issue 15, "with a daemon"): the plugin
+"""portproxy-cni with a running ``portproxy serve`` (the plugin's "with a daemon" mode): it
 registers the container's mappings with the daemon, and a daemon starting later adopts
 what the plugin installed without it.
 
