@@ -1,5 +1,5 @@
 """Docker's published ports: memory per port and time to ready, for docker-proxy, the drop-in
-standalone and the drop-in delegated to ``portproxy serve`` (issue 12).
+standalone and the drop-in delegated to ``portproxy serve``.
 
     .venv/bin/python benchmarks/docker_ports.py [--ports 1000] [--sample 200]
 

@@ -1,4 +1,4 @@
-"""Single-stream throughput with and without a PROXY protocol header (issue 14's target:
+"""Single-stream throughput with and without a PROXY protocol header (the target:
 PROXY v2 at >= 0.9x the default userland path).
 
 iperf3 cannot read a PROXY header, so the stream is an HTTP download from nginx in the

@@ -43,7 +43,8 @@ from typing import Iterator
 from portproxy import debcache
 from portproxy.bench.servers import nginx_conf
 from portproxy.bench.topology import bench_topology
-from portproxy.netns import Namespace, SeedTopology
+from portproxy.lab.namespaces import Namespace
+from portproxy.lab.topology import DemoTopology
 
 HTTP_PORT = 8080
 SINK_PORT = 7000
@@ -69,7 +70,7 @@ while True:
 
 # --- servers in the container -------------------------------------------------------------
 @contextlib.contextmanager
-def servers(topo: SeedTopology) -> Iterator[None]:
+def servers(topo: DemoTopology) -> Iterator[None]:
     """nginx (one worker, ``return 200``) and a discard sink, both in the container."""
     with tempfile.TemporaryDirectory(prefix="tcp-work-nginx-") as tmp:
         conf = Path(tmp) / "nginx.conf"
@@ -122,7 +123,7 @@ def bulk(ns: Namespace, host: str, mib: int) -> None:
             pass
 
 
-def work(topo: SeedTopology, connections: int, mib: int) -> None:
+def work(topo: DemoTopology, connections: int, mib: int) -> None:
     if connections:
         short_connections(topo.client, topo.host_ip, connections)
     if mib:
@@ -130,13 +131,13 @@ def work(topo: SeedTopology, connections: int, mib: int) -> None:
 
 
 # --- the relay ----------------------------------------------------------------------------
-def portproxy_argv(topo: SeedTopology, extra: list[str]) -> list[str]:
+def portproxy_argv(topo: DemoTopology, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "portproxy", "map", f"{PROXY_PORT}:{topo.container_ip}:{HTTP_PORT}",
             f"{SINK_PROXY_PORT}:{topo.container_ip}:{SINK_PORT}",
             f"{IPERF_PROXY_PORT}:{topo.container_ip}:{IPERF_PORT}", *extra]
 
 
-def start_portproxy(topo: SeedTopology, prefix: list[str], extra: list[str]) -> subprocess.Popen:
+def start_portproxy(topo: DemoTopology, prefix: list[str], extra: list[str]) -> subprocess.Popen:
     proc = topo.host.popen([*prefix, *portproxy_argv(topo, extra)], stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     ready = 0
@@ -168,7 +169,7 @@ def stop(proc: subprocess.Popen) -> None:
 _STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)\s*$")
 
 
-def count_syscalls(topo: SeedTopology, connections: int, mib: int, extra: list[str],
+def count_syscalls(topo: DemoTopology, connections: int, mib: int, extra: list[str],
                    wrk_seconds: int = 0) -> tuple[dict[str, int], float]:
     """Syscalls by name, and the connections made (wrk's count with ``wrk_seconds``)."""
     proc = start_portproxy(topo, [], extra)
@@ -196,7 +197,7 @@ def count_syscalls(topo: SeedTopology, connections: int, mib: int, extra: list[s
 
 
 # --- instructions -------------------------------------------------------------------------
-def count_instructions(topo: SeedTopology, connections: int, mib: int, extra: list[str]) -> int:
+def count_instructions(topo: DemoTopology, connections: int, mib: int, extra: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="tcp-work-cg-") as tmp:
         keep = os.environ.get("TCP_WORK_KEEP")
         out = f"{tmp}/cg.out"
@@ -232,7 +233,7 @@ def cpu_split(pids: list[int]) -> tuple[float, float]:
     return user / tick, system / tick
 
 
-def start_docker_proxy(topo: SeedTopology) -> list[subprocess.Popen]:
+def start_docker_proxy(topo: DemoTopology) -> list[subprocess.Popen]:
     procs = []
     for hp, tp in ((PROXY_PORT, HTTP_PORT), (SINK_PROXY_PORT, SINK_PORT), (IPERF_PROXY_PORT, IPERF_PORT)):
         r, w = os.pipe()
@@ -246,7 +247,7 @@ def start_docker_proxy(topo: SeedTopology) -> list[subprocess.Popen]:
     return procs
 
 
-def wrk(topo: SeedTopology, seconds: int) -> float:
+def wrk(topo: DemoTopology, seconds: int) -> float:
     argv = [*debcache.command("wrk"), "-t", "1", "-c", "32", "-d", f"{seconds}s", "--timeout", "5s",
             "-H", "Connection: close", f"http://{topo.host_ip}:{PROXY_PORT}/"]
     out = topo.client.popen(argv, stdout=subprocess.PIPE, text=True).communicate(timeout=seconds + 60)[0]
@@ -256,7 +257,7 @@ def wrk(topo: SeedTopology, seconds: int) -> float:
     return float(total.group(1))
 
 
-def iperf(topo: SeedTopology, mib: int) -> tuple[float, float]:
+def iperf(topo: DemoTopology, mib: int) -> tuple[float, float]:
     """One iperf3 stream of ``mib`` MiB through the relay: (bytes received, Gbit/s)."""
     argv = [*debcache.command("iperf3"), "-c", topo.host_ip, "-p", str(IPERF_PROXY_PORT), "-n", f"{mib}M", "-J"]
     out = json.loads(topo.client.popen(argv, stdout=subprocess.PIPE, text=True).communicate(timeout=300)[0])
@@ -264,7 +265,7 @@ def iperf(topo: SeedTopology, mib: int) -> tuple[float, float]:
     return float(end["bytes"]), float(end["bits_per_second"]) / 1e9
 
 
-def cpu(topo: SeedTopology, seconds: int, mib: int, extra: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
+def cpu(topo: DemoTopology, seconds: int, mib: int, extra: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for _ in range(rounds):
         for path in ("portproxy", "docker-proxy"):

@@ -35,7 +35,10 @@ def main() -> int:
     mode = sys.argv[3] if len(sys.argv) > 3 else "both"
     directions = {"forward": ["forward"], "rr": ["rr"]}.get(mode, ["forward", "reverse"])
     sys.path.insert(0, tree)
-    from portproxy.netns import seed_topology
+    try:
+        from portproxy.lab.topology import demo_topology
+    except ImportError:  # a tree from before portproxy.lab: the same topology, its older name
+        from portproxy.netns import seed_topology as demo_topology
     from portproxy.proxy import udp
     from portproxy.proxy.options import ProxyOptions
     from portproxy.proxy.poller import Poller
@@ -129,7 +132,7 @@ def main() -> int:
         results["send_errors"] = dict(listener.stats.send_errors)
         return results
 
-    with seed_topology("ppburst") as topo:
+    with demo_topology("ppburst") as topo:
         print(topo.host.run(inside, topo))
     return 0
 

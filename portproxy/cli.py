@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__, options
-from .options import MODES
+from . import __version__, schema
+from .schema import MODES
 from .spec import SpecError, parse_specs
 
 
@@ -32,22 +32,22 @@ AUTO_FLAGS = ("auto_bytes_per_second", "auto_connections_per_second", "auto_cool
 def _metrics_addr(text: str) -> str | None:
     if text == "config":
         return text  # serve: take the config file's metrics_addr
-    value = options.argparse_type("metrics_addr")(text)
+    value = schema.argparse_type("metrics_addr")(text)
     return None if value == "off" else value
 
 
 def kernel_options_from(args: argparse.Namespace) -> "KernelOptions":  # noqa: F821
-    return options.kernel_options(options.given(args, KERNEL_FLAGS))
+    return schema.kernel_options(schema.given(args, KERNEL_FLAGS))
 
 
 def proxy_options_from(args: argparse.Namespace) -> "ProxyOptions":  # noqa: F821
-    return options.proxy_options(options.given(args, PROXY_FLAGS + SOURCE_FLAGS))
+    return schema.proxy_options(schema.given(args, PROXY_FLAGS + SOURCE_FLAGS))
 
 
 def transparent_options_from(args: argparse.Namespace) -> "TransparentOptions | None":  # noqa: F821
     """The routing transparent mode needs, or None without ``--source client``."""
-    given = options.given(args, SOURCE_FLAGS)
-    return options.transparent_options(given) if given.get("source") == "client" else None
+    given = schema.given(args, SOURCE_FLAGS)
+    return schema.transparent_options(given) if given.get("source") == "client" else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_map.add_argument("--mode", choices=("userland", "kernel", "auto"), default="userland",
                        help="userland proxy (default), nftables DNAT, or auto: userland while light, "
                        "moving itself to DNAT (and back) with its load")
-    options.add_arguments(p_map.add_argument_group("userland proxy"), PROXY_FLAGS)
-    options.add_arguments(p_map.add_argument_group("client address at the target (userland path)"), SOURCE_FLAGS)
-    options.add_arguments(p_map.add_argument_group("kernel path"), KERNEL_FLAGS)
-    options.add_arguments(p_map.add_argument_group("auto mode"), AUTO_FLAGS)
+    schema.add_arguments(p_map.add_argument_group("userland proxy"), PROXY_FLAGS)
+    schema.add_arguments(p_map.add_argument_group("client address at the target (userland path)"), SOURCE_FLAGS)
+    schema.add_arguments(p_map.add_argument_group("kernel path"), KERNEL_FLAGS)
+    schema.add_arguments(p_map.add_argument_group("auto mode"), AUTO_FLAGS)
     p_map.add_argument("--metrics-addr", type=_metrics_addr, nargs="?", const="127.0.0.1:9779", default=None,
                        metavar="HOST:PORT", help="serve Prometheus metrics (off by default; without a value "
                        "127.0.0.1:9779)")
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and nginx through every path (direct routing, the kernel path, portproxy's userland variants, "
         "docker-proxy, HAProxy, socat where present), run every workload round by round, measure memory, "
         "and write bench.json, bench.md and bench.png."))
-    from .bench.options import add_arguments as add_bench_arguments
+    from .bench.arguments import add_arguments as add_bench_arguments
 
     add_bench_arguments(p_bench)
     p_bench.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_add = client("add", "add a mapping to the daemon")
     p_add.add_argument("spec", metavar="SPEC")
     p_add.add_argument("--mode", choices=MODES, default=MODES[0])
-    options.add_arguments(p_add.add_argument_group("per-mapping options (override the daemon's)"),
-                          [name for name in options.names(options.MAPPING) if name != "mode"])
+    schema.add_arguments(p_add.add_argument_group("per-mapping options (override the daemon's)"),
+                          [name for name in schema.names(schema.MAPPING) if name != "mode"])
     p_rm = client("rm", "remove a mapping (by spec or HOST_PORT[/PROTO])")
     p_rm.add_argument("name", metavar="SPEC")
     p_switch = client("switch", f"switch a mapping between {', '.join(MODES[:-1])} and {MODES[-1]}, live")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         from .client import run_client
 
         if args.command == "add":
-            args.options = options.given(args, [n for n in options.names(options.MAPPING) if n != "mode"])
+            args.options = schema.given(args, [n for n in schema.names(schema.MAPPING) if n != "mode"])
         return run_client(args)
     from .runtime import raise_fd_limit, run, setup_logging
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         except SpecError as exc:
             print(f"portproxy: {exc}", file=sys.stderr)
             return 2
-        from .foreground import run_kernel, run_userland
+        from .map_command import run_kernel, run_userland
         from .proxy.proxy_protocol import refusal
 
         for error in {refusal(m.proto, args.mode, args.proxy_protocol) for m in mappings} - {None}:
@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise_fd_limit()  # the kernel path holds every published port too
         if args.mode == "auto":
-            from .foreground import run_auto
+            from .map_command import run_auto
 
             return run(lambda: run_auto(mappings, proxy_options_from(args), kernel_options_from(args),
-                                        bool(args.set_sysctls), options.auto_thresholds(options.given(args, AUTO_FLAGS)),
+                                        bool(args.set_sysctls), schema.auto_thresholds(schema.given(args, AUTO_FLAGS)),
                                         metrics_addr=args.metrics_addr, transparent=transparent_options_from(args)),
                        args.loop)
         if args.mode == "kernel":
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(lambda: run_userland(mappings, proxy_options_from(args), metrics_addr=args.metrics_addr,
                                         transparent=transparent_options_from(args)), args.loop)
     if args.command == "serve":
-        from .controller.daemon import run_serve
+        from .controller.serve import run_serve
 
         raise_fd_limit()
         return run(lambda: run_serve(args.config, args.state_dir, args.socket, args.metrics_addr), args.loop)

@@ -347,11 +347,11 @@ def _check_environment() -> None:
     # The schema (and the re module it brings) is imported only when such a variable is set.
     if not any(name.startswith("PORTPROXY_") and name != SOCKET_ENV for name in os.environ):
         return
-    from . import options
+    from . import schema
     from .errors import BadInput
 
     try:
-        ENVIRONMENT.update(options.from_environment(os.environ))
+        ENVIRONMENT.update(schema.from_environment(os.environ))
     except BadInput as exc:
         raise StartError(str(exc)) from None
 
@@ -494,7 +494,7 @@ def _mapping(request: Request, sock: _socket.socket) -> Mapping:
 
 def _options() -> ProxyOptions:
     """docker-proxy's fixed behaviour plus what the environment asks for (checked in start)."""
-    from .options import proxy_options
+    from .schema import proxy_options
     from .proxy.options import ProxyOptions
 
     return proxy_options(ENVIRONMENT, ProxyOptions(drain_timeout=0))
@@ -531,7 +531,7 @@ async def _serve(request: Request, lean_sock: _socket.socket, idle: bool = False
     import socket
 
     from .errors import PortproxyError
-    from .foreground import stop_signal, stop_transparent
+    from .map_command import stop_signal, stop_transparent
     from .proxy import ProxyServer
 
     stop = stop_signal()
@@ -542,8 +542,8 @@ async def _serve(request: Request, lean_sock: _socket.socket, idle: bool = False
     try:
         if options.source == "client":
             # Every drop-in of the namespace shares one routing; the last one removes it.
-            from .foreground import start_transparent
-            from .options import transparent_options
+            from .map_command import start_transparent
+            from .schema import transparent_options
 
             routing = await start_transparent(transparent_options({}))
         server.add(_mapping(request, sock), {sock.getsockname()[1]: sock})

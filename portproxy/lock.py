@@ -1,10 +1,9 @@
 """One owner per control socket, per state directory and per nft table: an flock'ed file for each.
 
-A second ``portproxy serve`` with the same ``--socket`` used to unlink the live
-daemon's socket before failing on something else, leaving the first one running but
-unreachable; a ``portproxy map --mode kernel`` beside a daemon rewrote the daemon's nft
-table. Now the lock is taken before anything is touched, and the second process refuses
-with one line naming the pid that holds it. The lock goes with the process (however it
+The lock is taken before anything is touched, so a second ``portproxy serve`` with the
+same ``--socket`` never unlinks the live daemon's socket (which would leave it running but
+unreachable), and a ``portproxy map --mode kernel`` beside a daemon never rewrites the
+daemon's nft table: the second process refuses with one line naming the pid that holds it. The lock goes with the process (however it
 dies), so a stale lock file never blocks a restart.
 """
 

@@ -66,7 +66,7 @@ class Mapping:
             return self.host_ip
         return WILDCARDS[self.family]
 
-    def per_family(self) -> list["Mapping"]:
+    def per_family(self) -> list["Part"]:
         """The mapping once per address family it publishes on, each with its host address.
 
         As Docker's ``-p`` does: no host address publishes on IPv4 (``0.0.0.0``) *and* on
@@ -99,6 +99,12 @@ class Mapping:
         host = (0, 0, 0) if self.host_ip is None else (1, self.host_ip.version, int(self.host_ip))
         return (self.proto, self.host_port, host, self.target_ip.version, int(self.target_ip), self.target_port)
 
+
+Part = Mapping
+"""One address family of a mapping, with its own host address: what :meth:`Mapping.per_family`
+returns. The unit the userland proxy listens on and the kernel path installs (a mapping
+without a host address is two parts, ``0.0.0.0`` and ``[::]``); the same class, named for
+what a function takes or returns."""
 
 def _format_ip(ip: IPAddress) -> str:
     return f"[{ip}]" if ip.version == 6 else str(ip)

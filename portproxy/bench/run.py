@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, TextIO
 from ..runtime import raise_fd_limit
 from . import report
 from .checks import Unmeasured
-from .options import Options, options_from
+from .arguments import Options, options_from
 from .memory import IdleSink, idle_connections_for, rss_per_idle_connection, rss_with_mappings
 from .paths import PathDef, PathError, Running, available_paths
 from .slow_readers import Firehose, pinned_by_slow_readers

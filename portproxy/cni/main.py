@@ -25,8 +25,8 @@ cache) nor the interpreter (~14 ms) is torn down while the runtime waits for the
 
 def backend_for(env: Env, conf: Config) -> Any:
     """Where mappings go: the ``portproxy serve`` of this network namespace when its control
-    socket is there (:mod:`.daemon`), else the plugin's own table (:mod:`.table`)."""
-    from .daemon import connect, socket_path
+    socket is there (:mod:`.with_daemon`), else the plugin's own table (:mod:`.table`)."""
+    from .with_daemon import connect, socket_path
 
     backend = connect(socket_path(env, conf), conf)
     if backend is None:
@@ -49,7 +49,7 @@ def _everywhere(env: Env, conf: Config, remove: Callable[[Any], Any]) -> Any:
     """DEL and GC with a daemon also clear the plugin's own table: a mapping written there
     before the daemon ran, or while it was starting (after it read the table to adopt it),
     would otherwise outlive its container. Returns the backend that was asked."""
-    from .daemon import DaemonBackend
+    from .with_daemon import DaemonBackend
 
     backend = backend_for(env, conf)
     if isinstance(backend, DaemonBackend):
@@ -69,7 +69,7 @@ def cmd_add(env: Env, conf: Config) -> dict | None:
     addresses = container_addresses(prev, env.ifname)
     mappings = mappings_for(conf.port_mappings, addresses)
     if mappings:
-        from .daemon import DaemonBackend
+        from .with_daemon import DaemonBackend
 
         backend = backend_for(env, conf)
         backend.add(owner_of(env, conf), mappings)
@@ -103,7 +103,7 @@ def cmd_del(env: Env, conf: Config) -> None:
     told when it is back (:mod:`.departures`): when its socket is gone (stopped), or there
     and dead (crashed; the DEL then succeeds). Not for a daemon that is merely busy, one
     of another namespace, or a network with daemon mode off."""
-    from .daemon import DaemonAway, socket_path
+    from .with_daemon import DaemonAway, socket_path
     from .table import NftBackend
 
     owner = owner_of(env, conf)
@@ -133,7 +133,7 @@ def _tell_the_absent_daemon(env: Env, conf: Config, owner: Any, table: Any) -> b
     lock from before it reads the words) is left alone and the runtime told to try again,
     which then reaches it. Nothing else here fails the DEL: the word is left, and the
     daemon acts on it when it starts."""
-    from .daemon import socket_path
+    from .with_daemon import socket_path
 
     if not table.leave_word(owner):
         return False
@@ -144,7 +144,7 @@ def _tell_the_absent_daemon(env: Env, conf: Config, owner: Any, table: Any) -> b
         return True  # another holder (a foreground `portproxy map`): not ours to edit
     try:
         if conf.prev_result is not None and conf.port_mappings:
-            from .daemon import api_mappings
+            from .with_daemon import api_mappings
 
             mappings = mappings_for(conf.port_mappings, container_addresses(conf.prev_result, env.ifname))
             if table.withdraw_kept(api_mappings(mappings)):
@@ -166,7 +166,7 @@ def cmd_gc(env: Env, conf: Config) -> None:
     """GC needs the daemon: its saved attachments are known to it alone. While it is away
     (stopped: socket gone; crashed: DaemonAway) the plugin's own table is collected, and
     the runtime is told to try again (code 11) rather than that everything was collected."""
-    from .daemon import DaemonAway, socket_path
+    from .with_daemon import DaemonAway, socket_path
     from .table import NftBackend
 
     collect: Callable[[Any], Any] = lambda backend: backend.gc(conf.name, set(conf.valid_attachments))  # noqa: E731

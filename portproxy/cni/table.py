@@ -193,7 +193,7 @@ def host_port_of(id_map: str, key: tuple[Any, ...]) -> tuple[tuple[int, str, int
 class NftBackend:
     """Mappings written straight into the kernel (no daemon).
 
-    :class:`~portproxy.cni.daemon.DaemonBackend` has the same operations (add, remove,
+    :class:`~portproxy.cni.with_daemon.DaemonBackend` has the same operations (add, remove,
     check, gc, ready) through ``portproxy serve``'s API; :func:`portproxy.cni.main.backend_for`
     picks one. The methods after those are this table's part while a daemon is away.
     """

@@ -131,7 +131,7 @@ def drop_departed(desired: dict[Mapping, Any], tokens: set[str]) -> list[Mapping
         except CniError:  # an id too long for a token: no DEL could have recorded it
             return False
 
-    gone = [m for m, e in desired.items() if e.source == "cni" and e.owner and departed(e.owner)]
+    gone = [m for m, e in desired.items() if e.origin == "cni" and e.owner and departed(e.owner)]
     for m in gone:
         del desired[m]
         log.info("dropping %s: its container was deleted while the daemon was away", m)

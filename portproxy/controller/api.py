@@ -60,7 +60,7 @@ from aiohttp import web
 from ..errors import BadInput, PortproxyError
 from .config import parse_mapping_entry
 from .core import Controller
-from .entry import source_of
+from .entry import origin_of
 
 log = logging.getLogger("portproxy.api")
 
@@ -150,8 +150,8 @@ def build_app(controller: Controller, reload: ReloadFn, policy: PeerPolicy) -> w
         body = await _json_body(request)
         owner = body.pop("owner", None)
         mapping, settings = parse_mapping_entry(body, "request")
-        source = source_of(owner) if isinstance(owner, dict) else "api"
-        mapping = await controller.add(mapping, settings, source=source, owner=owner)
+        origin = origin_of(owner) if isinstance(owner, dict) else "api"
+        mapping = await controller.add(mapping, settings, origin=origin, owner=owner)
         return web.json_response({"spec": str(mapping), "mode": controller.mode_of(mapping)}, status=201)
 
     async def remove_mapping(request: web.Request) -> web.Response:

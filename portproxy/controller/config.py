@@ -15,7 +15,7 @@ Example (``/etc/portproxy/portproxy.toml``)::
     mode = "userland"        # userland (default) | kernel | hybrid
     connect_timeout = 2      # per-mapping options override [options]
 
-Every key and value is checked by the one options schema (:mod:`portproxy.options`):
+Every key and value is checked by the one options schema (:mod:`portproxy.schema`):
 a value ``portproxy map`` refuses is refused here, an unknown key is an error, and
 every problem is one line naming the file, the entry and the reason.
 """
@@ -26,10 +26,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .. import options as schema
+from .. import schema
 from ..errors import BadInput, shorten
 from ..kernel.builders import KernelOptions
-from ..options import Mode
+from ..schema import Mode
 from ..proxy.options import ProxyOptions
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 

@@ -25,7 +25,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .. import options as schema
+from .. import schema
 from ..errors import BadInput, Conflict, PortproxyError, SystemFailure
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 from . import adopt, plan, readmodel
@@ -83,7 +83,7 @@ class Controller:
         if self.store is None:
             return
         try:
-            self.store.save([SavedEntry(m, e.settings, e.source, e.owner, e.kernel_id)
+            self.store.save([SavedEntry(m, e.settings, e.origin, e.owner, e.kernel_id)
                              for m, e in entries.items() if e.persisted])
         except OSError as exc:
             self.save_failures += 1
@@ -146,7 +146,7 @@ class Controller:
         at the stop (:meth:`stop`), remove it if the daemon holds none. Not on every last
         mapping's removal: one container coming and going would create and delete it on
         each ``podman run``."""
-        expect = any(e.source == "cni" for e in self.entries.values())
+        expect = any(e.origin == "cni" for e in self.entries.values())
         if force or consumed or (expect and not self._departures_expected):
             await self.realiser.in_worker(adopt.settle_departures, consumed, expect)
             self._departures_expected = expect
@@ -183,7 +183,7 @@ class Controller:
     def resolve(self, name: str) -> Mapping:
         return resolve(self.entries, name)
 
-    async def add(self, spec: str | Mapping, settings: Settings | None = None, source: str = "api",
+    async def add(self, spec: str | Mapping, settings: Settings | None = None, origin: str = "api",
                   owner: dict[str, str] | None = None, sockets: dict[int, socket.socket] | None = None) -> Mapping:
         """Add and start a mapping; refused (nothing kept) when it cannot start now."""
         mapping = spec if isinstance(spec, Mapping) else parse_spec(spec)
@@ -193,8 +193,8 @@ class Controller:
             if mapping in self.entries:
                 raise Conflict(f"mapping {mapping} exists already")
             self._check_free(mapping)
-            entry = Entry(settings, source, owner, "running")
-            if source == "cni" and entry.mode != "kernel":
+            entry = Entry(settings, origin, owner, "running")
+            if origin == "cni" and entry.mode != "kernel":
                 raise BadInput(f"mapping {mapping}: a CNI runtime's mappings are kernel-path only (mode kernel): "
                                "the runtime holds their host ports itself")
             self.check_settings(mapping, settings)
@@ -335,7 +335,7 @@ class Controller:
         if changed:
             report["restart_required"] = changed
             log.warning("reload: [options] %s changed; they take effect at the next restart", ", ".join(changed))
-        ops = plan.reload_diff({m: (e.settings, e.source) for m, e in self.entries.items()}, config)
+        ops = plan.reload_diff({m: (e.settings, e.origin) for m, e in self.entries.items()}, config)
         for op in ops:
             settings = op.settings or Settings()
             if op.kind == "refuse":
@@ -384,7 +384,7 @@ class Controller:
 
     async def _start(self, config: Config) -> list[str]:
         saved = self.store.load() if self.store is not None else []
-        desired = {m: Entry(d.settings, d.source, d.owner, kernel_id=d.kernel_id)
+        desired = {m: Entry(d.settings, d.origin, d.owner, kernel_id=d.kernel_id)
                    for m, d in plan.desired_at_start(saved, config).items()}
         for entry in desired.values():
             self._give_policy(entry)
@@ -443,7 +443,7 @@ class Controller:
         """Drain userland connections; remove the kernel table unless told to keep it."""
         self.upkeep.stop()
         keep = self.options.keep_kernel_rules if keep_kernel_rules is None else keep_kernel_rules
-        if self._departures_expected and not any(e.source == "cni" for e in self.entries.values()):
+        if self._departures_expected and not any(e.origin == "cni" for e in self.entries.values()):
             await self._expect_departures(force=True)  # no CNI mapping to keep word for
         await self.realiser.stop(keep)
 
@@ -482,7 +482,7 @@ class Controller:
 
 
 def _record(m: Mapping, e: Entry | None) -> SavedEntry | None:
-    return SavedEntry(m, e.settings, e.source, e.owner, e.kernel_id) if e is not None and e.persisted else None
+    return SavedEntry(m, e.settings, e.origin, e.owner, e.kernel_id) if e is not None and e.persisted else None
 
 
 def _apply(entries: dict[Mapping, Entry], changes: dict[Mapping, Entry | None]) -> None:

@@ -6,7 +6,7 @@ peer is gone). One connection is one published port:
 
 1. the drop-in sends ONE request message (the mapping's spec, its docker owner, maybe
    options), with its bound socket attached (SCM_RIGHTS);
-2. the daemon adds the mapping (source ``docker``: never persisted, dockerd owns it) with
+2. the daemon adds the mapping (origin ``docker``: never persisted, dockerd owns it) with
    that socket, and answers ONE message: served, refused with one line, or "another
    network namespace" (the drop-in then serves in-process). Both messages are written
    and read by :mod:`portproxy.delegation` alone;
@@ -34,7 +34,7 @@ from typing import Any
 from ..errors import BadInput, Conflict, PortproxyError, shorten
 from ..spec import Mapping, parse_spec
 from .api import PeerPolicy, peer_credentials
-from .. import delegation, netident, options as schema
+from .. import delegation, netident, schema
 from .config import Settings
 from .core import Controller
 
@@ -189,7 +189,7 @@ class DelegateServer:
             check_socket(mapping, sockets[0])
             if self.controller.has_owner(owner["id"]):
                 raise Conflict(f"owner id {shorten(owner['id'], 80)} is in use: each connection needs its own")
-            await self.controller.add(mapping, settings, source="docker", owner=owner,
+            await self.controller.add(mapping, settings, origin="docker", owner=owner,
                                       sockets={mapping.host_port: sockets[0]})
         except PortproxyError as exc:
             for sock in sockets:

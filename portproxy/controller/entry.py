@@ -10,14 +10,16 @@ from ..proxy.options import ProxyOptions
 from ..spec import Mapping, SpecError, check_no_overlap, parse_spec
 from .auto import COOL, AutoPolicy
 from .config import Mode, Settings
-from .plan import PERSISTED_SOURCES, Target, is_transparent, mapping_options
+from .plan import PERSISTED_ORIGINS, Target, is_transparent, mapping_options
 
 
 @dataclasses.dataclass
 class Entry:
     settings: Settings
-    source: str
-    """"config" (owned by the config file, changed by reload), "api", "docker", "cni"."""
+    origin: str
+    """Who asked for the mapping: "config" (owned by the config file, changed by reload), "api",
+    "docker", "cni". Not the ``source`` option (the address the target sees); the API and the
+    state file still call this field "source"."""
     owner: dict[str, str] | None = None
     """Who asked for an owned mapping (a container: kind, id, name); removed with it."""
     status: str = "pending"
@@ -49,11 +51,11 @@ class Entry:
     def holds_ports(self) -> bool:
         """Whether the mapping binds its host ports itself. A CNI runtime (podman's conmon)
         reserves the ports of its containers, so their mappings are DNAT only."""
-        return self.source != "cni"
+        return self.origin != "cni"
 
     @property
     def persisted(self) -> bool:
-        return self.source in PERSISTED_SOURCES
+        return self.origin in PERSISTED_ORIGINS
 
     def target(self, defaults: ProxyOptions, settings: Settings | None = None) -> Target:
         """What the planner needs of this entry (with ``settings`` instead of its own, for a switch)."""
@@ -62,8 +64,8 @@ class Entry:
                       self.kernel_id)
 
 
-def source_of(owner: dict[str, str] | None) -> str:
-    """The source of a mapping a request adds: the container engine that owns it, else the API."""
+def origin_of(owner: dict[str, str] | None) -> str:
+    """The origin of a mapping a request adds (who asked for it): the container engine that owns it, else the API."""
     return owner["kind"] if owner and owner.get("kind") in ("docker", "cni") else "api"
 
 
@@ -100,7 +102,7 @@ def check_declared(owner: Any, wanted: list[tuple[Mapping, Settings]], defaults:
     """A CNI owner's declared set as a request gives it: the owner, kernel mappings only
     (the runtime holds the ports), settings every path can run, no overlap within it."""
     checked = validate_owner(owner)
-    if checked is None or source_of(checked) != "cni":
+    if checked is None or origin_of(checked) != "cni":
         raise BadInput("owner must be an object with kind cni and id: a declared set is a CNI attachment's "
                        "(add other mappings one by one with POST /v1/mappings)")
     for mapping, settings in wanted:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping as MappingType, Sequence, Union
 
-from .. import options as schema
+from .. import schema
 from ..kernel.builders import KernelOptions, why_not_translated
 from ..proxy.options import ProxyOptions
-from ..spec import Mapping
+from ..spec import Mapping, Part
 from .auto import COOL, HOT  # noqa: F401 - an auto mapping's places, for the planner's callers
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ LISTENER, KERNEL = "listener", "kernel"
 SWITCH_GRACE = 0.2
 """Seconds a listener keeps accepting after the DNAT in front of it went in, so that
 handshakes already under way when the rule landed complete against it."""
-PERSISTED_SOURCES = ("api", "cni")
+PERSISTED_ORIGINS = ("api", "cni")
 """Config mappings come from the file each start; docker ones live as long as dockerd's proxy."""
 
 
@@ -49,12 +49,12 @@ def components(mode: Mode) -> frozenset[str]:
             "hybrid": frozenset({LISTENER, KERNEL}), "auto": frozenset({LISTENER})}[mode]
 
 
-def proxied_reason(part: Mapping, kernel: KernelOptions) -> str | None:
+def proxied_reason(part: Part, kernel: KernelOptions) -> str | None:
     """Why DNAT cannot serve this family of a mapping (then it is proxied), None when it can."""
     return why_not_translated(part, kernel)
 
 
-def part_components(part: Mapping, wanted: Collection[str], kernel: KernelOptions) -> frozenset[str]:
+def part_components(part: Part, wanted: Collection[str], kernel: KernelOptions) -> frozenset[str]:
     """What one family of a mapping runs: what its mode asks, except that what DNAT cannot
     serve is proxied, as Docker does."""
     if wanted and proxied_reason(part, kernel):
@@ -82,7 +82,7 @@ def is_transparent(settings: Settings, defaults: ProxyOptions) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Hold:
     """Bind every port of one family (listening at once if ``serve``, else only held)."""
-    part: Mapping
+    part: Part
     options: ProxyOptions
     serve: bool
 
@@ -90,47 +90,47 @@ class Hold:
 @dataclasses.dataclass(frozen=True)
 class Serve:
     """Listen again on held ports."""
-    part: Mapping
+    part: Part
 
 
 @dataclasses.dataclass(frozen=True)
 class Pause:
     """Stop listening, keep the ports bound (what is queued is accepted first)."""
-    part: Mapping
+    part: Part
 
 
 @dataclasses.dataclass(frozen=True)
 class Release:
     """Close the ports; live connections run to their end."""
-    part: Mapping
+    part: Part
     options: ProxyOptions
 
 
 @dataclasses.dataclass(frozen=True)
 class Dnat:
     """DNAT in and out in one kernel transaction; ``preferred`` ids are kept across restarts."""
-    add: tuple[Mapping, ...] = ()
-    remove: tuple[Mapping, ...] = ()
-    preferred: tuple[tuple[Mapping, int], ...] = ()
+    add: tuple[Part, ...] = ()
+    remove: tuple[Part, ...] = ()
+    preferred: tuple[tuple[Part, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class DnatPresent:
     """The DNAT of these families is in already (the start's batch); undone as a Dnat is."""
-    parts: tuple[Mapping, ...]
+    parts: tuple[Part, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Hairpin:
     """Hairpin mode on the bridge ports toward these targets (a container reaching its own port)."""
-    parts: tuple[Mapping, ...]
+    parts: tuple[Part, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class InstallTable:
     """Replace the whole nft table with these families' DNAT (the start: a crashed run's table goes)."""
-    parts: tuple[Mapping, ...]
-    preferred: tuple[tuple[Mapping, int], ...] = ()
+    parts: tuple[Part, ...]
+    preferred: tuple[tuple[Part, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,14 +146,14 @@ class Grace:
 @dataclasses.dataclass(frozen=True)
 class ForgetUdp:
     """Delete the UDP conntrack entries of these ports (best effort: never fails)."""
-    parts: tuple[Mapping, ...]
+    parts: tuple[Part, ...]
     translated: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class ForgetStats:
     """The mapping is gone for good: its counters (and metric series) go."""
-    parts: tuple[Mapping, ...]
+    parts: tuple[Part, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +181,7 @@ class Target:
     kernel_id: int | None = None
 
 
-def _udp(parts: Iterable[Mapping]) -> tuple[Mapping, ...]:
+def _udp(parts: Iterable[Part]) -> tuple[Part, ...]:
     return tuple(p for p in parts if p.proto == "udp")
 
 
@@ -272,13 +272,13 @@ class OwnedPlan:
     add: list[Mapping]
     remove: list[Mapping]
     keep: list[Mapping]
-    kernel_add: list[Mapping]
-    kernel_remove: list[Mapping]
+    kernel_add: list[Part]
+    kernel_remove: list[Part]
     steps: list[Step] = dataclasses.field(default_factory=list)
 
 
 def declare(current: MappingType[Mapping, Settings], wanted: MappingType[Mapping, Settings],
-            installed: Collection[Mapping], kernel: KernelOptions,
+            installed: Collection[Part], kernel: KernelOptions,
             kernel_ids: MappingType[Mapping, int] | None = None) -> OwnedPlan:
     """From the owner's ``current`` mappings to ``wanted``.
 
@@ -316,18 +316,18 @@ def declare(current: MappingType[Mapping, Settings], wanted: MappingType[Mapping
 class Desired:
     """One desired mapping as the start finds it: from the saved state or the config."""
     settings: Settings
-    source: str
+    origin: str
     owner: dict[str, str] | None = None
     kernel_id: int | None = None
 
 
 def desired_at_start(saved: Sequence[Any], config: Config) -> dict[Mapping, Desired]:
     """The saved API and CNI mappings, then the config's (with the kernel id a config mapping
-    had last time): ``saved`` items have mapping, settings, source, owner and kernel_id."""
+    had last time): ``saved`` items have mapping, settings, origin, owner and kernel_id."""
     desired: dict[Mapping, Desired] = {}
     for item in saved:
-        if item.source in PERSISTED_SOURCES:
-            desired[item.mapping] = Desired(item.settings, item.source, item.owner, item.kernel_id)
+        if item.origin in PERSISTED_ORIGINS:
+            desired[item.mapping] = Desired(item.settings, item.origin, item.owner, item.kernel_id)
     for mapping, settings in config.mappings.items():
         saved_id = next((s.kernel_id for s in saved if s.mapping == mapping), None)
         desired[mapping] = Desired(settings, "config", kernel_id=saved_id)
@@ -364,9 +364,9 @@ class ReloadOp:
 
 
 def reload_diff(current: MappingType[Mapping, tuple[Settings, str]], config: Config) -> list[ReloadOp]:
-    """From the running mappings (settings and source of each) to ``config``'s: removals first."""
-    ops = [ReloadOp("remove", m) for m, (_, source) in current.items()
-           if source == "config" and m not in config.mappings]
+    """From the running mappings (settings and origin of each) to ``config``'s: removals first."""
+    ops = [ReloadOp("remove", m) for m, (_, origin) in current.items()
+           if origin == "config" and m not in config.mappings]
     for mapping, settings in config.mappings.items():
         entry = current.get(mapping)
         if entry is None:

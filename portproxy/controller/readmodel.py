@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..kernel.executor import NftError
 from ..proxy.stats import TO_CLIENT, TO_TARGET, TcpStats, UdpStats
-from ..options import MODES
+from ..schema import MODES
 from .plan import KERNEL, components, part_components, proxied_reason, served_by
 
 if TYPE_CHECKING:
@@ -80,9 +80,10 @@ async def describe(c: "Controller") -> list[dict[str, Any]]:
                 counters = await c.realiser.in_worker(kernel.counters)
         except NftError as exc:
             log.warning("reading kernel counters failed: %s", exc)
+    # The API calls the entry's origin (who asked for the mapping) "source".
     result = []
     for mapping, entry in sorted(c.entries.items(), key=lambda item: item[0].sort_key()):
-        item: dict[str, Any] = {"spec": str(mapping), "mode": entry.mode, "source": entry.source,
+        item: dict[str, Any] = {"spec": str(mapping), "mode": entry.mode, "source": entry.origin,
                                 "status": entry.status}
         if entry.error:
             item["error"] = entry.error

@@ -22,9 +22,9 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
-from .. import options as schema
+from .. import schema
 from ..errors import PortproxyError
-from ..spec import Mapping
+from ..spec import Mapping, Part
 from .plan import (ClearTable, Commit, Dnat, DnatPresent, EnsureRouting, ForgetStats, ForgetUdp, Grace, Hairpin,
                    Hold, InstallTable, Pause, Release, Serve, Step)
 
@@ -65,7 +65,7 @@ class Realiser:
             self.kernel = await self.in_worker(KernelPath, self.options.kernel)
         return self.kernel
 
-    def kernel_ids(self) -> dict[Mapping, int]:
+    def kernel_ids(self) -> dict[Part, int]:
         return dict(self.kernel.ids) if self.kernel is not None else {}
 
     def kernel_id(self, mapping: Mapping, default: int | None = None) -> int | None:
@@ -166,7 +166,7 @@ class Realiser:
         removed = tuple(p for p in step.remove if p in before)
         return Dnat(add=removed, remove=added, preferred=tuple((p, before[p]) for p in removed))
 
-    async def forget_udp_flows(self, parts: Sequence[Mapping], translated: bool) -> None:
+    async def forget_udp_flows(self, parts: Sequence[Part], translated: bool) -> None:
         """Delete the ports' UDP conntrack entries once a move is complete, so every UDP flow
         takes the new path. Not earlier: a reply the old listener sends while it is still
         open would create a fresh untranslated entry, and the client's flow would keep

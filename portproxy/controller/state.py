@@ -28,9 +28,11 @@ class StateError(SystemFailure):
 
 @dataclasses.dataclass(frozen=True)
 class SavedEntry:
+    """One mapping as the state file keeps it. ``origin`` (who asked for it: "config", "api",
+    "cni") is written and read under the key "source" (the file's format)."""
     mapping: Mapping
     settings: Settings
-    source: str
+    origin: str
     owner: dict[str, str] | None = None
     kernel_id: int | None = None
 
@@ -68,11 +70,11 @@ class StateStore:
                 raise StateError(f"{where}: {mapping} is saved twice")
             seen.add(mapping)
             kernel_id = item.get("id")
-            source = item.get("source", "api")
+            origin = item.get("source", "api")
             # Entries of the config file (older state files kept them) come from the file
             # again; anything else is kept as the operator's, whatever it says it is.
-            source = source if source in ("config", "api", "cni") else "api"
-            result.append(SavedEntry(mapping, settings, source, _owner(item.get("owner")),
+            origin = origin if origin in ("config", "api", "cni") else "api"
+            result.append(SavedEntry(mapping, settings, origin, _owner(item.get("owner")),
                                      kernel_id if isinstance(kernel_id, int) else None))
         return result
 
@@ -81,7 +83,7 @@ class StateStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         items: list[dict[str, Any]] = []
         for e in sorted(entries, key=lambda e: e.mapping.sort_key()):
-            item: dict[str, Any] = {"spec": str(e.mapping), "mode": e.settings.mode, "source": e.source}
+            item: dict[str, Any] = {"spec": str(e.mapping), "mode": e.settings.mode, "source": e.origin}
             if e.settings.overrides:
                 item["options"] = dict(e.settings.overrides)
             if e.owner:

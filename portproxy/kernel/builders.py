@@ -44,7 +44,7 @@ import ipaddress
 from typing import Any, Iterable, Iterator
 
 from ..errors import BadInput
-from ..spec import Mapping
+from ..spec import Part
 
 MAX_DAEMON_ID = 0x7FFF
 """The daemon's table's mapping ids are 1-0x7FFF: the CNI plugin's table uses 0x8000 up
@@ -83,7 +83,7 @@ class KernelMappingError(BadInput):
     """A mapping the kernel path cannot express (the message says why)."""
 
 
-def why_not_translated(m: Mapping, opts: KernelOptions) -> str | None:
+def why_not_translated(m: Part, opts: KernelOptions) -> str | None:
     """Why DNAT cannot serve this (one-family) mapping, or None if it can. What it cannot
     serve the userland proxy serves instead, wherever a mapping is realised."""
     if not m.translatable:
@@ -94,7 +94,7 @@ def why_not_translated(m: Mapping, opts: KernelOptions) -> str | None:
     return None
 
 
-def check_mapping(m: Mapping, opts: KernelOptions | None = None) -> None:
+def check_mapping(m: Part, opts: KernelOptions | None = None) -> None:
     """Refuse what DNAT cannot do, rather than install a rule that never matches."""
     reason = why_not_translated(m, opts or KernelOptions(route_localnet=True))
     if reason:
@@ -164,7 +164,7 @@ class _Kind:
 KINDS = [_Kind(4, False), _Kind(4, True), _Kind(6, False), _Kind(6, True)]
 
 
-def _kind_of(m: Mapping) -> _Kind:
+def _kind_of(m: Part) -> _Kind:
     return _Kind(m.family, m.host_ip is not None and not m.host_ip.is_unspecified)
 
 
@@ -180,7 +180,7 @@ def _port_map(kind: _Kind) -> str:
     return f"port{kind.suffix}"
 
 
-def _targets_set(m: Mapping) -> str:
+def _targets_set(m: Part) -> str:
     return "targets4" if m.family == 4 else "targets6"
 
 
@@ -294,7 +294,7 @@ def _dispatch_guards(opts: KernelOptions) -> list[list[Json]]:
 
 # --- mappings as elements ------------------------------------------------------------------
 
-def _keys(m: Mapping) -> Iterator[tuple[Any, int]]:
+def _keys(m: Part) -> Iterator[tuple[Any, int]]:
     """(map key, target port) for every host port; ranges are expanded port by port."""
     kind = _kind_of(m)
     for host_port, target_port in m.port_pairs():
@@ -304,7 +304,7 @@ def _keys(m: Mapping) -> Iterator[tuple[Any, int]]:
         yield {"concat": parts}, target_port
 
 
-def mapping_elements(m: Mapping, mapping_id: int, comment: str | None = None,
+def mapping_elements(m: Part, mapping_id: int, comment: str | None = None,
                      label: str | None = None) -> list[tuple[str, Any]]:
     """(map or set name, element) pairs that make up one mapping.
 
@@ -338,7 +338,7 @@ def _element_commands(verb: str, opts: KernelOptions, elements: Iterable[tuple[s
     return [{verb: {"element": {**_t(opts), "name": name, "elem": elems}}} for name, elems in by_name.items()]
 
 
-def add_mappings(mappings: Iterable[tuple[Mapping, int]], opts: KernelOptions, comment: str | None = None,
+def add_mappings(mappings: Iterable[tuple[Part, int]], opts: KernelOptions, comment: str | None = None,
                  label: str | None = None) -> list[Json]:
     """Commands that add mappings, each identified by its id (1-65535): one command per map
     or set, however many mappings."""
@@ -359,7 +359,7 @@ def kind_maps(family: int, with_address: bool) -> tuple[str, str, str]:
     return id_map(kind), _addr_map(kind), _port_map(kind)
 
 
-def element_keys(m: Mapping) -> list[tuple[str, tuple[Any, ...], int]]:
+def element_keys(m: Part) -> list[tuple[str, tuple[Any, ...], int]]:
     """(id map name, key parts, target port) for every host port of a mapping."""
     name = id_map(_kind_of(m))
     return [(name, tuple(key["concat"]), target_port) for key, target_port in _keys(m)]
@@ -370,7 +370,7 @@ def list_table(opts: KernelOptions) -> Json:
     return batch([{"list": {"table": {"family": FAMILY, "name": opts.table}}}])
 
 
-def remove_mappings(mappings: Iterable[tuple[Mapping, int, bool]], opts: KernelOptions) -> list[Json]:
+def remove_mappings(mappings: Iterable[tuple[Part, int, bool]], opts: KernelOptions) -> list[Json]:
     """Commands that remove (mapping, id, target still used) triples: one command per map or
     set (1,000 mappings one by one were ~7,000 commands to parse). A target still used by
     another mapping stays in @targets."""
@@ -385,7 +385,7 @@ def remove_mappings(mappings: Iterable[tuple[Mapping, int, bool]], opts: KernelO
 
 # --- whole tables ----------------------------------------------------------------------
 
-def full_table(mappings: Iterable[tuple[Mapping, int]], opts: KernelOptions) -> list[Json]:
+def full_table(mappings: Iterable[tuple[Part, int]], opts: KernelOptions) -> list[Json]:
     """Replace the table with exactly these mappings, atomically and idempotently.
 
     ``add table`` + ``delete table`` first: the pair succeeds whether or not the table
@@ -484,7 +484,7 @@ def list_map(opts: KernelOptions, name: str) -> Json:
     return batch([{"list": {"map": {**_t(opts), "name": name}}}])
 
 
-def expected_id_elements(ids: dict[Mapping, int]) -> dict[str, int]:
+def expected_id_elements(ids: dict[Part, int]) -> dict[str, int]:
     """How many elements each id map holds for these mappings (one per host port)."""
     counts = {id_map(kind): 0 for kind in KINDS}
     for m in ids:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..options import MODES
+from ..schema import MODES
 from .namespaces import Namespace
 from .topology import DemoTopology, demo_topology
 

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from ..options import MODES
+from ..schema import MODES
 from ..proxy.stats import CONNECT_BUCKETS, TO_CLIENT, TO_TARGET, TcpStats, UdpStats
 from .snapshot import MappingSnapshot, mapping_labels
 

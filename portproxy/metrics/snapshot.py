@@ -6,7 +6,7 @@ import dataclasses
 
 from ..kernel.path import KernelCounters
 from ..proxy.stats import TcpStats, UdpStats
-from ..spec import Mapping, format_endpoint
+from ..spec import Mapping, Part, format_endpoint
 
 
 def mapping_labels(m: Mapping) -> tuple[str, str, str]:
@@ -28,8 +28,8 @@ class MappingSnapshot:
     """An auto mapping's place now (``userland`` or ``hybrid``) and how often it moved."""
 
 
-def mapping_snapshot(mapping: Mapping, mode: str, stats: dict[Mapping, list[TcpStats | UdpStats]],
-                     kernel: dict[Mapping, KernelCounters], failed: bool = False,
+def mapping_snapshot(mapping: Mapping, mode: str, stats: dict[Part, list[TcpStats | UdpStats]],
+                     kernel: dict[Part, KernelCounters], failed: bool = False,
                      auto: tuple[str, int] | None = None) -> MappingSnapshot:
     """One mapping's snapshot from the copies a scrape took of every listener's counters
     (``stats``, by one-family part) and of the kernel's (``kernel``, by part): the counters
@@ -48,7 +48,7 @@ class KernelCounterReader:
         self._opts = opts
         self._nft = None
 
-    def read(self, ids: dict[Mapping, int]) -> dict[Mapping, KernelCounters]:
+    def read(self, ids: dict[Part, int]) -> dict[Part, KernelCounters]:
         if not ids:
             return {}
         from ..kernel.executor import Nft

@@ -20,7 +20,7 @@ import socket
 from typing import cast
 
 from ..errors import Conflict
-from ..spec import Mapping, format_endpoint
+from ..spec import Part, format_endpoint
 from .listener import Listener
 from .options import ProxyOptions
 from .poller import Poller
@@ -44,11 +44,11 @@ def _port_error(where: str, exc: OSError) -> ProxyError:
     return ProxyError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
-def _where(mapping: Mapping, port: int) -> str:
+def _where(mapping: Part, port: int) -> str:
     return f"{format_endpoint(mapping.listen_ip(), port)}/{mapping.proto}"
 
 
-def bind_socket(mapping: Mapping, port: int, backlog: int) -> socket.socket:
+def bind_socket(mapping: Part, port: int, backlog: int) -> socket.socket:
     """Create and bind (and for TCP, listen on) the host side of one port of a mapping.
 
     Never SO_REUSEPORT: that would let any process of the same user (root) join the
@@ -83,7 +83,7 @@ def bind_socket(mapping: Mapping, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def listener_name(mapping: Mapping, host_port: int, target_port: int) -> str:
+def listener_name(mapping: Part, host_port: int, target_port: int) -> str:
     return (
         f"{mapping.proto} {format_endpoint(mapping.listen_ip(), host_port)} -> "
         f"{format_endpoint(mapping.target_ip, target_port)}"
@@ -98,9 +98,9 @@ class ProxyServer:
         self.options = options
         self.poller = Poller(loop)
         self._pipe_pools: dict[tuple[int, int], PipePool] = {}
-        self.listeners: dict[Mapping, list[Listener]] = {}
+        self.listeners: dict[Part, list[Listener]] = {}
         """Every mapping this server has bound, serving or held."""
-        self.stats: dict[Mapping, list[TcpStats | UdpStats]] = {}
+        self.stats: dict[Part, list[TcpStats | UdpStats]] = {}
         """Counters per mapping and port, kept across listener changes (a switch away and
         back reuses them) so exported counters never go backwards; see forget_stats."""
         self.retired: list[Listener] = []
@@ -123,15 +123,15 @@ class ProxyServer:
         return mapping in self.listeners
 
     @property
-    def held(self) -> frozenset[Mapping]:
+    def held(self) -> frozenset[Part]:
         """Mappings that keep their ports bound without serving them."""
         return frozenset(m for m, group in self.listeners.items() if not any(x.serving for x in group))
 
-    def serving(self, mapping: Mapping) -> bool:
+    def serving(self, mapping: Part) -> bool:
         group = self.listeners.get(mapping)
         return bool(group) and all(listener.serving for listener in group)
 
-    def add(self, mapping: Mapping, sockets: dict[int, socket.socket] | None = None,
+    def add(self, mapping: Part, sockets: dict[int, socket.socket] | None = None,
             options: ProxyOptions | None = None, serve: bool = True) -> list[Listener]:
         """Bind every port of ``mapping`` and serve them (``serve=False``: only hold them).
 
@@ -173,18 +173,18 @@ class ProxyServer:
             raise
         return listeners
 
-    def serve(self, mapping: Mapping) -> None:
+    def serve(self, mapping: Part) -> None:
         """Serve a held mapping again (idempotent); ProxyError if a port cannot listen."""
         self._set_serving(mapping, True)
 
-    def hold(self, mapping: Mapping) -> None:
+    def hold(self, mapping: Part) -> None:
         """Stop serving but keep every port bound and exclusive (idempotent).
 
         What already waits in the accept queue is accepted and relayed first; live
         connections and UDP flows run on."""
         self._set_serving(mapping, False)
 
-    def remove(self, mapping: Mapping) -> None:
+    def remove(self, mapping: Part) -> None:
         """Release a mapping's ports; its live TCP connections run to their end.
 
         The accept queue is emptied first, so a handshake that completed before the
@@ -196,11 +196,11 @@ class ProxyServer:
                 self.retired.append(listener)
         self.retired = [listener for listener in self.retired if listener.open_connections]
 
-    def forget_stats(self, mapping: Mapping) -> None:
+    def forget_stats(self, mapping: Part) -> None:
         """Drop a mapping's counters (it is gone for good: its series should disappear)."""
         self.stats.pop(mapping, None)
 
-    def _set_serving(self, mapping: Mapping, serve: bool) -> None:
+    def _set_serving(self, mapping: Part, serve: bool) -> None:
         group = self.listeners.get(mapping)
         if group is None:
             raise ProxyError(f"mapping {mapping} is not running")
@@ -216,7 +216,7 @@ class ProxyServer:
                     other.hold()
                 raise _port_error(_where(mapping, host_port), exc) from None
 
-    def _listener(self, mapping: Mapping, sock: socket.socket, pair: tuple[int, int],
+    def _listener(self, mapping: Part, sock: socket.socket, pair: tuple[int, int],
                   stats: TcpStats | UdpStats, options: ProxyOptions) -> Listener:
         host_port, target_port = pair
         target = (str(mapping.target_ip), target_port)

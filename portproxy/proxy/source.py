@@ -35,8 +35,6 @@ log = logging.getLogger("portproxy.source")
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
-SOURCES = ("host", "client")
-FALLBACK_REASONS = ("loopback", "family", "hairpin", "same_link", "bind")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _LINK_CACHE_SECONDS = 10.0

@@ -43,22 +43,19 @@ class Pipe:
 class PipePool:
     """Empty pipes ready for reuse. Only empty pipes may be put back."""
 
-    __slots__ = ("size", "_idle", "_max_idle", "in_use")
+    __slots__ = ("size", "_idle", "_max_idle")
 
     def __init__(self, size: int, max_idle: int) -> None:
         self.size = size
         self._idle: list[Pipe] = []
         self._max_idle = max_idle
-        self.in_use = 0
 
     def get(self) -> Pipe:
-        self.in_use += 1
         if self._idle:
             return self._idle.pop()
         return Pipe(self.size)
 
     def put(self, pipe: Pipe) -> None:
-        self.in_use -= 1
         if len(self._idle) < self._max_idle:
             self._idle.append(pipe)
         else:
@@ -66,7 +63,6 @@ class PipePool:
 
     def discard(self, pipe: Pipe) -> None:
         """Close a pipe that may still hold bytes (its connection died)."""
-        self.in_use -= 1
         pipe.close()
 
     def close(self) -> None:

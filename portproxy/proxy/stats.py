@@ -27,7 +27,6 @@ class TcpStats:
         "connect_failures",
         "accept_errors",
         "connect_seconds_sum",
-        "connect_count",
         "connect_buckets",
         "source_fallbacks",
     )
@@ -40,16 +39,14 @@ class TcpStats:
         self.connect_failures: collections.Counter[str] = collections.Counter()
         self.accept_errors: collections.Counter[str] = collections.Counter()
         self.connect_seconds_sum = 0.0
-        self.connect_count = 0
         self.connect_buckets = [0] * (len(CONNECT_BUCKETS) + 1)
         """Non-cumulative counts per bucket of CONNECT_BUCKETS, then +Inf."""
         self.source_fallbacks: collections.Counter[str] = collections.Counter()
         """Transparent mode: connections made from the host's address instead, by reason."""
 
     def record_connect(self, seconds: float) -> None:
-        """Once per connection (not per chunk): a bisect and three integer adds."""
+        """Once per connection (not per chunk): a bisect and two adds."""
         self.connect_seconds_sum += seconds
-        self.connect_count += 1
         self.connect_buckets[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
 
 

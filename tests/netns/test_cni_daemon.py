@@ -1,4 +1,4 @@
-"""portproxy-cni with a running ``portproxy serve`` (issue 15, "with a daemon"): the plugin
+"""portproxy-cni with a running ``portproxy serve`` (the plugin's "with a daemon" mode): it
 registers the container's mappings with the daemon, and a daemon starting later adopts
 what the plugin installed without it.
 
@@ -295,7 +295,7 @@ while True:
 
 def test_a_daemon_of_another_namespace_is_not_used(topo: DemoTopology, tmp_path: Path, daemon: Daemon) -> None:
     """A socket path is visible from every network namespace; the daemon behind it serves only its own."""
-    from portproxy.cni.daemon import connect
+    from portproxy.cni.with_daemon import connect
     from portproxy.cni.protocol import parse_config
 
     daemon.start()

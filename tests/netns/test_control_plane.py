@@ -1,4 +1,4 @@
-"""The control plane under abuse (issue 13): every defect found by a hostile operator, on a real
+"""The control plane under abuse: what a hostile operator tries, each refused or survived, on a real
 ``portproxy serve`` in the host namespace, with real nftables and real competing processes."""
 
 from __future__ import annotations

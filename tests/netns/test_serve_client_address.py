@@ -1,4 +1,4 @@
-"""The client's address through `portproxy serve` (issue 14): a transparent mapping shows the
+"""The client's address through `portproxy serve`: a transparent mapping shows the
 container the same client address on every path, across live switches under load, and
 its routing exists only while such a mapping runs; PROXY headers are refused on DNAT."""
 

@@ -1,5 +1,5 @@
 """The shipped unit under a real systemd: Debian 12's systemd 252 booted as PID 1 of a container
-(tests/support/systemd_boot.py) in the test's host namespace, the seeds' topology around it.
+(tests/support/systemd_boot.py) in the test's host namespace, the demo topology around it.
 
 The root is a bookworm minbase with systemd, python3 and the python3-* libraries the package
 depends on (debian/control), from Debian (tests/support/debian_root.py). This checkout is

@@ -223,7 +223,7 @@ def test_daemon_socket_accepted() -> None:
 
 def test_something_else_at_the_socket_path_means_daemonless(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from portproxy.cni.daemon import connect
+    from portproxy.cni.with_daemon import connect
 
     regular, fifo = tmp_path / "file", tmp_path / "fifo"
     regular.write_text("")
@@ -498,7 +498,7 @@ def test_arguments_mean_docker_proxy_whatever_the_environment() -> None:
 # --- with a daemon: socket choice, API specs, adoption (pure parts) ---------------------------------
 
 def test_daemon_socket_choice() -> None:
-    from portproxy.cni.daemon import socket_path
+    from portproxy.cni.with_daemon import socket_path
     from portproxy.defaults import DEFAULT_SOCKET
 
     base = p.parse_config(conf())
@@ -513,7 +513,7 @@ def test_daemon_socket_choice() -> None:
 
 
 def test_api_mappings_publish_only_the_container_families() -> None:
-    from portproxy.cni.daemon import api_mappings, owner_token
+    from portproxy.cni.with_daemon import api_mappings, owner_token
 
     entries = (p.PortMapping(80, 8080, "tcp", None), p.PortMapping(81, 8081, "tcp", ipaddress.ip_address("10.0.0.1")))
     mappings = p.mappings_for(entries, [ipaddress.ip_address("10.88.0.2"), ipaddress.ip_address("fd00::2")])
@@ -573,7 +573,7 @@ def test_departed_attachments_leave_the_saved_state() -> None:
     from portproxy.controller.adopt import drop_departed
 
     def entry(source: str, cid: str) -> SimpleNamespace:
-        return SimpleNamespace(source=source, owner={"kind": source, "id": cid, "ifname": "eth0", "network": "net1"})
+        return SimpleNamespace(origin=source, owner={"kind": source, "id": cid, "ifname": "eth0", "network": "net1"})
 
     a, b, c = (parse_spec(f"0.0.0.0:{port}:10.88.0.2:80") for port in (9090, 9091, 9092))
     desired = {a: entry("cni", "c1"), b: entry("cni", "c2"), c: entry("docker", "c1")}
@@ -593,7 +593,7 @@ def test_departed_attachments_leave_the_saved_state() -> None:
 ])
 def test_the_plugins_http_exchange(answer: bytes, expected: tuple | str) -> None:
     """One request per connection to portproxy's own API; anything else is an OSError (CNI code 11)."""
-    from portproxy.cni.daemon import exchange
+    from portproxy.cni.with_daemon import exchange
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
@@ -610,7 +610,7 @@ def test_the_plugins_http_exchange(answer: bytes, expected: tuple | str) -> None
 
 def test_the_plugins_http_exchange_has_one_deadline() -> None:
     """A peer trickling bytes (or silent) ends the exchange at the deadline, not per read."""
-    from portproxy.cni.daemon import exchange
+    from portproxy.cni.with_daemon import exchange
 
     ours, theirs = socket.socketpair()
     with ours, theirs:

@@ -1,4 +1,4 @@
-"""The list of modes is written once (portproxy.options.MODES); every user of it agrees. No root."""
+"""The list of modes is written once (portproxy.schema.MODES); every user of it agrees. No root."""
 
 from __future__ import annotations
 
@@ -6,29 +6,29 @@ from typing import get_args
 
 import pytest
 
-from portproxy import cli, options
+from portproxy import cli, schema
 from portproxy.controller import config
 from portproxy.errors import BadInput
 from portproxy.metrics import collector
 
 
 def test_one_list_of_modes() -> None:
-    assert options.MODES == get_args(options.Mode) == get_args(config.Mode)
-    assert list(options.MODE_HELP) == list(options.MODES)
-    assert options.BY_NAME["mode"].choices == options.MODES
-    assert options.BY_NAME["mode"].default == options.MODES[0] == config.Settings().mode
-    assert collector.MODES is options.MODES and cli.MODES is options.MODES
-    for mode in options.MODES:
-        assert options.check("mode", mode, "mode") == mode
-        assert options.MODE_HELP[mode] in options.BY_NAME["mode"].help
+    assert schema.MODES == get_args(schema.Mode) == get_args(config.Mode)
+    assert list(schema.MODE_HELP) == list(schema.MODES)
+    assert schema.BY_NAME["mode"].choices == schema.MODES
+    assert schema.BY_NAME["mode"].default == schema.MODES[0] == config.Settings().mode
+    assert collector.MODES is schema.MODES and cli.MODES is schema.MODES
+    for mode in schema.MODES:
+        assert schema.check("mode", mode, "mode") == mode
+        assert schema.MODE_HELP[mode] in schema.BY_NAME["mode"].help
     with pytest.raises(BadInput):
-        options.check("mode", "warp", "mode")
+        schema.check("mode", "warp", "mode")
 
 
 def test_the_command_line_takes_every_mode() -> None:
     parser = cli.build_parser()
-    assert parser.parse_args(["add", "9090:10.0.0.2:80"]).mode == options.MODES[0]
-    for mode in options.MODES:
+    assert parser.parse_args(["add", "9090:10.0.0.2:80"]).mode == schema.MODES[0]
+    for mode in schema.MODES:
         assert parser.parse_args(["add", "9090:10.0.0.2:80", "--mode", mode]).mode == mode
         assert parser.parse_args(["switch", "9090", "--mode", mode]).mode == mode
     with pytest.raises(SystemExit):

@@ -1,4 +1,4 @@
-"""Mappings registered with a running ``portproxy serve`` (issue 15, "with a daemon").
+"""Mappings registered with a running ``portproxy serve`` (the plugin's "with a daemon" mode).
 
 When the daemon's control socket is there, the plugin does not write a table of its own:
 it asks the daemon, which then shows the container's mappings in ``portproxy ls`` and the

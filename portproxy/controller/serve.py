@@ -16,7 +16,7 @@ from typing import Any
 
 from ..defaults import DEFAULT_CONFIG
 from ..errors import PortproxyError, SystemFailure
-from ..foreground import stop_signal
+from ..map_command import stop_signal
 from ..metrics import DEFAULT_METRICS_ADDR, MappingCollector, start_metrics_server
 from ..systemd import Notifier, listen_fds
 from .api import PeerPolicy, build_app, serve_api

@@ -9,7 +9,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from portproxy import options
+from portproxy import schema
 from portproxy.controller.config import ConfigError, parse_config
 from portproxy.errors import BadInput, PortproxyError
 from portproxy.spec import parse_spec
@@ -33,12 +33,12 @@ def test_config_refuses_with_one_line(key, value) -> None:
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    (k, v) for k, v in BAD_OPTIONS if k in options.names("global") and not options.BY_NAME[k].repeated
-    and options.BY_NAME[k].kind is not bool and not isinstance(v, bool)])
+    (k, v) for k, v in BAD_OPTIONS if k in schema.names("global") and not schema.BY_NAME[k].repeated
+    and schema.BY_NAME[k].kind is not bool and not isinstance(v, bool)])
 def test_cli_refuses_what_the_config_refuses(key, value, capsys) -> None:
     from portproxy.cli import build_parser
 
-    flag = options.BY_NAME[key].flag
+    flag = schema.BY_NAME[key].flag
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["map", flag, str(value), "9090:10.0.0.1:80"])
     assert info.value.code == 2
@@ -64,15 +64,15 @@ def test_per_mapping_options_override_globals() -> None:
     settings = config.mappings[parse_spec("9090:10.0.0.1:80")]
     assert settings.mode == "hybrid" and dict(settings.overrides) == {"connect_timeout": 1.5}
     assert config.options.proxy.connect_timeout == 3
-    assert options.proxy_options(dict(settings.overrides), config.options.proxy).connect_timeout == 1.5
+    assert schema.proxy_options(dict(settings.overrides), config.options.proxy).connect_timeout == 1.5
     with pytest.raises(ConfigError, match="keep_kernel_rules"):  # a daemon-wide option is not per mapping
         parse_config('[[mapping]]\nspec = "9090:10.0.0.1:80"\nkeep_kernel_rules = true\n')
 
 
 def test_environment_is_checked_by_the_same_schema() -> None:
-    assert options.from_environment({}) == {}
+    assert schema.from_environment({}) == {}
     with pytest.raises(BadInput, match="PORTPROXY_TARGET_CC 'warp' cannot be used"):
-        options.from_environment({"PORTPROXY_TARGET_CC": "warp"})
+        schema.from_environment({"PORTPROXY_TARGET_CC": "warp"})
 
 
 def test_huge_input_is_not_echoed() -> None:
@@ -83,10 +83,10 @@ def test_huge_input_is_not_echoed() -> None:
 
 
 def test_every_option_has_help_and_a_valid_default() -> None:
-    for option in options.OPTIONS:
+    for option in schema.OPTIONS:
         assert option.help and option.scopes
         if option.default is not None and not option.repeated:
-            assert options.check(option.name, option.default) == option.default
+            assert schema.check(option.name, option.default) == option.default
 
 
 # --- no config can produce a traceback --------------------------------------------------------
@@ -95,7 +95,7 @@ toml_scalars = st.one_of(st.booleans(), st.integers(-10**12, 10**12), st.floats(
                          st.text(max_size=30), st.sampled_from(["cubic", "bbr", "kernel", "userland", "hybrid",
                                                                 "127.0.0.1:9999", "off", "10.0.0.0/8,br0", "root"]))
 toml_values = st.one_of(toml_scalars, st.lists(toml_scalars, max_size=3))
-keys = st.one_of(st.sampled_from([o.name for o in options.OPTIONS] + ["spec", "mode", "mod", "bogus"]),
+keys = st.one_of(st.sampled_from([o.name for o in schema.OPTIONS] + ["spec", "mode", "mod", "bogus"]),
                  st.text(max_size=10))
 
 
@@ -135,13 +135,13 @@ def test_no_config_raises_anything_but_one_line(opts, mappings, spec) -> None:
         return
     # Whatever was accepted is what the CLI would accept too, value for value.
     for name, value in config.options.values:
-        option = options.BY_NAME[name]
+        option = schema.BY_NAME[name]
         if "global" in option.scopes and not option.repeated and option.kind is not bool:
             assert argparse_value(name, value) == value
 
 
 def argparse_value(name: str, value):
     try:
-        return options.argparse_type(name)(str(value) if not isinstance(value, float) else repr(value))
+        return schema.argparse_type(name)(str(value) if not isinstance(value, float) else repr(value))
     except argparse.ArgumentTypeError as exc:  # pragma: no cover - would be a schema bug
         raise AssertionError(f"the CLI refuses {name}={value!r} that the config accepted: {exc}") from None

@@ -189,7 +189,6 @@ async def run_kernel(mappings: list[Mapping], opts: "KernelOptions", set_sysctls
     so no other program can take them: a port someone else holds is refused here too.
     A family DNAT cannot translate (an IPv6 client to an IPv4 target) is proxied."""
     from .kernel.builders import why_not_translated
-    from .metrics import MappingSnapshot
     from .metrics.snapshot import KernelCounterReader, mapping_snapshot
 
     stop = stop_signal()
