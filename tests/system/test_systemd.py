@@ -46,15 +46,3 @@ def test_security_exposure_at_most_3(tmp_path: Path) -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 3.0
-
-
-def test_shipped_config_serves_nothing_and_its_examples_parse() -> None:
-    """The file the package installs as /etc/portproxy/portproxy.toml publishes no port; its
-    commented-out mappings are valid once uncommented."""
-    from portproxy.controller.config import parse_config
-
-    text = (ROOT / "systemd" / "portproxy.toml").read_text()
-    assert parse_config(text).mappings == {}
-    uncommented = re.sub(r"(?m)^# (\[\[mapping\]\]|spec =|mode =)", r"\1", text)
-    config = parse_config(uncommented)
-    assert {m.host_port: s.mode for m, s in config.mappings.items()} == {9090: "userland", 5353: "kernel"}
