@@ -17,12 +17,11 @@ calls the caller's ``uncommit``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
-from .. import schema
+from .. import offloop, schema
 from ..errors import PortproxyError
 from ..spec import Mapping, Part
 from .plan import (ClearTable, Commit, Dnat, DnatPresent, EnsureRouting, ForgetStats, ForgetUdp, Grace, Hairpin,
@@ -48,7 +47,7 @@ class Realiser:
         self.transparent = transparent
         """Transparent mode's routing options (default: from the daemon's options)."""
         self.proxy = ProxyServer(loop, options.proxy)
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="portproxy-netlink")
+        self._worker = offloop.Worker("portproxy-netlink")
         self.kernel: KernelPath | None = None
         """The nft table, once a step or the start needed it."""
         self.routing: SharedRouting | None = None
@@ -56,7 +55,7 @@ class Realiser:
 
     # --- the worker thread and what it owns ---------------------------------------------------
     async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self.loop.run_in_executor(self._worker, fn, *args)
+        return await self._worker.run(fn, *args)
 
     async def kernel_path(self) -> KernelPath:
         if self.kernel is None:
@@ -240,7 +239,7 @@ class Realiser:
             except PortproxyError as exc:
                 log.error("removing transparent mode's routing failed: %s", exc)
             self.routing = None
-        self._worker.shutdown(wait=True)
+        self._worker.close()
         return ok
 
 

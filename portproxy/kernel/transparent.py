@@ -2,7 +2,7 @@
 
 What is installed and why: see :mod:`transparent_rules`. This module is the I/O edge:
 pyroute2 for the ip rules and routes, libnftables for the marking table. Every
-method blocks on netlink; call it from a worker thread (``asyncio.to_thread``),
+method blocks on netlink; call it from a worker thread (:mod:`portproxy.offloop`),
 never from the data-plane loop.
 
 Ownership: only the exact rule and route built from :class:`TransparentOptions` are
